@@ -1,0 +1,33 @@
+"""structvpr_jax: StructVPR (CVPR 2023) in JAX/Flax."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="structvpr_jax",
+    version="0.1.0",
+    description=("StructVPR (Shen et al., CVPR 2023): structural knowledge "
+                 "distillation for visual place recognition, in JAX/Flax."),
+    packages=find_packages(include=["structvpr_jax", "structvpr_jax.*"]),
+    python_requires=">=3.11",
+    install_requires=[
+        # jax is deliberately not pinned: on Python 3.11 the resolver picks
+        # 0.10.x, on newer Pythons 0.12+; the code runs on both.
+        "jax",
+        "flax",
+        "optax",
+        "orbax-checkpoint",
+        "tensorflow-datasets",
+        "numpy",
+        "scipy",
+        "faiss-cpu",
+        "ml-collections",
+        "absl-py",
+        "pillow",
+        "importlib_resources",  # tfds needs it but does not declare it
+        "tqdm",
+        "matplotlib",
+    ],
+    extras_require={
+        "test": ["pytest"],
+    },
+)

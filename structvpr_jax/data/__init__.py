@@ -1,0 +1,1 @@
+"""Data: layout, tfds builder, synthetic world, input pipeline."""

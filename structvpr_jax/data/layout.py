@@ -1,0 +1,225 @@
+"""The datasets_vg folder layout, UTM file names, and training ground truth.
+
+Layout (DESIGN.md section 3)::
+
+    <root>/images/{train,val,test}/{database,queries}/@<east>@<north>@...@.jpg
+    <root>/segmentations/{train,val,test}/{database,queries}/<same stem>.png
+
+File names follow the datasets_vg convention: ``@``-separated fields
+``@UTM_east@UTM_north@UTM_zone_number@UTM_zone_letter@lat@lon@pano_id@
+tile_num@heading@pitch@roll@height@timestamp@note@.jpg``. Only the first two
+(UTM east/north, metres) are required; the others may be empty.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Optional
+
+import numpy as np
+
+SPLITS = ("train", "val", "test")
+ROLES = ("database", "queries")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
+
+# Field positions in a datasets_vg name (0-based, after the leading '@').
+FIELDS = ("utm_east", "utm_north", "utm_zone_number", "utm_zone_letter", "lat",
+          "lon", "pano_id", "tile_num", "heading", "pitch", "roll", "height",
+          "timestamp", "note")
+
+# Training ground truth radii (metres), NetVLAD / MSLS convention.
+TRAIN_POSITIVE_RADIUS = 10.0
+NEGATIVE_RADIUS = 25.0
+TEST_POSITIVE_RADIUS = 25.0
+
+
+def format_name(east: float, north: float, ext: str = ".jpg", **fields) -> str:
+  """Builds a datasets_vg file name, e.g. ``@12.00@340.00@@@@@@@@@@@@night@.jpg``.
+
+  Args:
+    east, north: UTM coordinates in metres, written with 2 decimals.
+    ext: file extension including the dot.
+    **fields: any other field of `FIELDS` by name (str or number); '@' is not
+      allowed inside a field.
+  """
+  unknown = set(fields) - set(FIELDS[2:])
+  if unknown:
+    raise ValueError(f"unknown datasets_vg field(s) {sorted(unknown)}; "
+                     f"known: {FIELDS[2:]}")
+  values = [f"{float(east):.2f}", f"{float(north):.2f}"]
+  for name in FIELDS[2:]:
+    value = "" if fields.get(name) is None else str(fields[name])
+    if "@" in value:
+      raise ValueError(f"field {name}={value!r} must not contain '@'")
+    values.append(value)
+  return "@" + "@".join(values) + "@" + ext
+
+
+def parse_name(path: str) -> dict[str, str]:
+  """Returns the named fields of a datasets_vg file name (missing -> '').
+
+  Raises:
+    ValueError naming the file when the name is not ``@east@north@...``.
+  """
+  stem = os.path.splitext(os.path.basename(path))[0]
+  parts = stem.split("@")
+  if len(parts) < 4 or parts[0] != "":
+    raise ValueError(f"{path}: not a datasets_vg name '@<utm_east>@<utm_north>@...@'")
+  values = parts[1:-1] if parts[-1] == "" else parts[1:]
+  out = {name: (values[i] if i < len(values) else "") for i, name in enumerate(FIELDS)}
+  return out
+
+
+def parse_utm(path: str) -> tuple[float, float]:
+  """UTM (east, north) in metres from a datasets_vg name; ValueError names the file."""
+  fields = parse_name(path)
+  try:
+    east, north = float(fields["utm_east"]), float(fields["utm_north"])
+  except ValueError:
+    raise ValueError(
+        f"{path}: cannot parse UTM east/north from fields "
+        f"{fields['utm_east']!r}, {fields['utm_north']!r}") from None
+  if not (np.isfinite(east) and np.isfinite(north)):
+    raise ValueError(f"{path}: UTM east/north must be finite numbers")
+  return east, north
+
+
+@dataclasses.dataclass(frozen=True)
+class VprSplit:
+  """One split of a layout folder. Paths are sorted by file name.
+
+  Attributes:
+    database_paths, query_paths: image paths, list of str.
+    database_utm: [N, 2] float64 (east, north) metres.
+    query_utm: [Q, 2] float64.
+    database_seg_paths, query_seg_paths: label-map paths (same order), or None
+      when the `segmentations/` tree is absent for this split.
+  """
+  root: str
+  split: str
+  database_paths: list
+  query_paths: list
+  database_utm: np.ndarray
+  query_utm: np.ndarray
+  database_seg_paths: Optional[list]
+  query_seg_paths: Optional[list]
+
+  @property
+  def num_database(self) -> int:
+    return len(self.database_paths)
+
+  @property
+  def num_queries(self) -> int:
+    return len(self.query_paths)
+
+  def query_notes(self) -> list:
+    """The `note` field of every query name (the synthetic world stores the
+    query condition there; empty string when absent)."""
+    return [parse_name(p)["note"] for p in self.query_paths]
+
+
+def _list_images(folder: str) -> list:
+  if not os.path.isdir(folder):
+    return []
+  names = [n for n in os.listdir(folder)
+           if n.lower().endswith(IMAGE_EXTENSIONS) and not n.startswith(".")]
+  return [os.path.join(folder, n) for n in sorted(names)]
+
+
+def seg_path_for(image_path: str) -> str:
+  """The label-map path mirroring `image_path` (images/ -> segmentations/, .png)."""
+  head, tail = image_path, []
+  while True:
+    head, part = os.path.split(head)
+    if part == "images":
+      break
+    if not part:
+      raise ValueError(f"{image_path}: no 'images' folder in the path")
+    tail.append(part)
+  stem = os.path.splitext(tail[0])[0] + ".png"
+  return os.path.join(head, "segmentations", *reversed(tail[1:]), stem)
+
+
+def read_split(root: str, split: str, require_segmentations: bool = False) -> VprSplit:
+  """Reads `<root>/images/<split>/{database,queries}` and the mirrored labels.
+
+  Args:
+    root: layout folder.
+    split: one of "train", "val", "test".
+    require_segmentations: raise when any label map is missing (the seg branch
+      needs them); otherwise the seg path lists are None when the split has no
+      `segmentations/` folder at all.
+
+  Raises:
+    ValueError: unknown split, missing/empty database or queries folder, a
+      malformed name (naming the file), or a missing label map when required or
+      when the segmentations tree exists but is incomplete.
+  """
+  if split not in SPLITS:
+    raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+  paths = {}
+  for role in ROLES:
+    folder = os.path.join(root, "images", split, role)
+    paths[role] = _list_images(folder)
+    if not paths[role]:
+      raise ValueError(f"{folder}: no images (expected @east@north@...@.jpg files)")
+  utm = {role: np.array([parse_utm(p) for p in paths[role]], np.float64).reshape(-1, 2)
+         for role in ROLES}
+
+  seg_root = os.path.join(root, "segmentations", split)
+  seg = {role: None for role in ROLES}
+  if os.path.isdir(seg_root) or require_segmentations:
+    for role in ROLES:
+      seg[role] = [seg_path_for(p) for p in paths[role]]
+      missing = [p for p in seg[role] if not os.path.isfile(p)]
+      if missing:
+        raise ValueError(
+            f"{missing[0]}: missing label map for {len(missing)} of "
+            f"{len(seg[role])} {split}/{role} images (run the segment config)")
+  return VprSplit(root=root, split=split,
+                  database_paths=paths["database"], query_paths=paths["queries"],
+                  database_utm=utm["database"], query_utm=utm["queries"],
+                  database_seg_paths=seg["database"], query_seg_paths=seg["queries"])
+
+
+def training_ground_truth(split: VprSplit,
+                          positive_radius: float = TRAIN_POSITIVE_RADIUS,
+                          negative_radius: float = NEGATIVE_RADIUS):
+  """Positives (<= positive_radius) and soft positives (<= negative_radius).
+
+  Returns:
+    (positives, soft_positives): lists (one per query) of sorted int64 database
+    indices. Negatives are every database index not in soft_positives.
+  """
+  from structvpr_jax import retrieval  # local: keeps layout importable alone
+  positives = retrieval.positives_within(split.query_utm, split.database_utm, positive_radius)
+  soft = retrieval.positives_within(split.query_utm, split.database_utm, negative_radius)
+  return positives, soft
+
+
+def write_image_atomic(path: str, array: np.ndarray, quality: int = 95) -> None:
+  """Writes an image (uint8 HxWx3 or HxW) to `path` via a temp file + rename."""
+  from PIL import Image
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  ext = os.path.splitext(path)[1].lower()
+  tmp = f"{path}.tmp{os.getpid()}{ext}"
+  img = Image.fromarray(np.asarray(array))
+  if ext in (".jpg", ".jpeg"):
+    img.save(tmp, quality=quality)
+  else:
+    img.save(tmp)
+  os.replace(tmp, path)
+
+
+def split_folders(root: str, split: str, role: str) -> tuple[str, str]:
+  """(images folder, segmentations folder) for one split/role."""
+  return (os.path.join(root, "images", split, role),
+          os.path.join(root, "segmentations", split, role))
+
+
+__all__ = ["SPLITS", "ROLES", "FIELDS", "VprSplit", "format_name", "parse_name",
+           "parse_utm", "read_split", "seg_path_for", "training_ground_truth",
+           "write_image_atomic", "split_folders", "TRAIN_POSITIVE_RADIUS",
+           "NEGATIVE_RADIUS", "TEST_POSITIVE_RADIUS"]
+

@@ -1,0 +1,1 @@
+"""Flax models: MobileNetV2 backbones, NetVLAD, branches."""

@@ -1,0 +1,86 @@
+"""One StructVPR branch: backbone -> optional 1x1 projection -> NetVLAD.
+
+The projection maps both branches' local features to a common dimension so
+that teacher (seg) and student (RGB) global descriptors have the same size
+K * dim and can be compared by the distillation loss.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from structvpr_jax.models import mobilenet
+from structvpr_jax.models.netvlad import NetVLAD
+
+
+class Branch(nn.Module):
+  """Global-descriptor network for one input modality.
+
+  Attributes:
+    backbone: name in `mobilenet.BACKBONES` ("mobilenet_v2" for RGB,
+      "mobilenet_light" for SLME label maps).
+    width: backbone width multiplier.
+    dim: local feature dim after the 1x1 projection; None/0 = no projection.
+    num_clusters: NetVLAD K.
+    blocks: optional backbone stage table (expansion, channels, repeats,
+      stride) replacing the backbone's default (tiny models for tests).
+    bn_axis_name: mesh axis for synchronised BatchNorm (inside shard_map).
+    dtype: compute dtype.
+    param_dtype: parameter dtype.
+
+  Call: `(x [B, H, W, C] float32, train)` -> `[B, K * D]` float32, unit L2 norm.
+  """
+  backbone: str = "mobilenet_v2"
+  width: float = 1.0
+  dim: Optional[int] = None
+  num_clusters: int = 64
+  blocks: Optional[tuple] = None
+  bn_axis_name: Optional[str] = None
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  def _backbone_kwargs(self) -> dict:
+    return {} if self.blocks is None else {"blocks": tuple(tuple(b) for b in self.blocks)}
+
+  def setup(self):
+    self.encoder = mobilenet.get_backbone(
+        self.backbone, width=self.width, bn_axis_name=self.bn_axis_name, dtype=self.dtype,
+        param_dtype=self.param_dtype, **self._backbone_kwargs())
+    self.projection = (nn.Dense(self.dim, dtype=self.dtype, param_dtype=self.param_dtype,
+                                name="projection") if self.dim else None)
+    self.netvlad = NetVLAD(self.num_clusters, dtype=self.dtype, param_dtype=self.param_dtype)
+
+  @property
+  def local_dim(self) -> int:
+    if self.dim:
+      return int(self.dim)
+    return mobilenet.get_backbone(self.backbone, width=self.width,
+                                  **self._backbone_kwargs()).output_features
+
+  @property
+  def descriptor_dim(self) -> int:
+    return self.num_clusters * self.local_dim
+
+  def local_features(self, x, train: bool = False):
+    """[B, H, W, C] -> [B, ceil(H/32), ceil(W/32), local_dim] (before NetVLAD)."""
+    features = self.encoder(x, train)
+    if self.projection is not None:
+      features = self.projection(features)
+    return features
+
+  def __call__(self, x, train: bool = False):
+    return self.netvlad(self.local_features(x, train))
+
+
+def build_branch(cfg, **overrides) -> Branch:
+  """A `Branch` from a branch config (backbone, width, dim, num_clusters, blocks)."""
+  kwargs = dict(backbone=cfg.get("backbone", "mobilenet_v2"),
+                width=float(cfg.get("width", 1.0)),
+                dim=int(cfg.get("dim", 0) or 0) or None,
+                num_clusters=int(cfg.get("num_clusters", 64)),
+                blocks=cfg.get("blocks", None))
+  kwargs.update(overrides)
+  return Branch(**kwargs)

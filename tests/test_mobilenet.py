@@ -1,0 +1,113 @@
+"""MobileNetV2: depthwise conv vs XLA's grouped conv, architecture shape facts."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from structvpr_jax.models import mobilenet
+
+
+def grouped_conv(x, kernel, stride):
+  return lax.conv_general_dilated(
+      x, kernel[:, :, None, :], (stride, stride), "SAME",
+      dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=x.shape[-1])
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("hw", [(8, 8), (7, 9), (1, 2)])
+def test_depthwise_equals_grouped_conv_values_and_grads(stride, hw):
+  kx, kk, kc = jax.random.split(jax.random.PRNGKey(stride), 3)
+  x = jax.random.normal(kx, (2,) + hw + (6,))
+  kernel = jax.random.normal(kk, (3, 3, 6))
+  ours = jax.jit(mobilenet.depthwise_conv3x3, static_argnums=2)(x, kernel, stride)
+  ref = grouped_conv(x, kernel, stride)
+  assert ours.shape == ref.shape
+  np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-5)
+  cot = jax.random.normal(kc, ref.shape)
+  g_ours = jax.grad(lambda x, k: jnp.sum(mobilenet.depthwise_conv3x3(x, k, stride) * cot),
+                    argnums=(0, 1))(x, kernel)
+  g_ref = jax.grad(lambda x, k: jnp.sum(grouped_conv(x, k, stride) * cot), argnums=(0, 1))(
+      x, kernel)
+  for a, b in zip(g_ours, g_ref):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_depthwise_hand_case():
+  # one channel, 3x3 input of ones, kernel of ones: SAME stride 1 counts the
+  # in-image neighbours: corners 4, edges 6, centre 9.
+  x = jnp.ones((1, 3, 3, 1))
+  out = mobilenet.depthwise_conv3x3(x, jnp.ones((3, 3, 1)), 1)[0, :, :, 0]
+  np.testing.assert_array_equal(out, [[4, 6, 4], [6, 9, 6], [4, 6, 4]])
+  # stride 2 on 4x4: TF SAME pads 0 before / 1 after; outputs at rows/cols 0, 2
+  out = mobilenet.depthwise_conv3x3(jnp.ones((1, 4, 4, 1)), jnp.ones((3, 3, 1)), 2)[0, :, :, 0]
+  np.testing.assert_array_equal(out, [[9, 6], [6, 4]])
+
+
+def count_params(tree):
+  return sum(int(np.prod(a.shape)) for a in jax.tree.leaves(tree))
+
+
+def test_mobilenet_v2_matches_published_parameter_count():
+  # torchvision mobilenet_v2 (1000 classes) has 3,504,872 trainable parameters
+  # (BatchNorm scale/shift included, running stats excluded); TF's 1001-class
+  # head adds 1281.
+  model = mobilenet.mobilenet_v2(num_classes=1000)
+  variables = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 224, 224, 3)))
+  assert count_params(variables["params"]) == 3_504_872
+
+
+@pytest.mark.parametrize("hw", [(64, 64), (65, 97), (480, 640)])
+def test_output_stride_32_and_channels(hw):
+  model = mobilenet.mobilenet_v2(width=1.0)
+  out = jax.eval_shape(lambda: model.init_with_output(
+      jax.random.PRNGKey(0), jnp.zeros((1,) + hw + (3,)))[0])
+  assert out.shape == (1, -(-hw[0] // 32), -(-hw[1] // 32), 1280)
+
+
+def test_width_multiplier_and_input_channels():
+  model = mobilenet.mobilenet_v2(width=0.5)
+  out, variables = jax.jit(model.init_with_output)(jax.random.PRNGKey(0),
+                                                   jnp.zeros((2, 64, 64, 5)))
+  assert out.shape == (2, 2, 2, 1280)   # last conv is not narrowed for width < 1
+  assert variables["params"]["stem"]["conv"]["kernel"].shape == (3, 3, 5, 16)
+  full = mobilenet.mobilenet_v2(width=1.0)
+  v_full = jax.eval_shape(full.init, jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)))
+  assert count_params(variables["params"]) < count_params(v_full["params"])
+
+
+def test_light_variant_is_lighter_with_same_stride():
+  light = mobilenet.light_mobilenet(width=1.0)
+  out, v_light = jax.eval_shape(light.init_with_output, jax.random.PRNGKey(0),
+                                jnp.zeros((1, 64, 96, 5)))
+  assert out.shape == (1, 2, 3, 512)
+  v_full = jax.eval_shape(mobilenet.mobilenet_v2().init, jax.random.PRNGKey(0),
+                          jnp.zeros((1, 64, 96, 5)))
+  assert count_params(v_light["params"]) < count_params(v_full["params"]) / 3
+
+
+def test_train_mode_updates_batch_stats_and_relu6_bounds():
+  model = mobilenet.mobilenet_v2(width=0.35)
+  x = jax.random.normal(jax.random.PRNGKey(1), (4, 32, 32, 3)) * 5
+  variables = jax.jit(model.init)(jax.random.PRNGKey(0), x)
+  out, updates = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]))(
+      variables, x)
+  assert np.all((np.asarray(out) >= 0) & (np.asarray(out) <= 6))
+  before = variables["batch_stats"]["stem"]["bn"]["mean"]
+  after = updates["batch_stats"]["stem"]["bn"]["mean"]
+  assert not np.allclose(before, after)
+  eval_out = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, x)
+  assert eval_out.shape == out.shape
+
+
+def test_make_divisible():
+  assert mobilenet.make_divisible(32 * 0.35) == 16
+  assert mobilenet.make_divisible(24 * 0.5) == 16
+  assert mobilenet.make_divisible(1280) == 1280
+  assert mobilenet.make_divisible(19) == 24  # 16 would round down by > 10%
+
+
+def test_unknown_backbone_raises():
+  with pytest.raises(ValueError, match="unknown backbone"):
+    mobilenet.get_backbone("resnet")
