@@ -1,0 +1,276 @@
+"""Training and extraction input: decoded images, triplet batches, prefetch.
+
+Images travel to the device as uint8 (3-4x less host->device traffic than
+float32); RGB normalisation (`normalize_rgb`) and SLME encoding
+(`structvpr_jax.slme.encode`) run inside the jitted step. Decoded, resized
+images are cached in host memory (uint8) so JPEG decoding happens once per
+image; decoding runs on a thread pool (PIL releases the GIL) and a background
+thread assembles the next batches while the device trains on the current one.
+
+Triplet batches (one per step, `TripletBatcher`), all numpy:
+  query_index    int64 [B]
+  positive_index int64 [B]         best positive (database index)
+  negative_index int64 [B, M]      hard negatives (database indices)
+  rgb            uint8 [B, 2+M, H, W, 3]   (q, p, n_1..n_M) when "rgb" in views
+  seg            uint8 [B, 2+M, H, W]      label maps when "seg" in views
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import queue
+import threading
+from typing import Callable, Iterator, Optional, Sequence
+
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image
+
+VIEWS = ("rgb", "seg")
+# (mean, std) applied to x / 255 (imagenet) or to x directly (tflite: [-1, 1]).
+NORMALIZATIONS = ("imagenet", "tflite")
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
+
+
+def read_rgb(path: str, image_size) -> np.ndarray:
+  """uint8 [H, W, 3], bilinear resize to `image_size` (H, W).
+
+  Raises ValueError naming the file when it cannot be decoded.
+  """
+  h, w = int(image_size[0]), int(image_size[1])
+  try:
+    with Image.open(path) as img:
+      img = img.convert("RGB")
+      if img.size != (w, h):
+        img = img.resize((w, h), Image.BILINEAR)
+      return np.asarray(img, np.uint8)
+  except (OSError, ValueError, SyntaxError) as e:
+    raise ValueError(f"{path}: cannot decode image ({e})") from None
+
+
+def read_labels(path: str, image_size, num_classes: Optional[int] = None) -> np.ndarray:
+  """uint8 [H, W] class ids, nearest-neighbour resize to `image_size`.
+
+  Raises ValueError naming the file when it is missing, not a single-channel
+  label map, or holds an id >= num_classes (255 = ignore is allowed).
+  """
+  h, w = int(image_size[0]), int(image_size[1])
+  try:
+    with Image.open(path) as img:
+      if img.mode not in ("L", "P", "I", "I;16"):
+        raise ValueError(f"mode {img.mode}, expected a single-channel label map")
+      if img.size != (w, h):
+        img = img.resize((w, h), Image.NEAREST)
+      labels = np.asarray(img)
+  except FileNotFoundError:
+    raise ValueError(f"{path}: missing label map") from None
+  except (OSError, ValueError, SyntaxError) as e:
+    raise ValueError(f"{path}: cannot read label map ({e})") from None
+  if num_classes is not None:
+    bad = (labels >= num_classes) & (labels != 255)
+    if bad.any():
+      raise ValueError(f"{path}: label id {int(labels[bad].max())} >= number of "
+                       f"classes {num_classes}")
+  return labels.astype(np.uint8)
+
+
+def normalize_rgb(x, kind: str = "imagenet"):
+  """uint8 [..., 3] -> float32, on device (inside jit).
+
+  "imagenet": (x/255 - mean) / std (torchvision convention);
+  "tflite": x/127.5 - 1 (the TFLite MobileNetV2's input quantisation).
+  """
+  x = jnp.asarray(x, jnp.float32)
+  if kind == "imagenet":
+    return (x / 255.0 - IMAGENET_MEAN) / IMAGENET_STD
+  if kind == "tflite":
+    return x / 127.5 - 1.0
+  raise ValueError(f"unknown normalization {kind!r}; expected one of {NORMALIZATIONS}")
+
+
+class ImageSource:
+  """Resized uint8 images (and label maps) of one list of paths, cached.
+
+  Args:
+    paths: image paths.
+    seg_paths: label-map paths in the same order, or None.
+    image_size: (H, W).
+    cache: keep decoded images in memory (uint8).
+    num_classes: label ids must be < this (None: unchecked).
+    pool: shared thread pool for decoding.
+  """
+
+  def __init__(self, paths: Sequence[str], seg_paths: Optional[Sequence[str]], image_size,
+               cache: bool = True, num_classes: Optional[int] = None,
+               pool: Optional[concurrent.futures.Executor] = None):
+    self.paths = list(paths)
+    self.seg_paths = None if seg_paths is None else list(seg_paths)
+    self.image_size = (int(image_size[0]), int(image_size[1]))
+    self.cache = cache
+    self.num_classes = num_classes
+    self._pool = pool
+    self._rgb: dict = {}
+    self._seg: dict = {}
+    self._lock = threading.Lock()
+
+  def __len__(self) -> int:
+    return len(self.paths)
+
+  def _load(self, view: str, index: int) -> np.ndarray:
+    store = self._rgb if view == "rgb" else self._seg
+    hit = store.get(index)
+    if hit is not None:
+      return hit
+    if view == "rgb":
+      arr = read_rgb(self.paths[index], self.image_size)
+    else:
+      if self.seg_paths is None:
+        raise ValueError(f"{self.paths[index]}: the seg branch needs label maps, but this "
+                         "split has no segmentations/ tree (run the segment config)")
+      arr = read_labels(self.seg_paths[index], self.image_size, self.num_classes)
+    if self.cache:
+      with self._lock:
+        store[index] = arr
+    return arr
+
+  def get(self, view: str, indices) -> np.ndarray:
+    """uint8 [n, H, W, 3] ("rgb") or [n, H, W] ("seg") for `indices`."""
+    if view not in VIEWS:
+      raise ValueError(f"unknown view {view!r}; expected one of {VIEWS}")
+    indices = [int(i) for i in np.asarray(indices).reshape(-1)]
+    if self._pool is not None and len(indices) > 1:
+      arrays = list(self._pool.map(lambda i: self._load(view, i), indices))
+    else:
+      arrays = [self._load(view, i) for i in indices]
+    if not arrays:
+      shape = self.image_size + ((3,) if view == "rgb" else ())
+      return np.zeros((0,) + shape, np.uint8)
+    return np.stack(arrays)
+
+
+class SplitImages:
+  """The database and query `ImageSource`s of a `layout.VprSplit`."""
+
+  def __init__(self, split, image_size, views: Sequence[str] = ("rgb",), cache: bool = True,
+               num_classes: Optional[int] = None, num_threads: int = 2):
+    for v in views:
+      if v not in VIEWS:
+        raise ValueError(f"unknown view {v!r}; expected one of {VIEWS}")
+    if "seg" in views and split.database_seg_paths is None:
+      raise ValueError(f"{split.root}: the seg branch needs label maps but "
+                       f"segmentations/{split.split} is missing (run the segment config)")
+    self.views = tuple(views)
+    self.pool = concurrent.futures.ThreadPoolExecutor(max(1, num_threads))
+    self.sources = {
+        "database": ImageSource(split.database_paths, split.database_seg_paths, image_size,
+                                cache, num_classes, self.pool),
+        "queries": ImageSource(split.query_paths, split.query_seg_paths, image_size,
+                               cache, num_classes, self.pool),
+    }
+
+  def get(self, role: str, indices, views: Optional[Sequence[str]] = None) -> dict:
+    """{view: uint8 array} for images `indices` of `role`."""
+    return {v: self.sources[role].get(v, indices) for v in (views or self.views)}
+
+
+def triplet_arrays(images: SplitImages, query_index, positive_index, negative_index) -> dict:
+  """Assembles one triplet batch dict (see module docstring)."""
+  query_index = np.asarray(query_index, np.int64)
+  positive_index = np.asarray(positive_index, np.int64)
+  negative_index = np.asarray(negative_index, np.int64)
+  b, m = negative_index.shape
+  batch = {"query_index": query_index, "positive_index": positive_index,
+           "negative_index": negative_index}
+  q = images.get("queries", query_index)
+  db = images.get("database", np.concatenate([positive_index[:, None], negative_index],
+                                             axis=1).reshape(-1))
+  for v in images.views:
+    qv = q[v][:, None]
+    dbv = db[v].reshape((b, 1 + m) + db[v].shape[1:])
+    batch[v] = np.concatenate([qv, dbv], axis=1)
+  return batch
+
+
+def _prefetch(make: Callable[[int], dict], count: int, depth: int) -> Iterator[dict]:
+  """Yields make(0..count-1), computed `depth` ahead on a background thread."""
+  if depth <= 0:
+    for i in range(count):
+      yield make(i)
+    return
+  q: queue.Queue = queue.Queue(maxsize=depth)
+  stop = threading.Event()
+  _done = object()
+
+  def worker():
+    try:
+      for i in range(count):
+        if stop.is_set():
+          return
+        q.put(make(i))
+      q.put(_done)
+    except BaseException as e:  # surfaced in the consumer
+      q.put(e)
+
+  thread = threading.Thread(target=worker, daemon=True)
+  thread.start()
+  try:
+    while True:
+      item = q.get()
+      if item is _done:
+        return
+      if isinstance(item, BaseException):
+        raise item
+      yield item
+  finally:
+    stop.set()
+    while thread.is_alive():  # drain so the worker can exit
+      try:
+        q.get_nowait()
+      except queue.Empty:
+        thread.join(timeout=0.05)
+
+
+class TripletBatcher:
+  """Mined triplet batches for one epoch, chunk by chunk.
+
+  For every chunk of `miner.refresh_every` queries (seeded order), the miner
+  refreshes its cache with `describe` (current parameters), then the chunk's
+  queries are cut into batches of `batch_size` (remainder dropped: static
+  shapes, no recompilation) and assembled on a background thread.
+  """
+
+  def __init__(self, miner, images: SplitImages, batch_size: int, prefetch: int = 2):
+    if batch_size < 1:
+      raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if miner.refresh_every < batch_size:
+      raise ValueError(f"mining refresh_every ({miner.refresh_every}) must be >= the "
+                       f"batch size ({batch_size})")
+    self.miner = miner
+    self.images = images
+    self.batch_size = int(batch_size)
+    self.prefetch = int(prefetch)
+
+  def steps_per_epoch(self) -> int:
+    sizes = [len(c) for c in self.miner.chunks(0)]
+    return int(sum(s // self.batch_size for s in sizes))
+
+  def epoch(self, epoch: int, describe: Callable, start_step: int = 0) -> Iterator[dict]:
+    """Yields the batches of `epoch` from step `start_step` (resume)."""
+    step = 0
+    for chunk_index, chunk in enumerate(self.miner.chunks(epoch)):
+      num_batches = len(chunk) // self.batch_size
+      if step + num_batches <= start_step:
+        step += num_batches
+        continue
+      chunk = chunk[:num_batches * self.batch_size]
+      positive, negatives = self.miner.mine(chunk, epoch, chunk_index, describe)
+      first = max(0, start_step - step)
+      bs = self.batch_size
+
+      def make(i, chunk=chunk, positive=positive, negatives=negatives, first=first):
+        sl = slice((first + i) * bs, (first + i + 1) * bs)
+        return triplet_arrays(self.images, chunk[sl], positive[sl], negatives[sl])
+
+      yield from _prefetch(make, num_batches - first, self.prefetch)
+      step += num_batches
