@@ -28,6 +28,9 @@ setup(
         "matplotlib",
     ],
     extras_require={
-        "test": ["pytest"],
+        # TFLite runtime: offline segmentation (segment.py) and ImageNet
+        # MobileNetV2 weights from .tflite (models/pretrained.py).
+        "segment": ["ai-edge-litert"],
+        "test": ["pytest", "ai-edge-litert"],
     },
 )

@@ -22,6 +22,7 @@ def get_config(arg=None):
   c.workdir = ""            # default: runs/<config name>
   c.distributed = False     # jax.distributed.initialize() when True
   c.smoke = smoke
+  c.compilation_cache = "default"  # ~/.cache/structvpr_jax/xla; "" disables
 
   c.data = ml_collections.ConfigDict()
   c.data.name = "synthetic"   # "synthetic" (generated into the workdir) or "folder"
@@ -30,6 +31,10 @@ def get_config(arg=None):
   c.data.synthetic_places = ml_collections.ConfigDict(
       {"train": 200, "val": 60, "test": 100} if not smoke else
       {"train": 24, "val": 12, "test": 12})
+  c.data.queries_per_place = 1
+  c.data.normalization = "imagenet"   # "imagenet" | "tflite" ([-1, 1], TFLite weights)
+  c.data.num_threads = 2              # JPEG decode threads
+  c.data.prefetch = 2                 # batches assembled ahead of the step
 
   c.rgb = ml_collections.ConfigDict()
   c.rgb.backbone = "mobilenet_v2"
@@ -51,5 +56,32 @@ def get_config(arg=None):
   c.distill.beta = 10.0
   c.distill.tau = 1
   c.distill.lambda_kd = 1.0
+  c.distill.num_steps = 0                    # 0: train.num_steps
+  c.distill.learning_rate = 0.0              # 0: train.learning_rate
+  c.distill.init_from_rgb = True             # student starts from the stage-1 RGB branch
+
+  c.train = ml_collections.ConfigDict()
+  c.train.batch_size = 8 if not smoke else 2        # global triplets per step
+  c.train.num_negatives = 4 if not smoke else 2     # M hard negatives per triplet
+  c.train.num_candidates = 1000                     # random negatives per mining refresh
+  c.train.refresh_every = 128 if not smoke else 8   # queries per mining-cache refresh
+  c.train.num_steps = 300 if not smoke else 4
+  c.train.learning_rate = 1e-3
+  c.train.warmup_steps = 20 if not smoke else 0
+  c.train.final_lr_fraction = 0.01
+  c.train.optimizer = "adam"
+  c.train.grad_clip = 1.0
+  c.train.weight_decay = 0.0
+  c.train.margin = 0.1
+  c.train.log_every = 10 if not smoke else 2
+  c.train.eval_every = 100 if not smoke else 4
+  c.train.kmeans_images = 200 if not smoke else 16  # images sampled for NetVLAD k-means
+  c.train.kmeans_per_image = 50
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.batch_size = 32 if not smoke else 8
+  c.eval.ns = (1, 5, 10, 20)
+  c.eval.radius = 25.0
+  c.eval_split = "test"
   c.checkpoint = ""                          # eval: Orbax directory to restore
   return c

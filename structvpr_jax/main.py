@@ -23,6 +23,8 @@ def default_workdir(config_path: str) -> str:
 
 def main(argv):
   del argv
+  if not flags.FLAGS["verbosity"].present:  # Orbax/absl INFO chatter: opt in with --verbosity=0
+    logging.set_verbosity(logging.WARNING)
   config = _CONFIG.value
   if config is None:
     raise app.UsageError("--config is required, e.g. --config=configs/distill.py")
@@ -39,21 +41,34 @@ def main(argv):
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=2))
-  if config.mode == "distill":
-    from structvpr_jax.data import synthetic
-    if config.data.name != "synthetic":
-      raise app.UsageError("data.name='folder' training lands with the pipeline issue")
-    root = os.path.join(workdir, "data")
-    synthetic.generate(root, seed=config.seed, image_size=tuple(config.data.image_size),
-                       num_places=dict(config.data.synthetic_places),
-                       progress=sys.stderr.isatty())
-    with open(os.path.join(root, "synthetic.json")) as f:
-      info = json.load(f)
-    print(f"synthetic city ready in {root}: "
-          f"{json.dumps(info.get('counts', {}), sort_keys=True)}")
-    print("stage 1 / partition / stage 2 / evaluation are not implemented yet (issue 4).")
+  _enable_compilation_cache(config)
+  from structvpr_jax import evaluate, train
+  mode = config.mode
+  if mode == "distill":
+    train.run_structvpr(config, workdir)
+  elif mode in ("train_rgb", "train_seg"):
+    train.train_stage(config, workdir, mode.split("_")[1])
+  elif mode == "partition":
+    train.run_partition(config, workdir)
+  elif mode == "eval":
+    out = evaluate.run(config, workdir)
+    print(json.dumps({k: v for k, v in out.items() if k.startswith("R@")}))
+  elif mode == "segment":
+    from structvpr_jax import segment
+    segment.run(config)
   else:
-    raise app.UsageError(f"unknown config.mode {config.mode!r}")
+    raise app.UsageError(f"unknown config.mode {mode!r}")
+
+
+def _enable_compilation_cache(config) -> None:
+  """JAX persistent compilation cache (reruns and later stages skip XLA compiles)."""
+  import jax
+  path = config.get("compilation_cache", "default")
+  if path == "default":
+    path = os.path.join(os.path.expanduser("~"), ".cache", "structvpr_jax", "xla")
+  if path:
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 
 if __name__ == "__main__":

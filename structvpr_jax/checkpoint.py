@@ -1,0 +1,108 @@
+"""Orbax checkpoints: best by validation R@5 plus the latest, for resume.
+
+One `CheckpointManager` per stage, in `<workdir>/<stage>/checkpoints/<step>/`
+with these items per step:
+  variables  {"params", "batch_stats"} -- all evaluation needs
+  opt        {"opt_state", "step", "rng"} -- only for resuming training
+  meta       JSON: the branch spec (everything needed to rebuild the model
+             without the run's config), the stage, data position, metrics
+  mining     the hard-negative mining cache (numpy arrays)
+The preservation policy keeps the best checkpoint by `val_R@5` and the
+latest one. `restore_for_eval` rebuilds a model from the checkpoint
+directory alone (meta -> model -> abstract tree -> restore).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Optional
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers as cm
+
+BEST_METRIC = "val_R@5"
+
+
+def _metric(metrics) -> float:
+  return float(metrics.get(BEST_METRIC, -1.0))
+
+
+def manager(directory: str, read_only: bool = False, keep_best: bool = True):
+  """A CheckpointManager keeping the latest and the best (by val R@5)."""
+  policies = [cm.LatestN(n=1)]
+  if keep_best:
+    policies.append(cm.BestN(get_metric_fn=_metric, reverse=False, n=1,
+                             keep_checkpoints_without_metrics=False))
+  options = ocp.CheckpointManagerOptions(
+      preservation_policy=cm.AnyPreservationPolicy(policies),
+      enable_async_checkpointing=False, read_only=read_only, create=not read_only)
+  return ocp.CheckpointManager(os.path.abspath(directory), options=options,
+                               item_names=("variables", "opt", "meta", "mining"))
+
+
+def save(mngr, step: int, variables, meta: dict, opt=None, mining: Optional[dict] = None,
+         metrics: Optional[dict] = None) -> None:
+  """Saves one step (all processes call this; Orbax writes from the primary).
+
+  Orbax writes into a temporary folder and renames it when complete, so an
+  interrupted save leaves the previous checkpoints restorable.
+  """
+  items = {"variables": ocp.args.StandardSave(jax.device_get(variables)),
+           "meta": ocp.args.JsonSave(meta)}
+  if opt is not None:
+    items["opt"] = ocp.args.StandardSave(jax.device_get(opt))
+  if mining is not None:
+    items["mining"] = ocp.args.StandardSave({k: np.asarray(v) for k, v in mining.items()})
+  mngr.save(int(step), args=ocp.args.Composite(**items),
+            metrics={k: float(v) for k, v in (metrics or {}).items()}, force=True)
+  mngr.wait_until_finished()
+
+
+def best_step(mngr) -> Optional[int]:
+  """The step with the highest val R@5 (latest step when none has metrics)."""
+  steps = mngr.all_steps()
+  if not steps:
+    return None
+  scored = []
+  for s in steps:
+    meta = mngr.restore(s, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    if meta.get("metrics", {}).get(BEST_METRIC) is not None:
+      scored.append((meta["metrics"][BEST_METRIC], s))
+  return max(scored)[1] if scored else max(steps)
+
+
+def read_meta(mngr, step: int) -> dict:
+  return mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+
+def restore(mngr, step: int, abstract_variables, abstract_opt=None,
+            with_mining: bool = False) -> dict:
+  """{"variables", "meta", "opt"?, "mining"?} of `step`, restored into the
+  given abstract trees (ShapeDtypeStructs)."""
+  items = {"variables": ocp.args.StandardRestore(abstract_variables),
+           "meta": ocp.args.JsonRestore()}
+  if abstract_opt is not None:
+    items["opt"] = ocp.args.StandardRestore(abstract_opt)
+  has_mining = os.path.isdir(os.path.join(str(mngr.directory), str(step), "mining"))
+  if with_mining and has_mining:
+    items["mining"] = ocp.args.StandardRestore()
+  out = mngr.restore(int(step), args=ocp.args.Composite(**items))
+  return {k: out[k] for k in items}
+
+
+def resolve_directory(path: str) -> tuple[str, Optional[int]]:
+  """(manager directory, step or None) from a stage dir, checkpoints dir or step dir."""
+  path = os.path.abspath(path)
+  if os.path.isdir(os.path.join(path, "checkpoints")):
+    return os.path.join(path, "checkpoints"), None
+  base = os.path.basename(path.rstrip("/"))
+  if base.isdigit() and os.path.isdir(os.path.join(path, "variables")):
+    return os.path.dirname(path), int(base)
+  return path, None
+
+
+def abstract_like(tree) -> Any:
+  """ShapeDtypeStructs of a (possibly concrete) tree."""
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), tree)
