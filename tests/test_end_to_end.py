@@ -1,0 +1,153 @@
+"""The whole StructVPR pipeline on the smoke config, through the CLI.
+
+Runs `python -m structvpr_jax.main` in subprocesses (as a user would):
+stage 1 RGB and seg separately, then the distill pipeline (which must skip
+them), evaluation from the checkpoint alone, a rerun that skips everything,
+and the same pipeline on 8 simulated devices.
+"""
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# 8 triplets per step so the global batch divides by 8 devices too.
+COMMON = ["--config.train.batch_size=8", "--config.train.refresh_every=8"]
+
+pytestmark = pytest.mark.slow
+
+
+def main(config, workdir, *extra, devices=1, cache=None):
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+  cmd = [sys.executable, "-m", "structvpr_jax.main", f"--config={config}",
+         f"--workdir={workdir}", *COMMON, *extra]
+  if cache:
+    cmd.append(f"--config.compilation_cache={cache}")
+  proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+  return proc.stdout
+
+
+def tree_hash(folder):
+  h = hashlib.sha256()
+  for root, dirs, files in sorted(os.walk(folder)):
+    dirs.sort()
+    for name in sorted(files):
+      path = os.path.join(root, name)
+      h.update(os.path.relpath(path, folder).encode())
+      with open(path, "rb") as f:
+        h.update(f.read())
+  return h.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+  return str(tmp_path_factory.mktemp("xla_cache"))
+
+
+@pytest.fixture(scope="module")
+def run1(tmp_path_factory, cache):
+  workdir = str(tmp_path_factory.mktemp("smoke1"))
+  logs = {}
+  logs["rgb"] = main("configs/rgb.py:smoke", workdir, cache=cache)
+  logs["seg"] = main("configs/seg.py:smoke", workdir, cache=cache)
+  logs["seg_hash"] = tree_hash(os.path.join(workdir, "seg"))
+  logs["distill"] = main("configs/distill.py:smoke", workdir, cache=cache)
+  return workdir, logs
+
+
+def test_artifacts_exist_and_parse(run1):
+  workdir, logs = run1
+  with open(os.path.join(workdir, "config.json")) as f:
+    assert json.load(f)["mode"] == "distill"
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    records = [json.loads(line) for line in f]
+  stages = {r["stage"] for r in records}
+  assert stages == {"rgb", "seg", "distill"}
+  train = [r for r in records if "loss" in r]
+  assert all(np.isfinite(r["loss"]) and r["img_s"] > 0 and "lr" in r for r in train)
+  assert any(r.get("event") == "val" and "val_R@5" in r for r in records)
+  assert any("kd" in r for r in train if r["stage"] == "distill")
+  for stage in ("rgb", "seg", "distill"):
+    with open(os.path.join(workdir, stage, "done.json")) as f:
+      done = json.load(f)
+    assert os.path.isdir(done["checkpoint"])
+  part = np.load(os.path.join(workdir, "partition", "partition.npz"))
+  assert set(part.files) == {"groups", "weights", "teacher_margin", "student_margin",
+                             "teacher_rank", "student_rank"}
+  assert part["groups"].dtype == np.int8 and part["weights"].dtype == np.float32
+  assert np.all((part["weights"] >= 0) & (part["weights"] <= 1))
+  assert np.all(part["weights"][part["groups"] >= 3] == 0)   # teacher wrong -> weight 0
+  with open(os.path.join(workdir, "partition", "summary.json")) as f:
+    summary = json.load(f)
+  assert sum(summary[g]["count"] for g in ("excluded", "D1", "D2", "D3", "D4")) == \
+      len(part["groups"])
+  Image.open(os.path.join(workdir, "partition", "groups.png")).verify()
+  with open(os.path.join(workdir, "eval", "test", "recalls.json")) as f:
+    rec = json.load(f)
+  for key in ("R@1", "R@5", "R@10", "R@20", "num_queries", "num_database", "branch",
+              "checkpoint"):
+    assert key in rec
+  assert 0 <= rec["R@1"] <= rec["R@5"] <= rec["R@10"] <= rec["R@20"] <= 100
+  with open(os.path.join(workdir, "eval", "summary.json")) as f:
+    table = json.load(f)["branches"]
+  assert set(table) == {"rgb", "seg", "distill"}
+  assert set(table["rgb"]["per_condition"]) == {"dusk", "night", "fog", "repaint"}
+  assert "| StructVPR-distilled RGB |" in logs["distill"]
+
+
+def test_distill_skips_finished_stage1_and_leaves_teacher_untouched(run1):
+  workdir, logs = run1
+  assert "[rgb] already finished" in logs["distill"]
+  assert "[seg] already finished" in logs["distill"]
+  assert tree_hash(os.path.join(workdir, "seg")) == logs["seg_hash"]
+
+
+def test_eval_from_checkpoint_alone_reproduces_recall(run1, tmp_path, cache):
+  workdir, _ = run1
+  out = str(tmp_path / "eval_only")
+  main("configs/eval.py", out, f"--config.checkpoint={workdir}/distill/checkpoints",
+       f"--config.data.root={workdir}/data", cache=cache)
+  with open(os.path.join(out, "eval", "test", "recalls.json")) as f:
+    again = json.load(f)
+  with open(os.path.join(workdir, "eval", "test", "recalls.json")) as f:
+    recorded = json.load(f)
+  for k in ("R@1", "R@5", "R@10", "num_queries", "num_database"):
+    assert again[k] == recorded[k], k
+
+
+def test_rerun_skips_every_stage(run1, cache):
+  workdir, _ = run1
+  lines = sum(1 for _ in open(os.path.join(workdir, "metrics.jsonl")))
+  out = main("configs/distill.py:smoke", workdir, cache=cache)
+  for stage in ("rgb", "seg", "distill"):
+    assert f"[{stage}] already finished" in out
+  assert "[partition] already finished" in out
+  assert sum(1 for _ in open(os.path.join(workdir, "metrics.jsonl"))) == lines
+
+
+def test_eight_devices_match_one_device(run1, tmp_path, cache):
+  workdir, _ = run1
+  eight = str(tmp_path / "eight")
+  main("configs/distill.py:smoke", eight, devices=8, cache=cache)
+  with open(os.path.join(workdir, "eval", "summary.json")) as f:
+    one_table = json.load(f)["branches"]
+  with open(os.path.join(eight, "eval", "summary.json")) as f:
+    eight_table = json.load(f)["branches"]
+  for branch in one_table:
+    for k in ("R@1", "R@5", "R@10"):
+      # float32 summation order differs across 8 shards; allow one query to flip
+      tol = 100.0 / one_table[branch]["num_queries"] + 1e-6
+      assert abs(one_table[branch][k] - eight_table[branch][k]) <= tol, (branch, k)
+  a = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
+  b = [json.loads(l) for l in open(os.path.join(eight, "metrics.jsonl"))]
+  loss_a = [r["loss"] for r in a if "loss" in r and r["stage"] == "rgb"]
+  loss_b = [r["loss"] for r in b if "loss" in r and r["stage"] == "rgb"]
+  np.testing.assert_allclose(loss_a, loss_b, rtol=2e-3, atol=1e-4)
