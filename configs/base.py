@@ -79,7 +79,7 @@ def get_config(arg=None):
   c.train.kmeans_per_image = 50
 
   c.eval = ml_collections.ConfigDict()
-  c.eval.batch_size = 32 if not smoke else 8
+  c.eval.batch_size = 32 if not smoke else 8   # images per device per extraction batch
   c.eval.ns = (1, 5, 10, 20)
   c.eval.radius = 25.0
   c.eval_split = "test"

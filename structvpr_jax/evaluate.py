@@ -46,14 +46,16 @@ def model_input(spec: dict, x):
 class Extractor:
   """Global descriptors of many images, data parallel over a mesh.
 
-  Batches have a fixed size (a multiple of the device count; the last one is
-  padded and its padding dropped) so the function compiles once.
+  Batches have a fixed size, `per_device_batch` images on every device (the
+  last batch is padded and its padding dropped), so the function compiles
+  once and each device runs the same program whatever the device count:
+  descriptors are bitwise equal on 1 and on 8 devices.
   """
 
-  def __init__(self, spec: dict, mesh, batch_size: int = 32):
+  def __init__(self, spec: dict, mesh, per_device_batch: int = 32):
     self.spec = spec
     self.mesh = mesh
-    self.batch_size = max(mesh.size, -(-int(batch_size) // mesh.size) * mesh.size)
+    self.batch_size = max(1, int(per_device_batch)) * mesh.size
     model = build_model(spec)
 
     def embed(variables, x):

@@ -173,7 +173,7 @@ def kmeans_netvlad(spec: dict, variables: dict, source: pipeline.ImageSource, me
   rng = np.random.default_rng([seed, 11])
   count = min(num_images, len(source))
   indices = np.sort(rng.choice(len(source), count, replace=False))
-  bs = max(mesh.size, -(-batch_size // mesh.size) * mesh.size)
+  bs = max(1, batch_size) * mesh.size      # per-device batch: same program on any mesh
   replicated = parallel.replicate(variables, mesh)
   feats = []
   for start in range(0, count, bs):
