@@ -27,21 +27,23 @@ def get_config(arg=None):
   c.data = ml_collections.ConfigDict()
   c.data.name = "synthetic"   # "synthetic" (generated into the workdir) or "folder"
   c.data.root = ""            # layout folder for data.name == "folder"
-  c.data.image_size = (120, 160) if not smoke else (64, 80)
+  c.data.image_size = (96, 128) if not smoke else (64, 80)
   c.data.synthetic_places = ml_collections.ConfigDict(
       {"train": 200, "val": 60, "test": 100} if not smoke else
       {"train": 24, "val": 12, "test": 12})
-  c.data.queries_per_place = 1
+  c.data.queries_per_place = 2 if not smoke else 1
   c.data.normalization = "imagenet"   # "imagenet" | "tflite" ([-1, 1], TFLite weights)
   c.data.num_threads = 2              # JPEG decode threads
   c.data.prefetch = 2                 # batches assembled ahead of the step
 
   c.rgb = ml_collections.ConfigDict()
   c.rgb.backbone = "mobilenet_v2"
-  c.rgb.width = 1.0 if not smoke else 0.35
+  c.rgb.width = 0.5 if not smoke else 0.35   # 1.0 = the paper's MobileNetV2 (CPU budget)
   c.rgb.dim = 128 if not smoke else 16       # common local dim (1x1 projection)
   c.rgb.num_clusters = 32 if not smoke else 4
   c.rgb.init = ""                            # "" or "imagenet_tflite:<path>"
+  c.rgb.num_steps = 0                        # 0: train.num_steps
+  c.rgb.learning_rate = 0.0                  # 0: train.learning_rate
 
   c.seg = ml_collections.ConfigDict()
   c.seg.backbone = "mobilenet_light"
@@ -50,13 +52,15 @@ def get_config(arg=None):
   c.seg.num_clusters = c.rgb.get_ref("num_clusters")
   c.seg.init = ""
   c.seg.slme = "slme"                        # "slme" | "onehot" | "group_onehot"
+  c.seg.num_steps = 200 if not smoke else 0  # 0: train.num_steps
+  c.seg.learning_rate = 0.0
 
   c.distill = ml_collections.ConfigDict()
   c.distill.weighting = "sigmoid"            # sigmoid | group | uniform | teacher_only
   c.distill.beta = 10.0
   c.distill.tau = 1
   c.distill.lambda_kd = 1.0
-  c.distill.num_steps = 0                    # 0: train.num_steps
+  c.distill.num_steps = 200 if not smoke else 0   # 0: train.num_steps
   c.distill.learning_rate = 0.0              # 0: train.learning_rate
   c.distill.init_from_rgb = True             # student starts from the stage-1 RGB branch
 
@@ -65,7 +69,7 @@ def get_config(arg=None):
   c.train.num_negatives = 4 if not smoke else 2     # M hard negatives per triplet
   c.train.num_candidates = 1000                     # random negatives per mining refresh
   c.train.refresh_every = 128 if not smoke else 8   # queries per mining-cache refresh
-  c.train.num_steps = 300 if not smoke else 4
+  c.train.num_steps = 250 if not smoke else 4
   c.train.learning_rate = 1e-3
   c.train.warmup_steps = 20 if not smoke else 0
   c.train.final_lr_fraction = 0.01
@@ -74,7 +78,7 @@ def get_config(arg=None):
   c.train.weight_decay = 0.0
   c.train.margin = 0.1
   c.train.log_every = 10 if not smoke else 2
-  c.train.eval_every = 100 if not smoke else 4
+  c.train.eval_every = 50 if not smoke else 4
   c.train.kmeans_images = 200 if not smoke else 16  # images sampled for NetVLAD k-means
   c.train.kmeans_per_image = 50
 

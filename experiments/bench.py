@@ -8,6 +8,10 @@ Keys (stable; later versions add keys, never rename):
   train_step_224_img_s    4 triplets (q, p, 1 negative) = 12 images at 224, Adam
   partition_s             partition.retrieval_margins, Q=1000, N=10000, D=4096
   faiss_search_s          faiss IndexFlatL2 search of the same size (k=1)
+  input_pipeline_batches_s   triplet batches/s (8 triplets, M=4, 96x128 RGB+labels)
+                          from JPEG/PNG on disk, cold (first epoch, decoding)
+  input_pipeline_cached_batches_s   the same from the in-memory cache
+  synthetic_generate_img_s  synthetic city generation (render + write), 96x128
   *_compile_s             first-call time (trace + compile + one run)
   peak_rss_mb             peak resident memory of this process
 Timings take the median of `--repeats` runs after one warm-up call.
@@ -106,6 +110,36 @@ def bench_partition(repeats, nq=1000, ndb=10000, dim=4096):
   return part_s, statistics.median(t_faiss), first
 
 
+def bench_input_pipeline(quick: bool):
+  """Triplet batches/s of the training input (mining with a cheap describe)."""
+  import tempfile
+  from structvpr_jax import mining
+  from structvpr_jax.data import layout, pipeline, synthetic
+  with tempfile.TemporaryDirectory() as tmp:
+    root = os.path.join(tmp, "city")
+    places = {"train": 40 if quick else 200, "val": 4, "test": 4}
+    t0 = time.perf_counter()
+    synthetic.generate(root, seed=0, image_size=(96, 128), num_places=places,
+                       queries_per_place=2, progress=False)
+    gen_s = time.perf_counter() - t0
+    split = layout.read_split(root, "train")
+    with open(os.path.join(root, "synthetic.json")) as f:
+      counts = json.load(f)["counts"]
+    n_images = sum(c["database"] + c["queries"] for c in counts.values())
+    rates = []
+    images = pipeline.SplitImages(split, (96, 128), views=("rgb", "seg"), cache=True)
+    for _ in range(2):   # cold (decode), then cached
+      miner = mining.NegativeMiner(split.query_utm, split.database_utm, num_negatives=4,
+                                   refresh_every=128, seed=0)
+      batcher = pipeline.TripletBatcher(miner, images, batch_size=8)
+      rng = np.random.default_rng(0)
+      describe = lambda role, idx: rng.normal(size=(len(idx), 64)).astype(np.float32)
+      t0 = time.perf_counter()
+      count = sum(1 for _ in batcher.epoch(0, describe))
+      rates.append(count / (time.perf_counter() - t0))
+  return rates[0], rates[1], n_images / gen_s
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -133,6 +167,8 @@ def main():
   out["partition_s"], out["faiss_search_s"], out["partition_compile_s"] = bench_partition(
       args.repeats, **sizes)
   out["partition_vs_two_faiss"] = out["partition_s"] / (2 * out["faiss_search_s"])
+  (out["input_pipeline_batches_s"], out["input_pipeline_cached_batches_s"],
+   out["synthetic_generate_img_s"]) = bench_input_pipeline(args.quick)
   out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
   print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in out.items()}))
 

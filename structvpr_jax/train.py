@@ -53,12 +53,12 @@ def branch_spec(config, stage: str) -> dict:
 
 
 def stage_train_config(config, stage: str):
-  """config.train, with stage-2 overrides from config.distill.{num_steps, learning_rate}."""
+  """config.train with per-stage overrides: config.{rgb,seg,distill}.{num_steps,
+  learning_rate} when set (non-zero)."""
   tc = config.train.to_dict() if hasattr(config.train, "to_dict") else dict(config.train)
-  if stage == "distill":
-    for key in ("num_steps", "learning_rate"):
-      if config.distill.get(key):
-        tc[key] = config.distill[key]
+  for key in ("num_steps", "learning_rate"):
+    if config[stage].get(key):
+      tc[key] = config[stage][key]
   return tc
 
 
