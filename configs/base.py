@@ -67,6 +67,7 @@ def get_config(arg=None):
   c.train = ml_collections.ConfigDict()
   c.train.batch_size = 8 if not smoke else 2        # global triplets per step
   c.train.num_negatives = 4 if not smoke else 2     # M hard negatives per triplet
+  c.train.mining = "hard"                           # "hard" (NetVLAD recipe) | "random"
   c.train.num_candidates = 1000                     # random negatives per mining refresh
   c.train.refresh_every = 128 if not smoke else 8   # queries per mining-cache refresh
   c.train.num_steps = 250 if not smoke else 4

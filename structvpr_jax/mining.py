@@ -35,6 +35,10 @@ class NegativeMiner:
     refresh_every: queries per cache refresh (chunk size).
     pos_radius, neg_radius: metres.
     seed: mining seed.
+    strategy: "hard" (the NetVLAD recipe above) or "random" (M random
+      negatives beyond `neg_radius` per query, no descriptors needed; a
+      baseline and a warm-up for worlds where the hardest negatives are
+      near-duplicates of the positive).
 
   Attributes:
     train_queries: int64 indices of queries usable for training (>= 1
@@ -44,7 +48,11 @@ class NegativeMiner:
 
   def __init__(self, query_utm, db_utm, *, num_negatives: int = 10,
                num_candidates: int = 1000, refresh_every: int = 1000,
-               pos_radius: float = 10.0, neg_radius: float = 25.0, seed: int = 0):
+               pos_radius: float = 10.0, neg_radius: float = 25.0, seed: int = 0,
+               strategy: str = "hard"):
+    if strategy not in ("hard", "random"):
+      raise ValueError(f"mining strategy must be 'hard' or 'random', got {strategy!r}")
+    self.strategy = strategy
     self.query_utm = np.asarray(query_utm, np.float64).reshape(-1, 2)
     self.db_utm = np.asarray(db_utm, np.float64).reshape(-1, 2)
     self.num_negatives = int(num_negatives)
@@ -114,6 +122,8 @@ class NegativeMiner:
         and np.array_equal(self.last_mined[1], query_ids)):
       return self.last_mined[2].copy(), self.last_mined[3].copy()
     n, m = len(query_ids), self.num_negatives
+    if self.strategy == "random":
+      return self._random_triplets(query_ids, epoch, chunk)
     pos_lists = [self.positives[q] for q in query_ids]
     soft_lists = [self.soft_positives[q] for q in query_ids]
     previous = self.hard_negatives[query_ids]                       # [n, M], -1 = none
@@ -159,6 +169,23 @@ class NegativeMiner:
     self.last_mined = ((int(epoch), int(chunk)), query_ids.copy(), best_positive.copy(),
                        negatives.copy())
     return best_positive, negatives
+
+  def _random_triplets(self, query_ids, epoch, chunk):
+    """A random positive and M random negatives per query (vectorised)."""
+    n, m, num_db = len(query_ids), self.num_negatives, len(self.db_utm)
+    rng = np.random.default_rng([self.seed, 4, int(epoch), int(chunk)])
+    soft = np.zeros((n, num_db), bool)
+    rows = np.repeat(np.arange(n), [len(self.soft_positives[q]) for q in query_ids])
+    soft[rows, np.concatenate([self.soft_positives[q] for q in query_ids])] = True
+    # random permutation of the database per query; negatives first, in random order
+    keys = rng.random((n, num_db)) + soft          # soft positives sort last
+    negatives = np.argsort(keys, axis=1)[:, :m].astype(np.int64)
+    counts = np.array([len(self.positives[q]) for q in query_ids])
+    pick = (rng.random(n) * counts).astype(np.int64)
+    positive = np.array([self.positives[q][k] for q, k in zip(query_ids, pick)], np.int64)
+    self.last_mined = ((int(epoch), int(chunk)), query_ids.copy(), positive.copy(),
+                       negatives.copy())
+    return positive, negatives
 
   # -- checkpointing ---------------------------------------------------------
   def state_dict(self) -> dict:

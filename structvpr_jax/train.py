@@ -286,7 +286,8 @@ def train_stage(config, workdir: str, stage: str) -> dict:
       train_split.query_utm, train_split.database_utm, num_negatives=tc["num_negatives"],
       num_candidates=tc["num_candidates"], refresh_every=tc["refresh_every"],
       pos_radius=layout.TRAIN_POSITIVE_RADIUS, neg_radius=layout.NEGATIVE_RADIUS,
-      seed=config.seed + {"rgb": 0, "seg": 1, "distill": 2}[stage])
+      seed=config.seed + {"rgb": 0, "seg": 1, "distill": 2}[stage],
+      strategy=tc.get("mining", "hard"))
   if miner.num_without_positive:
     logging.warning("%d of %d training queries have no database image within %.0f m; "
                     "they are skipped", miner.num_without_positive, len(train_split.query_utm),

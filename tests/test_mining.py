@@ -81,3 +81,19 @@ def test_unusable_queries_are_excluded_and_all_unusable_raises():
   assert len(q_utm) - 1 not in miner.train_queries and miner.num_without_positive == 1
   with pytest.raises(ValueError, match="no training query"):
     mining.NegativeMiner([[9000.0, 0.0]], DB_UTM)
+
+
+def test_random_strategy_draws_true_negatives_and_positives():
+  miner = mining.NegativeMiner(Q_UTM, DB_UTM, num_negatives=3, refresh_every=10, seed=0,
+                               strategy="random")
+  pos, neg = miner.mine(np.arange(len(Q_UTM)), 0, 0, None)   # needs no descriptors
+  for i in range(len(Q_UTM)):
+    geo = np.linalg.norm(DB_UTM - Q_UTM[i], axis=1)
+    assert geo[pos[i]] <= 10 and np.all(geo[neg[i]] > 25) and len(set(neg[i])) == 3
+  again = mining.NegativeMiner(Q_UTM, DB_UTM, num_negatives=3, refresh_every=10, seed=0,
+                               strategy="random").mine(np.arange(len(Q_UTM)), 0, 0, None)
+  np.testing.assert_array_equal(neg, again[1])
+  other = miner.mine(np.arange(len(Q_UTM)), 1, 0, None)[1]
+  assert not np.array_equal(neg, other)
+  with pytest.raises(ValueError, match="strategy"):
+    mining.NegativeMiner(Q_UTM, DB_UTM, strategy="semi")
