@@ -78,6 +78,10 @@ def get_config(arg=None):
   c.train.grad_clip = 1.0
   c.train.weight_decay = 0.0
   c.train.margin = 0.1
+  # "batch": synchronised batch statistics (BN running stats updated);
+  # "frozen": BN uses its running stats and never updates them (the usual
+  # choice when fine-tuning a pretrained backbone).
+  c.train.batchnorm = "batch"
   c.train.log_every = 10 if not smoke else 2
   c.train.eval_every = 50 if not smoke else 4
   c.train.kmeans_images = 200 if not smoke else 16  # images sampled for NetVLAD k-means

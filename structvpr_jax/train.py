@@ -201,14 +201,20 @@ def make_train_step(spec: dict, tc: dict, mesh, teacher_spec: Optional[dict] = N
   model = evaluate.build_model(spec, bn_axis_name=parallel.DATA_AXIS)
   teacher = evaluate.build_model(teacher_spec) if teacher_spec else None
   margin = float(tc["margin"])
+  batchnorm = tc.get("batchnorm", "batch")
+  if batchnorm not in ("batch", "frozen"):
+    raise ValueError(f"train.batchnorm={batchnorm!r}; expected 'batch' or 'frozen'")
 
   def loss_fn(params, batch_stats, batch, rng, *extra):
     del rng
     x = batch[spec["view"]]
     b, k = x.shape[:2]
     inputs = evaluate.model_input(spec, x.reshape((b * k,) + x.shape[2:]))
-    desc, updates = model.apply({"params": params, "batch_stats": batch_stats}, inputs,
-                                train=True, mutable=["batch_stats"])
+    variables = {"params": params, "batch_stats": batch_stats}
+    if batchnorm == "batch":   # synchronised batch statistics, running averages updated
+      desc, updates = model.apply(variables, inputs, train=True, mutable=["batch_stats"])
+    else:                      # frozen: BN is a fixed affine map from its running stats
+      desc, updates = model.apply(variables, inputs, train=False), {"batch_stats": batch_stats}
     desc = desc.reshape(b, k, -1)
     triplet = losses.triplet_margin_loss(desc[:, 0], desc[:, 1], desc[:, 2:], margin)
     metrics = {"triplet": triplet}

@@ -48,7 +48,7 @@ class Branch(nn.Module):
   def setup(self):
     self.encoder = mobilenet.get_backbone(
         self.backbone, width=self.width, bn_axis_name=self.bn_axis_name, dtype=self.dtype,
-        param_dtype=self.param_dtype, **self._backbone_kwargs())
+        param_dtype=self.param_dtype, last_activation=False, **self._backbone_kwargs())
     self.projection = (nn.Dense(self.dim, dtype=self.dtype, param_dtype=self.param_dtype,
                                 name="projection") if self.dim else None)
     self.netvlad = NetVLAD(self.num_clusters, dtype=self.dtype, param_dtype=self.param_dtype)

@@ -174,6 +174,12 @@ class MobileNetV2(nn.Module):
       (1280 for MobileNetV2; scaled only when width > 1, as in the paper);
       None or 0 skips the final conv.
     num_classes: when set, global average pooling + Dense head (logits).
+    last_activation: ReLU6 after the final conv's BatchNorm. Feature
+      extractors for NetVLAD turn it off (as NetVLAD uses VGG conv5 before its
+      ReLU): zero-centred local features, whose directions differ between
+      images; after a ReLU6 all features share the positive orthant and a
+      common offset, the L2-normalised descriptors nearly coincide and
+      NetVLAD's intra-normalised residuals are mostly noise.
     bn_axis_name: mesh axis for synchronised BatchNorm statistics (set when
       the model runs inside `shard_map`, e.g. "data").
     dtype: compute dtype.
@@ -187,6 +193,7 @@ class MobileNetV2(nn.Module):
   stem_features: int = 32
   last_features: Optional[int] = 1280
   num_classes: Optional[int] = None
+  last_activation: bool = True
   bn_axis_name: Optional[str] = None
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
@@ -212,7 +219,8 @@ class MobileNetV2(nn.Module):
                              **common)(x, train)
         index += 1
     if self.last_features:
-      x = ConvBN(self.output_features, "pointwise", name="last", **common)(x, train)
+      x = ConvBN(self.output_features, "pointwise", activation=self.last_activation,
+                 name="last", **common)(x, train)
     if self.num_classes:
       x = jnp.mean(x, axis=(1, 2))
       x = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype,

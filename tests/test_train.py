@@ -1,0 +1,65 @@
+"""Train-step options on a tiny branch: BatchNorm modes, config validation."""
+
+import jax
+import numpy as np
+import pytest
+
+from structvpr_jax import parallel, train
+
+SPEC = {"branch": "seg", "view": "seg", "backbone": "mobilenet_light", "width": 0.35,
+        "dim": 8, "num_clusters": 4, "blocks": [[1, 8, 1, 1], [2, 8, 1, 2]], "slme": "slme",
+        "normalization": "imagenet", "image_size": [32, 32], "init": ""}
+TC = {"num_steps": 5, "learning_rate": 1e-2, "warmup_steps": 0, "margin": 0.5,
+      "grad_clip": 1.0}
+
+
+@pytest.mark.parametrize("mode", ["batch", "frozen"])
+def test_batchnorm_modes(mode):
+  mesh = parallel.make_mesh(jax.devices()[:1])
+  variables = train.init_variables(SPEC, 0)
+  tx, _ = train.make_optimizer(TC)
+  state = parallel.replicate(train.TrainState(
+      step=0, apply_fn=None, params=variables["params"], tx=tx,
+      opt_state=tx.init(variables["params"]), batch_stats=variables["batch_stats"]), mesh)
+  step = train.make_train_step(SPEC, dict(TC, batchnorm=mode), mesh)
+  labels = np.random.default_rng(0).integers(0, 19, (2, 3, 32, 32)).astype(np.uint8)
+  new, metrics = step(state, parallel.shard_batch({"seg": labels}, mesh),
+                      jax.random.PRNGKey(0))
+  new = jax.device_get(new)
+  assert np.isfinite(float(metrics["loss"]))
+  moved = jax.tree.leaves(jax.tree.map(lambda a, b: float(np.abs(a - b).max()),
+                                       new.params, variables["params"]))
+  assert max(moved) > 0
+  stats_moved = max(jax.tree.leaves(jax.tree.map(lambda a, b: float(np.abs(a - b).max()),
+                                                 new.batch_stats, variables["batch_stats"])))
+  assert (stats_moved > 0) == (mode == "batch")
+  with pytest.raises(ValueError, match="train.batchnorm"):
+    train.make_train_step(SPEC, dict(TC, batchnorm="group"), mesh)
+
+
+def test_validate_config_names_the_field():
+  import sys, os
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  from configs import distill
+  c = distill.get_config("smoke")
+  c.train.batch_size = 3
+  if jax.device_count() > 1:
+    with pytest.raises(ValueError, match="train.batch_size"):
+      train.validate_config(c)
+  c = distill.get_config("smoke")
+  c.data.image_size = (16, 16)
+  with pytest.raises(ValueError, match="data.image_size"):
+    train.validate_config(c)
+  c = distill.get_config("smoke")
+  c.distill.weighting = "nope"
+  with pytest.raises(ValueError, match="distill.weighting"):
+    train.validate_config(c)
+  c = distill.get_config("smoke")
+  c.seg.slme = "bogus"
+  with pytest.raises(ValueError, match="seg.slme"):
+    train.validate_config(c)
+  c = distill.get_config("smoke")
+  c.data.name = "folder"
+  c.data.root = "/nonexistent/layout"
+  with pytest.raises(ValueError, match="data.root"):
+    train.validate_config(c)
