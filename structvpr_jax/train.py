@@ -54,9 +54,9 @@ def branch_spec(config, stage: str) -> dict:
 
 def stage_train_config(config, stage: str):
   """config.train with per-stage overrides: config.{rgb,seg,distill}.{num_steps,
-  learning_rate} when set (non-zero)."""
+  learning_rate, batchnorm} when set (non-zero / non-empty)."""
   tc = config.train.to_dict() if hasattr(config.train, "to_dict") else dict(config.train)
-  for key in ("num_steps", "learning_rate"):
+  for key in ("num_steps", "learning_rate", "batchnorm"):
     if config[stage].get(key):
       tc[key] = config[stage][key]
   return tc
