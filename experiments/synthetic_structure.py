@@ -26,8 +26,16 @@ import time
 import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-WEIGHTINGS = ("uniform", "teacher_only", "sigmoid")
+# Stage-2 variants: name -> config overrides. "triplet_only" is the control:
+# the same stage 2 (same steps, student initialised from stage 1) with
+# lambda_kd = 0, so any gain of the KD variants over it is the distillation's
+# and not the extra triplet steps'.
+VARIANTS = {"triplet_only": ["distill.lambda_kd=0.0"],
+            "uniform": ["distill.weighting=uniform"],
+            "teacher_only": ["distill.weighting=teacher_only"],
+            "sigmoid": ["distill.weighting=sigmoid"]}
 METHODS = (("rgb", "RGB baseline (stage 1)"), ("seg", "seg teacher"),
+           ("triplet_only", "stage 2 without KD (control)"),
            ("uniform", "uniform KD"), ("teacher_only", "teacher_only KD"),
            ("sigmoid", "StructVPR sigmoid (Eq. 3, ours)"))
 
@@ -62,9 +70,11 @@ def main():
                       help="config overrides without the --config. prefix, e.g. train.num_steps=50")
   parser.add_argument("--out", default=os.path.join(REPO, "experiments", "results",
                                                     "synthetic_structure"))
+  parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
   args = parser.parse_args()
+  methods = tuple((m, label) for m, label in METHODS if m in ("rgb", "seg") or m in args.variants)
   t0 = time.time()
-  results = {m: {} for m, _ in METHODS}
+  results = {m: {} for m, _ in methods}
   for seed in args.seeds:
     base = os.path.join(args.workdir, f"seed{seed}", "base")
     common = [f"seed={seed}"] + args.override
@@ -72,17 +82,17 @@ def main():
     seg_cfg = args.config.replace("distill.py", "seg.py")
     run_main(args.config, base, common, rgb_cfg)
     run_main(args.config, base, common, seg_cfg)
-    for kind in WEIGHTINGS:
+    for kind in args.variants:
       variant = os.path.join(args.workdir, f"seed{seed}", kind)
       link_stage1(base, variant)
-      run_main(args.config, variant, common + [f"distill.weighting={kind}"])
+      run_main(args.config, variant, common + VARIANTS[kind])
       results[kind][seed] = collect(variant, "distill")
     results["rgb"][seed] = collect(variant, "rgb")
     results["seg"][seed] = collect(variant, "seg")
 
   conditions = sorted(next(iter(results["rgb"].values()))["per_condition"])
   table = {}
-  for method, _ in METHODS:
+  for method, _ in methods:
     table[method] = {}
     for cond in conditions + ["all"]:
       for k in ("R@1", "R@5"):
@@ -94,7 +104,7 @@ def main():
       "# StructVPR ablation on the synthetic city",
       "",
       f"Command: `python experiments/synthetic_structure.py --config={args.config} "
-      f"--seeds {' '.join(map(str, args.seeds))}"
+      f"--seeds {' '.join(map(str, args.seeds))} --variants {' '.join(args.variants)}"
       + (f" --override {' '.join(args.override)}" if args.override else "") + "`",
       "",
       f"Seeds: {args.seeds}. Test split of the synthetic city; Recall@N in percent "
@@ -105,7 +115,7 @@ def main():
       "| method | " + " | ".join(f"{c} R@1 | {c} R@5" for c in conditions + ["all"]) + " |",
       "|---|" + "---|---|" * (len(conditions) + 1),
   ]
-  for method, label in METHODS:
+  for method, label in methods:
     cells = []
     for cond in conditions + ["all"]:
       for k in ("R@1", "R@5"):
@@ -113,10 +123,10 @@ def main():
         cells.append(f"{m:.1f} ± {s:.1f}")
     lines.append(f"| {label} | " + " | ".join(cells) + " |")
   mean_r1 = {m: float(np.mean([table[m][f"{c} R@1"][0] for c in appearance]))
-             for m, _ in METHODS}
+             for m, _ in methods}
   lines += ["", "Mean R@1 over the appearance-changed conditions "
             f"({', '.join(appearance)}):", ""]
-  lines += [f"- {label}: {mean_r1[m]:.1f}" for m, label in METHODS]
+  lines += [f"- {label}: {mean_r1[m]:.1f}" for m, label in methods]
   os.makedirs(os.path.dirname(args.out), exist_ok=True)
   with open(args.out + ".md", "w") as f:
     f.write("\n".join(lines) + "\n")

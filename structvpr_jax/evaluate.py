@@ -127,6 +127,16 @@ def evaluate_split(spec: dict, variables, root: str, split: str, mesh, batch_siz
                    extractor: Optional[Extractor] = None, cache: bool = False) -> dict:
   """Extracts descriptors of one split and returns its recall report."""
   vs = layout.read_split(root, split, require_segmentations=spec["view"] == "seg")
+  without = layout.queries_without_positives(vs, radius)
+  if len(without) == len(vs.query_utm):
+    raise ValueError(f"{root}/images/{split}: none of the {len(without)} queries has a "
+                     f"database image within {radius} m (eval.radius); check the UTM in the "
+                     f"file names")
+  if len(without):
+    from absl import logging
+    logging.warning("%s/images/%s: %d of %d queries have no database image within %.0f m; "
+                    "they count as misses", root, split, len(without), len(vs.query_utm),
+                    radius)
   images = pipeline.SplitImages(vs, spec["image_size"], views=(spec["view"],), cache=cache,
                                 num_classes=slme.NUM_CITYSCAPES_CLASSES)
   extractor = extractor or Extractor(spec, mesh, batch_size)
@@ -140,6 +150,7 @@ def evaluate_split(spec: dict, variables, root: str, split: str, mesh, batch_siz
   report = recall_report(q, db, vs.query_utm, vs.database_utm, vs.query_notes(), ns, radius)
   report["extract_s"] = extract_s
   report["split"] = split
+  report["num_queries_without_positive"] = int(len(without))
   return report
 
 

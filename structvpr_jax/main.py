@@ -21,10 +21,36 @@ def default_workdir(config_path: str) -> str:
   return os.path.join("runs", name)
 
 
+# Errors that mean "bad input or a stopped run", reported as one line (exit 2)
+# unless --verbosity is given, in which case the traceback is shown too.
+USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, FloatingPointError,
+               KeyError, OSError)
+
+
 def main(argv):
-  del argv
-  if not flags.FLAGS["verbosity"].present:  # Orbax/absl INFO chatter: opt in with --verbosity=0
+  verbose = flags.FLAGS["verbosity"].present
+  if not verbose:  # Orbax/absl INFO chatter: opt in with --verbosity=0
     logging.set_verbosity(logging.WARNING)
+    logging.get_absl_handler().addFilter(_drop_orbax_read_only_notes)
+  try:
+    _main(argv)
+  except USER_ERRORS as e:
+    if verbose:
+      raise
+    msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    print(f"error: {msg}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+def _drop_orbax_read_only_notes(record) -> bool:
+  """Orbax warns on every read-only CheckpointManager (how eval and the teacher
+  open checkpoints on purpose); keep every other warning."""
+  msg = str(record.msg).lower().replace("_", " ")
+  return not (record.pathname.endswith("checkpoint_manager.py") and "read only" in msg)
+
+
+def _main(argv):
+  del argv
   config = _CONFIG.value
   if config is None:
     raise app.UsageError("--config is required, e.g. --config=configs/distill.py")
@@ -39,8 +65,10 @@ def main(argv):
                flax.__version__, jax.process_index(), jax.process_count(), jax.devices())
   os.makedirs(workdir, exist_ok=True)
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
+    path = os.path.join(workdir, "config.json")
+    with open(path + ".tmp", "w") as f:
       f.write(config.to_json_best_effort(indent=2))
+    os.replace(path + ".tmp", path)
   _enable_compilation_cache(config)
   from structvpr_jax import evaluate, train
   mode = config.mode
@@ -53,6 +81,15 @@ def main(argv):
   elif mode == "eval":
     out = evaluate.run(config, workdir)
     print(json.dumps({k: v for k, v in out.items() if k.startswith("R@")}))
+  elif mode == "extract":
+    from structvpr_jax import localize
+    localize.run_extract(config, workdir)
+  elif mode == "localize":
+    from structvpr_jax import localize
+    localize.run_localize(config, workdir)
+  elif mode == "report":
+    from structvpr_jax import report
+    print(f"report: {report.write_report(workdir)}")
   elif mode == "segment":
     from structvpr_jax import segment
     segment.run(config)

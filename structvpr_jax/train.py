@@ -44,12 +44,32 @@ def branch_spec(config, stage: str) -> dict:
   name = STAGE_BRANCH[stage]
   b = config[name]
   blocks = b.get("blocks", None)
+  init = resolve_branch_init(config, name)
   return {"branch": stage, "view": "seg" if name == "seg" else "rgb",
           "backbone": b.backbone, "width": float(b.width), "dim": int(b.dim or 0),
           "num_clusters": int(b.num_clusters),
           "blocks": [list(x) for x in blocks] if blocks else None,
           "slme": config.seg.slme, "normalization": config.data.normalization,
-          "image_size": [int(s) for s in config.data.image_size], "init": b.get("init", "")}
+          "image_size": [int(s) for s in config.data.image_size], "init": init}
+
+
+_WARNED_RANDOM_INIT = set()
+
+
+def resolve_branch_init(config, name: str) -> str:
+  """config.<name>.init with "auto" resolved (see `pretrained.resolve_init`)."""
+  from structvpr_jax.models import pretrained
+  b = config[name]
+  raw = b.get("init", "") or ""
+  init = pretrained.resolve_init(raw, b.backbone, b.width, field=f"{name}.init")
+  if raw.strip().lower() == "auto" and not init and name not in _WARNED_RANDOM_INIT:
+    _WARNED_RANDOM_INIT.add(name)
+    logging.warning(
+        "%s.init='auto': no ImageNet weights usable (need %s, width 1.0, file %s via $%s or "
+        "../shared/data/models/); the %s branch starts from random weights. On the default "
+        "synthetic run a randomly initialised RGB branch stays near chance.", name,
+        "mobilenet_v2", pretrained.IMAGENET_TFLITE_NAME, pretrained.IMAGENET_TFLITE_ENV, name)
+  return init
 
 
 def stage_train_config(config, stage: str):
@@ -81,8 +101,12 @@ def validate_config(config) -> None:
   if config.data.normalization not in pipeline.NORMALIZATIONS:
     raise ValueError(f"data.normalization={config.data.normalization!r}; expected one of "
                      f"{pipeline.NORMALIZATIONS}")
-  if config.data.name not in ("synthetic", "folder"):
-    raise ValueError(f"data.name={config.data.name!r}; expected 'synthetic' or 'folder'")
+  data_names = ("synthetic", "folder") + tuple(sorted(layout.PRESETS))
+  if config.data.name not in data_names:
+    raise ValueError(f"data.name={config.data.name!r}; expected one of {data_names}")
+  if config.data.name in layout.PRESETS and not os.path.isdir(config.data.get("source", "")):
+    raise ValueError(f"data.source={config.data.get('source', '')!r} is not a folder "
+                     f"(data.name={config.data.name!r} converts it into <workdir>/data)")
   if config.data.name == "folder" and not os.path.isdir(config.data.root or ""):
     raise ValueError(f"data.root={config.data.root!r} is not a folder (data.name='folder')")
   for name in ("rgb", "seg"):
@@ -93,10 +117,22 @@ def validate_config(config) -> None:
                      "student descriptors are compared by the distillation loss")
   if not config.rgb.dim:
     raise ValueError("rgb.dim must be set (the common projection dim of both branches)")
+  from structvpr_jax.models import pretrained
+  for name in ("rgb", "seg"):
+    kind, _ = pretrained.parse_init(resolve_branch_init(config, name), field=f"{name}.init")
+    if kind == "imagenet_tflite":
+      if config[name].backbone != "mobilenet_v2" or float(config[name].width) != 1.0:
+        raise ValueError(f"{name}.init={config[name].init!r} needs {name}.backbone="
+                         f"'mobilenet_v2' and {name}.width=1.0 (the file's architecture)")
+      if name == "rgb" and config.data.normalization != "tflite":
+        raise ValueError(f"data.normalization={config.data.normalization!r}: the TFLite "
+                         f"ImageNet weights expect 'tflite' ([-1, 1] inputs)")
 
 
 def data_root(config, workdir: str) -> str:
-  """The layout folder: generated synthetic city in the workdir, or data.root."""
+  """The layout folder: the synthetic city generated into the workdir, a
+  preset dataset (`layout.PRESETS`, e.g. "gardens_point") converted from
+  data.source into the workdir, or data.root ("folder")."""
   if config.data.name == "synthetic":
     from structvpr_jax.data import synthetic
     root = os.path.join(workdir, "data")
@@ -106,6 +142,14 @@ def data_root(config, workdir: str) -> str:
                          queries_per_place=config.data.get("queries_per_place", 1),
                          progress=sys.stderr.isatty())
     _sync("synthetic data")
+    return root
+  if config.data.name in layout.PRESETS:
+    root = os.path.join(workdir, "data")
+    if jax.process_index() == 0:
+      layout.convert_preset(config.data.name, config.data.source, root,
+                            max_side=int(config.data.get("max_side", 0)) or None,
+                            verbose=True)
+    _sync(f"{config.data.name} conversion")
     return root
   return config.data.root
 
@@ -288,6 +332,7 @@ def train_stage(config, workdir: str, stage: str) -> dict:
   images = pipeline.SplitImages(train_split, spec["image_size"], views=views, cache=True,
                                 num_classes=slme.NUM_CITYSCAPES_CLASSES,
                                 num_threads=int(config.data.get("num_threads", 2)))
+  images.load_all(progress=True)   # bad files fail here, naming the file, before compute
   miner = mining.NegativeMiner(
       train_split.query_utm, train_split.database_utm, num_negatives=tc["num_negatives"],
       num_candidates=tc["num_candidates"], refresh_every=tc["refresh_every"],
@@ -372,6 +417,7 @@ def train_stage(config, workdir: str, stage: str) -> dict:
                                   extractor=extractor)
     return rep
 
+  inject_nan_at = int(tc.get("inject_nan_at_step", 0) or 0)
   t_log, step_log = time.time(), step
   while step < num_steps:
     epoch, start = divmod(step, steps_per_epoch)
@@ -384,15 +430,25 @@ def train_stage(config, workdir: str, stage: str) -> dict:
       args = (teacher_vars,) if teacher_vars is not None else ()
       holder["state"], metrics = train_step(holder["state"], device_batch, rng, *args)
       step += 1
+      if step == inject_nan_at:   # fault injection for the numerical-guard test
+        holder["state"] = holder["state"].replace(
+            params=jax.tree.map(lambda p: p * jnp.nan, holder["state"].params))
       last = step >= num_steps
-      if step % tc["log_every"] == 0 or last:
+      log_now = step % tc["log_every"] == 0 or last
+      eval_now = step % tc["eval_every"] == 0 or last
+      if log_now or eval_now:
+        # Checked at every log and checkpoint step (one host sync there, none
+        # in between): a NaN/Inf makes the parameters non-finite, so it is
+        # caught at the latest here, and never written into a checkpoint.
         m = jax.device_get(metrics)
         if not all(math.isfinite(float(m[k])) for k in ("loss", "grad_norm")):
           good = mngr.latest_step()
           raise FloatingPointError(
-              f"[{stage}] non-finite loss/gradient at step {step} (loss {m['loss']}, grad "
-              f"norm {m['grad_norm']}); last good checkpoint: "
+              f"[{stage}] non-finite loss/gradient detected at step {step} (loss {m['loss']}, "
+              f"grad norm {m['grad_norm']}; checked every {tc['log_every']} steps); last good "
+              f"checkpoint: "
               f"{os.path.join(str(mngr.directory), str(good)) if good is not None else 'none'}")
+      if log_now:
         now = time.time()
         rate = (step - step_log) * images_per_step / max(now - t_log, 1e-9)
         eta = (num_steps - step) * images_per_step / max(rate, 1e-9)
@@ -404,7 +460,7 @@ def train_stage(config, workdir: str, stage: str) -> dict:
               f"|g| {m['grad_norm']:.3f} lr {record['lr']:.2e} {rate:.1f} img/s "
               f"ETA {_fmt_eta(eta)}", flush=True)
         t_log, step_log = time.time(), step
-      if step % tc["eval_every"] == 0 or last:
+      if eval_now:
         rep = evaluate_val()
         val = {f"val_{k}": rep[k] for k in rep if k.startswith("R@")}
         best = max(best, val["val_R@5"])
@@ -489,12 +545,14 @@ def plot_groups(result: dict, path: str) -> None:
   fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
   names = list(partition.GROUP_NAMES)
   counts = [int(np.sum(groups == g)) for g in range(len(names))]
-  axes[0].bar(names, counts, color=["#999999", "#4c72b0", "#55a868", "#c44e52", "#8172b2"])
+  colors = ["#999999", "#4c72b0", "#55a868", "#c44e52", "#8172b2"]
+  axes[0].bar(names, counts, color=colors)
   axes[0].set_title("training queries per group")
   for g in range(1, 5):
     sel = groups == g
     if sel.any():
-      axes[1].hist(weights[sel], bins=20, range=(0, 1), alpha=0.6, label=names[g])
+      axes[1].hist(weights[sel], bins=20, range=(0, 1), alpha=0.6, label=names[g],
+                   color=colors[g])
   axes[1].set_title("distillation weight (Eq. 3, ours)")
   axes[1].set_xlabel("weight")
   axes[1].legend()
@@ -520,12 +578,14 @@ def run_final_eval(config, workdir: str, stages=("rgb", "seg", "distill")) -> di
   mesh = parallel.make_mesh()
   root = data_root(config, workdir)
   table = {}
+  predictions = {}
   for stage, label in EVAL_BRANCHES:
     if stage not in stages:
       continue
     spec, variables, step = best_checkpoint_variables(os.path.join(workdir, stage))
     rep = evaluate.evaluate_split(spec, variables, root, split, mesh, config.eval.batch_size,
                                   tuple(config.eval.ns), config.eval.radius, progress=True)
+    predictions[stage] = (spec, rep["_predictions"])
     record = evaluate.public(rep)
     record.update(branch=stage, label=label, step=step,
                   checkpoint=os.path.join(workdir, stage, "checkpoints", str(step)))
@@ -536,8 +596,30 @@ def run_final_eval(config, workdir: str, stages=("rgb", "seg", "distill")) -> di
         evaluate.write_json_atomic(os.path.join(out_dir, "recalls.json"), record)
   if jax.process_index() == 0:
     evaluate.write_json_atomic(summary_path, {"split": split, "branches": table})
+    write_reports(config, workdir, root, split, predictions)
   print(format_table(table))
   return table
+
+
+def write_reports(config, workdir: str, root: str, split: str, predictions: dict) -> None:
+  """examples.png of the deliverable branch, the synthetic montage, report.md."""
+  from structvpr_jax import report
+  for stage in ("distill", "rgb"):          # the distilled RGB branch, else stage-1 RGB
+    if stage in predictions:
+      spec, preds = predictions[stage]
+      label = dict(EVAL_BRANCHES)[stage]
+      report.examples_for_split(root, split, preds, spec["image_size"], config.eval.radius,
+                                os.path.join(workdir, "eval", "examples.png"),
+                                title=f"{label}: {split} queries and their top-5")
+      break
+  if config.data.name == "synthetic":
+    montage = os.path.join(root, "montage.png")
+    if not os.path.exists(montage):
+      from structvpr_jax.data import synthetic
+      synthetic.montage(montage, seed=config.seed, image_size=tuple(config.data.image_size),
+                        split="test", num_places=int(config.data.synthetic_places["test"]))
+  path = report.write_report(workdir)
+  print(f"report: {path}")
 
 
 def format_table(table: dict) -> str:

@@ -104,6 +104,55 @@ def test_artifacts_exist_and_parse(run1):
   assert "| StructVPR-distilled RGB |" in logs["distill"]
 
 
+def test_report_artifacts_are_valid(run1):
+  """report.md and every picture it links exist and decode."""
+  import re
+  workdir, _ = run1
+  for rel in ("eval/recall_at_n.png", "eval/examples.png", "training_curves.png",
+              "partition/groups.png", "data/montage.png"):
+    with Image.open(os.path.join(workdir, rel)) as im:
+      im.verify()
+    with Image.open(os.path.join(workdir, rel)) as im:
+      assert im.size[0] > 200 and im.size[1] > 100, rel
+  with open(os.path.join(workdir, "report.md")) as f:
+    md = f.read()
+  assert "| StructVPR-distilled RGB |" in md and "| D2 |" in md
+  links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
+  assert set(links) == {"eval/recall_at_n.png", "eval/examples.png", "partition/groups.png",
+                        "training_curves.png", "data/montage.png"}
+
+
+def test_extract_and_localize(run1, tmp_path, cache):
+  workdir, _ = run1
+  db = os.path.join(workdir, "data", "images", "test", "database")
+  out = str(tmp_path / "extract")
+  main("configs/extract.py", out, f"--config.checkpoint={workdir}/distill/checkpoints",
+       f"--config.extract.images={db}", cache=cache)
+  desc = np.load(os.path.join(out, "descriptors", "descriptors.npy"))
+  names = open(os.path.join(out, "descriptors", "names.txt")).read().split()
+  assert desc.shape[0] == len(names) == len(os.listdir(db))
+  np.testing.assert_allclose(np.linalg.norm(desc, axis=1), 1.0, rtol=1e-5)
+  # Localise a test query: the first run describes the database, the second reuses it.
+  qdir = os.path.join(workdir, "data", "images", "test", "queries")
+  query = os.path.join(qdir, sorted(os.listdir(qdir))[0])
+  loc = str(tmp_path / "loc")
+  args = ["configs/localize.py", loc, f"--config.checkpoint={workdir}/distill/checkpoints",
+          f"--config.localize.database={workdir}/data", f"--config.localize.query={query}",
+          "--config.localize.top_k=3"]
+  first = main(*args, cache=cache)
+  again = main(*args, cache=cache)
+  assert "described in" in first and "cached in" in again
+  with open(os.path.join(loc, "localize_" + os.path.splitext(os.path.basename(query))[0]
+                         + ".json")) as f:
+    result = json.load(f)
+  assert [m["rank"] for m in result["matches"]] == [1, 2, 3]
+  row = desc[names.index(os.path.basename(result["matches"][0]["image"]))]
+  assert np.isfinite(row).all()
+  pngs = [n for n in os.listdir(loc) if n.startswith("localize_") and n.endswith(".png")]
+  assert len(pngs) == 1
+  Image.open(os.path.join(loc, pngs[0])).verify()
+
+
 def test_distill_skips_finished_stage1_and_leaves_teacher_untouched(run1):
   workdir, logs = run1
   assert "[rgb] already finished" in logs["distill"]

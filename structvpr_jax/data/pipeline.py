@@ -169,6 +169,33 @@ class SplitImages:
                                cache, num_classes, self.pool),
     }
 
+  def load_all(self, progress: bool = False) -> int:
+    """Decodes every image (and label map) of every view once, up front.
+
+    Bad input (corrupt JPEG, missing label map, label id out of range) then
+    fails with its file named before any compute is spent, instead of hours
+    into a run; with `cache` the decoded arrays are kept for training.
+    Returns the number of arrays decoded.
+    """
+    total = sum(len(src) for src in self.sources.values()) * len(self.views)
+    bar = None
+    if progress:
+      import sys
+      from tqdm import tqdm
+      bar = tqdm(total=total, desc="decode", unit="img", leave=False,
+                 disable=not sys.stderr.isatty())
+    for src in self.sources.values():
+      for v in self.views:
+        for start in range(0, len(src), 64):
+          idx = np.arange(start, min(start + 64, len(src)))
+          arrays = src.get(v, idx)
+          if bar is not None:
+            bar.update(len(arrays))
+          del arrays
+    if bar is not None:
+      bar.close()
+    return total
+
   def get(self, role: str, indices, views: Optional[Sequence[str]] = None) -> dict:
     """{view: uint8 array} for images `indices` of `role`."""
     return {v: self.sources[role].get(v, indices) for v in (views or self.views)}

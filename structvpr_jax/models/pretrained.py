@@ -325,6 +325,47 @@ def init_branch_from_tflite(branch_variables: dict, path: str) -> dict:
   return out
 
 
+IMAGENET_TFLITE_NAME = "mobilenet_v2_1.0_224_quant.tflite"
+IMAGENET_TFLITE_ENV = "STRUCTVPR_IMAGENET_TFLITE"
+
+
+def find_imagenet_tflite() -> Optional[str]:
+  """The ImageNet MobileNetV2 TFLite file if one is on this machine, else None.
+
+  Looked up, in order: `$STRUCTVPR_IMAGENET_TFLITE`; `../shared/data/models/`
+  from the working directory; the same beside the project checkout.
+  """
+  here = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  candidates = [os.environ.get(IMAGENET_TFLITE_ENV, ""),
+                os.path.join("..", "shared", "data", "models", IMAGENET_TFLITE_NAME),
+                os.path.join(here, "..", "shared", "data", "models", IMAGENET_TFLITE_NAME)]
+  for path in candidates:
+    if path and os.path.isfile(path):
+      return os.path.abspath(path)
+  return None
+
+
+def resolve_init(spec: Optional[str], backbone: str, width: float,
+                 field: str = "rgb.init") -> str:
+  """Turns `"auto"` into a concrete init spec; other specs pass through.
+
+  "auto" = ImageNet weights (`imagenet_tflite:<found file>`) when the branch
+  can take them (MobileNetV2, width 1.0) and `find_imagenet_tflite()` finds
+  the file, else "" (random init). Setting `$STRUCTVPR_IMAGENET_TFLITE` to a
+  path that does not exist is an error naming the variable.
+  """
+  spec = (spec or "").strip()
+  if spec.lower() != "auto":
+    return spec
+  env = os.environ.get(IMAGENET_TFLITE_ENV, "")
+  if env and not os.path.isfile(env):
+    raise ValueError(f"{field}='auto': ${IMAGENET_TFLITE_ENV}={env!r} is not a file")
+  if backbone != "mobilenet_v2" or float(width) != 1.0:
+    return ""
+  path = find_imagenet_tflite()
+  return f"imagenet_tflite:{path}" if path else ""
+
+
 def parse_init(spec: Optional[str], field: str = "rgb.init") -> tuple[Optional[str], Optional[str]]:
   """Validates an init spec such as `"imagenet_tflite:/path/model.tflite"`.
 

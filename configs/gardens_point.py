@@ -1,0 +1,48 @@
+"""StructVPR on Gardens Point Walking (real images, day/night).
+
+Command:
+  python -m structvpr_jax.main --config=configs/gardens_point.py [--workdir=runs/gardens_point]
+  python -m structvpr_jax.main --config=configs/gardens_point.py:smoke   # tests, ~2 min
+  python experiments/gardens_point.py      # + pixel / untrained-ImageNet baselines -> results
+
+Data: `../shared/data/gardens_point` (Glover 2014) is converted into
+`<workdir>/data` by the `gardens_point` preset (`structvpr_jax.data.layout`):
+200 frame-aligned places, 10 m apart in synthetic UTM (the 25 m radius is
++-2 frames, the 10 m training radius +-1 frame); places 0-79 train, 80-99 val,
+100-199 test; day_left is the database, day_right and night_right the
+queries. Label maps: the shipped DeepLab/Cityscapes maps (`segment.py` makes
+them for other data). RGB branch: ImageNet MobileNetV2 from the TFLite file
+($STRUCTVPR_IMAGENET_TFLITE or ../shared/data/models/).
+
+Expected on this 2-core CPU: ~25 min for the full run; results in
+experiments/results/gardens_point.md.
+"""
+
+from configs import base
+
+
+def get_config(arg=None):
+  args = base.parse_arg(arg)
+  smoke = args.get("smoke", False)
+  c = base.get_config(arg)
+  c.mode = "distill"
+  c.data.name = "gardens_point"                 # a layout.PRESETS name: converted into the workdir
+  c.data.source = "../shared/data/gardens_point"
+  c.data.max_side = 320                         # converted images: longer side (JPEG re-encode)
+  c.data.image_size = (144, 256) if not smoke else (64, 96)   # 16:9 like the frames
+
+  c.rgb.width = 1.0 if not smoke else 0.35
+  c.rgb.init = "auto" if not smoke else ""      # ImageNet TFLite when found
+  c.rgb.dim = 128 if not smoke else 16
+  c.rgb.num_clusters = 32 if not smoke else 4
+
+  c.seg.width = 1.0 if not smoke else 0.35
+  c.seg.num_steps = 150 if not smoke else 4
+
+  c.train.batch_size = 8 if not smoke else 2
+  c.train.num_negatives = 4 if not smoke else 2
+  c.train.num_steps = 60 if not smoke else 2    # rgb and distill
+  c.train.refresh_every = 64 if not smoke else 8
+  c.train.eval_every = 20 if not smoke else 2
+  c.train.kmeans_images = 80 if not smoke else 16
+  return c

@@ -1,0 +1,232 @@
+"""Descriptor export for any image folder, and localisation of one photo.
+
+  extract:  python -m structvpr_jax.main --config=configs/extract.py \
+                --config.checkpoint=CKPT --config.extract.images=FOLDER [--config.extract.out=DIR]
+            -> DIR/descriptors.npy (float32 [N, D], unit L2), DIR/names.txt (paths
+               relative to FOLDER, one per row), DIR/meta.json
+  localize: python -m structvpr_jax.main --config=configs/localize.py \
+                --config.checkpoint=CKPT --config.localize.database=FOLDER \
+                --config.localize.query=PHOTO [--config.localize.utm_csv=FILE]
+            -> prints the top-k database images with UTM and distance, saves
+               <workdir>/localize_<photo>.png
+
+Database UTM comes from datasets_vg names (`@east@north@...`) or, for plain
+image names, from a csv with columns `name,east,north` (name relative to the
+folder). Database descriptors and the faiss index are cached in
+`<database>/.structvpr_cache/<key>/` (or `<workdir>/cache/<key>/` when the
+folder is read-only), where the key hashes the checkpoint's files (names,
+sizes, mtimes) and the image list: a new checkpoint or changed images make a
+new cache entry; the same ones reuse it.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import time
+from typing import Optional
+
+import jax
+import numpy as np
+
+from structvpr_jax import evaluate, parallel
+from structvpr_jax.data import layout, pipeline
+
+
+def list_images(folder: str) -> list:
+  """Sorted image paths under `folder` (recursive; hidden folders skipped)."""
+  if not os.path.isdir(folder):
+    raise ValueError(f"{folder}: not a folder")
+  out = []
+  for root, dirs, files in os.walk(folder):
+    dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+    out += [os.path.join(root, f) for f in sorted(files)
+            if f.lower().endswith(layout.IMAGE_EXTENSIONS) and not f.startswith(".")]
+  if not out:
+    raise ValueError(f"{folder}: no images ({', '.join(layout.IMAGE_EXTENSIONS)})")
+  return out
+
+
+def checkpoint_key(checkpoint_dir: str) -> str:
+  """Hash of the checkpoint directory's file names, sizes and mtimes."""
+  h = hashlib.sha256()
+  for root, dirs, files in os.walk(checkpoint_dir):
+    dirs.sort()
+    for name in sorted(files):
+      st = os.stat(os.path.join(root, name))
+      h.update(f"{os.path.relpath(os.path.join(root, name), checkpoint_dir)}:{st.st_size}:"
+               f"{st.st_mtime_ns};".encode())
+  return h.hexdigest()[:16]
+
+
+def describe_paths(spec: dict, variables, paths: list, batch_size: int,
+                   progress: bool = True) -> np.ndarray:
+  """float32 [len(paths), D] descriptors of image files (rgb) or label maps (seg)."""
+  mesh = parallel.make_mesh()
+  seg = spec["view"] == "seg"
+  source = pipeline.ImageSource(paths, paths if seg else None, spec["image_size"],
+                                cache=False)
+  extractor = evaluate.Extractor(spec, mesh, batch_size)
+  return extractor(parallel.replicate(variables, mesh), source, progress=progress,
+                   desc="describe")
+
+
+def run_extract(config, workdir: str) -> dict:
+  """Descriptors of every image in config.extract.images -> npy + names + meta."""
+  if not config.get("checkpoint"):
+    raise ValueError("checkpoint: set --config.checkpoint=DIR (an Orbax checkpoint directory)")
+  folder = config.extract.images
+  if not folder:
+    raise ValueError("extract.images: set the image folder to describe")
+  paths = list_images(folder)
+  spec, variables, step, _ = evaluate.restore_variables(config.checkpoint)
+  t0 = time.time()
+  desc = describe_paths(spec, variables, paths, config.eval.batch_size)
+  out = config.extract.out or os.path.join(workdir, "descriptors")
+  os.makedirs(out, exist_ok=True)
+  names = [os.path.relpath(p, folder) for p in paths]
+  meta = {"checkpoint": os.path.abspath(config.checkpoint), "step": step, "spec": spec,
+          "images": os.path.abspath(folder), "count": len(paths), "dim": int(desc.shape[1]),
+          "seconds": time.time() - t0}
+  if jax.process_index() == 0:
+    _save_npy(os.path.join(out, "descriptors.npy"), desc)
+    _write_text(os.path.join(out, "names.txt"), "\n".join(names) + "\n")
+    evaluate.write_json_atomic(os.path.join(out, "meta.json"), meta)
+  print(f"[extract] {len(paths)} images -> {out}/descriptors.npy [{len(paths)}, "
+        f"{desc.shape[1]}] float32 ({len(paths) / max(meta['seconds'], 1e-9):.1f} img/s)")
+  return meta
+
+
+def _save_npy(path: str, array: np.ndarray) -> None:
+  tmp = f"{path}.tmp{os.getpid()}.npy"
+  np.save(tmp, array)
+  os.replace(tmp, path)
+
+
+def _write_text(path: str, text: str) -> None:
+  tmp = f"{path}.tmp{os.getpid()}"
+  with open(tmp, "w") as f:
+    f.write(text)
+  os.replace(tmp, path)
+
+
+def database_utm(folder: str, paths: list, utm_csv: str = "") -> np.ndarray:
+  """[N, 2] UTM of the database images: from a csv (name,east,north) or the names."""
+  if utm_csv:
+    table = {}
+    with open(utm_csv, newline="") as f:
+      for row_no, row in enumerate(csv.reader(f), 1):
+        if not row or row[0].startswith("#") or row[0].strip().lower() == "name":
+          continue
+        try:
+          table[row[0].strip()] = (float(row[1]), float(row[2]))
+        except (IndexError, ValueError):
+          raise ValueError(f"{utm_csv}:{row_no}: expected 'name,east,north', got {row!r}") \
+              from None
+    missing = [p for p in paths if os.path.relpath(p, folder) not in table]
+    if missing:
+      raise ValueError(f"{utm_csv}: no UTM row for {len(missing)} images, e.g. "
+                       f"{os.path.relpath(missing[0], folder)}")
+    return np.array([table[os.path.relpath(p, folder)] for p in paths], np.float64)
+  return np.array([layout.parse_utm(p) for p in paths], np.float64).reshape(-1, 2)
+
+
+def _database_folder(folder: str) -> str:
+  """A layout root's test database, else the folder itself."""
+  for split in ("test", "val", "train"):
+    d = os.path.join(folder, "images", split, "database")
+    if os.path.isdir(d):
+      return d
+  return folder
+
+
+def cached_database(config, workdir: str, spec: dict, variables) -> dict:
+  """{paths, utm, descriptors, index, cache_dir, reused} for config.localize.database."""
+  import faiss
+  folder = _database_folder(config.localize.database)
+  paths = list_images(folder)
+  key = hashlib.sha256((checkpoint_key(config.checkpoint) + "|" + "|".join(
+      f"{os.path.relpath(p, folder)}:{os.path.getsize(p)}" for p in paths)).encode()).hexdigest()[:16]
+  cache_dir = os.path.join(folder, ".structvpr_cache", key)
+  if not os.access(folder, os.W_OK):
+    cache_dir = os.path.join(workdir, "cache", key)
+  desc_path = os.path.join(cache_dir, "descriptors.npy")
+  index_path = os.path.join(cache_dir, "index.faiss")
+  utm = database_utm(folder, paths, config.localize.get("utm_csv", ""))
+  if os.path.exists(desc_path) and os.path.exists(index_path):
+    return {"paths": paths, "utm": utm, "descriptors": np.load(desc_path),
+            "index": faiss.read_index(index_path), "cache_dir": cache_dir, "reused": True}
+  desc = describe_paths(spec, variables, paths, config.eval.batch_size)
+  index = faiss.IndexFlatL2(desc.shape[1])
+  index.add(np.ascontiguousarray(desc))
+  os.makedirs(cache_dir, exist_ok=True)
+  tmp = f"{index_path}.tmp{os.getpid()}"
+  faiss.write_index(index, tmp)
+  os.replace(tmp, index_path)
+  _save_npy(desc_path, desc)       # written last: its presence marks a complete entry
+  _write_text(os.path.join(cache_dir, "names.txt"),
+              "\n".join(os.path.relpath(p, folder) for p in paths) + "\n")
+  return {"paths": paths, "utm": utm, "descriptors": desc, "index": index,
+          "cache_dir": cache_dir, "reused": False}
+
+
+def run_localize(config, workdir: str) -> dict:
+  """Top-k database matches of one query photo; prints them and saves a picture."""
+  if not config.get("checkpoint"):
+    raise ValueError("checkpoint: set --config.checkpoint=DIR (an Orbax checkpoint directory)")
+  query = config.localize.query
+  if not query or not os.path.isfile(query):
+    raise ValueError(f"localize.query={query!r}: not an image file")
+  if not config.localize.database:
+    raise ValueError("localize.database: set the database folder (layout root or images)")
+  spec, variables, step, _ = evaluate.restore_variables(config.checkpoint)
+  if spec["view"] != "rgb":
+    raise ValueError(f"checkpoint: {config.checkpoint} is a {spec['branch']} branch; "
+                     "localisation needs an RGB branch (rgb or distill)")
+  t0 = time.time()
+  db = cached_database(config, workdir, spec, variables)
+  t_db = time.time() - t0
+  q = describe_paths(spec, variables, [query], 1, progress=False)
+  k = int(min(config.localize.top_k, len(db["paths"])))
+  dist, idx = db["index"].search(np.ascontiguousarray(q), k)
+  rows = []
+  for rank, (d, i) in enumerate(zip(np.sqrt(np.maximum(dist[0], 0)), idx[0]), 1):
+    rows.append({"rank": rank, "image": db["paths"][i], "utm_east": float(db["utm"][i, 0]),
+                 "utm_north": float(db["utm"][i, 1]), "descriptor_distance": float(d)})
+  print(f"[localize] {query} against {len(db['paths'])} database images "
+        f"({'cached' if db['reused'] else 'described'} in {t_db:.1f} s; cache "
+        f"{db['cache_dir']})")
+  print(f"{'rank':>4}  {'utm_east':>12} {'utm_north':>12}  {'distance':>8}  image")
+  for r in rows:
+    print(f"{r['rank']:>4}  {r['utm_east']:>12.2f} {r['utm_north']:>12.2f}  "
+          f"{r['descriptor_distance']:>8.4f}  {os.path.basename(r['image'])}")
+  stem = os.path.splitext(os.path.basename(query))[0][:60] or "query"
+  picture = os.path.join(workdir, f"localize_{stem}.png")
+  if jax.process_index() == 0:
+    _plot(query, rows, spec["image_size"], picture)
+    evaluate.write_json_atomic(os.path.join(workdir, f"localize_{stem}.json"),
+                               {"query": os.path.abspath(query), "step": step,
+                                "checkpoint": os.path.abspath(config.checkpoint),
+                                "matches": rows})
+  print(f"[localize] picture: {picture}")
+  return {"matches": rows, "picture": picture, "reused_cache": db["reused"]}
+
+
+def _plot(query: str, rows: list, image_size, path: str) -> None:
+  from structvpr_jax import report
+  plt = report._plt()
+  h, w = image_size
+  fig, axes = plt.subplots(1, len(rows) + 1, figsize=(2.2 * (len(rows) + 1), 2.2 * h / w + 0.6))
+  axes[0].imshow(pipeline.read_rgb(query, image_size))
+  axes[0].set_title("query", fontsize=8)
+  for ax, r in zip(axes[1:], rows):
+    ax.imshow(pipeline.read_rgb(r["image"], image_size))
+    ax.set_title(f"#{r['rank']} ({r['utm_east']:.0f}, {r['utm_north']:.0f})\n"
+                 f"d={r['descriptor_distance']:.3f}", fontsize=7)
+  for ax in axes:
+    ax.set_xticks([])
+    ax.set_yticks([])
+  fig.tight_layout()
+  report._save(fig, path)

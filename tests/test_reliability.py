@@ -1,0 +1,295 @@
+"""Reliability through the CLI: bad input, kill-and-resume, interrupted
+checkpoints, the non-finite guard and determinism (smoke config).
+
+Every bad-input case runs `python -m structvpr_jax.main` as a user would and
+checks: exit code 2, one `error:` line naming the file or config field, no
+traceback, and no training output left behind (no checkpoint, no done.json).
+"""
+
+import glob
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MODELS = os.path.join(REPO, "..", "shared", "data", "models")
+RUN = ["--config.train.num_steps=8", "--config.train.eval_every=4",
+       "--config.train.log_every=1"]
+
+
+def env(devices=1):
+  return dict(os.environ, JAX_PLATFORMS="cpu",
+              XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+
+
+def cli(config, workdir, *extra, devices=1, cache=None, check=None):
+  cmd = [sys.executable, "-m", "structvpr_jax.main", f"--config={config}",
+         f"--workdir={workdir}", *extra]
+  if cache:
+    cmd.append(f"--config.compilation_cache={cache}")
+  proc = subprocess.run(cmd, cwd=REPO, env=env(devices), capture_output=True, text=True,
+                        timeout=900)
+  if check is not None:
+    assert proc.returncode == check, proc.stdout[-3000:] + proc.stderr[-3000:]
+  return proc
+
+
+def assert_clean_failure(proc, *needles, workdir=None, stage=None):
+  assert proc.returncode == 2, (proc.returncode, proc.stdout[-2000:], proc.stderr[-3000:])
+  assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+  errors = [l for l in proc.stderr.splitlines() if l.startswith("error: ")]
+  assert len(errors) == 1, proc.stderr[-3000:]
+  for needle in needles:
+    assert needle in errors[0], errors[0]
+  if workdir and stage:
+    assert not os.path.exists(os.path.join(workdir, stage, "done.json"))
+    assert not glob.glob(os.path.join(workdir, stage, "checkpoints", "*"))
+  return errors[0]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+  return str(tmp_path_factory.mktemp("xla_cache"))
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+  """The smoke synthetic city as a layout folder (copied per test)."""
+  from structvpr_jax.data import synthetic
+  root = str(tmp_path_factory.mktemp("city") / "data")
+  synthetic.generate(root, seed=0, image_size=(64, 80),
+                     num_places={"train": 24, "val": 12, "test": 12}, queries_per_place=1)
+  return root
+
+
+@pytest.fixture()
+def data(dataset, tmp_path):
+  root = str(tmp_path / "data")
+  shutil.copytree(dataset, root)
+  return root
+
+
+def folder(root):
+  return ["--config.data.name=folder", f"--config.data.root={root}"]
+
+
+def first(root, split, role, ext=".jpg"):
+  tree = "images" if ext == ".jpg" else "segmentations"
+  return sorted(glob.glob(os.path.join(root, tree, split, role, "*" + ext)))[0]
+
+
+# --------------------------------------------------------------------------
+# Bad input
+# --------------------------------------------------------------------------
+def test_truncated_jpeg(data, tmp_path):
+  path = first(data, "train", "database")
+  with open(path, "rb") as f:
+    head = f.read(200)
+  with open(path, "wb") as f:
+    f.write(head)
+  work = str(tmp_path / "w")
+  proc = cli("configs/rgb.py:smoke", work, *folder(data))
+  assert_clean_failure(proc, os.path.basename(path), "cannot decode", workdir=work, stage="rgb")
+
+
+def test_missing_label_map(data, tmp_path):
+  path = first(data, "train", "queries", ".png")
+  os.remove(path)
+  work = str(tmp_path / "w")
+  proc = cli("configs/seg.py:smoke", work, *folder(data))
+  assert_clean_failure(proc, os.path.basename(path)[:-4], workdir=work, stage="seg")
+
+
+def test_label_id_out_of_range(data, tmp_path):
+  path = first(data, "train", "database", ".png")
+  labels = np.array(Image.open(path))
+  labels[0, 0] = 40
+  Image.fromarray(labels).save(path)
+  work = str(tmp_path / "w")
+  proc = cli("configs/seg.py:smoke", work, *folder(data))
+  assert_clean_failure(proc, os.path.basename(path), "label id 40 >= number of classes 19",
+                       workdir=work, stage="seg")
+
+
+def test_split_without_queries(data, tmp_path):
+  shutil.rmtree(os.path.join(data, "images", "train", "queries"))
+  work = str(tmp_path / "w")
+  proc = cli("configs/rgb.py:smoke", work, *folder(data))
+  assert_clean_failure(proc, "queries", workdir=work, stage="rgb")
+
+
+def test_unparsable_utm_name(data, tmp_path):
+  path = first(data, "train", "database")
+  os.rename(path, os.path.join(os.path.dirname(path), "@abc@def@.jpg"))
+  work = str(tmp_path / "w")
+  proc = cli("configs/rgb.py:smoke", work, *folder(data))
+  assert_clean_failure(proc, "@abc@def@.jpg", workdir=work, stage="rgb")
+
+
+def test_eval_queries_without_positives(data, tmp_path):
+  """Some queries far from every database image: warned and counted; all: error."""
+  from structvpr_jax import evaluate, parallel, train
+  from structvpr_jax.data import layout
+  qdir = os.path.join(data, "images", "test", "queries")
+  names = sorted(os.listdir(qdir))
+
+  def move(name, east):
+    f = layout.parse_name(name)
+    new = name.replace(f"@{f['utm_east']}@", f"@{east}@", 1)
+    os.rename(os.path.join(qdir, name), os.path.join(qdir, new))
+    seg = os.path.join(data, "segmentations", "test", "queries")
+    os.rename(os.path.join(seg, name[:-4] + ".png"), os.path.join(seg, new[:-4] + ".png"))
+
+  move(names[0], 9000000.0)
+  sys.path.insert(0, REPO)
+  from configs import rgb
+  config = rgb.get_config("smoke")
+  spec = train.branch_spec(config, "rgb")
+  variables = train.init_variables(spec, 0)
+  rep = evaluate.evaluate_split(spec, variables, data, "test", parallel.make_mesh(), 8)
+  assert rep["num_queries_without_positive"] == 1
+  for name in sorted(os.listdir(qdir))[1:]:
+    move(name, 9000000.0)
+  with pytest.raises(ValueError, match="none of the 12 queries"):
+    evaluate.evaluate_split(spec, variables, data, "test", parallel.make_mesh(), 8)
+
+
+@pytest.mark.parametrize("override, needle", [
+    (["--config.train.batch_size=6"], "train.batch_size=6 must divide by the device count (4)"),
+    (["--config.data.image_size=(16, 16)"], "data.image_size=(16, 16) is too small"),
+    (["--config.distill.weighting=cubic"], "distill.weighting='cubic'"),
+    (["--config.rgb.init=imagenet_tflite:/nope.tflite"], "rgb.init="),
+    (["--config.data.name=folder", "--config.data.root=/nonexistent"], "data.root="),
+])
+def test_bad_config_fields(tmp_path, override, needle):
+  work = str(tmp_path / "w")
+  proc = cli("configs/distill.py:smoke", work, *override, devices=4)
+  assert_clean_failure(proc, needle, workdir=work, stage="rgb")
+  assert not os.path.exists(os.path.join(work, "data"))   # nothing generated either
+
+
+def test_unknown_config_field(tmp_path):
+  proc = cli("configs/distill.py:smoke", str(tmp_path / "w"), "--config.train.no_such_field=1")
+  assert proc.returncode != 0
+  assert "no_such_field" in proc.stderr
+  assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.skipif(not os.path.isdir(MODELS), reason="needs ../shared/data/models")
+def test_segment_refuses_a_classifier(data, tmp_path):
+  proc = cli("configs/segment.py", str(tmp_path / "w"),
+             f"--config.segment.model={os.path.join(MODELS, 'mobilenet_v2_1.0_224_quant.tflite')}",
+             f"--config.segment.images={data}")
+  assert_clean_failure(proc, "mobilenet_v2_1.0_224_quant.tflite")
+
+
+def test_verbosity_shows_the_traceback(tmp_path):
+  proc = cli("configs/distill.py:smoke", str(tmp_path / "w"),
+             "--config.distill.weighting=cubic", "--verbosity=0")
+  assert proc.returncode != 0
+  assert "Traceback" in proc.stderr
+
+
+# --------------------------------------------------------------------------
+# Crash safety, numerical guard, determinism (slow: they train)
+# --------------------------------------------------------------------------
+def params_at(workdir, step):
+  from structvpr_jax import evaluate
+  _, variables, _, _ = evaluate.restore_variables(os.path.join(workdir, "rgb", "checkpoints"),
+                                                  step=step)
+  return variables
+
+
+def losses(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    recs = [json.loads(l) for l in f]
+  return [(r["step"], r["loss"], r["grad_norm"]) for r in recs if "loss" in r]
+
+
+@pytest.fixture(scope="module")
+def reference(dataset, tmp_path_factory, cache):
+  """An uninterrupted 8-step smoke RGB run."""
+  work = str(tmp_path_factory.mktemp("ref"))
+  cli("configs/rgb.py:smoke", work, *folder(dataset), *RUN, cache=cache, check=0)
+  return work
+
+
+@pytest.mark.slow
+def test_same_seed_same_metrics(reference, dataset, tmp_path, cache):
+  work = str(tmp_path / "again")
+  cli("configs/rgb.py:smoke", work, *folder(dataset), *RUN, cache=cache, check=0)
+  a, b = losses(reference), losses(work)
+  assert [s for s, _, _ in a] == list(range(1, 9))
+  np.testing.assert_allclose(np.array(a), np.array(b), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.slow
+def test_kill_and_resume_matches_uninterrupted(reference, dataset, tmp_path, cache):
+  work = str(tmp_path / "killed")
+  cmd = [sys.executable, "-m", "structvpr_jax.main", "--config=configs/rgb.py:smoke",
+         f"--workdir={work}", *folder(dataset), *RUN, f"--config.compilation_cache={cache}"]
+  proc = subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=subprocess.PIPE,
+                          stderr=subprocess.DEVNULL, text=True)
+  killed_after = None
+  for line in proc.stdout:
+    if line.startswith("[rgb] step 6/8"):     # after the step-4 checkpoint, before step 8
+      proc.send_signal(signal.SIGKILL)
+      killed_after = line
+      break
+  proc.wait(timeout=120)
+  assert killed_after is not None and proc.returncode == -signal.SIGKILL
+  assert not os.path.exists(os.path.join(work, "rgb", "done.json"))
+  out = cli("configs/rgb.py:smoke", work, *folder(dataset), *RUN, cache=cache, check=0)
+  assert "resuming from step 4" in out.stdout
+  ref, got = params_at(reference, 8), params_at(work, 8)
+  import jax
+  for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(got)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  # The resumed run logged steps 5-8 again with the same losses.
+  ref_losses = dict((s, (l, g)) for s, l, g in losses(reference))
+  for s, l, g in losses(work):
+    np.testing.assert_allclose((l, g), ref_losses[s], rtol=1e-6)
+
+
+@pytest.mark.slow
+def test_interrupted_checkpoint_write_leaves_previous_restorable(reference, dataset, tmp_path,
+                                                                 cache):
+  """A checkpoint write cut off mid-way (Orbax's temporary directory, half
+  written) is ignored: the previous checkpoint restores and training resumes."""
+  from structvpr_jax import checkpoint
+  work = str(tmp_path / "w")
+  shutil.copytree(reference, work)
+  os.remove(os.path.join(work, "rgb", "done.json"))
+  ckpts = os.path.join(work, "rgb", "checkpoints")
+  partial = os.path.join(ckpts, "12.orbax-checkpoint-tmp-1700000000000000")
+  shutil.copytree(os.path.join(ckpts, "8"), partial)
+  for root, _, files in os.walk(partial):
+    for name in files:
+      with open(os.path.join(root, name), "r+b") as f:
+        f.truncate(max(0, os.path.getsize(os.path.join(root, name)) // 2))
+  assert checkpoint.manager(ckpts, read_only=True).latest_step() == 8
+  params_at(work, 8)   # restorable
+  out = cli("configs/rgb.py:smoke", work, *folder(dataset), *RUN[1:],
+            "--config.train.num_steps=12", cache=cache, check=0)
+  assert "resuming from step 8" in out.stdout
+  assert checkpoint.manager(ckpts, read_only=True).latest_step() == 12
+
+
+@pytest.mark.slow
+def test_non_finite_guard_names_step_and_checkpoint(dataset, tmp_path, cache):
+  work = str(tmp_path / "nan")
+  proc = cli("configs/rgb.py:smoke", work, *folder(dataset), *RUN,
+             "--config.train.inject_nan_at_step=5", cache=cache)
+  line = assert_clean_failure(proc, "non-finite loss/gradient detected at step 6")
+  assert os.path.join("rgb", "checkpoints", "4") in line
+  from structvpr_jax import checkpoint
+  mngr = checkpoint.manager(os.path.join(work, "rgb", "checkpoints"), read_only=True)
+  assert mngr.all_steps() == [4]          # nothing non-finite was saved
+  assert not os.path.exists(os.path.join(work, "rgb", "done.json"))
