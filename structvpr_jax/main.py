@@ -108,6 +108,24 @@ def _enable_compilation_cache(config) -> None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 
+def _parse_flags(argv):
+  """absl flag parsing; a bad --config.<field> override is one error line (exit 2)."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error:
+    raise
+  except (AttributeError, KeyError, ValueError, TypeError) as e:
+    if "--verbosity" in " ".join(argv):
+      raise
+    name = str(e).strip("'\" ")
+    overrides = [a for a in argv[1:] if a.startswith("--config.")]
+    culprit = [a for a in overrides if name and name in a.split("=")[0]] or overrides
+    field = culprit[0].split("=")[0][len("--"):] if culprit else "--config"
+    print(f"error: {field}: unknown or invalid config field ({type(e).__name__}: {name}); "
+          f"see the config file for the available fields", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
 if __name__ == "__main__":
   sys.path.insert(0, os.getcwd())  # so config files can `from configs import base`
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)
