@@ -198,10 +198,21 @@ def run_localize(config, workdir: str) -> dict:
   print(f"[localize] {query} against {len(db['paths'])} database images "
         f"({'cached' if db['reused'] else 'described'} in {t_db:.1f} s; cache "
         f"{db['cache_dir']})")
-  print(f"{'rank':>4}  {'utm_east':>12} {'utm_north':>12}  {'distance':>8}  image")
+  try:    # a query named @east@north@...: report how far each match really is
+    q_utm = np.array(layout.parse_utm(query))
+  except ValueError:
+    q_utm = None
+  if q_utm is not None:
+    for r in rows:
+      r["metres_from_query"] = float(np.hypot(r["utm_east"] - q_utm[0],
+                                              r["utm_north"] - q_utm[1]))
+  print(f"{'rank':>4}  {'utm_east':>12} {'utm_north':>12}  {'distance':>8}"
+        + ("  metres" if q_utm is not None else "") + "  image")
   for r in rows:
     print(f"{r['rank']:>4}  {r['utm_east']:>12.2f} {r['utm_north']:>12.2f}  "
-          f"{r['descriptor_distance']:>8.4f}  {os.path.basename(r['image'])}")
+          f"{r['descriptor_distance']:>8.4f}"
+          + (f"  {r['metres_from_query']:>6.1f}" if q_utm is not None else "")
+          + f"  {os.path.basename(r['image'])}")
   stem = os.path.splitext(os.path.basename(query))[0][:60] or "query"
   picture = os.path.join(workdir, f"localize_{stem}.png")
   if jax.process_index() == 0:

@@ -142,9 +142,11 @@ def test_extract_and_localize(run1, tmp_path, cache):
   first = main(*args, cache=cache)
   again = main(*args, cache=cache)
   assert "described in" in first and "cached in" in again
-  with open(os.path.join(loc, "localize_" + os.path.splitext(os.path.basename(query))[0]
-                         + ".json")) as f:
+  jsons = [n for n in os.listdir(loc) if n.startswith("localize_") and n.endswith(".json")]
+  assert len(jsons) == 1
+  with open(os.path.join(loc, jsons[0])) as f:
     result = json.load(f)
+  assert result["query"] == os.path.abspath(query)
   assert [m["rank"] for m in result["matches"]] == [1, 2, 3]
   row = desc[names.index(os.path.basename(result["matches"][0]["image"]))]
   assert np.isfinite(row).all()
