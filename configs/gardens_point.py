@@ -37,7 +37,7 @@ def get_config(arg=None):
   c.rgb.num_clusters = 32 if not smoke else 4
 
   c.seg.width = 1.0 if not smoke else 0.35
-  c.seg.num_steps = 150 if not smoke else 4
+  c.seg.num_steps = 150 if not smoke else 2
 
   c.train.batch_size = 8 if not smoke else 2
   c.train.num_negatives = 4 if not smoke else 2
