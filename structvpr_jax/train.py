@@ -504,6 +504,9 @@ def run_partition(config, workdir: str) -> dict:
   mesh = parallel.make_mesh()
   root = data_root(config, workdir)
   split = layout.read_split(root, "train", require_segmentations=True)
+  print(f"[partition] describing {split.num_queries} queries + {split.num_database} database "
+        f"training images with both frozen branches on {mesh.size} device(s) "
+        f"[{jax.devices()[0].platform}]; weighting {config.distill.weighting}", flush=True)
   descs = {}
   for stage in ("seg", "rgb"):
     spec, variables, _ = best_checkpoint_variables(os.path.join(workdir, stage))
@@ -641,6 +644,9 @@ def run_structvpr(config, workdir: str) -> dict:
   """rgb -> seg -> partition -> distill -> eval, skipping finished stages."""
   validate_config(config)
   t0 = time.time()
+  print(f"[structvpr] workdir {workdir}: rgb -> seg -> partition -> distill -> eval on "
+        f"{jax.device_count()} {jax.devices()[0].platform} device(s), "
+        f"{jax.process_count()} process(es); finished stages are skipped", flush=True)
   train_stage(config, workdir, "rgb")
   train_stage(config, workdir, "seg")
   run_partition(config, workdir)
