@@ -25,8 +25,12 @@ from orbax.checkpoint import checkpoint_managers as cm
 BEST_METRIC = "val_R@5"
 
 
+TIE_BREAK_METRIC = "val_R@1"
+
+
 def _metric(metrics) -> float:
-  return float(metrics.get(BEST_METRIC, -1.0))
+  """val R@5, ties broken by val R@1 (small val splits saturate R@5)."""
+  return float(metrics.get(BEST_METRIC, -1.0)) + 1e-4 * float(metrics.get(TIE_BREAK_METRIC, 0.0))
 
 
 def manager(directory: str, read_only: bool = False, keep_best: bool = True):
@@ -61,7 +65,8 @@ def save(mngr, step: int, variables, meta: dict, opt=None, mining: Optional[dict
 
 
 def best_step(mngr) -> Optional[int]:
-  """The step with the highest val R@5 (latest step when none has metrics)."""
+  """The step with the highest val R@5, then R@1, then the latest (latest step when
+  none has metrics)."""
   steps = mngr.all_steps()
   if not steps:
     return None
@@ -69,7 +74,7 @@ def best_step(mngr) -> Optional[int]:
   for s in steps:
     meta = mngr.restore(s, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
     if meta.get("metrics", {}).get(BEST_METRIC) is not None:
-      scored.append((meta["metrics"][BEST_METRIC], s))
+      scored.append((_metric(meta["metrics"]), s))
   return max(scored)[1] if scored else max(steps)
 
 
