@@ -1,0 +1,21 @@
+"""Checkpoint preservation and best-step selection."""
+
+import numpy as np
+
+from structvpr_jax import checkpoint
+
+
+def test_best_by_r5_then_r1_and_latest_kept(tmp_path):
+  mngr = checkpoint.manager(str(tmp_path / "ckpt"))
+  runs = {10: {"val_R@5": 90.0, "val_R@1": 60.0},
+          20: {"val_R@5": 95.0, "val_R@1": 70.0},    # best: R@5 tie with 30, higher R@1
+          30: {"val_R@5": 95.0, "val_R@1": 62.5},
+          40: {"val_R@5": 80.0, "val_R@1": 50.0}}    # latest: kept for resume
+  for step, metrics in runs.items():
+    variables = {"params": {"w": np.full((2,), step, np.float32)}, "batch_stats": {}}
+    checkpoint.save(mngr, step, variables, {"step": step, "metrics": metrics}, metrics=metrics)
+  mngr.wait_until_finished()
+  assert sorted(mngr.all_steps()) == [20, 40]
+  assert checkpoint.best_step(mngr) == 20
+  again = checkpoint.manager(str(tmp_path / "ckpt"), read_only=True)
+  assert checkpoint.best_step(again) == 20
