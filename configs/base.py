@@ -50,6 +50,7 @@ def get_config(arg=None):
   c.rgb.num_steps = 0                        # 0: train.num_steps
   c.rgb.learning_rate = 0.0                  # 0: train.learning_rate
   c.rgb.batchnorm = ""                       # "" = train.batchnorm
+  c.rgb.mining = ""                          # "" = train.mining
 
   c.seg = ml_collections.ConfigDict()
   c.seg.backbone = "mobilenet_light"
@@ -61,6 +62,7 @@ def get_config(arg=None):
   c.seg.num_steps = 160 if not smoke else 0  # 0: train.num_steps
   c.seg.learning_rate = 1e-3                 # trained from scratch: 10x the fine-tuning rate
   c.seg.batchnorm = ""                       # "" = train.batchnorm
+  c.seg.mining = ""                          # "" = train.mining
 
   c.distill = ml_collections.ConfigDict()
   c.distill.weighting = "sigmoid"            # sigmoid | group | uniform | teacher_only
@@ -70,6 +72,7 @@ def get_config(arg=None):
   c.distill.num_steps = 0                    # 0: train.num_steps
   c.distill.learning_rate = 0.0              # 0: train.learning_rate
   c.distill.batchnorm = ""                   # "" = train.batchnorm
+  c.distill.mining = ""                      # "" = train.mining
   c.distill.init_from_rgb = True             # student starts from the stage-1 RGB branch
 
   c.train = ml_collections.ConfigDict()

@@ -74,9 +74,9 @@ def resolve_branch_init(config, name: str) -> str:
 
 def stage_train_config(config, stage: str):
   """config.train with per-stage overrides: config.{rgb,seg,distill}.{num_steps,
-  learning_rate, batchnorm} when set (non-zero / non-empty)."""
+  learning_rate, batchnorm, mining} when set (non-zero / non-empty)."""
   tc = config.train.to_dict() if hasattr(config.train, "to_dict") else dict(config.train)
-  for key in ("num_steps", "learning_rate", "batchnorm"):
+  for key in ("num_steps", "learning_rate", "batchnorm", "mining"):
     if config[stage].get(key):
       tc[key] = config[stage][key]
   return tc
