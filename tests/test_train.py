@@ -63,3 +63,33 @@ def test_validate_config_names_the_field():
   c.data.root = "/nonexistent/layout"
   with pytest.raises(ValueError, match="data.root"):
     train.validate_config(c)
+
+
+def test_stage_overrides_and_auto_init(monkeypatch, tmp_path):
+  import sys, os
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  from configs import distill
+  from structvpr_jax.models import pretrained
+  c = distill.get_config()
+  c.seg.mining = "random"
+  c.seg.learning_rate = 3e-4
+  tc = train.stage_train_config(c, "seg")
+  assert tc["mining"] == "random" and tc["learning_rate"] == 3e-4
+  assert train.stage_train_config(c, "rgb")["mining"] == "hard"
+  assert train.stage_train_config(c, "distill")["learning_rate"] == c.train.learning_rate
+  # rgb.init="auto": the file from $STRUCTVPR_IMAGENET_TFLITE when the branch can take it.
+  fake = tmp_path / "m.tflite"
+  fake.write_bytes(b"x")
+  monkeypatch.setenv(pretrained.IMAGENET_TFLITE_ENV, str(fake))
+  assert train.branch_spec(c, "rgb")["init"] == f"imagenet_tflite:{fake}"
+  assert train.branch_spec(c, "seg")["init"] == ""
+  c.rgb.width = 0.5                      # not the file's architecture: random init
+  assert train.branch_spec(c, "rgb")["init"] == ""
+  monkeypatch.setenv(pretrained.IMAGENET_TFLITE_ENV, str(tmp_path / "missing.tflite"))
+  with pytest.raises(ValueError, match="STRUCTVPR_IMAGENET_TFLITE"):
+    train.branch_spec(c, "rgb")
+  c = distill.get_config()
+  c.data.normalization = "imagenet"
+  monkeypatch.setenv(pretrained.IMAGENET_TFLITE_ENV, str(fake))
+  with pytest.raises(ValueError, match="data.normalization"):
+    train.validate_config(c)
