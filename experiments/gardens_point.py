@@ -125,6 +125,14 @@ def main():
   for method, stage in (("rgb", "rgb"), ("seg", "seg"), ("structvpr", "distill")):
     results[method] = fractions(branches[stage])
   total_s = time.time() - t0
+  stage_s = {}
+  for stage in ("rgb", "seg", "distill"):
+    with open(os.path.join(args.workdir, stage, "done.json")) as f:
+      stage_s[stage] = json.load(f).get("seconds_this_run")
+  with open(os.path.join(args.workdir, "partition", "summary.json")) as f:
+    part = json.load(f)
+  stage_s["partition"] = part.get("seconds")
+  groups = ", ".join(f"{g} {part[g]['count']}" for g in ("D1", "D2", "D3", "D4"))
 
   command = ("python experiments/gardens_point.py"
              + (f" --override {' '.join(args.override)}" if args.override else ""))
@@ -141,8 +149,11 @@ def main():
       "by the DeepLab MobileNet-EdgeTPU Cityscapes TFLite model. The partition criterion "
       "and Eq. 3 weighting are this project's reconstruction (DESIGN.md), not the "
       "paper's published constants; these are our numbers, not the paper's.",
-      f"Wall time: pipeline {pipeline_s:.0f} s (stages already finished in the workdir "
-      f"are skipped), total {total_s:.0f} s on {os.cpu_count()} CPU cores.",
+      f"Wall time of this invocation: pipeline {pipeline_s:.0f} s (stages already finished "
+      f"in the workdir are skipped), total {total_s:.0f} s on {os.cpu_count()} CPU cores. "
+      "Training time per stage as recorded in each stage's done.json (the run that "
+      "trained it): " + ", ".join(f"{k} {v:.0f} s" for k, v in stage_s.items() if v) + ".",
+      f"Partition of the 160 training queries: {groups}.",
       "",
       "| method | " + " | ".join(f"{t} R@1 | R@5 | R@10" for t in TRAVERSES) + " |",
       "|---|" + "---|---|---|" * len(TRAVERSES),
