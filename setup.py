@@ -26,6 +26,10 @@ setup(
         "importlib_resources",  # tfds needs it but does not declare it
         "tqdm",
         "matplotlib",
+        # TFLite runtime: the default run initialises the RGB branch from the
+        # ImageNet MobileNetV2 .tflite file (models/pretrained.py) when found;
+        # segment.py uses it too.
+        "ai-edge-litert",
     ],
     extras_require={
         # TFLite runtime: offline segmentation (segment.py) and ImageNet

@@ -363,7 +363,13 @@ def resolve_init(spec: Optional[str], backbone: str, width: float,
   if backbone != "mobilenet_v2" or float(width) != 1.0:
     return ""
   path = find_imagenet_tflite()
-  return f"imagenet_tflite:{path}" if path else ""
+  if path is None:
+    return ""
+  try:
+    import ai_edge_litert  # noqa: F401  (reads the .tflite file)
+  except ImportError:
+    return ""
+  return f"imagenet_tflite:{path}"
 
 
 def parse_init(spec: Optional[str], field: str = "rgb.init") -> tuple[Optional[str], Optional[str]]:
