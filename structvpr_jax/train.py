@@ -65,8 +65,9 @@ def resolve_branch_init(config, name: str) -> str:
   if raw.strip().lower() == "auto" and not init and name not in _WARNED_RANDOM_INIT:
     _WARNED_RANDOM_INIT.add(name)
     logging.warning(
-        "%s.init='auto': no ImageNet weights usable (need %s, width 1.0, file %s via $%s or "
-        "../shared/data/models/); the %s branch starts from random weights. On the default "
+        "%s.init='auto': no ImageNet weights usable (need %s, width 1.0, the ai-edge-litert "
+        "package and the file %s via $%s or ../shared/data/models/); the %s branch starts "
+        "from random weights. On the default "
         "synthetic run a randomly initialised RGB branch stays near chance.", name,
         "mobilenet_v2", pretrained.IMAGENET_TFLITE_NAME, pretrained.IMAGENET_TFLITE_ENV, name)
   return init
