@@ -23,10 +23,8 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import json
 import os
 import time
-from typing import Optional
 
 import jax
 import numpy as np

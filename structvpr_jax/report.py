@@ -130,7 +130,6 @@ def examples_for_split(root: str, split: str, predictions: np.ndarray, image_siz
                        radius: float, path: str, title: str = "", per_condition: int = 2,
                        k: int = 5) -> str:
   """examples.png for the predictions of one evaluated split (reads the images)."""
-  from structvpr_jax import retrieval
   from structvpr_jax.data import layout, pipeline
   vs = layout.read_split(root, split)
   picks = pick_example_queries(vs.query_notes(), per_condition)
@@ -142,7 +141,6 @@ def examples_for_split(root: str, split: str, predictions: np.ndarray, image_siz
   db_img = np.zeros((vs.num_database,) + q_img.shape[1:], np.uint8)
   db_img[used] = images.sources["database"].get("rgb", used)
   notes = np.asarray(vs.query_notes())[picks]
-  del retrieval
   return plot_examples(q_img, db_img, preds, dists <= radius, [str(n) for n in notes], path,
                        k=k, title=title)
 
