@@ -40,8 +40,7 @@ def list_images(folder: str) -> list:
   out = []
   for root, dirs, files in os.walk(folder):
     dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-    out += [os.path.join(root, f) for f in sorted(files)
-            if f.lower().endswith(layout.IMAGE_EXTENSIONS) and not f.startswith(".")]
+    out += [os.path.join(root, f) for f in sorted(files) if layout.is_image_name(f)]
   if not out:
     raise ValueError(f"{folder}: no images ({', '.join(layout.IMAGE_EXTENSIONS)})")
   return out

@@ -135,11 +135,15 @@ class VprSplit:
     return [parse_name(p)["note"] for p in self.query_paths]
 
 
+def is_image_name(name: str) -> bool:
+  """A visible file with one of `IMAGE_EXTENSIONS`."""
+  return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
+
+
 def _list_images(folder: str) -> list:
   if not os.path.isdir(folder):
     return []
-  names = [n for n in os.listdir(folder)
-           if n.lower().endswith(IMAGE_EXTENSIONS) and not n.startswith(".")]
+  names = [n for n in os.listdir(folder) if is_image_name(n)]
   return [os.path.join(folder, n) for n in sorted(names)]
 
 
