@@ -105,6 +105,10 @@ def get_config(arg=None):
   c.eval.batch_size = 32 if not smoke else 8   # images per device per extraction batch
   c.eval.ns = (1, 5, 10, 20)
   c.eval.radius = 25.0
+  # PCA(-whitening) of the global descriptors to pca_dim, fitted on the train
+  # split (0 = off, the full K*D descriptor). See experiments/descriptor_tradeoff.py.
+  c.eval.pca_dim = 0
+  c.eval.pca_whiten = True
   c.eval_split = "test"
   c.checkpoint = ""                          # eval: Orbax directory to restore
   return c

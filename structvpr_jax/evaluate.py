@@ -18,7 +18,7 @@ from typing import Optional, Sequence
 import jax
 import numpy as np
 
-from structvpr_jax import checkpoint, parallel, retrieval, slme
+from structvpr_jax import checkpoint, parallel, retrieval, slme, whitening
 from structvpr_jax.data import layout, pipeline
 from structvpr_jax.models.branch import Branch
 
@@ -124,8 +124,13 @@ def recall_report(q_desc, db_desc, query_utm, db_utm, notes: Optional[Sequence[s
 
 def evaluate_split(spec: dict, variables, root: str, split: str, mesh, batch_size: int = 32,
                    ns=(1, 5, 10, 20), radius: float = 25.0, progress: bool = False,
-                   extractor: Optional[Extractor] = None, cache: bool = False) -> dict:
-  """Extracts descriptors of one split and returns its recall report."""
+                   extractor: Optional[Extractor] = None, cache: bool = False,
+                   pca: Optional[dict] = None) -> dict:
+  """Extracts descriptors of one split and returns its recall report.
+
+  `pca`: optional `whitening.fit` result applied to queries and database
+  before the search (see `fit_pca`).
+  """
   vs = layout.read_split(root, split, require_segmentations=spec["view"] == "seg")
   without = layout.queries_without_positives(vs, radius)
   if len(without) == len(vs.query_utm):
@@ -147,11 +152,28 @@ def evaluate_split(spec: dict, variables, root: str, split: str, mesh, batch_siz
   q = extractor(replicated, images.sources["queries"], progress=progress,
                 desc=f"{split} queries")
   extract_s = time.perf_counter() - t0
+  if pca is not None:
+    q, db = whitening.apply(pca, q), whitening.apply(pca, db)
   report = recall_report(q, db, vs.query_utm, vs.database_utm, vs.query_notes(), ns, radius)
   report["extract_s"] = extract_s
   report["split"] = split
   report["num_queries_without_positive"] = int(len(without))
+  report["descriptor_dim"] = int(q.shape[1])
   return report
+
+
+def fit_pca(spec: dict, variables, root: str, mesh, dim: int, whiten: bool = True,
+            batch_size: int = 32, progress: bool = False) -> dict:
+  """PCA(-whitening) to `dim` fitted on the train split's descriptors
+  (database and queries) of the model; see `whitening.fit`."""
+  vs = layout.read_split(root, "train", require_segmentations=spec["view"] == "seg")
+  images = pipeline.SplitImages(vs, spec["image_size"], views=(spec["view"],),
+                                num_classes=slme.NUM_CITYSCAPES_CLASSES)
+  extractor = Extractor(spec, mesh, batch_size)
+  replicated = parallel.replicate(variables, mesh)
+  descs = [extractor(replicated, images.sources[role], progress=progress, desc=f"train {role}")
+           for role in ("database", "queries")]
+  return whitening.fit(np.concatenate(descs), dim, whiten)
 
 
 def write_json_atomic(path: str, obj) -> None:
@@ -204,8 +226,12 @@ def run(config, workdir: str) -> dict:
   root = config.data.root or os.path.join(workdir, "data")
   split = config.get("eval_split", "test")
   mesh = parallel.make_mesh()
+  pca = None
+  if int(config.eval.get("pca_dim", 0) or 0) > 0:
+    pca = fit_pca(spec, variables, root, mesh, int(config.eval.pca_dim),
+                  bool(config.eval.get("pca_whiten", True)), config.eval.batch_size, True)
   report = evaluate_split(spec, variables, root, split, mesh, config.eval.batch_size,
-                          tuple(config.eval.ns), config.eval.radius, progress=True)
+                          tuple(config.eval.ns), config.eval.radius, progress=True, pca=pca)
   out = public(report)
   out.update(branch=spec["branch"], checkpoint=os.path.abspath(config.checkpoint), step=step)
   if jax.process_index() == 0:

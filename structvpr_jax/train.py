@@ -118,6 +118,10 @@ def validate_config(config) -> None:
                      "student descriptors are compared by the distillation loss")
   if not config.rgb.dim:
     raise ValueError("rgb.dim must be set (the common projection dim of both branches)")
+  pca_dim = int(config.eval.get("pca_dim", 0) or 0)
+  if pca_dim < 0 or pca_dim > config.rgb.dim * config.rgb.num_clusters:
+    raise ValueError(f"eval.pca_dim={pca_dim} must be 0 (off) or in [1, descriptor dim "
+                     f"{config.rgb.dim * config.rgb.num_clusters}]")
   from structvpr_jax.models import pretrained
   for name in ("rgb", "seg"):
     kind, _ = pretrained.parse_init(resolve_branch_init(config, name), field=f"{name}.init")
@@ -587,8 +591,13 @@ def run_final_eval(config, workdir: str, stages=("rgb", "seg", "distill")) -> di
     if stage not in stages:
       continue
     spec, variables, step = best_checkpoint_variables(os.path.join(workdir, stage))
+    pca = None
+    if int(config.eval.get("pca_dim", 0) or 0) > 0:   # fitted on the train split
+      pca = evaluate.fit_pca(spec, variables, root, mesh, int(config.eval.pca_dim),
+                             bool(config.eval.get("pca_whiten", True)), config.eval.batch_size)
     rep = evaluate.evaluate_split(spec, variables, root, split, mesh, config.eval.batch_size,
-                                  tuple(config.eval.ns), config.eval.radius, progress=True)
+                                  tuple(config.eval.ns), config.eval.radius, progress=True,
+                                  pca=pca)
     predictions[stage] = (spec, rep["_predictions"])
     record = evaluate.public(rep)
     record.update(branch=stage, label=label, step=step,

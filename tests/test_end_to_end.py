@@ -173,6 +173,16 @@ def test_eval_from_checkpoint_alone_reproduces_recall(run1, tmp_path, cache):
     recorded = json.load(f)
   for k in ("R@1", "R@5", "R@10", "num_queries", "num_database"):
     assert again[k] == recorded[k], k
+  assert again["descriptor_dim"] == recorded["descriptor_dim"] == 64   # 4 clusters x 16
+  # the same evaluation with PCA-whitening to 8 dims, fitted on the train split
+  pca = str(tmp_path / "eval_pca")
+  main("configs/eval.py", pca, f"--config.checkpoint={workdir}/distill/checkpoints",
+       f"--config.data.root={workdir}/data", "--config.eval.pca_dim=8", cache=cache)
+  with open(os.path.join(pca, "eval", "test", "recalls.json")) as f:
+    whitened = json.load(f)
+  assert whitened["descriptor_dim"] == 8
+  assert whitened["num_queries"] == recorded["num_queries"]
+  assert 0.0 <= whitened["R@1"] <= whitened["R@5"] <= whitened["R@10"] <= 100.0
 
 
 def test_rerun_skips_every_stage(run1, cache):
