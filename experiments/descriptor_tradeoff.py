@@ -68,7 +68,7 @@ def main():
   rows = [{"method": "full", "dim": full_dim,
            **recalls(test_desc["queries"], test_desc["database"], test_vs)}]
   for dim in args.dims:
-    if dim >= min(full_dim, len(fit_on)):
+    if not 1 <= dim < min(full_dim, len(fit_on)):   # 0 = only the full descriptor
       continue
     for whiten in (False, True):
       params = whitening.fit(fit_on, dim, whiten)
