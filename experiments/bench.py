@@ -1,6 +1,7 @@
 """The project's benchmark: prints one JSON object of performance figures.
 
   python experiments/bench.py [--quick] [--repeats N] [--no-torch] [--out FILE]
+  python experiments/bench.py --table experiments/results/bench.json   # README table
 
 Keys (stable; later versions add keys, never rename):
   forward_224_img_s       RGB branch (MobileNetV2-1.0 + NetVLAD-64, 81,920-d), 16x224x224
@@ -229,6 +230,52 @@ def bench_torch(repeats: int, quick: bool):
   return torch_reference.bench(repeats=repeats, quick=quick)
 
 
+def markdown_table(b: dict) -> str:
+  """The README's performance table from one bench.py JSON object."""
+  def f(key, digits=1):
+    return f"{b[key]:.{digits}f}" if key in b else "-"
+
+  def target(key, bound, higher=True):
+    if key not in b:
+      return f"{'>=' if higher else '<='} {bound} (not measured)"
+    met = b[key] >= bound if higher else b[key] <= bound
+    return f"{'>=' if higher else '<='} {bound} ({'met' if met else 'missed'})"
+
+  rows = [
+      ("RGB forward 16x224x224", f"{f('forward_224_img_s')} img/s",
+       f"{f('torch_forward_224_img_s')} img/s", f("ratio_forward_224", 2),
+       target("ratio_forward_224", 2)),
+      ("RGB forward 16x480x640", f"{f('forward_480x640_img_s')} img/s",
+       f"{f('torch_forward_480x640_img_s')} img/s", f("ratio_forward_480x640", 2),
+       target("ratio_forward_480x640", 2)),
+      ("RGB train step, 4 triplets at 224", f"{f('train_step_224_img_s')} img/s",
+       f"{f('torch_train_step_224_img_s')} img/s", f("ratio_train_step_224", 2),
+       target("ratio_train_step_224", 1.5)),
+      ("RGB train step, 2 triplets at 480x640", f"{f('train_step_480x640_img_s', 2)} img/s",
+       f"{f('torch_train_step_480x640_img_s', 2)} img/s", f("ratio_train_step_480x640", 2), ""),
+      ("seg forward 16x224x224 / 16x480x640",
+       f"{f('seg_forward_224_img_s')} / {f('seg_forward_480x640_img_s')} img/s", "", "", ""),
+      ("seg train step at 224 / 480x640",
+       f"{f('seg_train_step_224_img_s')} / {f('seg_train_step_480x640_img_s', 2)} img/s",
+       "", "", ""),
+      ("partition pass (Q=1000, N=10000, D=4096)", f"{f('partition_s', 2)} s",
+       f"faiss search {f('faiss_search_s', 2)} s",
+       f"{f('partition_vs_two_faiss', 2)} x two searches",
+       target("partition_vs_two_faiss", 1.2, higher=False)),
+      ("eval: extraction 1k + 10k images at 96x128",
+       f"{f('eval_extract_s')} s ({f('eval_extract_img_s')} img/s)", "", "", ""),
+      ("eval: search + Recall@N (overall and per condition)",
+       f"{f('eval_search_recall_s', 2)} s", f"bare faiss k=20 {f('eval_bare_faiss_s', 2)} s",
+       f("eval_overhead_vs_faiss", 2), target("eval_overhead_vs_faiss", 1.2, higher=False)),
+      ("compile: RGB train step at 224", f"{f('train_step_224_compile_s')} s", "", "", ""),
+      ("peak RSS of the benchmark",
+       f"{b['peak_rss_mb'] / 1024:.1f} GB" if "peak_rss_mb" in b else "-", "", "", ""),
+  ]
+  lines = ["| figure | JAX | PyTorch | JAX / PyTorch | target |", "|---|---|---|---|---|"]
+  lines += ["| " + " | ".join(r) + " |" for r in rows]
+  return "\n".join(lines)
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -237,7 +284,13 @@ def main():
                       help="tiny sizes: checks the script runs (figures meaningless)")
   parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference")
   parser.add_argument("--out", default="", help="also write the JSON to this file")
+  parser.add_argument("--table", default="", metavar="JSON",
+                      help="print the README's markdown table of a saved result and exit")
   args = parser.parse_args()
+  if args.table:
+    with open(args.table) as f:
+      print(markdown_table(json.load(f)))
+    return
   sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))   # torch_reference
 
   out = {"jax": jax.__version__, "devices": [str(d) for d in jax.devices()],

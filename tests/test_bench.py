@@ -60,3 +60,14 @@ def test_torch_reference_has_the_jax_architecture():
     desc = ref(torch.randn(2, 3, 64, 64))
   assert desc.shape == (2, model.descriptor_dim) == (2, 81920)
   np.testing.assert_allclose(desc.norm(dim=1).numpy(), 1.0, rtol=1e-5)
+
+
+def test_readme_performance_table_is_generated_from_the_saved_result():
+  proc = subprocess.run([sys.executable, "experiments/bench.py", "--table",
+                         "experiments/results/bench.json"], cwd=REPO, capture_output=True,
+                        text=True, timeout=300, env=dict(os.environ, STRUCTVPR_NO_HUGEPAGES="1"))
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  table = proc.stdout.strip()
+  assert table.count("\n") >= 10 and "(met)" in table
+  with open(os.path.join(REPO, "README.md")) as f:
+    assert table in f.read()
