@@ -24,19 +24,15 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from structvpr_jax import evaluate, parallel, slme, train, whitening  # noqa: E402
-from structvpr_jax.data import layout, pipeline  # noqa: E402
+from structvpr_jax import evaluate, parallel, train, whitening  # noqa: E402
+from structvpr_jax.data import layout  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
-def describe_split(spec, variables, root, split, mesh):
+def describe(spec, variables, root, split, mesh):
   vs = layout.read_split(root, split, require_segmentations=spec["view"] == "seg")
-  images = pipeline.SplitImages(vs, spec["image_size"], views=(spec["view"],),
-                                num_classes=slme.NUM_CITYSCAPES_CLASSES)
-  extractor = evaluate.Extractor(spec, mesh, 32)
-  replicated = parallel.replicate(variables, mesh)
-  return vs, {role: extractor(replicated, images.sources[role]) for role in ("database", "queries")}
+  return vs, evaluate.describe_split(spec, variables, vs, mesh)
 
 
 def recalls(q, db, vs):
@@ -61,8 +57,8 @@ def main():
   spec, variables, step = train.best_checkpoint_variables(os.path.join(args.workdir, args.stage))
   root = os.path.join(args.workdir, "data")
   mesh = parallel.make_mesh()
-  _, train_desc = describe_split(spec, variables, root, "train", mesh)
-  test_vs, test_desc = describe_split(spec, variables, root, "test", mesh)
+  _, train_desc = describe(spec, variables, root, "train", mesh)
+  test_vs, test_desc = describe(spec, variables, root, "test", mesh)
   fit_on = np.concatenate([train_desc["database"], train_desc["queries"]])
   full_dim = int(fit_on.shape[1])
   rows = [{"method": "full", "dim": full_dim,

@@ -129,7 +129,7 @@ def evaluate_split(spec: dict, variables, root: str, split: str, mesh, batch_siz
   """Extracts descriptors of one split and returns its recall report.
 
   `pca`: optional `whitening.fit` result applied to queries and database
-  before the search (see `fit_pca`).
+  before the search (see `pca_from_config`).
   """
   vs = layout.read_split(root, split, require_segmentations=spec["view"] == "seg")
   without = layout.queries_without_positives(vs, radius)
@@ -142,16 +142,11 @@ def evaluate_split(spec: dict, variables, root: str, split: str, mesh, batch_siz
     logging.warning("%s/images/%s: %d of %d queries have no database image within %.0f m; "
                     "they count as misses", root, split, len(without), len(vs.query_utm),
                     radius)
-  images = pipeline.SplitImages(vs, spec["image_size"], views=(spec["view"],), cache=cache,
-                                num_classes=slme.NUM_CITYSCAPES_CLASSES)
-  extractor = extractor or Extractor(spec, mesh, batch_size)
-  replicated = parallel.replicate(variables, mesh)
   t0 = time.perf_counter()
-  db = extractor(replicated, images.sources["database"], progress=progress,
-                 desc=f"{split} database")
-  q = extractor(replicated, images.sources["queries"], progress=progress,
-                desc=f"{split} queries")
+  descs = describe_split(spec, variables, vs, mesh, batch_size, progress, extractor, cache,
+                         label=split)
   extract_s = time.perf_counter() - t0
+  q, db = descs["queries"], descs["database"]
   if pca is not None:
     q, db = whitening.apply(pca, q), whitening.apply(pca, db)
   report = recall_report(q, db, vs.query_utm, vs.database_utm, vs.query_notes(), ns, radius)
@@ -162,18 +157,34 @@ def evaluate_split(spec: dict, variables, root: str, split: str, mesh, batch_siz
   return report
 
 
-def fit_pca(spec: dict, variables, root: str, mesh, dim: int, whiten: bool = True,
-            batch_size: int = 32, progress: bool = False) -> dict:
-  """PCA(-whitening) to `dim` fitted on the train split's descriptors
-  (database and queries) of the model; see `whitening.fit`."""
-  vs = layout.read_split(root, "train", require_segmentations=spec["view"] == "seg")
-  images = pipeline.SplitImages(vs, spec["image_size"], views=(spec["view"],),
+def describe_split(spec: dict, variables, vs: layout.VprSplit, mesh, batch_size: int = 32,
+                   progress: bool = False, extractor: Optional[Extractor] = None,
+                   cache: bool = False, label: str = "") -> dict:
+  """{"database": [N, D], "queries": [Q, D]} float32 descriptors of one split."""
+  images = pipeline.SplitImages(vs, spec["image_size"], views=(spec["view"],), cache=cache,
                                 num_classes=slme.NUM_CITYSCAPES_CLASSES)
-  extractor = Extractor(spec, mesh, batch_size)
+  extractor = extractor or Extractor(spec, mesh, batch_size)
   replicated = parallel.replicate(variables, mesh)
-  descs = [extractor(replicated, images.sources[role], progress=progress, desc=f"train {role}")
-           for role in ("database", "queries")]
-  return whitening.fit(np.concatenate(descs), dim, whiten)
+  return {role: extractor(replicated, images.sources[role], progress=progress,
+                          desc=f"{label} {role}".strip())
+          for role in ("database", "queries")}
+
+
+def pca_from_config(config, spec: dict, variables, root: str, mesh,
+                    progress: bool = False) -> Optional[dict]:
+  """None when `eval.pca_dim` is 0, else PCA(-whitening, `eval.pca_whiten`) to
+  eval.pca_dim fitted on the train split's descriptors (database and
+  queries) of the model; see `whitening.fit`."""
+  dim = int(config.eval.get("pca_dim", 0) or 0)
+  if dim < 0:
+    raise ValueError(f"eval.pca_dim={dim} must be 0 (off) or positive")
+  if dim == 0:
+    return None
+  vs = layout.read_split(root, "train", require_segmentations=spec["view"] == "seg")
+  descs = describe_split(spec, variables, vs, mesh, config.eval.batch_size, progress,
+                         label="train")
+  return whitening.fit(np.concatenate([descs["database"], descs["queries"]]), dim,
+                       bool(config.eval.get("pca_whiten", True)))
 
 
 def write_json_atomic(path: str, obj) -> None:
@@ -226,10 +237,7 @@ def run(config, workdir: str) -> dict:
   root = config.data.root or os.path.join(workdir, "data")
   split = config.get("eval_split", "test")
   mesh = parallel.make_mesh()
-  pca = None
-  if int(config.eval.get("pca_dim", 0) or 0) > 0:
-    pca = fit_pca(spec, variables, root, mesh, int(config.eval.pca_dim),
-                  bool(config.eval.get("pca_whiten", True)), config.eval.batch_size, True)
+  pca = pca_from_config(config, spec, variables, root, mesh, progress=True)
   report = evaluate_split(spec, variables, root, split, mesh, config.eval.batch_size,
                           tuple(config.eval.ns), config.eval.radius, progress=True, pca=pca)
   out = public(report)

@@ -591,10 +591,7 @@ def run_final_eval(config, workdir: str, stages=("rgb", "seg", "distill")) -> di
     if stage not in stages:
       continue
     spec, variables, step = best_checkpoint_variables(os.path.join(workdir, stage))
-    pca = None
-    if int(config.eval.get("pca_dim", 0) or 0) > 0:   # fitted on the train split
-      pca = evaluate.fit_pca(spec, variables, root, mesh, int(config.eval.pca_dim),
-                             bool(config.eval.get("pca_whiten", True)), config.eval.batch_size)
+    pca = evaluate.pca_from_config(config, spec, variables, root, mesh)
     rep = evaluate.evaluate_split(spec, variables, root, split, mesh, config.eval.batch_size,
                                   tuple(config.eval.ns), config.eval.radius, progress=True,
                                   pca=pca)

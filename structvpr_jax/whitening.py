@@ -18,8 +18,6 @@ Fit on the train split only; apply to database and queries alike.
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 
 _EPS = 1e-12
@@ -67,18 +65,3 @@ def apply(params: dict, descriptors) -> np.ndarray:
   y = (x - params["mean"]) @ params["projection"]
   norm = np.linalg.norm(y, axis=1, keepdims=True)
   return (y / np.maximum(norm, _EPS)).astype(np.float32)
-
-
-def save(path: str, params: dict) -> None:
-  """Atomic .npz write."""
-  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  tmp = f"{path}.tmp{os.getpid()}.npz"
-  np.savez(tmp, mean=params["mean"], projection=params["projection"],
-           explained_variance=params["explained_variance"], whiten=params["whiten"])
-  os.replace(tmp, path)
-
-
-def load(path: str) -> dict:
-  with np.load(path) as z:
-    return {"mean": z["mean"], "projection": z["projection"],
-            "explained_variance": z["explained_variance"], "whiten": bool(z["whiten"])}

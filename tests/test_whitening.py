@@ -58,17 +58,6 @@ def test_apply_unit_norm_and_plain_pca_keeps_distances_order():
   assert y.shape == (200, 31) and y.dtype == np.float32
 
 
-def test_save_load_roundtrip(tmp_path):
-  params = whitening.fit(_descriptors(), 4)
-  path = str(tmp_path / "sub" / "pca.npz")
-  whitening.save(path, params)
-  back = whitening.load(path)
-  for k in ("mean", "projection", "explained_variance"):
-    np.testing.assert_array_equal(back[k], params[k])
-  assert back["whiten"] is True
-  assert sorted(p.name for p in (tmp_path / "sub").iterdir()) == ["pca.npz"]
-
-
 @pytest.mark.parametrize("dim", [0, 33, 200])
 def test_bad_dim_names_the_field(dim):
   with pytest.raises(ValueError, match="eval.pca_dim"):
