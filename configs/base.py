@@ -95,6 +95,10 @@ def get_config(arg=None):
   # synthetic run: the seg branch from scratch reaches val R@1 79 % with
   # frozen BN and stays near chance (~19 %) with batch statistics.
   c.train.batchnorm = "frozen"
+  # Evaluate the starting weights on val and checkpoint them as step 0, so the
+  # best-checkpoint selection can keep them when fine-tuning does not help
+  # (small training sets; configs/gardens_point.py turns it on).
+  c.train.eval_at_start = False
   c.train.log_every = 10 if not smoke else 2
   c.train.eval_every = 40 if not smoke else 4
   c.train.kmeans_images = 200 if not smoke else 16  # images sampled for NetVLAD k-means

@@ -45,6 +45,12 @@ def get_config(arg=None):
   c.seg.mining = "random"
   c.seg.learning_rate = 3e-4
 
+  # Measured without the test places (train places 0-49, evaluated on 50-99;
+  # experiments/gardens_point_ceiling.py): fine-tuning at 1e-4 loses night
+  # recall within 100 steps (0.66 -> 0.52), 1e-5 keeps it (0.66-0.70); and the
+  # ImageNet starting point competes in the checkpoint selection (step 0).
+  c.train.learning_rate = 1e-5
+  c.train.eval_at_start = True
   c.train.batch_size = 8 if not smoke else 2
   c.train.num_negatives = 4 if not smoke else 2
   c.train.num_steps = 60 if not smoke else 2    # rgb and distill

@@ -422,6 +422,28 @@ def train_stage(config, workdir: str, stage: str) -> dict:
                                   extractor=extractor)
     return rep
 
+  def validate_and_checkpoint(step: int, best: float) -> float:
+    """Val recalls of the current state -> metrics.jsonl + a checkpoint; new best R@5."""
+    rep = evaluate_val()
+    val = {f"val_{k}": rep[k] for k in rep if k.startswith("R@")}
+    best = max(best, val["val_R@5"])
+    writer.write({"stage": stage, "step": step, "event": "val", **val})
+    print(f"[{stage}] step {step} val R@1 {val['val_R@1']:.1f} R@5 {val['val_R@5']:.1f} "
+          f"(best R@5 {best:.1f})", flush=True)
+    s = holder["state"]
+    meta = {"spec": spec, "stage": stage, "step": step, "metrics": val,
+            "best_val_R@5": best, "seed": config.seed}
+    checkpoint.save(mngr, step, {"params": s.params, "batch_stats": s.batch_stats}, meta,
+                    opt={"opt_state": s.opt_state, "step": s.step},
+                    mining=miner.state_dict(), metrics=val)
+    return best
+
+  if latest is None and tc.get("eval_at_start", False):
+    # The starting point (ImageNet / stage-1 weights) competes with the trained
+    # steps for the best-checkpoint selection on val: on a small training set
+    # fine-tuning may not beat it, and selection must then keep it.
+    best = validate_and_checkpoint(0, best)
+
   inject_nan_at = int(tc.get("inject_nan_at_step", 0) or 0)
   t_log, step_log = time.time(), step
   while step < num_steps:
@@ -466,18 +488,7 @@ def train_stage(config, workdir: str, stage: str) -> dict:
               f"ETA {_fmt_eta(eta)}", flush=True)
         t_log, step_log = time.time(), step
       if eval_now:
-        rep = evaluate_val()
-        val = {f"val_{k}": rep[k] for k in rep if k.startswith("R@")}
-        best = max(best, val["val_R@5"])
-        writer.write({"stage": stage, "step": step, "event": "val", **val})
-        print(f"[{stage}] step {step} val R@1 {val['val_R@1']:.1f} R@5 {val['val_R@5']:.1f} "
-              f"(best R@5 {best:.1f})", flush=True)
-        s = holder["state"]
-        meta = {"spec": spec, "stage": stage, "step": step, "metrics": val,
-                "best_val_R@5": best, "seed": config.seed}
-        checkpoint.save(mngr, step, {"params": s.params, "batch_stats": s.batch_stats}, meta,
-                        opt={"opt_state": s.opt_state, "step": s.step},
-                        mining=miner.state_dict(), metrics=val)
+        best = validate_and_checkpoint(step, best)
         t_log, step_log = time.time(), step
       if last:
         break

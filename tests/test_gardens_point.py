@@ -56,3 +56,15 @@ def test_gardens_point_smoke_pipeline(tmp_path):
     assert per["day_right"]["num_queries"] == per["night_right"]["num_queries"] == 100
     assert branches[stage]["num_database"] == 100
   assert os.path.exists(os.path.join(work, "report.md"))
+  # train.eval_at_start: the starting weights are validated and checkpointed as
+  # step 0 and compete in the selection (val R@5, then R@1, then the latest).
+  with open(os.path.join(work, "metrics.jsonl")) as f:
+    records = [json.loads(line) for line in f]
+  for stage in ("rgb", "seg", "distill"):
+    vals = [r for r in records if r.get("stage") == stage and r.get("event") == "val"]
+    assert vals[0]["step"] == 0, vals
+    assert [r["step"] for r in vals] == sorted(r["step"] for r in vals)
+    with open(os.path.join(work, stage, "done.json")) as f:
+      done = json.load(f)
+    expected = max(vals, key=lambda r: (r["val_R@5"], r["val_R@1"], r["step"]))["step"]
+    assert done["best_step"] == expected, (stage, done, vals)
