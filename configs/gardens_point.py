@@ -15,8 +15,10 @@ them for other data). RGB branch: ImageNet MobileNetV2 from the TFLite file
 ($STRUCTVPR_IMAGENET_TFLITE or ../shared/data/models/).
 
 Measured on this 2-core CPU (2026-11-29, huge pages on, warm XLA cache):
-16 min 00 s wall for the full run (rgb 312 s, seg 300 s, distill 306 s),
-6.9 GB peak RSS; results in experiments/results/gardens_point.md.
+17 min 26 s wall for the full run (rgb 356 s, seg 318 s, distill 330 s),
+7.6 GB peak RSS; results in experiments/results/gardens_point.md, the
+ImageNet-feature ceiling and fine-tuning ablation (no test places) in
+experiments/results/gardens_point_ceiling.md.
 """
 
 from configs import base
@@ -47,7 +49,7 @@ def get_config(arg=None):
 
   # Measured without the test places (train places 0-49, evaluated on 50-99;
   # experiments/gardens_point_ceiling.py): fine-tuning at 1e-4 loses night
-  # recall within 100 steps (0.66 -> 0.52), 1e-5 keeps it (0.66-0.70); and the
+  # R@1 (0.64 -> 0.58 in 150 steps), at 1e-5 it stays 0.62-0.70; and the
   # ImageNet starting point competes in the checkpoint selection (step 0).
   c.train.learning_rate = 1e-5
   c.train.eval_at_start = True

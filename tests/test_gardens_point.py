@@ -21,6 +21,37 @@ def experiment():
   return mod
 
 
+def ceiling():
+  spec = importlib.util.spec_from_file_location(
+      "gp_ceiling", os.path.join(REPO, "experiments", "gardens_point_ceiling.py"))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod
+
+
+def test_ceiling_recall_and_synthetic_night():
+  """Hand case for the +-2-frame recall of the ceiling study, and the
+  synthetic-night copies are darker, same shape, uint8."""
+  c = ceiling()
+  places = np.arange(10, 16)
+  db = np.eye(6, dtype=np.float32)
+  # place = 10 + row. Queries 0-2 retrieve their own place; query 3 (place 13)
+  # retrieves place 15, 2 frames off: correct; query 4 (place 14) retrieves
+  # place 10 (4 off), then its own; query 5 (place 15) retrieves 10, 11, 12
+  # (5, 4, 3 off), then 13 (2 off).
+  q = np.eye(6, dtype=np.float32)
+  q[3] = db[5]
+  q[4] = db[0] + 0.5 * db[4]
+  q[5] = db[0] + 0.8 * db[1] + 0.6 * db[2] + 0.4 * db[3]
+  r = c.recall_at(q, db, places, ns=(1, 3, 4))
+  assert r == pytest.approx({"R@1": 4 / 6, "R@3": 5 / 6, "R@4": 1.0})
+  rng = np.random.default_rng(0)
+  img = rng.integers(60, 256, (2, 8, 12, 3), dtype=np.uint8)
+  night = c.synthetic_night(img, rng)
+  assert night.shape == img.shape and night.dtype == np.uint8
+  assert night.astype(float).mean() < 0.6 * img.astype(float).mean()
+
+
 def test_patch_normalised_descriptor():
   """Hand case: each 8x8 patch has zero mean and unit variance, rows unit norm,
   and the descriptor ignores a global brightness/contrast change."""
