@@ -335,11 +335,13 @@ def write_markdown(path: str, result: dict) -> None:
             "128 and NetVLAD-32 trained (batch 8 triplets, 4 negatives, Adam, warmup 20, "
             "cosine), R@1 day_right / night_right at each step:", "",
             "| variant | " + " | ".join(f"step {h['step']}" for h in
-                                       next(iter(result["finetune"].values()))) + " |",
-            "|---|" + "---|" * len(next(iter(result["finetune"].values())))]
+                                       next(iter(result["finetune"].values())))
+            + " | last batch loss |",
+            "|---|" + "---|" * (len(next(iter(result["finetune"].values()))) + 1)]
   for name, hist in result["finetune"].items():
     lines.append(f"| {name} | " + " | ".join(
-        f"{h['day_right']['R@1']:.2f} / {h['night_right']['R@1']:.2f}" for h in hist) + " |")
+        f"{h['day_right']['R@1']:.2f} / {h['night_right']['R@1']:.2f}" for h in hist)
+        + f" | {hist[-1].get('loss', float('nan')):.4f} |")
   with open(path + ".tmp", "w") as f:
     f.write("\n".join(lines) + "\n")
   os.replace(path + ".tmp", path)
