@@ -43,16 +43,25 @@ QUERIES = ("day_right", "night_right")
 LAYERS = ("block12", "block15", "block16", "last")
 DEV_PLACES = np.arange(0, 100)          # never the test places 100-199
 TOLERANCE = 2                           # frames (25 m at 10 m spacing)
+RADIUS_M = 25.0
 
 
 def recall_at(query: np.ndarray, database: np.ndarray, places: np.ndarray,
               ns=(1, 5)) -> dict:
-  """R@N of [P, D] query vs [P, D] database descriptors of the same places."""
-  q = query / np.maximum(np.linalg.norm(query, axis=1, keepdims=True), 1e-12)
-  d = database / np.maximum(np.linalg.norm(database, axis=1, keepdims=True), 1e-12)
-  top = np.argsort(-(q @ d.T), axis=1)[:, :max(ns)]
-  hit = np.abs(places[top] - places[:, None]) <= TOLERANCE
-  return {f"R@{n}": float(hit[:, :n].any(1).mean()) for n in ns}
+  """R@N (fraction) of [P, D] query vs [P, D] database descriptors of the same
+  places: cosine ranking, frames on the converter's synthetic UTM (10 m apart),
+  correct within the 25 m radius (= +-2 frames), by `retrieval.recall_at_n`."""
+  from structvpr_jax import retrieval
+  from structvpr_jax.data import layout
+  unit = lambda x: x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+  utm = np.stack([np.zeros(len(places)), layout.FRAME_SPACING_M * np.asarray(places)], 1)
+  rec = retrieval.recall_at_n(unit(query), unit(database), utm, utm, ns, RADIUS_M)
+  return {f"R@{n}": v / 100.0 for n, v in rec.items()}
+
+
+def score(descriptors: dict, places: np.ndarray = DEV_PLACES) -> dict:
+  """{query traverse: recall_at vs day_left} for {traverse: [P, D]} descriptors."""
+  return {t: recall_at(descriptors[t], descriptors["day_left"], places) for t in QUERIES}
 
 
 def preprocess(image, how: str):
@@ -68,15 +77,12 @@ def preprocess(image, how: str):
 
 
 def load_images(traverse: str, size, how: str = "none") -> np.ndarray:
+  """uint8 [200, H, W, 3]: every frame of a traverse, resized, preprocessed."""
   from PIL import Image
-  from structvpr_jax.data import layout
+  from structvpr_jax.data import layout, pipeline
   paths = layout.list_frames(os.path.join(SOURCE, "images", traverse))
-  out = []
-  for p in paths:
-    with Image.open(p) as im:
-      out.append(np.asarray(preprocess(im.convert("RGB").resize(size[::-1], Image.BILINEAR),
-                                       how)))
-  return np.stack(out)
+  return np.stack([np.asarray(preprocess(Image.fromarray(pipeline.read_rgb(p, size)), how))
+                   for p in paths])
 
 
 class Trunk:
@@ -85,12 +91,13 @@ class Trunk:
   def __init__(self):
     import jax
     import jax.numpy as jnp
+    from structvpr_jax.data import pipeline
     from structvpr_jax.models import mobilenet, pretrained
     self.variables = pretrained.load_mobilenet_v2_tflite(TFLITE, num_classes=None)
     model = mobilenet.MobileNetV2(last_activation=True)
 
     def features(x):
-      x = x.astype(jnp.float32) / 127.5 - 1.0     # data.normalization = "tflite"
+      x = pipeline.normalize_rgb(x, "tflite")     # the TFLite file's input range
       _, state = model.apply(self.variables, x, False, mutable=["intermediates"],
                              capture_intermediates=lambda m, n: m.name in LAYERS
                              and n == "__call__")
@@ -119,10 +126,8 @@ def training_free(trunk: Trunk, sizes, log) -> list:
         for kind in ("gap", "gem"):
           if how != "none" and kind != "gap":
             continue
-          d = {t: pool(feats[t][layer][DEV_PLACES], kind) for t in TRAVERSES}
-          row = {"size": list(size), "preprocess": how, "layer": layer, "pool": kind}
-          for t in QUERIES:
-            row[t] = recall_at(d[t], d["day_left"], DEV_PLACES)
+          row = {"size": list(size), "preprocess": how, "layer": layer, "pool": kind,
+                 **score({t: pool(feats[t][layer][DEV_PLACES], kind) for t in TRAVERSES})}
           rows.append(row)
           log(f"{size} {how:13s} {layer:8s} {kind}: day_right R@1 "
               f"{row['day_right']['R@1']:.2f} night_right R@1 {row['night_right']['R@1']:.2f}")
@@ -131,11 +136,11 @@ def training_free(trunk: Trunk, sizes, log) -> list:
 
 def label_map_descriptor(traverse: str, grid) -> np.ndarray:
   """sqrt of per-cell Cityscapes class frequencies of the shipped label maps."""
-  from PIL import Image
+  from structvpr_jax.data import pipeline
   out = []
   for i in DEV_PLACES:
-    with Image.open(os.path.join(SOURCE, "segmentations", traverse, f"Image{i:03d}.png")) as im:
-      labels = np.asarray(im.resize((64, 36), Image.NEAREST)).astype(np.int64)
+    labels = pipeline.read_labels(os.path.join(SOURCE, "segmentations", traverse,
+                                               f"Image{i:03d}.png"), (36, 64)).astype(np.int64)
     h, w = labels.shape
     cells = []
     for a in range(grid[0]):
@@ -149,10 +154,7 @@ def label_map_descriptor(traverse: str, grid) -> np.ndarray:
 def label_maps(log) -> list:
   rows = []
   for grid in ((1, 1), (2, 4), (4, 8)):
-    d = {t: label_map_descriptor(t, grid) for t in TRAVERSES}
-    row = {"grid": list(grid)}
-    for t in QUERIES:
-      row[t] = recall_at(d[t], d["day_left"], DEV_PLACES)
+    row = {"grid": list(grid), **score({t: label_map_descriptor(t, grid) for t in TRAVERSES})}
     rows.append(row)
     log(f"label-map histogram {grid}: day_right R@1 {row['day_right']['R@1']:.2f} "
         f"night_right R@1 {row['night_right']['R@1']:.2f}")
@@ -250,8 +252,7 @@ def finetune(trunk: Trunk, cached: dict, extra_queries: dict, variant: dict, ste
                            for i in range(0, len(x), 50)])
 
   def evaluate(tp):
-    d = {t: describe(tp, feats[t][eval_places]) for t in TRAVERSES}
-    return {t: recall_at(d[t], d["day_left"], eval_places) for t in QUERIES}
+    return score({t: describe(tp, feats[t][eval_places]) for t in TRAVERSES}, eval_places)
 
   pairs = [(t, i, "day_left") for t in QUERIES for i in train_places]
   pairs += [(t, i, "day_left") for t in extra_queries for i in train_places]
@@ -364,8 +365,8 @@ def main(argv=None) -> int:
   result["training_free"] = training_free(trunk, sizes, log)
   result["label_maps"] = label_maps(log)
   size = (144, 256)
-  cached = {t: trunk(load_images(t, size))["block12"] for t in TRAVERSES}
-  day_right = load_images("day_right", size)
+  images = {t: load_images(t, size) for t in TRAVERSES}
+  cached = {t: trunk(images[t])["block12"] for t in TRAVERSES}
   steps = 50 if args.quick else args.steps
   variants = VARIANTS[:2] if args.quick else VARIANTS
   result["finetune"] = {}
@@ -373,7 +374,7 @@ def main(argv=None) -> int:
     extra = {}
     for k in range(variant.get("synthetic_night", 0)):
       rng = np.random.default_rng(100 + k)
-      extra[f"synthetic_night_{k}"] = trunk(synthetic_night(day_right, rng))["block12"]
+      extra[f"synthetic_night_{k}"] = trunk(synthetic_night(images["day_right"], rng))["block12"]
     hist = finetune(trunk, cached, extra, variant, steps)
     result["finetune"][name] = hist
     log(f"{name}: " + ", ".join(f"{h['step']}: {h['day_right']['R@1']:.2f}/"

@@ -13,17 +13,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GARDENS_POINT = os.path.join(REPO, "..", "shared", "data", "gardens_point")
 
 
-def experiment():
+def load_script(name: str):
+  """experiments/<name>.py as a module (the experiments are scripts, not a package)."""
   spec = importlib.util.spec_from_file_location(
-      "gp_experiment", os.path.join(REPO, "experiments", "gardens_point.py"))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod
-
-
-def ceiling():
-  spec = importlib.util.spec_from_file_location(
-      "gp_ceiling", os.path.join(REPO, "experiments", "gardens_point_ceiling.py"))
+      f"experiment_{name}", os.path.join(REPO, "experiments", f"{name}.py"))
   mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mod)
   return mod
@@ -32,7 +25,7 @@ def ceiling():
 def test_ceiling_recall_and_synthetic_night():
   """Hand case for the +-2-frame recall of the ceiling study, and the
   synthetic-night copies are darker, same shape, uint8."""
-  c = ceiling()
+  c = load_script("gardens_point_ceiling")
   places = np.arange(10, 16)
   db = np.eye(6, dtype=np.float32)
   # place = 10 + row. Queries 0-2 retrieve their own place; query 3 (place 13)
@@ -55,7 +48,7 @@ def test_ceiling_recall_and_synthetic_night():
 def test_patch_normalised_descriptor():
   """Hand case: each 8x8 patch has zero mean and unit variance, rows unit norm,
   and the descriptor ignores a global brightness/contrast change."""
-  gp = experiment()
+  gp = load_script("gardens_point")
   rng = np.random.default_rng(0)
   img = rng.integers(0, 256, (32, 64, 3), dtype=np.uint8)
   d = gp.patch_normalised(img[None])
