@@ -354,6 +354,11 @@ def main(argv=None) -> int:
   ap.add_argument("--steps", type=int, default=150)
   ap.add_argument("--quick", action="store_true", help="one size, two variants, 50 steps")
   args = ap.parse_args(argv)
+  for path, what in ((os.path.join(SOURCE, "images"), "Gardens Point images"),
+                     (os.path.join(SOURCE, "segmentations"), "Gardens Point label maps"),
+                     (TFLITE, "ImageNet MobileNetV2 TFLite file")):
+    if not os.path.exists(path):
+      ap.error(f"{path}: {what} not found (see ../shared/data/README.md)")
   t0 = time.time()
   log = lambda msg: print(msg, flush=True)
   trunk = Trunk()
