@@ -23,6 +23,11 @@ def get_config(arg=None):
   c.distributed = False     # jax.distributed.initialize() when True
   c.smoke = smoke
   c.compilation_cache = "default"  # ~/.cache/structvpr_jax/xla; "" disables
+  # A finished stage records the settings it ran with; a command with other
+  # settings on the same workdir stops naming each differing field, unless
+  # rerun_from names that stage or an earlier one (rgb, seg, partition,
+  # distill, eval): then stale stages from there on are removed and redone.
+  c.rerun_from = ""
 
   c.data = ml_collections.ConfigDict()
   c.data.name = "synthetic"   # "synthetic" (generated into the workdir) or "folder"

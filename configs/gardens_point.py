@@ -6,11 +6,11 @@ Command:
   python experiments/gardens_point.py      # + pixel / untrained-ImageNet baselines -> results
 
 Data: `../shared/data/gardens_point` (Glover 2014) is converted into
-`<workdir>/data` by the `gardens_point` preset (`structvpr_jax.data.layout`):
+`<workdir>/data` by the `gardens_point` preset (`structvpr_jax.data.convert`):
 200 frame-aligned places, 10 m apart in synthetic UTM (the 25 m radius is
 +-2 frames, the 10 m training radius +-1 frame); places 0-79 train, 80-99 val,
 100-199 test; day_left is the database, day_right and night_right the
-queries. Label maps: the shipped DeepLab/Cityscapes maps (`segment.py` makes
+queries. Label maps: the shipped DeepLab/Cityscapes maps (`data/segment.py` makes
 them for other data). RGB branch: ImageNet MobileNetV2 from the TFLite file
 ($STRUCTVPR_IMAGENET_TFLITE or ../shared/data/models/).
 
@@ -29,7 +29,7 @@ def get_config(arg=None):
   smoke = args.get("smoke", False)
   c = base.get_config(arg)
   c.mode = "distill"
-  c.data.name = "gardens_point"                 # a layout.PRESETS name: converted into the workdir
+  c.data.name = "gardens_point"                 # a convert.PRESETS name: converted into the workdir
   c.data.source = "../shared/data/gardens_point"
   c.data.max_side = 320                         # converted images: longer side (JPEG re-encode)
   c.data.image_size = (144, 256) if not smoke else (64, 96)   # 16:9 like the frames

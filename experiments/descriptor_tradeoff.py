@@ -15,7 +15,6 @@ In a run the same is `--config.eval.pca_dim=D [--config.eval.pca_whiten=False]`.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -24,19 +23,20 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from structvpr_jax import evaluate, parallel, train, whitening  # noqa: E402
+from structvpr_jax import checkpoint, evaluation, files, parallel, whitening  # noqa: E402
 from structvpr_jax.data import layout  # noqa: E402
+from structvpr_jax.workdir import Workdir  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
 def describe(spec, variables, root, split, mesh):
   vs = layout.read_split(root, split, require_segmentations=spec["view"] == "seg")
-  return vs, evaluate.describe_split(spec, variables, vs, mesh)
+  return vs, evaluation.describe_split(spec, variables, vs, mesh)
 
 
 def recalls(q, db, vs):
-  rep = evaluate.recall_report(q, db, vs.query_utm, vs.database_utm, vs.query_notes())
+  rep = evaluation.recall_report(q, db, vs.query_utm, vs.database_utm, vs.query_notes())
   per = rep.get("per_condition", {})
   row = {f"R@{n}": rep[f"R@{n}"] for n in (1, 5, 10)}
   if per:
@@ -54,8 +54,9 @@ def main():
   args = parser.parse_args()
 
   t0 = time.time()
-  spec, variables, step = train.best_checkpoint_variables(os.path.join(args.workdir, args.stage))
-  root = os.path.join(args.workdir, "data")
+  wd = Workdir(args.workdir)
+  spec, variables, step, _ = checkpoint.restore_variables(wd.checkpoints(args.stage))
+  root = wd.data
   mesh = parallel.make_mesh()
   _, train_desc = describe(spec, variables, root, "train", mesh)
   test_vs, test_desc = describe(spec, variables, root, "test", mesh)
@@ -89,13 +90,8 @@ def main():
   for r in rows:
     lines.append(f"| {r['method']} | {r['dim']} | {4 * r['dim']} | {r['R@1']:.1f} | "
                  f"{r['R@5']:.1f} | {r['R@10']:.1f} | {r.get('mean_condition_R@1', float('nan')):.1f} |")
-  os.makedirs(os.path.dirname(args.out), exist_ok=True)
-  with open(args.out + ".json.tmp", "w") as f:
-    json.dump(out, f, indent=2)
-  os.replace(args.out + ".json.tmp", args.out + ".json")
-  with open(args.out + ".md.tmp", "w") as f:
-    f.write("\n".join(lines) + "\n")
-  os.replace(args.out + ".md.tmp", args.out + ".md")
+  files.write_json(args.out + ".json", out, sort_keys=False)
+  files.write_text(args.out + ".md", "\n".join(lines) + "\n")
   print("\n".join(lines))
 
 

@@ -21,7 +21,6 @@ Selection (checkpoint = best val R@5, places 80-99) never looks at the test plac
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -31,6 +30,11 @@ import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+
+from structvpr_jax import evaluation, files, parallel, train_lib  # noqa: E402
+from structvpr_jax.data import input_pipeline, layout  # noqa: E402
+from structvpr_jax.models import spec as model_spec  # noqa: E402
+from structvpr_jax.workdir import Workdir  # noqa: E402
 
 TRAVERSES = ("day_right", "night_right")
 METHODS = (("pixel", "pixel baseline (64x32 patch-normalised)"),
@@ -72,30 +76,27 @@ def fractions(report: dict) -> dict:
 
 
 def baselines(config, workdir: str) -> dict:
-  import jax  # noqa: F401
-  from structvpr_jax import evaluate, parallel, train
-  from structvpr_jax.data import layout, pipeline
-  root = os.path.join(workdir, "data")
+  root = Workdir(workdir).data
   split = "test"
   vs = layout.read_split(root, split)
   out = {}
   # Pixel baseline at the converted resolution.
-  images = pipeline.SplitImages(vs, tuple(config.data.image_size), views=("rgb",))
+  images = input_pipeline.SplitImages(vs, tuple(config.data.image_size), views=("rgb",))
   db = images.sources["database"].get("rgb", np.arange(vs.num_database))
   q = images.sources["queries"].get("rgb", np.arange(vs.num_queries))
-  rep = evaluate.recall_report(patch_normalised(q), patch_normalised(db), vs.query_utm,
+  rep = evaluation.recall_report(patch_normalised(q), patch_normalised(db), vs.query_utm,
                                vs.database_utm, vs.query_notes(), NS, config.eval.radius)
   out["pixel"] = fractions(rep)
   # The RGB branch as training starts it.
-  spec = train.branch_spec(config, "rgb")
+  spec = model_spec.branch_spec(config, "rgb")
   mesh = parallel.make_mesh()
   tr = layout.read_split(root, "train")
-  tr_images = pipeline.SplitImages(tr, spec["image_size"], views=("rgb",))
-  variables = train.init_variables(spec, config.seed)
-  variables = train.kmeans_netvlad(spec, variables, tr_images.sources["database"], mesh,
-                                   config.train.kmeans_images, config.train.kmeans_per_image,
-                                   config.seed, config.eval.batch_size)
-  rep = evaluate.evaluate_split(spec, variables, root, split, mesh, config.eval.batch_size,
+  tr_images = input_pipeline.SplitImages(tr, spec["image_size"], views=("rgb",))
+  variables = model_spec.init_variables(spec, config.seed)
+  variables = train_lib.kmeans_netvlad(spec, variables, tr_images.sources["database"], mesh,
+                                       config.train.kmeans_images, config.train.kmeans_per_image,
+                                       config.seed, config.eval.batch_size)
+  rep = evaluation.evaluate_split(spec, variables, root, split, mesh, config.eval.batch_size,
                                 NS, config.eval.radius)
   out["imagenet_netvlad"] = fractions(rep)
   out["_init"] = spec["init"]
@@ -120,17 +121,15 @@ def main():
   config = load_config(args.override)
   results = baselines(config, os.path.abspath(args.workdir))
   init = results.pop("_init")
-  with open(os.path.join(args.workdir, "eval", "summary.json")) as f:
-    branches = json.load(f)["branches"]
+  wd = Workdir(os.path.abspath(args.workdir))
+  branches = files.read_json(wd.eval_summary)["branches"]
   for method, stage in (("rgb", "rgb"), ("seg", "seg"), ("structvpr", "distill")):
     results[method] = fractions(branches[stage])
   total_s = time.time() - t0
   stage_s = {}
   for stage in ("rgb", "seg", "distill"):
-    with open(os.path.join(args.workdir, stage, "done.json")) as f:
-      stage_s[stage] = json.load(f).get("seconds_this_run")
-  with open(os.path.join(args.workdir, "partition", "summary.json")) as f:
-    part = json.load(f)
+    stage_s[stage] = wd.done(stage).get("seconds_this_run")
+  part = files.read_json(wd.partition_summary)
   stage_s["partition"] = part.get("seconds")
   groups = ", ".join(f"{g} {part[g]['count']}" for g in ("D1", "D2", "D3", "D4"))
 
@@ -147,7 +146,7 @@ def main():
       f"val places 80-99 only. Input {tuple(config.data.image_size)} (H, W); RGB init "
       f"`{init or 'random'}`. Data: Glover 2014 (doi:10.5281/zenodo.4590133), label maps "
       "by the DeepLab MobileNet-EdgeTPU Cityscapes TFLite model. The partition criterion "
-      "and Eq. 3 weighting are this project's reconstruction (DESIGN.md), not the "
+      "and Eq. 3 weighting are this project's reconstruction (docs/design.md), not the "
       "paper's published constants; these are our numbers, not the paper's.",
       f"Wall time of this invocation: pipeline {pipeline_s:.0f} s (stages already finished "
       f"in the workdir are skipped), total {total_s:.0f} s on {os.cpu_count()} CPU cores. "
@@ -161,11 +160,9 @@ def main():
   for method, label in METHODS:
     cells = [f"{results[method][t][f'R@{n}']:.2f}" for t in TRAVERSES for n in NS]
     lines.append(f"| {label} (`{method}`) | " + " | ".join(cells) + " |")
-  os.makedirs(os.path.dirname(args.out), exist_ok=True)
-  with open(args.out + ".md", "w") as f:
-    f.write("\n".join(lines) + "\n")
-  with open(args.out + ".json", "w") as f:
-    json.dump({"unit": "fraction", **{m: results[m] for m, _ in METHODS}}, f, indent=2)
+  files.write_text(args.out + ".md", "\n".join(lines) + "\n")
+  files.write_json(args.out + ".json", {"unit": "fraction", **{m: results[m] for m, _ in METHODS}},
+                   sort_keys=False)
   print("\n".join(lines))
 
 

@@ -17,7 +17,6 @@ stages are skipped, so an interrupted experiment resumes.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -26,6 +25,10 @@ import time
 import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from structvpr_jax import files  # noqa: E402
+from structvpr_jax.workdir import Workdir  # noqa: E402
 # Stage-2 variants: name -> config overrides. "triplet_only" is the control:
 # the same stage 2 (same steps, student initialised from stage 1) with
 # lambda_kd = 0, so any gain of the KD variants over it is the distillation's
@@ -48,16 +51,18 @@ def run_main(config, workdir, overrides, mode_config=None):
 
 
 def link_stage1(base, variant):
-  os.makedirs(variant, exist_ok=True)
-  for name in ("data", "rgb", "seg"):
-    dst = os.path.join(variant, name)
+  """The variant's workdir reuses the base's data and stage-1 branches."""
+  base, variant = Workdir(base), Workdir(variant)
+  os.makedirs(variant.root, exist_ok=True)
+  for src, dst in ((base.data, variant.data),
+                   (base.stage_dir("rgb"), variant.stage_dir("rgb")),
+                   (base.stage_dir("seg"), variant.stage_dir("seg"))):
     if not os.path.exists(dst):
-      os.symlink(os.path.abspath(os.path.join(base, name)), dst)
+      os.symlink(os.path.abspath(src), dst)
 
 
 def collect(workdir, stage):
-  with open(os.path.join(workdir, "eval", "summary.json")) as f:
-    return json.load(f)["branches"][stage]
+  return files.read_json(Workdir(workdir).eval_summary)["branches"][stage]
 
 
 def main():
@@ -109,7 +114,7 @@ def main():
       "",
       f"Seeds: {args.seeds}. Test split of the synthetic city; Recall@N in percent "
       "(mean ± std over seeds). The partition criterion and Eq. 3 weight are our "
-      "reconstruction (DESIGN.md), not the paper's published constants.",
+      "reconstruction (docs/design.md), not the paper's published constants.",
       f"Wall time: {time.time() - t0:.0f} s on {os.cpu_count()} CPU cores.",
       "",
       "| method | " + " | ".join(f"{c} R@1 | {c} R@5" for c in conditions + ["all"]) + " |",
@@ -127,12 +132,9 @@ def main():
   lines += ["", "Mean R@1 over the appearance-changed conditions "
             f"({', '.join(appearance)}):", ""]
   lines += [f"- {label}: {mean_r1[m]:.1f}" for m, label in methods]
-  os.makedirs(os.path.dirname(args.out), exist_ok=True)
-  with open(args.out + ".md", "w") as f:
-    f.write("\n".join(lines) + "\n")
-  with open(args.out + ".json", "w") as f:
-    json.dump({"unit": "percent", "seeds": args.seeds, "table": table,
-               "mean_r1_appearance": mean_r1}, f, indent=2)
+  files.write_text(args.out + ".md", "\n".join(lines) + "\n")
+  files.write_json(args.out + ".json", {"unit": "percent", "seeds": args.seeds, "table": table,
+                                        "mean_r1_appearance": mean_r1}, sort_keys=False)
   print("\n".join(lines))
 
 

@@ -8,8 +8,8 @@ with these items per step:
              without the run's config), the stage, data position, metrics
   mining     the hard-negative mining cache (numpy arrays)
 The preservation policy keeps the best checkpoint by `val_R@5` and the
-latest one. `restore_for_eval` rebuilds a model from the checkpoint
-directory alone (meta -> model -> abstract tree -> restore).
+latest one. `restore_variables` rebuilds a model from the checkpoint
+directory alone (meta -> spec -> abstract tree -> restore).
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as cm
+
+from structvpr_jax.models import spec as model_spec
 
 BEST_METRIC = "val_R@5"
 
@@ -111,3 +113,23 @@ def resolve_directory(path: str) -> tuple[str, Optional[int]]:
 def abstract_like(tree) -> Any:
   """ShapeDtypeStructs of a (possibly concrete) tree."""
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), tree)
+
+
+def restore_variables(checkpoint_dir: str, step: Optional[int] = None):
+  """(spec, variables, step, meta) from a checkpoint directory alone.
+
+  `checkpoint_dir` is a stage folder, its `checkpoints/` folder or one step
+  folder; without a step the best one (val R@5, then R@1, then latest).
+  """
+  directory, step_from_path = resolve_directory(checkpoint_dir)
+  if not os.path.isdir(directory):
+    raise ValueError(f"checkpoint: {checkpoint_dir} is not a checkpoint directory")
+  mngr = manager(directory, read_only=True)
+  step = step if step is not None else step_from_path
+  step = step if step is not None else best_step(mngr)
+  if step is None:
+    raise ValueError(f"checkpoint: no checkpoint steps in {directory}")
+  meta = read_meta(mngr, step)
+  spec = meta["spec"]
+  restored = restore(mngr, step, model_spec.abstract_variables(spec))
+  return spec, restored["variables"], step, meta

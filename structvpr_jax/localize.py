@@ -26,11 +26,13 @@ import hashlib
 import os
 import time
 
-import jax
+import faiss
 import numpy as np
 
-from structvpr_jax import evaluate, parallel
-from structvpr_jax.data import layout, pipeline
+from structvpr_jax import checkpoint, files, parallel, report
+from structvpr_jax.data import input_pipeline, layout
+from structvpr_jax.evaluation import Extractor
+from structvpr_jax.workdir import Workdir
 
 
 def list_images(folder: str) -> list:
@@ -38,9 +40,9 @@ def list_images(folder: str) -> list:
   if not os.path.isdir(folder):
     raise ValueError(f"{folder}: not a folder")
   out = []
-  for root, dirs, files in os.walk(folder):
+  for root, dirs, names in os.walk(folder):
     dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-    out += [os.path.join(root, f) for f in sorted(files) if layout.is_image_name(f)]
+    out += [os.path.join(root, f) for f in sorted(names) if layout.is_image_name(f)]
   if not out:
     raise ValueError(f"{folder}: no images ({', '.join(layout.IMAGE_EXTENSIONS)})")
   return out
@@ -49,9 +51,9 @@ def list_images(folder: str) -> list:
 def checkpoint_key(checkpoint_dir: str) -> str:
   """Hash of the checkpoint directory's file names, sizes and mtimes."""
   h = hashlib.sha256()
-  for root, dirs, files in os.walk(checkpoint_dir):
+  for root, dirs, names in os.walk(checkpoint_dir):
     dirs.sort()
-    for name in sorted(files):
+    for name in sorted(names):
       st = os.stat(os.path.join(root, name))
       h.update(f"{os.path.relpath(os.path.join(root, name), checkpoint_dir)}:{st.st_size}:"
                f"{st.st_mtime_ns};".encode())
@@ -63,14 +65,14 @@ def describe_paths(spec: dict, variables, paths: list, batch_size: int,
   """float32 [len(paths), D] descriptors of image files (rgb) or label maps (seg)."""
   mesh = parallel.make_mesh()
   seg = spec["view"] == "seg"
-  source = pipeline.ImageSource(paths, paths if seg else None, spec["image_size"],
-                                cache=False)
-  extractor = evaluate.Extractor(spec, mesh, batch_size)
+  source = input_pipeline.ImageSource(paths, paths if seg else None, spec["image_size"],
+                                      cache=False)
+  extractor = Extractor(spec, mesh, batch_size)
   return extractor(parallel.replicate(variables, mesh), source, progress=progress,
                    desc="describe")
 
 
-def run_extract(config, workdir: str) -> dict:
+def run_extract(config, wd: Workdir) -> dict:
   """Descriptors of every image in config.extract.images -> npy + names + meta."""
   if not config.get("checkpoint"):
     raise ValueError("checkpoint: set --config.checkpoint=DIR (an Orbax checkpoint directory)")
@@ -78,35 +80,22 @@ def run_extract(config, workdir: str) -> dict:
   if not folder:
     raise ValueError("extract.images: set the image folder to describe")
   paths = list_images(folder)
-  spec, variables, step, _ = evaluate.restore_variables(config.checkpoint)
+  spec, variables, step, _ = checkpoint.restore_variables(config.checkpoint)
   t0 = time.time()
   desc = describe_paths(spec, variables, paths, config.eval.batch_size)
-  out = config.extract.out or os.path.join(workdir, "descriptors")
+  out = config.extract.out or wd.path("descriptors")
   os.makedirs(out, exist_ok=True)
   names = [os.path.relpath(p, folder) for p in paths]
   meta = {"checkpoint": os.path.abspath(config.checkpoint), "step": step, "spec": spec,
           "images": os.path.abspath(folder), "count": len(paths), "dim": int(desc.shape[1]),
           "seconds": time.time() - t0}
-  if jax.process_index() == 0:
-    _save_npy(os.path.join(out, "descriptors.npy"), desc)
-    _write_text(os.path.join(out, "names.txt"), "\n".join(names) + "\n")
-    evaluate.write_json_atomic(os.path.join(out, "meta.json"), meta)
+  if parallel.is_main_process():
+    files.save_npy(os.path.join(out, "descriptors.npy"), desc)
+    files.write_text(os.path.join(out, "names.txt"), "\n".join(names) + "\n")
+    files.write_json(os.path.join(out, "meta.json"), meta)
   print(f"[extract] {len(paths)} images -> {out}/descriptors.npy [{len(paths)}, "
         f"{desc.shape[1]}] float32 ({len(paths) / max(meta['seconds'], 1e-9):.1f} img/s)")
   return meta
-
-
-def _save_npy(path: str, array: np.ndarray) -> None:
-  tmp = f"{path}.tmp{os.getpid()}.npy"
-  np.save(tmp, array)
-  os.replace(tmp, path)
-
-
-def _write_text(path: str, text: str) -> None:
-  tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "w") as f:
-    f.write(text)
-  os.replace(tmp, path)
 
 
 def database_utm(folder: str, paths: list, utm_csv: str = "") -> np.ndarray:
@@ -139,16 +128,15 @@ def _database_folder(folder: str) -> str:
   return folder
 
 
-def cached_database(config, workdir: str, spec: dict, variables) -> dict:
+def cached_database(config, wd: Workdir, spec: dict, variables) -> dict:
   """{paths, utm, descriptors, index, cache_dir, reused} for config.localize.database."""
-  import faiss
   folder = _database_folder(config.localize.database)
   paths = list_images(folder)
   key = hashlib.sha256((checkpoint_key(config.checkpoint) + "|" + "|".join(
       f"{os.path.relpath(p, folder)}:{os.path.getsize(p)}" for p in paths)).encode()).hexdigest()[:16]
   cache_dir = os.path.join(folder, ".structvpr_cache", key)
   if not os.access(folder, os.W_OK):
-    cache_dir = os.path.join(workdir, "cache", key)
+    cache_dir = wd.path("cache", key)
   desc_path = os.path.join(cache_dir, "descriptors.npy")
   index_path = os.path.join(cache_dir, "index.faiss")
   utm = database_utm(folder, paths, config.localize.get("utm_csv", ""))
@@ -158,18 +146,15 @@ def cached_database(config, workdir: str, spec: dict, variables) -> dict:
   desc = describe_paths(spec, variables, paths, config.eval.batch_size)
   index = faiss.IndexFlatL2(desc.shape[1])
   index.add(np.ascontiguousarray(desc))
-  os.makedirs(cache_dir, exist_ok=True)
-  tmp = f"{index_path}.tmp{os.getpid()}"
-  faiss.write_index(index, tmp)
-  os.replace(tmp, index_path)
-  _save_npy(desc_path, desc)       # written last: its presence marks a complete entry
-  _write_text(os.path.join(cache_dir, "names.txt"),
+  files.atomic_write(index_path, lambda tmp: faiss.write_index(index, tmp))
+  files.save_npy(desc_path, desc)       # written last: its presence marks a complete entry
+  files.write_text(os.path.join(cache_dir, "names.txt"),
               "\n".join(os.path.relpath(p, folder) for p in paths) + "\n")
   return {"paths": paths, "utm": utm, "descriptors": desc, "index": index,
           "cache_dir": cache_dir, "reused": False}
 
 
-def run_localize(config, workdir: str) -> dict:
+def run_localize(config, wd: Workdir) -> dict:
   """Top-k database matches of one query photo; prints them and saves a picture."""
   if not config.get("checkpoint"):
     raise ValueError("checkpoint: set --config.checkpoint=DIR (an Orbax checkpoint directory)")
@@ -178,12 +163,12 @@ def run_localize(config, workdir: str) -> dict:
     raise ValueError(f"localize.query={query!r}: not an image file")
   if not config.localize.database:
     raise ValueError("localize.database: set the database folder (layout root or images)")
-  spec, variables, step, _ = evaluate.restore_variables(config.checkpoint)
+  spec, variables, step, _ = checkpoint.restore_variables(config.checkpoint)
   if spec["view"] != "rgb":
     raise ValueError(f"checkpoint: {config.checkpoint} is a {spec['branch']} branch; "
                      "localisation needs an RGB branch (rgb or distill)")
   t0 = time.time()
-  db = cached_database(config, workdir, spec, variables)
+  db = cached_database(config, wd, spec, variables)
   t_db = time.time() - t0
   q = describe_paths(spec, variables, [query], 1, progress=False)
   k = int(min(config.localize.top_k, len(db["paths"])))
@@ -211,10 +196,10 @@ def run_localize(config, workdir: str) -> dict:
           + (f"  {r['metres_from_query']:>6.1f}" if q_utm is not None else "")
           + f"  {os.path.basename(r['image'])}")
   stem = os.path.splitext(os.path.basename(query))[0][:60] or "query"
-  picture = os.path.join(workdir, f"localize_{stem}.png")
-  if jax.process_index() == 0:
+  picture = wd.path(f"localize_{stem}.png")
+  if parallel.is_main_process():
     _plot(query, rows, spec["image_size"], picture)
-    evaluate.write_json_atomic(os.path.join(workdir, f"localize_{stem}.json"),
+    files.write_json(wd.path(f"localize_{stem}.json"),
                                {"query": os.path.abspath(query), "step": step,
                                 "checkpoint": os.path.abspath(config.checkpoint),
                                 "matches": rows})
@@ -223,18 +208,17 @@ def run_localize(config, workdir: str) -> dict:
 
 
 def _plot(query: str, rows: list, image_size, path: str) -> None:
-  from structvpr_jax import report
-  plt = report._plt()
+  plt = report.plt
   h, w = image_size
   fig, axes = plt.subplots(1, len(rows) + 1, figsize=(2.2 * (len(rows) + 1), 2.2 * h / w + 0.6))
-  axes[0].imshow(pipeline.read_rgb(query, image_size))
+  axes[0].imshow(input_pipeline.read_rgb(query, image_size))
   axes[0].set_title("query", fontsize=8)
   for ax, r in zip(axes[1:], rows):
-    ax.imshow(pipeline.read_rgb(r["image"], image_size))
+    ax.imshow(input_pipeline.read_rgb(r["image"], image_size))
     ax.set_title(f"#{r['rank']} ({r['utm_east']:.0f}, {r['utm_north']:.0f})\n"
                  f"d={r['descriptor_distance']:.3f}", fontsize=7)
   for ax in axes:
     ax.set_xticks([])
     ax.set_yticks([])
   fig.tight_layout()
-  report._save(fig, path)
+  report.save_figure(fig, path)

@@ -1,6 +1,6 @@
 """Training losses (pure, jittable): triplet margin loss and weighted KD.
 
-DESIGN.md section 4:
+docs/design.md, "Losses":
   L_triplet = mean over valid (b, m) of max(0, ||q_b - p_b|| - ||q_b - n_bm|| + margin)
   L_KD      = sum_i w_i ||s_i - stop_grad(t_i)||^2 / B   (L2-normalised s, t)
   L         = L_triplet(student) + lambda * L_KD         (stage 2)
@@ -13,7 +13,13 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-from structvpr_jax.models.netvlad import l2_normalize
+L2_EPS = 1e-12
+
+
+def l2_normalize(x: jax.Array, axis: int = -1, eps: float = L2_EPS) -> jax.Array:
+  """x / max(||x||, eps) along `axis` (zero vectors stay zero, grads finite)."""
+  sq = jnp.sum(jnp.square(x), axis=axis, keepdims=True)
+  return x * jax.lax.rsqrt(jnp.maximum(sq, eps * eps))
 
 
 def _safe_norm(x: jax.Array, axis: int = -1) -> jax.Array:
@@ -48,7 +54,7 @@ def triplet_margin_loss(q: jax.Array, p: jax.Array, n: jax.Array, margin: float 
 
 
 def distill_loss(student: jax.Array, teacher: jax.Array, weights: jax.Array) -> jax.Array:
-  """Per-sample weighted descriptor distillation (DESIGN.md section 4).
+  """Per-sample weighted descriptor distillation (docs/design.md, "Distillation loss").
 
   Args:
     student: [B, D] student (RGB) descriptors; gradients flow into these.

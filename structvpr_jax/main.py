@@ -1,7 +1,10 @@
-"""Entry point: parse flags and a config file, log the environment, dispatch.
+"""Entry point: parse flags and a config file, log the environment, hand over.
 
   python -m structvpr_jax.main --config=configs/distill.py [--workdir=DIR]
       [--config.field=value ...]
+
+`config.mode` picks the entry in `MODES` (a dict, flax/scenic style); each
+takes (config, workdir.Workdir). Bad input is one `error:` line, exit 2.
 """
 
 import json
@@ -15,8 +18,15 @@ if __name__ == "__main__":
   from structvpr_jax import hugepages
   hugepages.reexec_with_hugepages()
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+import flax  # noqa: E402
+import jax  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+# Importing the package runs no JAX computation, so jax.distributed can still
+# be initialised in _main (tested: tests/test_multihost.py).
+from structvpr_jax import files, localize, parallel, pipeline, report, workdir  # noqa: E402
+from structvpr_jax.data import segment  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:arg]).",
                                           lock_config=True)
@@ -56,58 +66,77 @@ def _drop_orbax_read_only_notes(record) -> bool:
   return not (record.pathname.endswith("checkpoint_manager.py") and "read only" in msg)
 
 
+def _run_extract(config, wd):
+  return localize.run_extract(config, wd)
+
+
+def _run_localize(config, wd):
+  return localize.run_localize(config, wd)
+
+
+def _run_eval(config, wd):
+  out = pipeline.run_eval(config, wd)  # writes config.json
+  print(json.dumps({k: v for k, v in out.items() if k.startswith("R@")}))
+  return out
+
+
+def _run_report(config, wd):
+  del config
+  print(f"report: {report.write_report(wd)}")
+
+
+def _run_segment(config, wd):
+  del wd
+  return segment.run(config)
+
+
+# config.mode -> entry(config, Workdir). "distill" is the original name of the
+# whole-pipeline mode (configs/distill.py keeps it); "structvpr" is the same.
+MODES = {
+    "structvpr": lambda c, wd: pipeline.run_structvpr(c, wd),
+    "distill": lambda c, wd: pipeline.run_structvpr(c, wd),
+    "train_rgb": lambda c, wd: pipeline.run_stage1(c, wd, "rgb"),
+    "train_seg": lambda c, wd: pipeline.run_stage1(c, wd, "seg"),
+    "partition": lambda c, wd: pipeline.run_partition(c, wd),
+    "eval": _run_eval,
+    "extract": _run_extract,
+    "localize": _run_localize,
+    "report": _run_report,
+    "segment": _run_segment,
+}
+
+
+# Modes whose workdir gets the command's config.json here; the pipeline modes
+# write it themselves once the workdir's records agree with the command, and
+# report mode only reads what the stages recorded.
+WRITES_CONFIG = ("extract", "localize", "segment")
+
+
 def _main(argv):
   del argv
   config = _CONFIG.value
   if config is None:
     raise app.UsageError("--config is required, e.g. --config=configs/distill.py")
+  if config.mode not in MODES:
+    raise app.UsageError(f"unknown config.mode {config.mode!r}; expected one of "
+                         f"{sorted(MODES)}")
   if config.get("distributed", False):
-    from structvpr_jax import parallel
     parallel.initialize_distributed()
-  import flax
-  import jax
-  workdir = _WORKDIR.value or config.get("workdir") or default_workdir(
+  root = _WORKDIR.value or config.get("workdir") or default_workdir(
       flags.FLAGS["config"].config_filename)
   logging.info("jax %s, flax %s; process %d/%d; devices: %s; GLIBC_TUNABLES=%r",
                jax.__version__, flax.__version__, jax.process_index(), jax.process_count(),
                jax.devices(), os.environ.get("GLIBC_TUNABLES", ""))
-  os.makedirs(workdir, exist_ok=True)
-  if jax.process_index() == 0:
-    path = os.path.join(workdir, "config.json")
-    with open(path + ".tmp", "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
-    os.replace(path + ".tmp", path)
+  wd = workdir.Workdir(root)
+  os.makedirs(root, exist_ok=True)
+  if parallel.is_main_process() and config.mode in WRITES_CONFIG:
+    files.write_text(wd.config_json, config.to_json_best_effort(indent=2))
   _enable_compilation_cache(config)
-  from structvpr_jax import evaluate, train
-  mode = config.mode
-  if mode == "distill":
-    train.run_structvpr(config, workdir)
-  elif mode in ("train_rgb", "train_seg"):
-    train.train_stage(config, workdir, mode.split("_")[1])
-  elif mode == "partition":
-    train.run_partition(config, workdir)
-  elif mode == "eval":
-    out = evaluate.run(config, workdir)
-    print(json.dumps({k: v for k, v in out.items() if k.startswith("R@")}))
-  elif mode == "extract":
-    from structvpr_jax import localize
-    localize.run_extract(config, workdir)
-  elif mode == "localize":
-    from structvpr_jax import localize
-    localize.run_localize(config, workdir)
-  elif mode == "report":
-    from structvpr_jax import report
-    print(f"report: {report.write_report(workdir)}")
-  elif mode == "segment":
-    from structvpr_jax import segment
-    segment.run(config)
-  else:
-    raise app.UsageError(f"unknown config.mode {mode!r}")
+  MODES[config.mode](config, wd)
 
 
 def _enable_compilation_cache(config) -> None:
   """JAX persistent compilation cache (reruns and later stages skip XLA compiles)."""
-  import jax
   path = config.get("compilation_cache", "default")
   if path == "default":
     path = os.path.join(os.path.expanduser("~"), ".cache", "structvpr_jax", "xla")

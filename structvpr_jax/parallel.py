@@ -19,7 +19,6 @@ import os
 from typing import Any, Callable, Optional, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 from jax import lax
@@ -192,6 +191,13 @@ def is_main_process() -> bool:
   return jax.process_index() == 0
 
 
+def sync(name: str) -> None:
+  """Waits until every process reaches this point (no-op on one process)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # noqa: PLC0415  multi-host only
+    multihost_utils.sync_global_devices(name)
+
+
 __all__ = ["DATA_AXIS", "make_mesh", "replicate", "shard_batch", "pad_to_multiple", "unpad",
            "data_parallel_train_step", "data_parallel_apply", "initialize_distributed",
-           "is_main_process", "replicated", "batch_sharded"]
+           "is_main_process", "sync", "replicated", "batch_sharded"]

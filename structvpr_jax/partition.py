@@ -2,7 +2,7 @@
 
 The paper partitions training samples by how the two stage-1 branches
 retrieve them and weights the distillation per sample, but gives neither the
-criterion nor the exact weight function. DESIGN.md section 4 fixes this
+criterion nor the exact weight function. docs/design.md ("Partition and weights") fixes this
 reconstruction (**ours**):
 
 For branch b and training query i (descriptor distances, unsquared L2):
@@ -21,11 +21,14 @@ Ablation kinds: "sigmoid" (default), "group" (a constant per group),
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
+
+from structvpr_jax.parallel import DATA_AXIS
 
 WEIGHTINGS = ("sigmoid", "group", "uniform", "teacher_only")
 GROUP_NAMES = ("excluded", "D1", "D2", "D3", "D4")
@@ -109,8 +112,6 @@ def _retrieval_margins_jit(q_desc, db_desc, q_utm, db_utm, *, pos_radius, neg_ra
                             block_size=block_size)
   if mesh is None or mesh.size == 1:
     return Margins(*local(q_desc, q_utm, db_desc, db_utm))
-  from jax.sharding import PartitionSpec as P
-  from structvpr_jax.parallel import DATA_AXIS
   nq = q_desc.shape[0]
   per_device = -(-nq // mesh.size)
   pad = per_device * mesh.size - nq

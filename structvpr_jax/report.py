@@ -1,8 +1,10 @@
-"""Run reports: Recall@N curves, retrieval examples, training curves, report.md.
+"""Run reports: Recall@N curves, retrieval examples, training curves, tables, report.md.
 
-All figures are written with matplotlib's headless Agg backend (or PIL) to a
-temporary name and renamed when complete. `write_report(workdir)` gathers
-what a finished run left in its workdir:
+All figures are drawn with matplotlib's headless Agg backend and written
+atomically (`save_figure` -> `files.atomic_write`). `write_report(wd)`
+gathers what a finished run left in its workdir (a `workdir.Workdir`); every
+setting it prints comes from the stages' own records, never from the
+command that asks for the report:
 
   <workdir>/report.md                 tables + pictures, links relative
   <workdir>/eval/recall_at_n.png      R@N of every evaluated branch (overall + per condition)
@@ -14,29 +16,33 @@ what a finished run left in its workdir:
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Optional, Sequence
 
+import matplotlib
 import numpy as np
 
+matplotlib.use("Agg")  # headless: before pyplot is imported
+import matplotlib.pyplot as plt  # noqa: E402
+
+from structvpr_jax import files, partition  # noqa: E402
+from structvpr_jax.data import input_pipeline, layout  # noqa: E402
+from structvpr_jax.workdir import Workdir  # noqa: E402
+
 COLORS = {"rgb": "#1f77b4", "seg": "#2ca02c", "distill": "#d62728"}
+# The branches of a StructVPR run, in pipeline order, with their table labels.
+BRANCH_LABELS = {"rgb": "stage-1 RGB", "seg": "seg teacher",
+                 "distill": "StructVPR-distilled RGB"}
 
 
-def _plt():
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  return plt
-
-
-def _save(fig, path: str) -> str:
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = f"{path}.tmp{os.getpid()}.png"
-  fig.savefig(tmp, dpi=110, bbox_inches="tight")
-  _plt().close(fig)
-  os.replace(tmp, path)
-  return path
+def save_figure(fig, path: str, dpi: int = 110, tight: bool = True) -> str:
+  """Writes a matplotlib figure atomically (PNG by the extension) and closes it;
+  `tight` crops the margins."""
+  kwargs = {"bbox_inches": "tight"} if tight else {}
+  try:
+    return files.atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=dpi, **kwargs))
+  finally:
+    plt.close(fig)
 
 
 def _recall_curve(record: dict):
@@ -51,7 +57,6 @@ def plot_recall_curves(branches: dict, path: str, title: str = "") -> str:
     branches: {stage: recall record} as in eval/summary.json ("R@n" keys in
       percent, optional "per_condition" and "label").
   """
-  plt = _plt()
   conditions = sorted({c for r in branches.values() for c in r.get("per_condition", {})})
   panels = ["all"] + conditions
   fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.2), squeeze=False)
@@ -74,7 +79,7 @@ def plot_recall_curves(branches: dict, path: str, title: str = "") -> str:
   if title:
     fig.suptitle(title, fontsize=10)
   fig.tight_layout()
-  return _save(fig, path)
+  return save_figure(fig, path)
 
 
 def pick_example_queries(notes: Sequence[str], per_condition: int = 2, seed: int = 0) -> np.ndarray:
@@ -101,7 +106,6 @@ def plot_examples(query_images: np.ndarray, db_images: np.ndarray, predictions: 
     correct: bool [Q, >=k].
     labels: Q row titles (e.g. condition).
   """
-  plt = _plt()
   q = len(query_images)
   fig, axes = plt.subplots(q, k + 1, figsize=(1.9 * (k + 1), 1.55 * q + 0.3), squeeze=False)
   for i in range(q):
@@ -123,17 +127,16 @@ def plot_examples(query_images: np.ndarray, db_images: np.ndarray, predictions: 
   if title:
     fig.suptitle(title, fontsize=10)
   fig.tight_layout()
-  return _save(fig, path)
+  return save_figure(fig, path)
 
 
 def examples_for_split(root: str, split: str, predictions: np.ndarray, image_size,
                        radius: float, path: str, title: str = "", per_condition: int = 2,
                        k: int = 5) -> str:
   """examples.png for the predictions of one evaluated split (reads the images)."""
-  from structvpr_jax.data import layout, pipeline
   vs = layout.read_split(root, split)
   picks = pick_example_queries(vs.query_notes(), per_condition)
-  images = pipeline.SplitImages(vs, image_size, views=("rgb",), cache=False)
+  images = input_pipeline.SplitImages(vs, image_size, views=("rgb",), cache=False)
   preds = np.asarray(predictions)[picks, :k]
   dists = np.linalg.norm(vs.query_utm[picks][:, None, :] - vs.database_utm[preds], axis=-1)
   q_img = images.sources["queries"].get("rgb", picks)
@@ -147,14 +150,10 @@ def examples_for_split(root: str, split: str, predictions: np.ndarray, image_siz
 
 def plot_training_curves(metrics_path: str, path: str) -> Optional[str]:
   """training_curves.png: loss per step and val R@5 per stage, from metrics.jsonl."""
-  if not os.path.exists(metrics_path):
-    return None
-  with open(metrics_path) as f:
-    records = [json.loads(line) for line in f if line.strip()]
+  records = files.read_jsonl(metrics_path)
   stages = [s for s in ("rgb", "seg", "distill") if any(r.get("stage") == s for r in records)]
   if not stages:
     return None
-  plt = _plt()
   fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
   for s in stages:
     tr = [r for r in records if r.get("stage") == s and "loss" in r]
@@ -173,76 +172,111 @@ def plot_training_curves(metrics_path: str, path: str) -> Optional[str]:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
   fig.tight_layout()
-  return _save(fig, path)
+  return save_figure(fig, path)
 
 
-def _ordered(branches: dict) -> dict:
+
+
+def plot_groups(result: dict, path: str) -> str:
+  """groups.png: training queries per partition group and the Eq. 3 weight
+  histogram of each group (`result`: the partition's "groups", "weights")."""
+  groups, weights = result["groups"], result["weights"]
+  fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+  names = list(partition.GROUP_NAMES)
+  counts = [int(np.sum(groups == g)) for g in range(len(names))]
+  colors = ["#999999", "#4c72b0", "#55a868", "#c44e52", "#8172b2"]
+  axes[0].bar(names, counts, color=colors)
+  axes[0].set_title("training queries per group")
+  for g in range(1, 5):
+    sel = groups == g
+    if sel.any():
+      axes[1].hist(weights[sel], bins=20, range=(0, 1), alpha=0.6, label=names[g],
+                   color=colors[g])
+  axes[1].set_title("distillation weight (Eq. 3, ours)")
+  axes[1].set_xlabel("weight")
+  axes[1].legend()
+  fig.tight_layout()
+  return save_figure(fig, path, dpi=100, tight=False)
+
+
+def ordered(branches: dict) -> dict:
   """rgb, seg, distill first (pipeline order), then anything else."""
-  order = ["rgb", "seg", "distill"]
+  order = list(BRANCH_LABELS)
   keys = [k for k in order if k in branches] + [k for k in branches if k not in order]
   return {k: branches[k] for k in keys}
 
 
-def _table(branches: dict) -> str:
-  from structvpr_jax.train import format_table
-  return format_table(_ordered(branches))
+def format_table(table: dict) -> str:
+  """Markdown table: R@1/5/10 per query condition for each branch."""
+  conditions = sorted({c for r in table.values() for c in r.get("per_condition", {})})
+  header = "| branch | " + " | ".join(f"{c} R@1/5/10" for c in conditions + ["all"]) + " |"
+  lines = [header, "|" + "---|" * (len(conditions) + 2)]
+  for stage, r in table.items():
+    cells = []
+    for c in conditions + ["all"]:
+      rec = r if c == "all" else r.get("per_condition", {}).get(c)
+      cells.append("-" if rec is None else
+                   f"{rec['R@1']:.1f}/{rec['R@5']:.1f}/{rec['R@10']:.1f}")
+    lines.append(f"| {r.get('label', stage)} | " + " | ".join(cells) + " |")
+  return "\n".join(lines)
 
 
-def write_report(workdir: str) -> str:
+def settings_line(wd: Workdir) -> Optional[str]:
+  """One sentence of the settings the run's results were made with, read from
+  the stages' records (distill, else partition, else any trained stage)."""
+  recorded = {}
+  for stage in ("rgb", "seg", "partition", "distill"):
+    rec = wd.record(stage)
+    if rec is not None:
+      recorded.update(rec.get("config", {}))
+  if not recorded:
+    return None
+  data_where = recorded.get("data.root") or recorded.get("data.source") or ""
+  text = (f"Data: `{recorded.get('data.name')}`{' ' + data_where if data_where else ''}, input "
+          f"{tuple(recorded.get('data.image_size', ()))}; seed {recorded.get('seed')}")
+  if "distill.weighting" in recorded:
+    lam = recorded.get("distill.lambda_kd")
+    text += (f"; distillation weighting `{recorded['distill.weighting']}` (beta "
+             f"{recorded.get('distill.beta')}" + ("" if lam is None else f", lambda {lam}")
+             + ")")
+  return text + ". Settings of each stage: its `done.json` / `summary.json` (`config`)."
+
+
+def write_report(wd: Workdir) -> str:
   """<workdir>/report.md from whatever the run produced; returns its path."""
   def rel(p):
-    return os.path.relpath(p, workdir)
+    return os.path.relpath(p, wd.root)
 
-  lines = [f"# StructVPR run report: `{os.path.abspath(workdir)}`", ""]
-  cfg_path = os.path.join(workdir, "config.json")
-  if os.path.exists(cfg_path):
-    with open(cfg_path) as f:
-      cfg = json.load(f)
-    data = cfg.get("data", {})
-    lines += [f"Data: `{data.get('name')}` {data.get('root') or ''}, input "
-              f"{tuple(data.get('image_size', ()))}; seed {cfg.get('seed')}; distillation "
-              f"weighting `{cfg.get('distill', {}).get('weighting')}` (beta "
-              f"{cfg.get('distill', {}).get('beta')}, lambda "
-              f"{cfg.get('distill', {}).get('lambda_kd')}). Full config: `config.json`.", ""]
-  summary_path = os.path.join(workdir, "eval", "summary.json")
-  if os.path.exists(summary_path):
-    with open(summary_path) as f:
-      summary = json.load(f)
+  lines = [f"# StructVPR run report: `{os.path.abspath(wd.root)}`", ""]
+  settings = settings_line(wd)
+  if settings:
+    lines += [settings, ""]
+  if os.path.exists(wd.eval_summary):
+    summary = files.read_json(wd.eval_summary)
     branches = summary["branches"]
     lines += [f"## Recall@N on the {summary.get('split', 'test')} split (percent; R@1/5/10)",
-              "", _table(branches), ""]
-    curves = os.path.join(workdir, "eval", "recall_at_n.png")
-    plot_recall_curves(_ordered(branches), curves, f"{summary.get('split', 'test')} split")
-    lines += [f"![Recall@N]({rel(curves)})", ""]
-    examples = os.path.join(workdir, "eval", "examples.png")
-    if os.path.exists(examples):
+              "", format_table(ordered(branches)), ""]
+    plot_recall_curves(ordered(branches), wd.recall_png, f"{summary.get('split', 'test')} split")
+    lines += [f"![Recall@N]({rel(wd.recall_png)})", ""]
+    if os.path.exists(wd.examples_png):
       lines += ["## Retrieval examples (distilled RGB branch; green = within the radius)", "",
-                f"![examples]({rel(examples)})", ""]
-  part = os.path.join(workdir, "partition", "summary.json")
-  if os.path.exists(part):
-    with open(part) as f:
-      ps = json.load(f)
+                f"![examples]({rel(wd.examples_png)})", ""]
+  if os.path.exists(wd.partition_summary):
+    ps = files.read_json(wd.partition_summary)
     lines += ["## Partition of the training queries", "",
               "| group | count | mean weight |", "|---|---|---|"]
     for k, v in ps.items():
       if isinstance(v, dict) and "count" in v:
         mw = v.get("mean_weight")
         lines.append(f"| {k} | {v['count']} | {'-' if mw is None else f'{mw:.3f}'} |")
-    groups = os.path.join(workdir, "partition", "groups.png")
-    if os.path.exists(groups):
-      lines += ["", f"![groups]({rel(groups)})"]
+    if os.path.exists(wd.groups_png):
+      lines += ["", f"![groups]({rel(wd.groups_png)})"]
     lines.append("")
-  curves = plot_training_curves(os.path.join(workdir, "metrics.jsonl"),
-                                os.path.join(workdir, "training_curves.png"))
+  curves = plot_training_curves(wd.metrics, wd.training_curves_png)
   if curves:
     lines += ["## Training", "", f"![training curves]({rel(curves)})", ""]
-  montage = os.path.join(workdir, "data", "montage.png")
+  montage = os.path.join(wd.data, "montage.png")
   if os.path.exists(montage):
     lines += ["## Data (synthetic city: one place under every condition)", "",
               f"![montage]({rel(montage)})", ""]
-  path = os.path.join(workdir, "report.md")
-  tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "w") as f:
-    f.write("\n".join(lines))
-  os.replace(tmp, path)
-  return path
+  return files.write_text(wd.report_md, "\n".join(lines))

@@ -3,7 +3,7 @@
 StructVPR feeds the seg branch with encoded label maps rather than raw class
 ids. The paper describes grouping semantic classes and weighting the groups
 but does not publish the grouping; the default tables below are **ours**
-(DESIGN.md section 4), selectable via `grouping(kind)` for ablations:
+(docs/design.md, "SLME"), selectable via `grouping(kind)` for ablations:
 
 - ``"slme"`` (default, ours): Cityscapes-19 into G=5 live groups — flat
   {road, sidewalk} 0.5, construction {building, wall, fence} 1.0, object

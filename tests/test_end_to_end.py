@@ -224,3 +224,48 @@ def test_eight_devices_match_one_device(run1, tmp_path, cache):
   assert set(eight_table) == {"rgb", "seg", "distill"}
   for branch, rec in eight_table.items():
     assert 0 <= rec["R@1"] <= rec["R@5"] <= 100 and rec["num_queries"] > 0, branch
+
+
+def test_other_settings_stop_and_rerun_from_redoes_stale_stages(run1, tmp_path, cache):
+  """A command with other distill settings on a finished workdir stops before any
+  compute naming each field; with rerun_from=partition the partition and stage 2
+  are redone, stage 1 is kept, and the report states the settings of the results."""
+  import shutil
+  workdir, _ = run1
+  copy = str(tmp_path / "copy")
+  shutil.copytree(workdir, copy, symlinks=True)
+  before = [json.loads(l) for l in open(os.path.join(copy, "metrics.jsonl"))]
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  new = ["--config.distill.weighting=uniform", "--config.distill.lambda_kd=0.1"]
+  proc = subprocess.run([sys.executable, "-m", "structvpr_jax.main",
+                         "--config=configs/distill.py:smoke", f"--workdir={copy}", *COMMON,
+                         *new, f"--config.compilation_cache={cache}"],
+                        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  err = proc.stderr.strip().splitlines()[-1]
+  assert err.startswith("error: ")
+  assert "distill.weighting: recorded 'sigmoid', now 'uniform'" in err
+  assert "distill.lambda_kd: recorded 1.0, now 0.1" in err
+  assert "rerun_from=partition" in err
+  with open(os.path.join(copy, "config.json")) as f:     # the refused command left no trace
+    assert json.load(f)["distill"]["weighting"] == "sigmoid"
+  out = main("configs/distill.py:smoke", copy, *new, "--config.rerun_from=partition",
+             cache=cache)
+  assert "[rgb] already finished" in out and "[seg] already finished" in out
+  assert "[partition] already finished" not in out and "[distill] already finished" not in out
+  with open(os.path.join(copy, "partition", "summary.json")) as f:
+    assert json.load(f)["config"]["distill.weighting"] == "uniform"
+  with open(os.path.join(copy, "distill", "done.json")) as f:
+    done = json.load(f)
+  assert done["config"]["distill.lambda_kd"] == 0.1
+  after = [json.loads(l) for l in open(os.path.join(copy, "metrics.jsonl"))]
+  count = lambda recs, s: sum(r["stage"] == s for r in recs)
+  assert count(after, "distill") == count(before, "distill")    # old stage-2 lines removed
+  assert count(after, "rgb") == count(before, "rgb")
+  with open(os.path.join(copy, "report.md")) as f:
+    md = f.read()
+  assert "weighting `uniform` (beta 10.0, lambda 0.1)" in md
+  # report mode with the default command reads the records, not the command
+  main("configs/distill.py:smoke", copy, "--config.mode=report", cache=cache)
+  with open(os.path.join(copy, "report.md")) as f:
+    assert "weighting `uniform` (beta 10.0, lambda 0.1)" in f.read()

@@ -6,8 +6,11 @@ import os
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
+
+from structvpr_jax import parallel, train_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GARDENS_POINT = os.path.join(REPO, "..", "shared", "data", "gardens_point")
@@ -44,6 +47,49 @@ def test_ceiling_recall_and_synthetic_night():
   assert night.shape == img.shape and night.dtype == np.uint8
   assert night.astype(float).mean() < 0.6 * img.astype(float).mean()
 
+
+
+def test_ceiling_finetune_mining_and_frozen_step():
+  """The ceiling study's fine-tuning on library code: the miner's triplets keep
+  positives within +-1 frame and negatives beyond +-2 frames (hand case for the
+  hardest ones), and one data-parallel step with the head-only mask moves the
+  projection and NetVLAD but not the MobileNet blocks."""
+  c = load_script("gardens_point_ceiling")
+  places = np.tile(c.TRAIN_PLACES, 2)                  # two query traverses
+  miner = c.make_miner(2, 0, "random")
+  pos, neg = miner.mine(miner.train_queries, 0, 0, describe=None)
+  assert np.all(np.abs(c.TRAIN_PLACES[pos] - places) <= 1)
+  assert np.all(np.abs(c.TRAIN_PLACES[neg] - places[:, None]) > c.TOLERANCE)
+  # 1-d descriptors = the place index: the best positive is the query's own
+  # place, the hardest negatives the nearest frames beyond +-2.
+  line = lambda role, idx: (places[idx] if role == "queries" else c.TRAIN_PLACES[idx]
+                            ).astype(np.float32)[:, None]
+  hard = c.make_miner(2, 0, "hard")
+  pos, neg = hard.mine(hard.train_queries, 0, 0, line)
+  np.testing.assert_array_equal(c.TRAIN_PLACES[pos], places)
+  assert set(c.TRAIN_PLACES[neg[20]]) == {16, 17, 23, 24}
+  assert set(c.TRAIN_PLACES[neg[50 + 1]]) == {4, 5, 6, 7}       # second traverse, place 1
+
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(2, 2 + c.NUM_NEGATIVES, 4, 4, 96)).astype(np.float32)
+  variables = jax.tree.map(np.asarray, c.HEAD.init(jax.random.PRNGKey(0), x[0, :1]))
+  tc = {"num_steps": 10, "learning_rate": 1e-2, "warmup_steps": 0, "grad_clip": 1.0}
+  mask = c.trainable_mask(variables["params"], 99)
+  assert not mask["local"]["last"]["conv"]["kernel"] and mask["local"]["projection"]["kernel"]
+  tx, _ = train_lib.make_optimizer(tc, trainable_mask=mask)
+  mesh = parallel.make_mesh(jax.devices()[:1])
+  state = parallel.replicate(train_lib.new_state(variables, tx), mesh)
+  step = parallel.data_parallel_train_step(c.make_loss_fn(0.5, mask), mesh)
+  state, metrics = step(state, parallel.shard_batch({"features": x}, mesh), jax.random.PRNGKey(0))
+  assert np.isfinite(float(metrics["loss"])) and float(metrics["loss"]) > 0
+  assert float(metrics["grad_norm"]) > 0
+  after = jax.device_get(state.params)
+  changed = lambda a, b: any(not np.array_equal(u, v) for u, v in
+                             zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+  for name in ("block13", "block16", "last"):
+    assert not changed(after["local"][name], variables["params"]["local"][name]), name
+  assert changed(after["local"]["projection"], variables["params"]["local"]["projection"])
+  assert changed(after["netvlad"], variables["params"]["netvlad"])
 
 def test_patch_normalised_descriptor():
   """Hand case: each 8x8 patch has zero mean and unit variance, rows unit norm,

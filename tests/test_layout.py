@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from structvpr_jax import files
+from structvpr_jax.data import convert as C
 from structvpr_jax.data import layout as L
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -19,10 +21,9 @@ def _write_layout(root, split, role, utms, notes=None, seg=True, size=(6, 8)):
     name = L.format_name(east, north, note=None if notes is None else notes[k])
     img_dir, seg_dir = L.split_folders(root, split, role)
     rgb = np.full(size + (3,), 10 * k, np.uint8)
-    L.write_image_atomic(os.path.join(img_dir, name), rgb)
+    files.save_image(os.path.join(img_dir, name), rgb)
     if seg:
-      L.write_image_atomic(os.path.join(seg_dir, name[:-4] + ".png"),
-                           np.full(size, k, np.uint8))
+      files.save_image(os.path.join(seg_dir, name[:-4] + ".png"), np.full(size, k, np.uint8))
     paths.append(os.path.join(img_dir, name))
   return paths
 
@@ -147,7 +148,7 @@ SPEC = "train:0-5,val:6-7,test:8-11"
 
 
 def _convert(src, out, **kw):
-  return L.convert_frames(str(out), str(src / "img" / "day"),
+  return C.convert_frames(str(out), str(src / "img" / "day"),
                           [str(src / "img" / "dusk"), str(src / "img" / "night")],
                           kw.pop("split_places", SPEC), seg_root=str(src / "seg"),
                           workers=2, verbose=kw.pop("verbose", False), **kw)
@@ -226,23 +227,23 @@ def test_convert_errors(frames, tmp_path):
   with pytest.raises(ValueError, match=r"different frame counts.*day has 12.*night has 11"):
     _convert(frames, tmp_path / "b")
   with pytest.raises(ValueError, match="overlap"):
-    L.parse_split_places("train:0-5,test:5-9", 12)
+    C.parse_split_places("train:0-5,test:5-9", 12)
   with pytest.raises(ValueError, match="outside"):
-    L.parse_split_places("train:0-12", 12)
-  assert L.parse_split_places("test:70%-100%,train:0%-60%,val:60%-70%", 3576) == {
+    C.parse_split_places("train:0-12", 12)
+  assert C.parse_split_places("test:70%-100%,train:0%-60%,val:60%-70%", 3576) == {
       "train": (0, 2146), "val": (2146, 2503), "test": (2503, 3576)}
 
 
 def test_cli_general_form(frames, tmp_path, capsys):
   out = tmp_path / "cli"
-  rc = L.main(["convert-frames", "--database", str(frames / "img" / "day"),
+  rc = C.main(["convert-frames", "--database", str(frames / "img" / "day"),
                "--queries", str(frames / "img" / "night"), "--out", str(out),
                "--split-places", "train:0-3,val:4-5,test:6-11", "--workers", "1"])
   assert rc == 0
   line = capsys.readouterr().out.strip()
   assert "train 4 db/4 q, val 2 db/2 q, test 6 db/6 q" in line and line.endswith(" s")
   assert L.read_split(str(out), "val").database_seg_paths is None
-  rc = L.main(["convert-frames", "--database", str(frames / "img" / "day"),
+  rc = C.main(["convert-frames", "--database", str(frames / "img" / "day"),
                "--queries", str(frames / "img" / "night"), "--out", str(out),
                "--split-places", "train:0-3,val:4-5,test:6-10"])
   assert rc == 2 and "convert.json" in capsys.readouterr().err
@@ -250,7 +251,7 @@ def test_cli_general_form(frames, tmp_path, capsys):
 
 @pytest.mark.skipif(not os.path.isdir(GARDENS_POINT), reason="../shared/data/gardens_point absent")
 def test_gardens_point_conversion(tmp_path):
-  marker = L.convert_preset("gardens_point", GARDENS_POINT, str(tmp_path / "gp"),
+  marker = C.convert_preset("gardens_point", GARDENS_POINT, str(tmp_path / "gp"),
                             max_side=48, workers=2, verbose=False)
   want = {"train": (80, 160), "val": (20, 40), "test": (100, 200)}
   for split, (n_db, n_q) in want.items():

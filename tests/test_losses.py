@@ -1,4 +1,4 @@
-"""Losses vs plain-numpy references written from DESIGN.md, and hand cases."""
+"""Losses vs plain-numpy references written from docs/design.md, and hand cases."""
 
 import jax
 import jax.numpy as jnp

@@ -1,4 +1,4 @@
-"""NetVLAD vs a numpy reference from DESIGN.md; k-means init; branch shapes."""
+"""NetVLAD vs a numpy reference from docs/design.md; k-means init; branch shapes."""
 
 import jax
 import jax.numpy as jnp
@@ -9,7 +9,7 @@ from structvpr_jax.models import branch, netvlad
 
 
 def numpy_netvlad(x, kernel, bias, centroids):
-  """x [B, N, D] -> [B, K*D] following DESIGN.md section 4 literally."""
+  """x [B, N, D] -> [B, K*D] following docs/design.md ("NetVLAD") literally."""
   out = []
   for xb in x:
     xb = xb / np.linalg.norm(xb, axis=1, keepdims=True)

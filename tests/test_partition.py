@@ -28,7 +28,7 @@ GROUPS = [1, 2, 0, 3, 4]
 
 
 def numpy_margins(q, db, q_utm, db_utm, pos_r=10.0, neg_r=25.0):
-  """Brute force from DESIGN.md: per query, loop over the database."""
+  """Brute force from docs/design.md: per query, loop over the database."""
   margin, rank, has_pos = [], [], []
   for i in range(len(q)):
     d = np.linalg.norm(db - q[i], axis=1)

@@ -135,7 +135,8 @@ def test_unparsable_utm_name(data, tmp_path):
 
 def test_eval_queries_without_positives(data, tmp_path):
   """Some queries far from every database image: warned and counted; all: error."""
-  from structvpr_jax import evaluate, parallel, train
+  from structvpr_jax import evaluation, parallel
+  from structvpr_jax.models import spec as model_spec
   from structvpr_jax.data import layout
   qdir = os.path.join(data, "images", "test", "queries")
   names = sorted(os.listdir(qdir))
@@ -151,15 +152,15 @@ def test_eval_queries_without_positives(data, tmp_path):
   sys.path.insert(0, REPO)
   from configs import rgb
   config = rgb.get_config("smoke")
-  spec = train.branch_spec(config, "rgb")
-  variables = train.init_variables(spec, 0)
-  rep = evaluate.evaluate_split(spec, variables, data, "test", parallel.make_mesh(), 8)
+  spec = model_spec.branch_spec(config, "rgb")
+  variables = model_spec.init_variables(spec, 0)
+  rep = evaluation.evaluate_split(spec, variables, data, "test", parallel.make_mesh(), 8)
   assert rep["num_queries_without_positive"] == 1
   for name in sorted(os.listdir(qdir)):
     if layout.parse_name(name)["utm_east"] != "9000000.0":
       move(name, 9000000.0)
   with pytest.raises(ValueError, match="none of the 12 queries"):
-    evaluate.evaluate_split(spec, variables, data, "test", parallel.make_mesh(), 8)
+    evaluation.evaluate_split(spec, variables, data, "test", parallel.make_mesh(), 8)
 
 
 @pytest.mark.parametrize("override, needle, devices", [
@@ -175,6 +176,19 @@ def test_bad_config_fields(tmp_path, override, needle, devices):
   proc = cli("configs/distill.py:smoke", work, *override, devices=devices)
   assert_clean_failure(proc, needle, workdir=work, stage="rgb")
   assert not os.path.exists(os.path.join(work, "data"))   # nothing generated either
+
+
+def test_eval_without_data_root_names_the_field(tmp_path):
+  """configs/eval.py with a checkpoint but no layout folder: 'data.root' is named
+  (not "no images" under some default path)."""
+  work = str(tmp_path / "w")
+  proc = cli("configs/eval.py", work, f"--config.checkpoint={tmp_path}")
+  assert_clean_failure(proc, "data.root is not set", "--config.data.root=DIR")
+
+
+def test_rerun_from_names_a_stage(tmp_path):
+  proc = cli("configs/distill.py:smoke", str(tmp_path / "w"), "--config.rerun_from=stage2")
+  assert_clean_failure(proc, "rerun_from='stage2'", "'partition'")
 
 
 def test_unknown_config_field(tmp_path):
@@ -202,8 +216,8 @@ def test_verbosity_shows_the_traceback(tmp_path):
 # Crash safety, numerical guard, determinism (slow: they train)
 # --------------------------------------------------------------------------
 def params_at(workdir, step):
-  from structvpr_jax import evaluate
-  _, variables, _, _ = evaluate.restore_variables(os.path.join(workdir, "rgb", "checkpoints"),
+  from structvpr_jax import checkpoint
+  _, variables, _, _ = checkpoint.restore_variables(os.path.join(workdir, "rgb", "checkpoints"),
                                                   step=step)
   return variables
 
@@ -268,6 +282,13 @@ def test_interrupted_checkpoint_write_leaves_previous_restorable(reference, data
   work = str(tmp_path / "w")
   shutil.copytree(reference, work)
   os.remove(os.path.join(work, "rgb", "done.json"))
+  # as if the run had been started for 12 steps and killed while writing step 12
+  stage_json = os.path.join(work, "rgb", "stage.json")
+  with open(stage_json) as f:
+    started = json.load(f)
+  started["config"]["train.num_steps"] = 12
+  with open(stage_json, "w") as f:
+    json.dump(started, f)
   ckpts = os.path.join(work, "rgb", "checkpoints")
   partial = os.path.join(ckpts, "12.orbax-checkpoint-tmp-1700000000000000")
   shutil.copytree(os.path.join(ckpts, "8"), partial)

@@ -7,8 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from structvpr_jax import segment
-from structvpr_jax.data import layout
+from structvpr_jax.data import layout, segment
 
 DATA = os.path.normpath(os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data"))
 MODELS = os.path.join(DATA, "models")

@@ -8,7 +8,7 @@ from structvpr_jax import slme
 
 
 def numpy_encode(labels, class_to_group, group_values):
-  """out[..., g] = group_values[g] * (class_to_group[labels] == g), from DESIGN.md."""
+  """out[..., g] = group_values[g] * (class_to_group[labels] == g), from docs/design.md ("SLME")."""
   labels = np.asarray(labels).astype(np.int64)
   out = np.zeros(labels.shape + (len(group_values),), np.float32)
   for idx in np.ndindex(labels.shape):

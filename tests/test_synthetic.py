@@ -1,5 +1,6 @@
 """Tests of the procedural 2.5-D city (structvpr_jax.data.synthetic)."""
 
+import importlib
 import json
 import math
 import os
@@ -9,6 +10,9 @@ import pytest
 
 from structvpr_jax.data import layout
 from structvpr_jax.data import synthetic as S
+
+# The renderer module (the package's `S.render` is the function).
+RENDER = importlib.import_module("structvpr_jax.data.synthetic.render")
 
 H, W = 120, 160
 F = (W / 2) / math.tan(math.radians(S.HFOV_DEG) / 2)  # 80 px
@@ -105,7 +109,7 @@ def test_wedge_culling_is_exact(monkeypatch):
     pose = S.query_pose(world, i, np.random.default_rng(i))
     outs = []
     for cull in (True, False):
-      monkeypatch.setattr(S, "_WEDGE_CULL", cull)
+      monkeypatch.setattr(RENDER, "_WEDGE_CULL", cull)
       outs.append(S.render(world, pose, "night", (48, 64), rng=np.random.default_rng(i)))
     np.testing.assert_array_equal(outs[0][1], outs[1][1])
     np.testing.assert_array_equal(outs[0][0], outs[1][0])

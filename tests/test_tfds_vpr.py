@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from structvpr_jax import files
 from structvpr_jax.data import layout as L
 from structvpr_jax.data import tfds_vpr as T
 
@@ -34,10 +35,10 @@ def _make_layout(root):
         if (role, k) == ("database", 2):
           Image.fromarray(rgb[..., 0]).save(os.path.join(img_dir, name))  # grayscale JPEG
         else:
-          L.write_image_atomic(os.path.join(img_dir, name), rgb)
+          files.save_image(os.path.join(img_dir, name), rgb)
         if (split, role, k) != ("train", "queries", 1):
           lab = rng.integers(0, 19, (H, W), dtype=np.uint8)
-          L.write_image_atomic(os.path.join(seg_dir, name[:-len(ext)] + ".png"), lab)
+          files.save_image(os.path.join(seg_dir, name[:-len(ext)] + ".png"), lab)
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,8 @@ import jax
 import numpy as np
 import pytest
 
-from structvpr_jax import parallel, train
+from structvpr_jax import config_lib, parallel, train_lib
+from structvpr_jax.models import spec as model_spec
 
 SPEC = {"branch": "seg", "view": "seg", "backbone": "mobilenet_light", "width": 0.35,
         "dim": 8, "num_clusters": 4, "blocks": [[1, 8, 1, 1], [2, 8, 1, 2]], "slme": "slme",
@@ -16,12 +17,12 @@ TC = {"num_steps": 5, "learning_rate": 1e-2, "warmup_steps": 0, "margin": 0.5,
 @pytest.mark.parametrize("mode", ["batch", "frozen"])
 def test_batchnorm_modes(mode):
   mesh = parallel.make_mesh(jax.devices()[:1])
-  variables = train.init_variables(SPEC, 0)
-  tx, _ = train.make_optimizer(TC)
-  state = parallel.replicate(train.TrainState(
+  variables = model_spec.init_variables(SPEC, 0)
+  tx, _ = train_lib.make_optimizer(TC)
+  state = parallel.replicate(train_lib.TrainState(
       step=0, apply_fn=None, params=variables["params"], tx=tx,
       opt_state=tx.init(variables["params"]), batch_stats=variables["batch_stats"]), mesh)
-  step = train.make_train_step(SPEC, dict(TC, batchnorm=mode), mesh)
+  step = train_lib.make_train_step(SPEC, dict(TC, batchnorm=mode), mesh)
   labels = np.random.default_rng(0).integers(0, 19, (2, 3, 32, 32)).astype(np.uint8)
   new, metrics = step(state, parallel.shard_batch({"seg": labels}, mesh),
                       jax.random.PRNGKey(0))
@@ -34,7 +35,7 @@ def test_batchnorm_modes(mode):
                                                  new.batch_stats, variables["batch_stats"])))
   assert (stats_moved > 0) == (mode == "batch")
   with pytest.raises(ValueError, match="train.batchnorm"):
-    train.make_train_step(SPEC, dict(TC, batchnorm="group"), mesh)
+    train_lib.make_train_step(SPEC, dict(TC, batchnorm="group"), mesh)
 
 
 def test_validate_config_names_the_field():
@@ -45,24 +46,24 @@ def test_validate_config_names_the_field():
   c.train.batch_size = 3
   if jax.device_count() > 1:
     with pytest.raises(ValueError, match="train.batch_size"):
-      train.validate_config(c)
+      config_lib.validate_config(c)
   c = distill.get_config("smoke")
   c.data.image_size = (16, 16)
   with pytest.raises(ValueError, match="data.image_size"):
-    train.validate_config(c)
+    config_lib.validate_config(c)
   c = distill.get_config("smoke")
   c.distill.weighting = "nope"
   with pytest.raises(ValueError, match="distill.weighting"):
-    train.validate_config(c)
+    config_lib.validate_config(c)
   c = distill.get_config("smoke")
   c.seg.slme = "bogus"
   with pytest.raises(ValueError, match="seg.slme"):
-    train.validate_config(c)
+    config_lib.validate_config(c)
   c = distill.get_config("smoke")
   c.data.name = "folder"
   c.data.root = "/nonexistent/layout"
   with pytest.raises(ValueError, match="data.root"):
-    train.validate_config(c)
+    config_lib.validate_config(c)
 
 
 def test_stage_overrides_and_auto_init(monkeypatch, tmp_path):
@@ -73,23 +74,23 @@ def test_stage_overrides_and_auto_init(monkeypatch, tmp_path):
   c = distill.get_config()
   c.seg.mining = "random"
   c.seg.learning_rate = 3e-4
-  tc = train.stage_train_config(c, "seg")
+  tc = config_lib.stage_train_config(c, "seg")
   assert tc["mining"] == "random" and tc["learning_rate"] == 3e-4
-  assert train.stage_train_config(c, "rgb")["mining"] == "hard"
-  assert train.stage_train_config(c, "distill")["learning_rate"] == c.train.learning_rate
+  assert config_lib.stage_train_config(c, "rgb")["mining"] == "hard"
+  assert config_lib.stage_train_config(c, "distill")["learning_rate"] == c.train.learning_rate
   # rgb.init="auto": the file from $STRUCTVPR_IMAGENET_TFLITE when the branch can take it.
   fake = tmp_path / "m.tflite"
   fake.write_bytes(b"x")
   monkeypatch.setenv(pretrained.IMAGENET_TFLITE_ENV, str(fake))
-  assert train.branch_spec(c, "rgb")["init"] == f"imagenet_tflite:{fake}"
-  assert train.branch_spec(c, "seg")["init"] == ""
+  assert model_spec.branch_spec(c, "rgb")["init"] == f"imagenet_tflite:{fake}"
+  assert model_spec.branch_spec(c, "seg")["init"] == ""
   c.rgb.width = 0.5                      # not the file's architecture: random init
-  assert train.branch_spec(c, "rgb")["init"] == ""
+  assert model_spec.branch_spec(c, "rgb")["init"] == ""
   monkeypatch.setenv(pretrained.IMAGENET_TFLITE_ENV, str(tmp_path / "missing.tflite"))
   with pytest.raises(ValueError, match="STRUCTVPR_IMAGENET_TFLITE"):
-    train.branch_spec(c, "rgb")
+    model_spec.branch_spec(c, "rgb")
   c = distill.get_config()
   c.data.normalization = "imagenet"
   monkeypatch.setenv(pretrained.IMAGENET_TFLITE_ENV, str(fake))
   with pytest.raises(ValueError, match="data.normalization"):
-    train.validate_config(c)
+    config_lib.validate_config(c)

@@ -1,7 +1,7 @@
 """tensorflow-datasets builder for any layout folder, readable without TensorFlow.
 
 `VprLayout` (dataset name ``vpr_layout``) turns a layout folder
-(`structvpr_jax.data.layout`, DESIGN.md section 3) given as ``manual_dir``
+(`structvpr_jax.data.layout`; docs/design.md, "Data layout") given as ``manual_dir``
 into ArrayRecord files, one record per image, splits
 ``{train,val,test}_{database,queries}`` (only the splits present in the
 folder). Records keep `layout.read_split`'s order (sorted by file name):
@@ -61,6 +61,7 @@ from typing import Union
 
 import numpy as np
 import tensorflow_datasets as tfds
+from PIL import Image
 
 from structvpr_jax.data import layout
 
@@ -71,7 +72,6 @@ SPLIT_NAMES = tuple(f"{s}_{r}" for s in layout.SPLITS for r in layout.ROLES)
 def _image_bytes(path: str) -> tuple[bytes, tuple[int, int]]:
   """(encoded RGB image bytes, (H, W)); the file's own bytes when it is an
   RGB JPEG/PNG, else converted to RGB and encoded as PNG."""
-  from PIL import Image
   with Image.open(path) as img:
     size = (img.size[1], img.size[0])
     if img.mode == "RGB" and img.format in ("JPEG", "PNG"):
@@ -83,7 +83,6 @@ def _image_bytes(path: str) -> tuple[bytes, tuple[int, int]]:
 
 
 def _png_bytes(array: np.ndarray) -> bytes:
-  from PIL import Image
   buf = io.BytesIO()
   Image.fromarray(np.asarray(array, np.uint8)).save(buf, format="PNG")
   return buf.getvalue()
@@ -91,7 +90,6 @@ def _png_bytes(array: np.ndarray) -> bytes:
 
 def _label_bytes(path: str, size: tuple[int, int]) -> bytes:
   """PNG bytes of a uint8 label map; checks it is single-channel and HxW."""
-  from PIL import Image
   with Image.open(path) as img:
     if (img.size[1], img.size[0]) != tuple(size):
       raise ValueError(f"{path}: label map is {img.size[1]}x{img.size[0]} but its image is "
@@ -204,13 +202,11 @@ def _builder_dir(root_or_builder_dir: str) -> str:
 
 
 def _decode_image(data: bytes) -> np.ndarray:
-  from PIL import Image
   with Image.open(io.BytesIO(data)) as img:
     return np.asarray(img.convert("RGB"), np.uint8)
 
 
 def _decode_label(data: bytes) -> np.ndarray:
-  from PIL import Image
   with Image.open(io.BytesIO(data)) as img:
     arr = np.asarray(img)
   return arr.reshape(arr.shape[:2]).astype(np.uint8, copy=False)

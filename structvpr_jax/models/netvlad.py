@@ -1,6 +1,6 @@
 """NetVLAD aggregation (Arandjelovic et al., CVPR 2016) and its k-means init.
 
-Formulas as in DESIGN.md section 4:
+Formulas (docs/design.md, "NetVLAD"):
   x_i <- x_i / ||x_i||                                   local descriptors
   a_ik = softmax_k(x_i . W_k + b_k)                      soft assignment
   V_k  = sum_i a_ik (x_i - c_k)                          residual sums
@@ -16,13 +16,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from structvpr_jax.losses import l2_normalize
+
 _EPS = 1e-12
-
-
-def l2_normalize(x: jax.Array, axis: int = -1, eps: float = _EPS) -> jax.Array:
-  """x / max(||x||, eps) along `axis` (zero vectors stay zero, grads finite)."""
-  sq = jnp.sum(jnp.square(x), axis=axis, keepdims=True)
-  return x * jax.lax.rsqrt(jnp.maximum(sq, eps * eps))
 
 
 class NetVLAD(nn.Module):

@@ -5,8 +5,9 @@ import os
 import numpy as np
 import pytest
 
-from structvpr_jax import mining
-from structvpr_jax.data import layout, pipeline
+from structvpr_jax import files, mining
+from structvpr_jax.data import input_pipeline, layout
+from structvpr_jax.models import spec as model_spec
 
 
 def write_layout(root, n_db=12, n_q=6, hw=(20, 24), labels=True, seed=0):
@@ -16,11 +17,11 @@ def write_layout(root, n_db=12, n_q=6, hw=(20, 24), labels=True, seed=0):
     for i in range(n):
       north = (i * 5.0 if role == "database" else i * 10.0) + offset
       name = layout.format_name(0.0, north, note="day" if role == "database" else "night")
-      layout.write_image_atomic(os.path.join(img_dir, name),
-                                rng.integers(0, 255, hw + (3,), dtype=np.uint8))
+      files.save_image(os.path.join(img_dir, name),
+                       rng.integers(0, 255, hw + (3,), dtype=np.uint8))
       if labels:
-        layout.write_image_atomic(os.path.join(seg_dir, name[:-4] + ".png"),
-                                  rng.integers(0, 19, hw, dtype=np.uint8))
+        files.save_image(os.path.join(seg_dir, name[:-4] + ".png"),
+                         rng.integers(0, 19, hw, dtype=np.uint8))
   return layout.read_split(str(root), "train")
 
 
@@ -32,10 +33,10 @@ def describe_by_mean(images):
 
 
 def make_batcher(split, seed, views=("rgb", "seg"), size=(16, 16)):
-  images = pipeline.SplitImages(split, size, views=views, num_classes=19)
+  images = input_pipeline.SplitImages(split, size, views=views, num_classes=19)
   miner = mining.NegativeMiner(split.query_utm, split.database_utm, num_negatives=2,
                                refresh_every=4, seed=seed)
-  return pipeline.TripletBatcher(miner, images, batch_size=2), images
+  return input_pipeline.TripletBatcher(miner, images, batch_size=2), images
 
 
 def test_triplet_batches_shapes_and_reproducible(tmp_path):
@@ -53,9 +54,9 @@ def test_triplet_batches_shapes_and_reproducible(tmp_path):
   assert batch["rgb"].shape == (2, 4, 16, 16, 3) and batch["rgb"].dtype == np.uint8
   assert batch["seg"].shape == (2, 4, 16, 16) and batch["seg"].max() < 19
   # the rows are the query, its positive and its negatives, from the files
-  q_img = pipeline.read_rgb(split.query_paths[batch["query_index"][0]], (16, 16))
+  q_img = input_pipeline.read_rgb(split.query_paths[batch["query_index"][0]], (16, 16))
   np.testing.assert_array_equal(batch["rgb"][0, 0], q_img)
-  p_img = pipeline.read_rgb(split.database_paths[batch["positive_index"][0]], (16, 16))
+  p_img = input_pipeline.read_rgb(split.database_paths[batch["positive_index"][0]], (16, 16))
   np.testing.assert_array_equal(batch["rgb"][0, 1], p_img)
   geo = np.abs(split.database_utm[batch["negative_index"][0], 1]
                - split.query_utm[batch["query_index"][0], 1])
@@ -80,28 +81,28 @@ def test_resume_mid_epoch_gives_the_same_batches(tmp_path):
 
 def test_normalize_rgb():
   x = np.array([[0, 128, 255]], np.uint8)
-  np.testing.assert_allclose(pipeline.normalize_rgb(x, "tflite"), [[-1, 128 / 127.5 - 1, 1]], atol=1e-6,
+  np.testing.assert_allclose(model_spec.normalize_rgb(x, "tflite"), [[-1, 128 / 127.5 - 1, 1]], atol=1e-6,
                              rtol=1e-6)
-  out = np.asarray(pipeline.normalize_rgb(np.full((1, 3), 255, np.uint8), "imagenet"))
-  np.testing.assert_allclose(out, [(1 - pipeline.IMAGENET_MEAN) / pipeline.IMAGENET_STD],
+  out = np.asarray(model_spec.normalize_rgb(np.full((1, 3), 255, np.uint8), "imagenet"))
+  np.testing.assert_allclose(out, [(1 - model_spec.IMAGENET_MEAN) / model_spec.IMAGENET_STD],
                              rtol=1e-6)
 
 
 def test_bad_inputs_name_the_file(tmp_path):
   split = write_layout(tmp_path, labels=False)
   with pytest.raises(ValueError, match="needs label maps"):
-    pipeline.SplitImages(split, (16, 16), views=("seg",))
+    input_pipeline.SplitImages(split, (16, 16), views=("seg",))
   broken = tmp_path / "broken.jpg"
   broken.write_bytes(open(split.query_paths[0], "rb").read()[:100])
   with pytest.raises(ValueError, match="broken.jpg: cannot decode"):
-    pipeline.read_rgb(str(broken), (16, 16))
+    input_pipeline.read_rgb(str(broken), (16, 16))
   bad = tmp_path / "bad.png"
-  layout.write_image_atomic(str(bad), np.full((4, 4), 30, np.uint8))
+  files.save_image(str(bad), np.full((4, 4), 30, np.uint8))
   with pytest.raises(ValueError, match="bad.png: label id 30 >= number of classes 19"):
-    pipeline.read_labels(str(bad), (4, 4), num_classes=19)
+    input_pipeline.read_labels(str(bad), (4, 4), num_classes=19)
   with pytest.raises(ValueError, match="missing label map"):
-    pipeline.read_labels(str(tmp_path / "nope.png"), (4, 4))
+    input_pipeline.read_labels(str(tmp_path / "nope.png"), (4, 4))
   rgb = tmp_path / "rgb.png"
-  layout.write_image_atomic(str(rgb), np.zeros((4, 4, 3), np.uint8))
+  files.save_image(str(rgb), np.zeros((4, 4, 3), np.uint8))
   with pytest.raises(ValueError, match="single-channel"):
-    pipeline.read_labels(str(rgb), (4, 4))
+    input_pipeline.read_labels(str(rgb), (4, 4))

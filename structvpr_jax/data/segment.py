@@ -9,7 +9,7 @@ quant.tflite`, uint8 input [1, 513, 513, 3], output [1, 513, 513] argmax of the
 19 Cityscapes trainIds) over every image of
 
 - a layout folder (`<root>/images/<split>/<role>/*.jpg`, any split/role, see
-  `data/layout.py`): label maps go to the mirrored
+  `layout.py`): label maps go to the mirrored
   `<root>/segmentations/<split>/<role>/<stem>.png` (or `<out>/<split>/<role>/`
   when an output folder is given), or
 - any plain image folder (searched recursively): label maps go to
@@ -17,8 +17,8 @@ quant.tflite`, uint8 input [1, 513, 513, 3], output [1, 513, 513] argmax of the
 
 Each image is resized (whole image, bilinear) to the model's input size; the
 label map is resized back to the image size with NEAREST and written as a
-uint8 PNG (class ids) through a temp file + `os.replace`, so an interrupted
-run leaves no partial file and a rerun skips finished images.
+uint8 PNG (class ids) through `files.save_image` (temp file + rename), so an
+interrupted run leaves no partial file and a rerun skips finished images.
 
 Input/output handling follows the model's own tensor details: float, uint8 or
 int8 input (pixels are mapped to the real range `(pixel - 128) / 128` and
@@ -37,13 +37,17 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
 
 import numpy as np
+from PIL import Image
+from tqdm import tqdm
 
+from structvpr_jax import files
 from structvpr_jax.data import layout
+from structvpr_jax.models.pretrained import dequantize
 
 MODEL_NAME = "deeplab_mobilenet_edgetpu_slim_cityscapes_quant.tflite"
 # <repo>/../shared/data/models (the project's shared read-only data).
 DEFAULT_MODEL = os.path.normpath(os.path.join(
-    os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data", "models",
+    os.path.dirname(os.path.abspath(__file__)), "..", "..", "..", "shared", "data", "models",
     MODEL_NAME))
 
 # Pixel -> real input of the network: (pixel - INPUT_MEAN) / INPUT_STD, i.e.
@@ -108,7 +112,7 @@ def cityscapes_to_camvid_lut() -> np.ndarray:
 
 
 def _interpreter(model_path: str, num_threads: int):
-  try:
+  try:  # imported here: the TFLite runtime is an optional extra ([segment])
     from ai_edge_litert.interpreter import Interpreter
   except ImportError as e:  # pragma: no cover - depends on the environment
     raise ImportError("segmentation needs ai-edge-litert: pip install ai-edge-litert "
@@ -189,12 +193,10 @@ class Segmenter:
     out = self._interp.get_tensor(self._out["index"])[0]
     if self.kind == "labels":
       return out.reshape(out.shape[:2]).astype(np.int64)
-    from structvpr_jax.models.pretrained import dequantize
     return np.argmax(dequantize(out, self._out), axis=-1)
 
   def prepare(self, image: np.ndarray) -> np.ndarray:
     """uint8 image (HxW, HxWx3 or HxWx4) -> uint8 [H_in, W_in, 3] (bilinear)."""
-    from PIL import Image
     image = np.asarray(image)
     if image.dtype != np.uint8:
       raise ValueError(f"expected a uint8 image, got {image.dtype}")
@@ -210,7 +212,6 @@ class Segmenter:
 
   def __call__(self, image: np.ndarray, prepared: Optional[np.ndarray] = None) -> np.ndarray:
     """uint8 HxWx3 -> uint8 HxW class ids at the image's own size (NEAREST)."""
-    from PIL import Image
     image = np.asarray(image)
     if prepared is None:
       prepared = self.prepare(image)
@@ -265,22 +266,8 @@ def plan(images_root: str, out_root: Optional[str] = None) -> list[tuple[str, st
 
 
 def _load_rgb(path: str) -> np.ndarray:
-  from PIL import Image
   with Image.open(path) as im:
     return np.asarray(im.convert("RGB"))
-
-
-def write_png_atomic(path: str, labels: np.ndarray) -> None:
-  """Writes uint8 HxW as a PNG through a temp file + os.replace."""
-  from PIL import Image
-  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  tmp = f"{path}.tmp{os.getpid()}.png"
-  try:
-    Image.fromarray(np.asarray(labels, np.uint8)).save(tmp, format="PNG")
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
 
 
 class _Progress:
@@ -292,11 +279,7 @@ class _Progress:
     self.enabled = enabled and total > 0
     self.bar = None
     if self.enabled and sys.stderr.isatty():
-      try:
-        from tqdm import tqdm
-        self.bar = tqdm(total=total, unit="img", desc="segment", file=sys.stderr)
-      except ImportError:  # pragma: no cover
-        self.bar = None
+      self.bar = tqdm(total=total, unit="img", desc="segment", file=sys.stderr)
 
   def update(self):
     self.done += 1
@@ -355,7 +338,7 @@ def segment_folder(model_path: str, images_root: str, out_root: Optional[str] = 
         futures.append(pool.submit(load, todo[i + 1][0]))
       image, prepared = futures[i].result()
       futures[i] = None
-      write_png_atomic(dst, segmenter(image, prepared=prepared))
+      files.save_image(dst, np.asarray(segmenter(image, prepared=prepared), np.uint8))
       bar.update()
   bar.close()
   seconds = time.time() - start
@@ -386,7 +369,6 @@ def evaluate_camvid(model_path: str, image_paths: list, label_paths: list,
   confusion = np.zeros((n, n), np.int64)
   unmapped = 0
   for image_path, label_path in zip(image_paths, label_paths):
-    from PIL import Image
     with Image.open(label_path) as im:
       gt = np.asarray(im)
     pred = lut[segmenter(_load_rgb(image_path))]

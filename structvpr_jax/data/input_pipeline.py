@@ -1,7 +1,7 @@
 """Training and extraction input: decoded images, triplet batches, prefetch.
 
 Images travel to the device as uint8 (3-4x less host->device traffic than
-float32); RGB normalisation (`normalize_rgb`) and SLME encoding
+float32); RGB normalisation (`models.spec.normalize_rgb`) and SLME encoding
 (`structvpr_jax.slme.encode`) run inside the jitted step. Decoded, resized
 images are cached in host memory (uint8) so JPEG decoding happens once per
 image; decoding runs on a thread pool (PIL releases the GIL) and a background
@@ -19,18 +19,15 @@ from __future__ import annotations
 
 import concurrent.futures
 import queue
+import sys
 import threading
 from typing import Callable, Iterator, Optional, Sequence
 
-import jax.numpy as jnp
 import numpy as np
 from PIL import Image
+from tqdm import tqdm
 
 VIEWS = ("rgb", "seg")
-# (mean, std) applied to x / 255 (imagenet) or to x directly (tflite: [-1, 1]).
-NORMALIZATIONS = ("imagenet", "tflite")
-IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
-IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
 
 
 def read_rgb(path: str, image_size) -> np.ndarray:
@@ -73,20 +70,6 @@ def read_labels(path: str, image_size, num_classes: Optional[int] = None) -> np.
       raise ValueError(f"{path}: label id {int(labels[bad].max())} >= number of "
                        f"classes {num_classes}")
   return labels.astype(np.uint8)
-
-
-def normalize_rgb(x, kind: str = "imagenet"):
-  """uint8 [..., 3] -> float32, on device (inside jit).
-
-  "imagenet": (x/255 - mean) / std (torchvision convention);
-  "tflite": x/127.5 - 1 (the TFLite MobileNetV2's input quantisation).
-  """
-  x = jnp.asarray(x, jnp.float32)
-  if kind == "imagenet":
-    return (x / 255.0 - IMAGENET_MEAN) / IMAGENET_STD
-  if kind == "tflite":
-    return x / 127.5 - 1.0
-  raise ValueError(f"unknown normalization {kind!r}; expected one of {NORMALIZATIONS}")
 
 
 class ImageSource:
@@ -180,8 +163,6 @@ class SplitImages:
     total = sum(len(src) for src in self.sources.values()) * len(self.views)
     bar = None
     if progress:
-      import sys
-      from tqdm import tqdm
       bar = tqdm(total=total, desc="decode", unit="img", leave=False,
                  disable=not sys.stderr.isatty())
     for src in self.sources.values():
@@ -219,7 +200,7 @@ def triplet_arrays(images: SplitImages, query_index, positive_index, negative_in
   return batch
 
 
-def _prefetch(make: Callable[[int], dict], count: int, depth: int) -> Iterator[dict]:
+def prefetch(make: Callable[[int], dict], count: int, depth: int) -> Iterator[dict]:
   """Yields make(0..count-1), computed `depth` ahead on a background thread."""
   if depth <= 0:
     for i in range(count):
@@ -299,5 +280,5 @@ class TripletBatcher:
         sl = slice((first + i) * bs, (first + i + 1) * bs)
         return triplet_arrays(self.images, chunk[sl], positive[sl], negatives[sl])
 
-      yield from _prefetch(make, num_batches - first, self.prefetch)
+      yield from prefetch(make, num_batches - first, self.prefetch)
       step += num_batches

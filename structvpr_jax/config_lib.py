@@ -1,0 +1,182 @@
+"""Reading a run config: per-stage training fields, validation, stage records.
+
+- `stage_train_config(config, stage)`: `config.train` with the stage's own
+  overrides (`config.{rgb,seg,distill}.{num_steps, learning_rate, batchnorm,
+  mining}`).
+- `validate_config(config)`: fails before any compute with a ValueError
+  naming the field.
+- `stage_fields(config, stage)`: the flat {"field": value} a finished stage
+  depends on. Each stage records it (with what it consumed from upstream
+  stages) so a later command with different values stops instead of reusing
+  stale results (see `workdir.Workdir.check_stage`).
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+
+from structvpr_jax import partition, slme
+from structvpr_jax.data import convert
+from structvpr_jax.models import pretrained, spec as model_spec
+
+# Pipeline order; each stage's results depend on the ones before it (eval on all).
+STAGES = ("rgb", "seg", "partition", "distill", "eval")
+TRAIN_STAGES = ("rgb", "seg", "distill")
+DATA_NAMES = ("synthetic", "folder") + tuple(sorted(convert.PRESETS))
+
+# config.train fields that change what a training stage produces (log_every,
+# inject_nan_at_step and the like do not).
+TRAIN_RESULT_FIELDS = ("batch_size", "num_negatives", "mining", "num_candidates",
+                       "refresh_every", "num_steps", "learning_rate", "warmup_steps",
+                       "final_lr_fraction", "optimizer", "grad_clip", "weight_decay", "margin",
+                       "batchnorm", "eval_at_start", "eval_every", "kmeans_images",
+                       "kmeans_per_image")
+STAGE_OVERRIDES = ("num_steps", "learning_rate", "batchnorm", "mining")
+
+
+def stage_train_config(config, stage: str) -> dict:
+  """config.train with per-stage overrides: config.{rgb,seg,distill}.{num_steps,
+  learning_rate, batchnorm, mining} when set (non-zero / non-empty)."""
+  tc = config.train.to_dict() if hasattr(config.train, "to_dict") else dict(config.train)
+  for key in STAGE_OVERRIDES:
+    if config[stage].get(key):
+      tc[key] = config[stage][key]
+  return tc
+
+
+def validate_config(config) -> None:
+  """Fails fast, naming the config field, before any compute is spent."""
+  n_dev = jax.device_count()
+  tc = config.train
+  if tc.batch_size % n_dev:
+    raise ValueError(f"train.batch_size={tc.batch_size} must divide by the device count "
+                     f"({n_dev})")
+  h, w = config.data.image_size
+  if h < 32 or w < 32:
+    raise ValueError(f"data.image_size={tuple(config.data.image_size)} is too small for the "
+                     f"backbone's output stride 32 (need >= 32x32)")
+  if config.distill.weighting not in partition.WEIGHTINGS:
+    raise ValueError(f"distill.weighting={config.distill.weighting!r}; expected one of "
+                     f"{partition.WEIGHTINGS}")
+  if config.seg.slme not in slme.GROUPINGS:
+    raise ValueError(f"seg.slme={config.seg.slme!r}; expected one of {slme.GROUPINGS}")
+  if config.data.normalization not in model_spec.NORMALIZATIONS:
+    raise ValueError(f"data.normalization={config.data.normalization!r}; expected one of "
+                     f"{model_spec.NORMALIZATIONS}")
+  if config.data.name not in DATA_NAMES:
+    raise ValueError(f"data.name={config.data.name!r}; expected one of {DATA_NAMES}")
+  if config.data.name in convert.PRESETS and not os.path.isdir(config.data.get("source", "")):
+    raise ValueError(f"data.source={config.data.get('source', '')!r} is not a folder "
+                     f"(data.name={config.data.name!r} converts it into <workdir>/data)")
+  if config.data.name == "folder" and not os.path.isdir(config.data.root or ""):
+    raise ValueError(f"data.root={config.data.root!r} is not a folder (data.name='folder')")
+  for name in ("rgb", "seg"):
+    if config[name].num_clusters < 2:
+      raise ValueError(f"{name}.num_clusters must be >= 2")
+  if config.rgb.dim != config.seg.dim or config.rgb.num_clusters != config.seg.num_clusters:
+    raise ValueError("rgb.dim/num_clusters must equal seg.dim/num_clusters: teacher and "
+                     "student descriptors are compared by the distillation loss")
+  if not config.rgb.dim:
+    raise ValueError("rgb.dim must be set (the common projection dim of both branches)")
+  pca_dim = int(config.eval.get("pca_dim", 0) or 0)
+  if pca_dim < 0 or pca_dim > config.rgb.dim * config.rgb.num_clusters:
+    raise ValueError(f"eval.pca_dim={pca_dim} must be 0 (off) or in [1, descriptor dim "
+                     f"{config.rgb.dim * config.rgb.num_clusters}]")
+  rerun = config.get("rerun_from", "") or ""
+  if rerun and rerun not in STAGES:
+    raise ValueError(f"rerun_from={rerun!r}; expected '' or one of {STAGES}")
+  for name in ("rgb", "seg"):
+    kind, _ = pretrained.parse_init(model_spec.resolve_branch_init(config, name),
+                                    field=f"{name}.init")
+    if kind == "imagenet_tflite":
+      if config[name].backbone != "mobilenet_v2" or float(config[name].width) != 1.0:
+        raise ValueError(f"{name}.init={config[name].init!r} needs {name}.backbone="
+                         f"'mobilenet_v2' and {name}.width=1.0 (the file's architecture)")
+      if name == "rgb" and config.data.normalization != "tflite":
+        raise ValueError(f"data.normalization={config.data.normalization!r}: the TFLite "
+                         f"ImageNet weights expect 'tflite' ([-1, 1] inputs)")
+
+
+def _plain(value):
+  """JSON-comparable form of a config value (tuples -> lists, ConfigDicts -> dicts)."""
+  if hasattr(value, "to_dict"):
+    value = value.to_dict()
+  if isinstance(value, dict):
+    return {str(k): _plain(v) for k, v in sorted(value.items())}
+  if isinstance(value, (list, tuple)):
+    return [_plain(v) for v in value]
+  return value
+
+
+def data_fields(config) -> dict:
+  """The fields that decide which images every stage sees."""
+  d = config.data
+  out = {"seed": config.seed, "data.name": d.name, "data.image_size": d.image_size}
+  if d.name == "synthetic":
+    out.update({"data.synthetic_places": d.synthetic_places,
+                "data.queries_per_place": d.get("queries_per_place", 1)})
+  elif d.name == "folder":
+    out["data.root"] = os.path.abspath(d.root) if d.root else ""
+  else:
+    out.update({"data.source": os.path.abspath(d.get("source", "") or ""),
+                "data.max_side": d.get("max_side", 0)})
+  return out
+
+
+def branch_fields(config, branch: str) -> dict:
+  """The fields of one branch's architecture and starting weights."""
+  b = config[branch]
+  out = {f"{branch}.{k}": b.get(k, None) for k in ("backbone", "width", "dim", "num_clusters",
+                                                    "blocks", "init")}
+  out["data.normalization" if branch == "rgb" else "seg.slme"] = (
+      config.data.normalization if branch == "rgb" else config.seg.slme)
+  return out
+
+
+def train_fields(config, stage: str) -> dict:
+  """The training fields of a stage, named as the user sets them: the stage's
+  override when set (e.g. "seg.learning_rate"), else "train.<field>"."""
+  out = {}
+  for key in TRAIN_RESULT_FIELDS:
+    if key in STAGE_OVERRIDES and config[stage].get(key):
+      out[f"{stage}.{key}"] = config[stage][key]
+    else:
+      out[f"train.{key}"] = config.train.get(key, None)
+  return out
+
+
+DISTILL_PARTITION_FIELDS = ("weighting", "beta", "tau")
+
+
+def stage_fields(config, stage: str) -> dict:
+  """{"field": value} (JSON-plain) that a stage's results depend on."""
+  out = data_fields(config)
+  if stage in ("rgb", "seg"):
+    out.update(branch_fields(config, stage))
+    out.update(train_fields(config, stage))
+  elif stage == "partition":
+    out.update({f"distill.{k}": config.distill[k] for k in DISTILL_PARTITION_FIELDS})
+  elif stage == "distill":
+    out.update(branch_fields(config, "rgb"))
+    out.update(train_fields(config, "distill"))
+    out.update({f"distill.{k}": config.distill.get(k, None)
+                for k in DISTILL_PARTITION_FIELDS + ("lambda_kd", "init_from_rgb")})
+  elif stage == "eval":
+    out.update({f"eval.{k}": config.eval.get(k, None)
+                for k in ("ns", "radius", "pca_dim", "pca_whiten")})
+    out["eval_split"] = config.get("eval_split", "test")
+  else:
+    raise ValueError(f"unknown stage {stage!r}; expected one of {STAGES}")
+  return {k: _plain(v) for k, v in out.items()}
+
+
+def field_differences(recorded: dict, current: dict) -> list:
+  """["field: recorded X, now Y", ...] for every field whose value differs."""
+  lines = []
+  for key in sorted(set(recorded) | set(current)):
+    a, b = recorded.get(key, "<unset>"), current.get(key, "<unset>")
+    if a != b:
+      lines.append(f"{key}: recorded {a!r}, now {b!r}")
+  return lines

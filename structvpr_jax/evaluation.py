@@ -1,0 +1,196 @@
+"""Descriptors of many images (data parallel) and Recall@N reports.
+
+- `Extractor(spec, mesh, per_device_batch)(variables, source, indices)`:
+  float32 [n, D] global descriptors, one compile for any number of images.
+- `describe_split`: database and query descriptors of one layout split.
+- `recall_report`: R@N overall and per query condition (percent).
+- `RecallEvaluator(spec, root, split, mesh, ...).run(variables)`: the one
+  evaluator used by validation during training, the final evaluation and
+  eval mode (big_vision style: build once, run on any parameters).
+- `pca_from_config`: PCA(-whitening) fitted on the train split when
+  `eval.pca_dim` asks for it.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Optional, Sequence
+
+import jax
+import numpy as np
+from absl import logging
+from tqdm import tqdm
+
+from structvpr_jax import parallel, retrieval, slme, whitening
+from structvpr_jax.data import input_pipeline, layout
+from structvpr_jax.models import spec as model_spec
+
+
+class Extractor:
+  """Global descriptors of many images, data parallel over a mesh.
+
+  Batches have a fixed size, `per_device_batch` images on every device (the
+  last batch is padded and its padding dropped), so the function compiles
+  once and each device runs the same program whatever the device count:
+  descriptors are bitwise equal on 1 and on 8 devices.
+  """
+
+  def __init__(self, spec: dict, mesh, per_device_batch: int = 32):
+    self.spec = spec
+    self.mesh = mesh
+    self.batch_size = max(1, int(per_device_batch)) * mesh.size
+    model = model_spec.build_model(spec)
+
+    def embed(variables, x):
+      return model.apply(variables, model_spec.model_input(spec, x), train=False)
+
+    self._apply = parallel.data_parallel_apply(embed, mesh)
+
+  def __call__(self, variables, source: input_pipeline.ImageSource, indices=None,
+               progress: bool = False, desc: str = "extract") -> np.ndarray:
+    """float32 [n, D] for `indices` (default all) of `source`.
+
+    `variables` should be replicated on the mesh (`parallel.replicate`).
+    """
+    indices = np.arange(len(source)) if indices is None else np.asarray(indices, np.int64)
+    view = self.spec["view"]
+    bs = self.batch_size
+    starts = list(range(0, len(indices), bs))
+
+    def load(i):
+      idx = indices[starts[i]:starts[i] + bs]
+      x = source.get(view, idx)
+      padded, mask = parallel.pad_to_multiple(x, bs)
+      return padded, int(mask.sum())
+
+    bar = progress_bar(len(indices), desc) if progress else None
+    out = []
+    for padded, n in input_pipeline.prefetch(load, len(starts), 2):
+      desc_b = self._apply(variables, parallel.shard_batch(padded, self.mesh))
+      out.append(np.asarray(jax.device_get(desc_b))[:n])
+      if bar is not None:
+        bar.update(n)
+    if bar is not None:
+      bar.close()
+    if not out:
+      return np.zeros((0, 0), np.float32)
+    return np.concatenate(out).astype(np.float32)
+
+
+def progress_bar(total: int, desc: str):
+  """A tqdm bar in images, shown only on a terminal."""
+  return tqdm(total=total, desc=desc, unit="img", disable=not sys.stderr.isatty(),
+              leave=False)
+
+
+def recall_report(q_desc, db_desc, query_utm, db_utm, notes: Optional[Sequence[str]] = None,
+                  ns=(1, 5, 10, 20), radius: float = 25.0) -> dict:
+  """{"R@n": percent, ..., "per_condition": {note: {...}}, counts, "_predictions"}."""
+  _, predictions = retrieval.search(q_desc, db_desc, max(ns))
+  overall = retrieval.recall_from_predictions(predictions, query_utm, db_utm, ns, radius)
+  report = {f"R@{n}": v for n, v in overall.items()}
+  report.update(num_queries=int(len(q_desc)), num_database=int(len(db_desc)))
+  if notes is not None:
+    notes = np.asarray(list(notes))
+    per = {}
+    for note in sorted(set(notes.tolist())):
+      sel = notes == note
+      rec = retrieval.recall_from_predictions(predictions[sel], np.asarray(query_utm)[sel],
+                                              db_utm, ns, radius)
+      per[note or "all"] = {f"R@{n}": v for n, v in rec.items()}
+      per[note or "all"]["num_queries"] = int(sel.sum())
+    report["per_condition"] = per
+  report["_predictions"] = predictions
+  return report
+
+
+def describe_split(spec: dict, variables, vs: layout.VprSplit, mesh, batch_size: int = 32,
+                   progress: bool = False, extractor: Optional[Extractor] = None,
+                   cache: bool = False, label: str = "") -> dict:
+  """{"database": [N, D], "queries": [Q, D]} float32 descriptors of one split."""
+  images = input_pipeline.SplitImages(vs, spec["image_size"], views=(spec["view"],),
+                                      cache=cache, num_classes=slme.NUM_CITYSCAPES_CLASSES)
+  extractor = extractor or Extractor(spec, mesh, batch_size)
+  replicated = parallel.replicate(variables, mesh)
+  return {role: extractor(replicated, images.sources[role], progress=progress,
+                          desc=f"{label} {role}".strip())
+          for role in ("database", "queries")}
+
+
+class RecallEvaluator:
+  """Recall@N of one layout split for any parameters of one branch.
+
+  Built once (reads and checks the split, compiles the extractor on first
+  use); `run(variables)` describes the split and returns the report dict:
+  "R@n" (percent), "per_condition", counts, "extract_s", "split",
+  "descriptor_dim", and the private "_predictions" int [Q, max(ns)].
+  """
+
+  def __init__(self, spec: dict, root: str, split: str, mesh, batch_size: int = 32,
+               ns=(1, 5, 10, 20), radius: float = 25.0, progress: bool = False,
+               extractor: Optional[Extractor] = None, cache: bool = False):
+    self.spec, self.root, self.split, self.mesh = spec, root, split, mesh
+    self.batch_size, self.ns, self.radius = batch_size, tuple(ns), float(radius)
+    self.progress, self.cache = progress, cache
+    self.extractor = extractor or Extractor(spec, mesh, batch_size)
+    self.vs = layout.read_split(root, split, require_segmentations=spec["view"] == "seg")
+    without = layout.queries_without_positives(self.vs, radius)
+    if len(without) == len(self.vs.query_utm):
+      raise ValueError(f"{root}/images/{split}: none of the {len(without)} queries has a "
+                       f"database image within {radius} m (eval.radius); check the UTM in "
+                       f"the file names")
+    if len(without):
+      logging.warning("%s/images/%s: %d of %d queries have no database image within %.0f m; "
+                      "they count as misses", root, split, len(without),
+                      len(self.vs.query_utm), radius)
+    self.num_without_positive = int(len(without))
+
+  def run(self, variables, pca: Optional[dict] = None) -> dict:
+    """The recall report of host `variables`; `pca`: a `whitening.fit` result
+    applied to queries and database before the search."""
+    t0 = time.perf_counter()
+    descs = describe_split(self.spec, variables, self.vs, self.mesh, self.batch_size,
+                           self.progress, self.extractor, self.cache, label=self.split)
+    extract_s = time.perf_counter() - t0
+    q, db = descs["queries"], descs["database"]
+    if pca is not None:
+      q, db = whitening.apply(pca, q), whitening.apply(pca, db)
+    report = recall_report(q, db, self.vs.query_utm, self.vs.database_utm,
+                           self.vs.query_notes(), self.ns, self.radius)
+    report["extract_s"] = extract_s
+    report["split"] = self.split
+    report["num_queries_without_positive"] = self.num_without_positive
+    report["descriptor_dim"] = int(q.shape[1])
+    return report
+
+
+def evaluate_split(spec: dict, variables, root: str, split: str, mesh, batch_size: int = 32,
+                   ns=(1, 5, 10, 20), radius: float = 25.0, progress: bool = False,
+                   extractor: Optional[Extractor] = None, cache: bool = False,
+                   pca: Optional[dict] = None) -> dict:
+  """One-off `RecallEvaluator(...).run(variables, pca)`."""
+  return RecallEvaluator(spec, root, split, mesh, batch_size, ns, radius, progress, extractor,
+                         cache).run(variables, pca)
+
+
+def pca_from_config(config, spec: dict, variables, root: str, mesh,
+                    progress: bool = False) -> Optional[dict]:
+  """None when `eval.pca_dim` is 0, else PCA(-whitening, `eval.pca_whiten`) to
+  eval.pca_dim fitted on the train split's descriptors (database and
+  queries) of the model; see `whitening.fit`."""
+  dim = int(config.eval.get("pca_dim", 0) or 0)
+  if dim < 0:
+    raise ValueError(f"eval.pca_dim={dim} must be 0 (off) or positive")
+  if dim == 0:
+    return None
+  vs = layout.read_split(root, "train", require_segmentations=spec["view"] == "seg")
+  descs = describe_split(spec, variables, vs, mesh, config.eval.batch_size, progress,
+                         label="train")
+  return whitening.fit(np.concatenate([descs["database"], descs["queries"]]), dim,
+                       bool(config.eval.get("pca_whiten", True)))
+
+
+def public(report: dict) -> dict:
+  """The report without private (underscore) entries, JSON-able."""
+  return {k: v for k, v in report.items() if not k.startswith("_")}

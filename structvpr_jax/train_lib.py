@@ -1,0 +1,379 @@
+"""What stage 1 and stage 2 share: state, optimizer, train step, k-means, fit loop.
+
+- `TrainState`: flax TrainState with BatchNorm statistics.
+- `make_optimizer(tc)`: Adam / SGD, warmup + cosine, clipping, weight decay;
+  `trainable_mask` restricts updates to some parameters (experiments).
+- `make_train_step(spec, tc, mesh, teacher_spec, lambda_kd)`: the jitted
+  data-parallel step: triplet margin loss, plus the per-sample weighted
+  distillation term when a teacher is given (stage 2).
+- `kmeans_netvlad`: NetVLAD centroids from k-means on the branch's own local
+  features.
+- `fit(...)`: the loop both stages run: mined triplet batches, per-N-step log
+  lines and metrics.jsonl records, validation + Orbax checkpoint every
+  `eval_every` steps (best val R@5 + latest), resume from the latest
+  checkpoint with the same data order and mining cache, a stop on a
+  non-finite loss naming the last good checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import time
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+from flax.training import train_state
+
+from structvpr_jax import checkpoint, files, losses, mining, parallel, slme
+from structvpr_jax.data import input_pipeline, layout
+from structvpr_jax.evaluation import Extractor
+from structvpr_jax.models import netvlad
+from structvpr_jax.models import spec as model_spec
+
+
+class TrainState(train_state.TrainState):
+  batch_stats: Any
+
+
+# --------------------------------------------------------------------------
+# Optimizer
+# --------------------------------------------------------------------------
+def make_optimizer(tc: dict, trainable_mask: Optional[Any] = None):
+  """(optax transform, learning-rate schedule) from a stage's training fields.
+
+  Adam (default) or SGD (momentum 0.9) with linear warmup + cosine decay to
+  `final_lr_fraction`; optional global-norm clipping and weight decay.
+  `trainable_mask`: a pytree of bools shaped like the params (or a function
+  of the params returning one); False leaves are frozen (zero update, no
+  optimizer state), via `optax.multi_transform`.
+  """
+  steps = max(int(tc["num_steps"]), 1)
+  warmup = min(int(tc.get("warmup_steps", 0)), steps - 1) if steps > 1 else 0
+  schedule = optax.warmup_cosine_decay_schedule(
+      0.0 if warmup else tc["learning_rate"], tc["learning_rate"], max(warmup, 0),
+      steps, end_value=tc["learning_rate"] * tc.get("final_lr_fraction", 0.01))
+  if tc.get("optimizer", "adam") == "adam":
+    opt = optax.adam(schedule)
+  elif tc["optimizer"] == "sgd":
+    opt = optax.sgd(schedule, momentum=0.9)
+  else:
+    raise ValueError(f"train.optimizer={tc['optimizer']!r}; expected 'adam' or 'sgd'")
+  parts = []
+  if tc.get("grad_clip"):
+    parts.append(optax.clip_by_global_norm(tc["grad_clip"]))
+  if tc.get("weight_decay"):
+    parts.append(optax.add_decayed_weights(tc["weight_decay"]))
+  tx = optax.chain(*parts, opt)
+  if trainable_mask is not None:
+    labels = (lambda p: jax.tree.map(lambda m: "train" if m else "freeze", trainable_mask(p))) \
+        if callable(trainable_mask) else \
+        jax.tree.map(lambda m: "train" if m else "freeze", trainable_mask)
+    tx = optax.multi_transform({"train": tx, "freeze": optax.set_to_zero()}, labels)
+  return tx, schedule
+
+
+def new_state(variables: dict, tx) -> TrainState:
+  """A step-0 TrainState of host variables {"params", "batch_stats"}."""
+  return TrainState(step=0, apply_fn=None, params=variables["params"], tx=tx,
+                    opt_state=tx.init(variables["params"]),
+                    batch_stats=variables["batch_stats"])
+
+
+# --------------------------------------------------------------------------
+# Train step
+# --------------------------------------------------------------------------
+BATCHNORM_MODES = ("batch", "frozen")
+
+
+def make_train_step(spec: dict, tc: dict, mesh, teacher_spec: Optional[dict] = None,
+                    lambda_kd: float = 1.0):
+  """The data-parallel step for stage 1 (triplet) or stage 2 (triplet + KD).
+
+  Returns `step(state, batch, rng[, teacher_variables]) -> (state, metrics)`.
+  `batch[view]`: uint8 [B, 2 + M, H, W(, 3)] (query, positive, M negatives),
+  sharded over the mesh; stage 2 also `batch["seg"]` (the teacher's label
+  maps) and `batch["weight"]` float32 [B] (the Eq. 3 weight of each query).
+  Metrics: loss, triplet (and kd, kd_weight_mean), grad_norm, param_norm.
+  """
+  model = model_spec.build_model(spec, bn_axis_name=parallel.DATA_AXIS)
+  teacher = model_spec.build_model(teacher_spec) if teacher_spec else None
+  margin = float(tc["margin"])
+  batchnorm = tc.get("batchnorm", "batch")
+  if batchnorm not in BATCHNORM_MODES:
+    raise ValueError(f"train.batchnorm={batchnorm!r}; expected one of {BATCHNORM_MODES}")
+
+  def loss_fn(params, batch_stats, batch, rng, *extra):
+    del rng
+    x = batch[spec["view"]]
+    b, k = x.shape[:2]
+    inputs = model_spec.model_input(spec, x.reshape((b * k,) + x.shape[2:]))
+    variables = {"params": params, "batch_stats": batch_stats}
+    if batchnorm == "batch":   # synchronised batch statistics, running averages updated
+      desc, updates = model.apply(variables, inputs, train=True, mutable=["batch_stats"])
+    else:                      # frozen: BN is a fixed affine map from its running stats
+      desc, updates = model.apply(variables, inputs, train=False), {"batch_stats": batch_stats}
+    desc = desc.reshape(b, k, -1)
+    triplet = losses.triplet_margin_loss(desc[:, 0], desc[:, 1], desc[:, 2:], margin)
+    metrics = {"triplet": triplet}
+    loss = triplet
+    if teacher is not None:
+      (teacher_vars,) = extra
+      seg = batch["seg"][:, :2]                          # query, positive label maps
+      t_in = model_spec.model_input(teacher_spec, seg.reshape((b * 2,) + seg.shape[2:]))
+      t_desc = teacher.apply(teacher_vars, t_in, train=False)
+      weights = jnp.repeat(batch["weight"], 2)           # each query's weight on q and p
+      kd = losses.distill_loss(desc[:, :2].reshape(b * 2, -1), t_desc, weights)
+      loss = triplet + lambda_kd * kd
+      metrics.update(kd=kd, kd_weight_mean=jnp.mean(batch["weight"]))
+    return loss, (updates["batch_stats"], metrics)
+
+  return parallel.data_parallel_train_step(loss_fn, mesh,
+                                           extra_args=1 if teacher is not None else 0)
+
+
+# --------------------------------------------------------------------------
+# NetVLAD initialisation
+# --------------------------------------------------------------------------
+def kmeans_netvlad(spec: dict, variables: dict, source, mesh, num_images: int,
+                   per_image: int, seed: int, batch_size: int) -> dict:
+  """`variables` with NetVLAD params from k-means on the branch's own local
+  features: `per_image` random local features of `num_images` random images
+  of `source` (an `input_pipeline.ImageSource`); `batch_size` images per device."""
+  model = model_spec.build_model(spec)
+
+  def local(v, x):
+    f = model.apply(v, model_spec.model_input(spec, x), train=False, method="local_features")
+    return f.reshape(f.shape[0], -1, f.shape[-1])
+
+  apply = parallel.data_parallel_apply(local, mesh)
+  rng = np.random.default_rng([seed, 11])
+  count = min(num_images, len(source))
+  indices = np.sort(rng.choice(len(source), count, replace=False))
+  bs = max(1, batch_size) * mesh.size      # per-device batch: same program on any mesh
+  replicated = parallel.replicate(variables, mesh)
+  feats = []
+  for start in range(0, count, bs):
+    x = source.get(spec["view"], indices[start:start + bs])
+    padded, mask = parallel.pad_to_multiple(x, bs)
+    f = np.asarray(jax.device_get(apply(replicated, parallel.shard_batch(padded, mesh))))
+    f = f[:int(mask.sum())]
+    take = min(per_image, f.shape[1])
+    pick = np.stack([rng.choice(f.shape[1], take, replace=False) for _ in range(len(f))])
+    feats.append(np.take_along_axis(f, pick[:, :, None], axis=1).reshape(-1, f.shape[-1]))
+  feats = np.concatenate(feats)
+  params = netvlad.init_from_kmeans(feats, spec["num_clusters"], seed=seed)
+  variables = jax.tree.map(lambda x: x, variables)
+  variables["params"] = dict(variables["params"])
+  variables["params"]["netvlad"] = params
+  return variables
+
+
+def fresh_variables(spec: dict, seed: int, source, mesh, tc: dict, batch_size: int) -> dict:
+  """A branch's starting point: `model_spec.init_variables` (ImageNet backbone
+  when the spec says so) with NetVLAD from k-means on `source`'s images
+  (`tc["kmeans_images"]` images, `tc["kmeans_per_image"]` features each)."""
+  variables = model_spec.init_variables(spec, seed)
+  return kmeans_netvlad(spec, variables, source, mesh, tc["kmeans_images"],
+                        tc["kmeans_per_image"], seed, batch_size)
+
+
+# --------------------------------------------------------------------------
+# Training input
+# --------------------------------------------------------------------------
+# Each stage mines with its own seed offset (config.seed + offset).
+MINING_SEED_OFFSET = {"rgb": 0, "seg": 1, "distill": 2}
+
+
+def make_batcher(split: layout.VprSplit, spec: dict, views, tc: dict, seed: int,
+                 num_threads: int = 2, prefetch: int = 2) -> input_pipeline.TripletBatcher:
+  """Mined triplet batches of this process's share of the global batch.
+
+  Decodes every training image of `views` up front (bad files fail here,
+  naming the file, before compute) and keeps them in memory.
+  """
+  images = input_pipeline.SplitImages(split, spec["image_size"], views=views, cache=True,
+                                      num_classes=slme.NUM_CITYSCAPES_CLASSES,
+                                      num_threads=num_threads)
+  images.load_all(progress=True)
+  miner = mining.NegativeMiner(
+      split.query_utm, split.database_utm, num_negatives=tc["num_negatives"],
+      num_candidates=tc["num_candidates"], refresh_every=tc["refresh_every"],
+      pos_radius=layout.TRAIN_POSITIVE_RADIUS, neg_radius=layout.NEGATIVE_RADIUS,
+      seed=seed, strategy=tc.get("mining", "hard"))
+  if miner.num_without_positive:
+    logging.warning("%d of %d training queries have no database image within %.0f m; "
+                    "they are skipped", miner.num_without_positive, len(split.query_utm),
+                    layout.TRAIN_POSITIVE_RADIUS)
+  local_batch = tc["batch_size"] // jax.process_count()
+  return input_pipeline.TripletBatcher(miner, images, local_batch, prefetch=prefetch)
+
+
+# --------------------------------------------------------------------------
+# The fit loop
+# --------------------------------------------------------------------------
+@dataclasses.dataclass
+class Teacher:
+  """Stage 2's frozen teacher: spec, replicated variables, per-query weights."""
+  spec: dict
+  variables: Any            # replicated on the mesh
+  weights: np.ndarray       # float32 [num training queries] (Eq. 3)
+  lambda_kd: float = 1.0
+
+
+def format_eta(seconds: float) -> str:
+  seconds = int(max(seconds, 0))
+  return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def fit(*, stage: str, spec: dict, tc: dict, mesh, batcher: input_pipeline.TripletBatcher,
+        views, checkpoint_dir: str, init_variables: Callable[[], dict],
+        extractor: Extractor, validate: Callable[[dict], dict], metrics: files.MetricsWriter, seed: int,
+        teacher: Optional[Teacher] = None, meta: Optional[dict] = None) -> dict:
+  """Trains one stage to `tc["num_steps"]`, resuming from the latest checkpoint.
+
+  Args:
+    stage: name in logs, metrics and checkpoint meta ("rgb", "seg", "distill").
+    spec: the trained branch's spec (stored in every checkpoint).
+    tc: the stage's training fields (`config_lib.stage_train_config`).
+    batcher: mined triplet batches; its miner's state is checkpointed.
+    views: the image views the step reads ("rgb", "seg").
+    checkpoint_dir: the stage's Orbax directory.
+    init_variables: () -> host variables of a fresh start (not called on resume).
+    extractor: describes training images with the current parameters for the
+      miner's cache refreshes (share it with `validate`: one compile).
+    validate: host variables -> val recall report ("R@n" keys, percent).
+    metrics: the run's metrics.jsonl writer.
+    seed: the config seed (step RNG).
+    teacher: stage 2's teacher; None in stage 1.
+    meta: extra JSON stored in every checkpoint's meta.
+
+  Returns:
+    {"steps", "best_step", "best_val_R@5", "checkpoint", "seconds_this_run"}.
+  """
+  miner = batcher.miner
+  steps_per_epoch = batcher.steps_per_epoch()
+  if steps_per_epoch == 0:
+    raise ValueError(f"train.batch_size={tc['batch_size']} is larger than the "
+                     f"{len(miner.train_queries)} usable training queries")
+  tx, schedule = make_optimizer(tc)
+  mngr = checkpoint.manager(checkpoint_dir)
+  abstract_vars = model_spec.abstract_variables(spec)
+  latest = mngr.latest_step()
+  t_start = time.time()
+  if latest is not None:
+    abstract_opt = {"opt_state": jax.eval_shape(tx.init, abstract_vars["params"]),
+                    "step": jax.ShapeDtypeStruct((), jnp.int32)}
+    restored = checkpoint.restore(mngr, latest, abstract_vars, abstract_opt, with_mining=True)
+    variables, opt = restored["variables"], restored["opt"]
+    if "mining" in restored:
+      miner.load_state_dict(restored["mining"])
+    best = restored["meta"].get("best_val_R@5", -1.0)
+    print(f"[{stage}] resuming from step {latest} ({mngr.directory})")
+    opt_state, step = opt["opt_state"], int(latest)
+  else:
+    variables = init_variables()
+    opt_state, step, best = tx.init(variables["params"]), 0, -1.0
+
+  state = TrainState(step=step, apply_fn=None, params=variables["params"], tx=tx,
+                     opt_state=opt_state, batch_stats=variables["batch_stats"])
+  state = parallel.replicate(state, mesh)
+  train_step = make_train_step(spec, tc, mesh, teacher.spec if teacher else None,
+                               teacher.lambda_kd if teacher else 1.0)
+  current = {"state": state}
+
+  num_steps = int(tc["num_steps"])
+  images_per_step = tc["batch_size"] * (2 + tc["num_negatives"])
+  n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(variables["params"]))
+  print(f"[{stage}] {spec['backbone']} x{spec['width']} + NetVLAD-{spec['num_clusters']} "
+        f"({n_params / 1e6:.2f}M params, descriptor {spec['num_clusters'] * spec['dim']}-d) on "
+        f"{mesh.size} device(s) [{jax.devices()[0].platform}], {num_steps} steps, "
+        f"{steps_per_epoch} steps/epoch, global batch {tc['batch_size']} triplets")
+
+  def state_variables():
+    s = current["state"]
+    return {"params": s.params, "batch_stats": s.batch_stats}
+
+  def validate_and_checkpoint(step: int, best: float) -> float:
+    """Val recalls of the current state -> metrics.jsonl + a checkpoint; new best R@5."""
+    rep = validate(jax.device_get(state_variables()))
+    val = {f"val_{k}": rep[k] for k in rep if k.startswith("R@")}
+    best = max(best, val["val_R@5"])
+    metrics.write({"stage": stage, "step": step, "event": "val", **val})
+    print(f"[{stage}] step {step} val R@1 {val['val_R@1']:.1f} R@5 {val['val_R@5']:.1f} "
+          f"(best R@5 {best:.1f})", flush=True)
+    s = current["state"]
+    checkpoint.save(mngr, step, state_variables(),
+                    {"spec": spec, "stage": stage, "step": step, "metrics": val,
+                     "best_val_R@5": best, "seed": seed, **(meta or {})},
+                    opt={"opt_state": s.opt_state, "step": s.step},
+                    mining=miner.state_dict(), metrics=val)
+    return best
+
+  if latest is None and tc.get("eval_at_start", False):
+    # The starting point (ImageNet / stage-1 weights) competes with the trained
+    # steps for the best-checkpoint selection on val: on a small training set
+    # fine-tuning may not beat it, and selection must then keep it.
+    best = validate_and_checkpoint(0, best)
+
+  def describe_for_mining(role, indices):
+    return extractor(state_variables(), batcher.images.sources[role], indices)
+
+  root_rng = jax.random.PRNGKey(seed)
+  inject_nan_at = int(tc.get("inject_nan_at_step", 0) or 0)
+  t_log, step_log = time.time(), step
+  while step < num_steps:
+    epoch, start = divmod(step, steps_per_epoch)
+    for batch in batcher.epoch(epoch, describe_for_mining, start):
+      device_batch = {v: batch[v] for v in views}
+      if teacher is not None:
+        device_batch["weight"] = teacher.weights[batch["query_index"]]
+      device_batch = parallel.shard_batch(device_batch, mesh)
+      rng = jax.random.fold_in(root_rng, step)
+      args = (teacher.variables,) if teacher is not None else ()
+      current["state"], m_dev = train_step(current["state"], device_batch, rng, *args)
+      step += 1
+      if step == inject_nan_at:   # fault injection for the numerical-guard test
+        current["state"] = current["state"].replace(
+            params=jax.tree.map(lambda p: p * jnp.nan, current["state"].params))
+      last = step >= num_steps
+      log_now = step % tc["log_every"] == 0 or last
+      eval_now = step % tc["eval_every"] == 0 or last
+      if log_now or eval_now:
+        # Checked at every log and checkpoint step (one host sync there, none
+        # in between): a NaN/Inf makes the parameters non-finite, so it is
+        # caught at the latest here, and never written into a checkpoint.
+        m = jax.device_get(m_dev)
+        if not all(math.isfinite(float(m[k])) for k in ("loss", "grad_norm")):
+          good = mngr.latest_step()
+          raise FloatingPointError(
+              f"[{stage}] non-finite loss/gradient detected at step {step} (loss {m['loss']}, "
+              f"grad norm {m['grad_norm']}; checked every {tc['log_every']} steps); last good "
+              f"checkpoint: "
+              f"{os.path.join(str(mngr.directory), str(good)) if good is not None else 'none'}")
+      if log_now:
+        now = time.time()
+        rate = (step - step_log) * images_per_step / max(now - t_log, 1e-9)
+        eta = (num_steps - step) * images_per_step / max(rate, 1e-9)
+        record = {"stage": stage, "step": step, "epoch": epoch, "lr": float(schedule(step - 1)),
+                  "img_s": rate, **{k: float(v) for k, v in m.items()}}
+        metrics.write(record)
+        extra = f" kd {m['kd']:.4f}" if "kd" in m else ""
+        print(f"[{stage}] step {step}/{num_steps} loss {m['loss']:.4f}{extra} "
+              f"|g| {m['grad_norm']:.3f} lr {record['lr']:.2e} {rate:.1f} img/s "
+              f"ETA {format_eta(eta)}", flush=True)
+        t_log, step_log = time.time(), step
+      if eval_now:
+        best = validate_and_checkpoint(step, best)
+        t_log, step_log = time.time(), step
+      if last:
+        break
+  best_step = checkpoint.best_step(mngr)
+  return {"steps": num_steps, "best_step": best_step, "best_val_R@5": best,
+          "seconds_this_run": time.time() - t_start,
+          "checkpoint": os.path.join(str(mngr.directory), str(best_step))}

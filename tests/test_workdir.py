@@ -1,0 +1,110 @@
+"""Stage records: a rerun with other settings stops naming each field; rerun_from redoes."""
+
+import json
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from configs import distill  # noqa: E402
+from structvpr_jax import config_lib, files  # noqa: E402
+from structvpr_jax.workdir import Workdir  # noqa: E402
+
+
+def finished(wd, stage, fields, consumed=None):
+  wd.begin(stage, fields, consumed or {})
+  return wd.finish(stage, {"best_step": 4}, fields, consumed or {})
+
+
+def test_stage_fields_name_what_each_stage_depends_on():
+  c = distill.get_config("smoke")
+  rgb = config_lib.stage_fields(c, "rgb")
+  assert rgb["rgb.width"] == 0.35 and rgb["train.num_steps"] == 4 and rgb["seed"] == 0
+  assert "distill.weighting" not in rgb and "seg.slme" not in rgb
+  seg = config_lib.stage_fields(c, "seg")
+  assert seg["seg.slme"] == "slme" and seg["seg.learning_rate"] == 1e-3   # the override
+  assert "train.learning_rate" not in seg
+  part = config_lib.stage_fields(c, "partition")
+  assert part["distill.weighting"] == "sigmoid" and "distill.lambda_kd" not in part
+  dist = config_lib.stage_fields(c, "distill")
+  assert dist["distill.lambda_kd"] == 1.0 and dist["rgb.dim"] == 16
+  assert config_lib.stage_fields(c, "eval")["eval.ns"] == [1, 5, 10, 20]
+  json.dumps(dist)     # JSON-plain: tuples became lists
+  c.train.log_every = 7          # logging does not change results
+  assert config_lib.stage_fields(c, "rgb") == rgb
+
+
+def test_check_stage_statuses(tmp_path):
+  wd = Workdir(str(tmp_path))
+  c = distill.get_config("smoke")
+  fields = config_lib.stage_fields(c, "rgb")
+  assert wd.begin("rgb", fields, {}) == "new"
+  assert files.read_json(wd.stage_json("rgb"))["config"] == fields
+  assert wd.check_stage("rgb", fields, {}) == "resume"
+  done = wd.finish("rgb", {"best_step": 4}, fields, {})
+  assert wd.check_stage("rgb", fields, {}) == "done"
+  assert wd.run_id("rgb") == done["run_id"]
+  c.rgb.width = 0.5
+  c.train.num_steps = 9
+  other = config_lib.stage_fields(c, "rgb")
+  with pytest.raises(ValueError) as e:
+    wd.check_stage("rgb", other, {})
+  msg = str(e.value)
+  assert "rgb.width: recorded 0.35, now 0.5" in msg
+  assert "train.num_steps: recorded 4, now 9" in msg and "rerun_from=rgb" in msg
+  assert wd.check_stage("rgb", other, {}, rerun_from="rgb") == "new"
+  assert not os.path.exists(wd.stage_dir("rgb"))
+
+
+def test_consumed_inputs_are_checked(tmp_path):
+  wd = Workdir(str(tmp_path))
+  c = distill.get_config("smoke")
+  rgb = finished(wd, "rgb", config_lib.stage_fields(c, "rgb"))
+  seg = finished(wd, "seg", config_lib.stage_fields(c, "seg"))
+  part_fields = config_lib.stage_fields(c, "partition")
+  consumed = wd.consumed(("rgb", "seg"))
+  assert consumed == {"rgb": rgb["run_id"], "seg": seg["run_id"]}
+  wd.finish("partition", {"D1": {"count": 1}}, part_fields, consumed,
+            path=wd.partition_summary)
+  files.save_npz(wd.partition_npz, weights=[1.0])
+  assert wd.check_stage("partition", part_fields, consumed) == "done"
+  # stage 1 seg redone: the partition read the old one
+  seg2 = finished(wd, "seg", config_lib.stage_fields(c, "seg"))
+  with pytest.raises(ValueError, match=f"input seg: read run {seg['run_id']}, now run "
+                                       f"{seg2['run_id']}"):
+    wd.check_stage("partition", part_fields, wd.consumed(("rgb", "seg")))
+  with pytest.raises(ValueError, match="stage 'distill' has not finished"):
+    wd.consumed(("distill",))
+
+
+def test_preflight_names_every_stage_and_field_and_rerun_from_covers_later_stages(tmp_path):
+  wd = Workdir(str(tmp_path))
+  c = distill.get_config("smoke")
+  for stage in ("rgb", "seg"):
+    finished(wd, stage, config_lib.stage_fields(c, stage))
+  finished(wd, "distill", config_lib.stage_fields(c, "distill"))
+  c.distill.lambda_kd = 0.1
+  c.seg.slme = "onehot"
+  fields = {s: config_lib.stage_fields(c, s) for s in ("rgb", "seg", "distill")}
+  with pytest.raises(ValueError) as e:
+    wd.preflight(fields)
+  msg = str(e.value)
+  assert "stage 'seg'" in msg and "seg.slme: recorded 'slme', now 'onehot'" in msg
+  assert "stage 'distill'" in msg and "distill.lambda_kd: recorded 1.0, now 0.1" in msg
+  assert "stage 'rgb'" not in msg and "rerun_from=seg" in msg
+  wd.preflight(fields, rerun_from="seg")          # covers seg and every later stage
+  with pytest.raises(ValueError, match="stage 'seg'"):
+    wd.preflight(fields, rerun_from="distill")
+
+
+def test_remove_stage_drops_its_metrics_lines(tmp_path):
+  wd = Workdir(str(tmp_path))
+  writer = files.MetricsWriter(wd.metrics)
+  for stage in ("rgb", "distill", "rgb"):
+    writer.write({"stage": stage, "step": 1, "loss": 0.5})
+  os.makedirs(wd.stage_dir("distill"))
+  wd.remove_stage("distill")
+  assert [r["stage"] for r in files.read_jsonl(wd.metrics)] == ["rgb", "rgb"]
+  assert not os.path.exists(wd.stage_dir("distill"))
