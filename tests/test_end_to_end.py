@@ -67,7 +67,7 @@ def run1(tmp_path_factory, cache):
 def test_artifacts_exist_and_parse(run1):
   workdir, logs = run1
   with open(os.path.join(workdir, "config.json")) as f:
-    assert json.load(f)["mode"] == "distill"
+    assert json.load(f)["mode"] == "structvpr"
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     records = [json.loads(line) for line in f]
   stages = {r["stage"] for r in records}
