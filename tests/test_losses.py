@@ -83,3 +83,85 @@ def test_distill_zero_weight_zero_loss(w):
   s, t = np.eye(3), np.eye(3)[::-1]
   loss = losses.distill_loss(s, t, np.full(3, w))
   assert (float(loss) == 0.0) == (w == 0.0)
+
+
+# --------------------------------------------------------------------------
+# KD forms (ours; docs/design.md "Distillation loss")
+# --------------------------------------------------------------------------
+def numpy_relational(s, t, w, temperature):
+  """Loop over triplets: KL(softmax(-d_t/T) || softmax(-d_s/T)) * w_b, mean over B."""
+  total = 0.0
+  for b in range(s.shape[0]):
+    def dists(x):
+      x = x / np.linalg.norm(x, axis=1, keepdims=True)
+      return np.array([np.linalg.norm(x[0] - x[c]) for c in range(1, len(x))])
+    ls, lt = -dists(s[b]) / temperature, -dists(t[b]) / temperature
+    ps = np.exp(ls - ls.max()); ps /= ps.sum()
+    pt = np.exp(lt - lt.max()); pt /= pt.sum()
+    total += w[b] * np.sum(pt * (np.log(pt) - np.log(ps)))
+  return total / s.shape[0]
+
+
+def test_relational_matches_numpy_reference():
+  rng = np.random.default_rng(1)
+  s, t = rng.normal(size=(3, 4, 6)), rng.normal(size=(3, 4, 6))
+  w = np.array([1.0, 0.25, 0.0])
+  for temperature in (0.1, 1.0):
+    got = jax.jit(losses.relational_distill_loss, static_argnums=3)(s, t, w, temperature)
+    np.testing.assert_allclose(got, numpy_relational(s, t, w, temperature), rtol=1e-4)
+
+
+def test_relational_two_triplet_hand_case():
+  """2 triplets, 2-d descriptors, T = 1. Triplet 0: the student is the teacher
+  rotated (same distances) -> KL 0. Triplet 1: teacher distances (0, 2),
+  student (2, 0): p_t = softmax(0, -2) = (a, b), p_s = softmax(-2, 0) = (b, a)
+  with a = sigmoid(2), so KL = a log(a/b) + b log(b/a)."""
+  e0, e1 = np.array([1.0, 0.0]), np.array([0.0, 1.0])
+  rot = np.array([[0.0, -1.0], [1.0, 0.0]])
+  t0 = np.stack([e0, e1, -e0])            # query, positive, negative: d = sqrt2, 2
+  s0 = t0 @ rot.T
+  t1 = np.stack([e0, e0, -e0])            # d_t = (0, 2)
+  s1 = np.stack([e0, -e0, e0])            # d_s = (2, 0)
+  s, t = np.stack([s0, s1]), np.stack([t0, t1])
+  w = np.array([1.0, 1.0])
+  # triplet 1 by hand: logits_t = (0, -2), logits_s = (-2, 0)
+  a = 1 / (1 + np.exp(-2.0))              # p_t(pos) = p_s(neg)
+  b = 1 - a                               # p_t(neg) = p_s(pos)
+  kl1 = a * np.log(a / b) + b * np.log(b / a)
+  got = losses.relational_distill_loss(s, t, w, 1.0)
+  np.testing.assert_allclose(got, (0.0 + kl1) / 2, rtol=1e-5)
+  # weight 0 on triplet 1 removes it; the rotated triplet alone is 0
+  np.testing.assert_allclose(losses.relational_distill_loss(s, t, np.array([1.0, 0.0]), 1.0),
+                             0.0, atol=1e-6)
+
+
+def test_zero_weight_means_zero_gradient_for_every_form():
+  rng = np.random.default_rng(2)
+  s = jnp.asarray(rng.normal(size=(2, 3, 5)), jnp.float32)
+  t = jnp.asarray(rng.normal(size=(2, 3, 5)), jnp.float32)
+  w = jnp.array([0.0, 1.0])
+  g = jax.grad(lambda x: losses.relational_distill_loss(x, t, w))(s)
+  assert np.all(np.asarray(g[0]) == 0) and np.any(np.asarray(g[1]) != 0)
+  g = jax.grad(lambda x: losses.distill_loss(x, t[:, 0], w))(s[:, 0])
+  assert np.all(np.asarray(g[0]) == 0) and np.any(np.asarray(g[1]) != 0)
+  params = losses.adaptor_init(5)
+  g = jax.grad(lambda x: losses.distill_loss(losses.adaptor_apply(params, x), t[:, 0], w))(
+      s[:, 0])
+  assert np.all(np.asarray(g[0]) == 0) and np.any(np.asarray(g[1]) != 0)
+
+
+def test_adaptor_starts_as_the_feature_loss_and_maps_shapes():
+  rng = np.random.default_rng(3)
+  s, t = rng.normal(size=(4, 6)), rng.normal(size=(4, 6))
+  w = np.array([1.0, 0.5, 0.0, 2.0])
+  params = losses.adaptor_init(6)
+  assert params["kernel"].shape == (6, 6) and params["bias"].shape == (6,)
+  mapped = losses.adaptor_apply(params, s)
+  assert mapped.shape == (4, 6)
+  np.testing.assert_allclose(losses.distill_loss(mapped, t, w), numpy_distill(s, t, w),
+                             rtol=1e-5)
+  # a trained adaptor that maps s exactly onto t gives zero loss
+  kernel, *_ = np.linalg.lstsq(s, t, rcond=None)     # 4 samples, 6 dims: exact fit
+  fitted = {"kernel": jnp.asarray(kernel, jnp.float32), "bias": jnp.zeros(6)}
+  np.testing.assert_allclose(losses.distill_loss(losses.adaptor_apply(fitted, s), t, w), 0.0,
+                             atol=1e-5)
