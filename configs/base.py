@@ -79,6 +79,12 @@ def get_config(arg=None):
   c.distill.batchnorm = ""                   # "" = train.batchnorm
   c.distill.mining = ""                      # "" = train.mining
   c.distill.init_from_rgb = True             # student starts from the stage-1 RGB branch
+  # KD form (ours; the paper names none): "feature" = ||s - t||^2 on normalised
+  # descriptors; "adaptor" = the same after a trainable linear head on s (loss
+  # only, not exported); "relational" = KL of softmax(-distance / temperature)
+  # over each query's positive and negatives (teacher vs student).
+  c.distill.kd = "feature"
+  c.distill.temperature = 0.1                # relational form
 
   c.train = ml_collections.ConfigDict()
   c.train.batch_size = 8 if not smoke else 2        # global triplets per step

@@ -1,82 +1,161 @@
 """The project's benchmark: prints one JSON object of performance figures.
 
-  python experiments/bench.py [--quick] [--repeats N] [--no-torch] [--out FILE]
+  python experiments/bench.py [--quick] [--rounds R] [--repeats N] [--no-torch] [--out FILE]
   python experiments/bench.py --table experiments/results/bench.json   # README table
 
+Every figure is measured in a fresh worker process (this process only
+launches them and imports neither JAX nor PyTorch), so neither framework
+runs beside the other's threads and memory:
+  - RGB workers (`bench.py --worker rgb`) and PyTorch workers
+    (`experiments/torch_reference.py`), interleaved (rgb, torch, rgb, torch,
+    ...): `--rounds` rounds, each running both under both allocator
+    settings. A figure is the median over the rounds of each worker's median
+    of `--repeats` calls after one warm-up call.
+  - one worker for the JAX-only figures (`bench.py --worker other`: seg
+    branch, partition, evaluation, input pipeline, synthetic generation),
+    with huge pages, medians of `--repeats` calls.
+Allocator settings: "huge pages", GLIBC_TUNABLES with glibc.malloc.hugetlb=1
+(what structvpr_jax/hugepages.py sets for the main program: unsuffixed keys),
+and "nohuge", without it (keys with `_nohuge` before the unit).
+
 Keys (stable; later versions add keys, never rename):
-  forward_224_img_s       RGB branch (MobileNetV2-1.0 + NetVLAD-64, 81,920-d), 16x224x224
+  forward_224_img_s       RGB branch (MobileNetV2-1.0 + NetVLAD-64, 81,920-d;
+                          spec as models/spec.py with dim 0), 16 uint8 images at
+                          224x224 through evaluation.Extractor
   forward_480x640_img_s   same, 16x480x640
-  train_step_224_img_s    4 triplets (q, p, 1 negative) = 12 images at 224, Adam,
-                          BatchNorm in training mode, donated state
+  train_step_224_img_s    train_lib.make_train_step on a 1-device mesh: 4 triplets
+                          (q, p, 1 negative) = 12 uint8 images at 224, Adam, grad
+                          clip 1.0, BatchNorm in training mode ("batch"), donated state
   train_step_480x640_img_s  2 triplets = 6 images at 480x640
+  train_step_224_frozen_img_s, train_step_480x640_frozen_img_s   the same with
+                          frozen BatchNorm ("frozen", the mode the pipeline trains with)
   seg_forward_224_img_s, seg_forward_480x640_img_s, seg_train_step_224_img_s,
-  seg_train_step_480x640_img_s   the seg branch of the default config (light
-                          MobileNet on 5 SLME channels + 1x1 to 128 + NetVLAD-32)
+  seg_train_step_480x640_img_s, seg_train_step_224_frozen_img_s,
+  seg_train_step_480x640_frozen_img_s   the seg branch of the default config
+                          (light MobileNet on 5 SLME channels of uint8 label maps
+                          + 1x1 to 128 + NetVLAD-32), huge pages only
   torch_forward_224_img_s, torch_forward_480x640_img_s, torch_train_step_224_img_s,
-  torch_train_step_480x640_img_s   the same RGB branch in PyTorch
-                          (experiments/torch_reference.py, channels_last), same process
+  torch_train_step_480x640_img_s, torch_train_step_224_frozen_img_s,
+  torch_train_step_480x640_frozen_img_s   the same RGB branch and step in PyTorch
+                          (experiments/torch_reference.py, channels_last)
   ratio_forward_224, ratio_forward_480x640, ratio_train_step_224,
-  ratio_train_step_480x640   JAX img/s / torch img/s
+  ratio_train_step_480x640, ratio_train_step_224_frozen,
+  ratio_train_step_480x640_frozen   JAX img/s / torch img/s, huge pages
+  *_nohuge                the RGB, torch and ratio keys above (and their
+                          *_compile_s / *_first_s) without huge pages, e.g.
+                          forward_224_nohuge_img_s, ratio_forward_224_nohuge
   partition_s             partition.retrieval_margins, Q=1000, N=10000, D=4096
   faiss_search_s          faiss IndexFlatL2 search of the same size (k=1)
   partition_vs_two_faiss  partition_s / (2 * faiss_search_s)
   eval_extract_s          evaluation: describing 1k queries + 10k database images
-                          (default RGB branch, 96x128, 4096-d) with evaluate.Extractor
+                          (default RGB branch, 96x128, 4096-d) with evaluation.Extractor
   eval_extract_img_s      the same as images/s
-  eval_search_recall_s    evaluate.recall_report on those descriptors (faiss search
-                          k=20, Recall@1/5/10/20 overall and per condition)
+  eval_search_recall_s    evaluation.recall_report on those descriptors (faiss
+                          search k=20, Recall@1/5/10/20 overall and per condition)
   eval_bare_faiss_s       a bare faiss IndexFlatL2 search of the same size (k=20)
   eval_overhead_vs_faiss  eval_search_recall_s / eval_bare_faiss_s
   input_pipeline_batches_s   triplet batches/s (8 triplets, M=4, 96x128 RGB+labels)
                           from JPEG/PNG on disk, cold (first epoch, decoding)
   input_pipeline_cached_batches_s   the same from the in-memory cache
   synthetic_generate_img_s  synthetic city generation (render + write), 96x128
-  *_compile_s             first-call time (trace + compile + one run)
-  peak_rss_mb             peak resident memory of this process
-  glibc_tunables          GLIBC_TUNABLES of the run (huge pages: structvpr_jax/hugepages.py)
-Timings take the median of `--repeats` runs after one warm-up call. The
-PyTorch figures need the optional extra `bench` (torch 2.13.0, CPU); without
-it they are skipped (keys absent).
+  *_compile_s             JAX first-call time (trace + compile + one run)
+  torch_*_first_s         PyTorch first-call time
+  peak_rss_mb             largest peak resident memory of the JAX workers
+  torch_peak_rss_mb       the same of the PyTorch workers
+  glibc_tunables          GLIBC_TUNABLES of the unsuffixed keys' workers
+  allocator_settings      {"hugepages", "nohuge": GLIBC_TUNABLES of the workers,
+                          "thp_mode": the kernel's transparent huge page mode}
+  jax, devices, descriptor_dim, eval_descriptor_dim, torch, torch_threads,
+  cpu_count, machine, rounds, repeats   the run's description
+The PyTorch figures need the optional extra `bench` (torch 2.13.0, CPU);
+without it they are skipped (torch_* and ratio_* keys absent).
 """
 
 from __future__ import annotations
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-if __name__ == "__main__":  # same allocator setting as `python -m structvpr_jax.main`
-  from structvpr_jax import hugepages
-  hugepages.reexec_with_hugepages()
-
 import argparse
-import functools
+import collections
+import importlib.util
 import json
+import os
 import platform
 import resource
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-import optax
-from flax.training import train_state
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+sys.path.insert(0, REPO)
 
-from structvpr_jax import losses, partition, retrieval  # noqa: E402
-from structvpr_jax.models.branch import Branch  # noqa: E402
+from structvpr_jax import hugepages  # noqa: E402  (stdlib only: no JAX in this process)
 
+TORCH_REFERENCE = os.path.join(HERE, "torch_reference.py")
 
 # --quick: a two-block backbone (the script's plumbing, not its figures).
-QUICK_BLOCKS = ((1, 8, 1, 1), (6, 16, 1, 2))
+QUICK_BLOCKS = [[1, 8, 1, 1], [6, 16, 1, 2]]
+TRAIN_TRIPLETS = {"224": 4, "480x640": 2}
+BATCHNORM_SUFFIX = {"batch": "", "frozen": "_frozen"}
+# The RGB figures PyTorch also measures: ratio_<figure> = JAX / torch img/s.
+PAIRED = ("forward_224", "forward_480x640", "train_step_224", "train_step_480x640",
+          "train_step_224_frozen", "train_step_480x640_frozen")
+# Allocator setting -> key suffix.
+SETTINGS = {"hugepages": "", "nohuge": "_nohuge"}
+UNITS = ("_img_s", "_compile_s", "_first_s")
 
 
-class TrainState(train_state.TrainState):
-  batch_stats: dict
+# --------------------------------------------------------------------------
+# Workers (fresh processes): JAX figures
+# --------------------------------------------------------------------------
+def image_sizes(quick: bool) -> dict:
+  """{"224": (H, W), "480x640": (H, W)}: the two input sizes of the model figures."""
+  return {"224": (64, 64) if quick else (224, 224),
+          "480x640": (96, 128) if quick else (480, 640)}
 
 
-def timed(fn, repeats):
-  """(first-call seconds, median seconds of `repeats` further calls)."""
+def make_spec(branch: str, hw, quick: bool, *, dim: int, num_clusters: int) -> dict:
+  """A models/spec.py spec: "rgb" (MobileNetV2 on [-1, 1] RGB) or "seg" (light
+  MobileNet on SLME label maps); --quick: width 0.35 and two blocks."""
+  return {"branch": branch, "view": branch,
+          "backbone": "mobilenet_v2" if branch == "rgb" else "mobilenet_light",
+          "width": 0.35 if quick else 1.0, "dim": dim, "num_clusters": num_clusters,
+          "blocks": QUICK_BLOCKS if quick else None, "slme": "slme",
+          "normalization": "tflite", "image_size": list(hw), "init": ""}
+
+
+def random_inputs(spec: dict, shape: tuple, seed: int):
+  """uint8 [*shape, H, W, 3] RGB or [*shape, H, W] label maps of the spec's view."""
+  import numpy as np
+  from structvpr_jax import slme
+  rng = np.random.default_rng(seed)
+  hw = tuple(spec["image_size"])
+  if spec["view"] == "rgb":
+    return rng.integers(0, 256, shape + hw + (3,), np.uint8)
+  return rng.integers(0, slme.NUM_CITYSCAPES_CLASSES, shape + hw, np.uint8)
+
+
+class RandomImages:
+  """An `input_pipeline.ImageSource` stand-in: `n` deterministic random inputs
+  of a spec's view (a pool of at most 64, repeated; no disk)."""
+
+  def __init__(self, spec: dict, n: int, seed: int):
+    self.n = n
+    self.pool = random_inputs(spec, (min(n, 64),), seed)
+
+  def __len__(self):
+    return self.n
+
+  def get(self, view, idx):
+    import numpy as np
+    return self.pool[np.asarray(idx) % len(self.pool)]
+
+
+def timed(fn, repeats: int) -> tuple[float, float]:
+  """(first-call seconds, median seconds of `repeats` further calls); waits
+  for fn's result (any pytree of arrays)."""
+  import jax
   t0 = time.perf_counter()
   jax.block_until_ready(fn())
   first = time.perf_counter() - t0
@@ -88,45 +167,78 @@ def timed(fn, repeats):
   return first, statistics.median(times)
 
 
-def bench_forward(model, variables, batch, hw, repeats, channels=3):
-  x = jnp.asarray(np.random.default_rng(0).normal(size=(batch,) + hw + (channels,)),
-                  jnp.float32)
-  fwd = jax.jit(lambda v, x: model.apply(v, x, train=False))
-  first, sec = timed(lambda: fwd(variables, x), repeats)
-  return batch / sec, first
+def bench_forward(spec: dict, variables, mesh, repeats: int, batch: int = 16) -> dict:
+  """{"img_s", "compile_s"} of `evaluation.Extractor` on one batch of `batch`
+  inputs at spec["image_size"] (replicated `variables`)."""
+  from structvpr_jax import evaluation
+  extractor = evaluation.Extractor(spec, mesh, batch)
+  images = RandomImages(spec, batch, seed=0)
+  first, sec = timed(lambda: extractor(variables, images), repeats)
+  return {"img_s": batch / sec, "compile_s": first}
 
 
-def bench_train_step(model, variables, repeats, triplets=4, hw=(224, 224), channels=3):
-  fresh = jax.tree.map(jnp.copy, variables)   # the step donates (deletes) its input state
-  state = TrainState.create(apply_fn=None, params=fresh["params"],
-                            batch_stats=fresh["batch_stats"], tx=optax.adam(1e-4))
-  images = jnp.asarray(
-      np.random.default_rng(1).normal(size=(triplets, 3) + hw + (channels,)), jnp.float32)
+def bench_train_step(spec: dict, variables: dict, mesh, batchnorm: str, triplets: int,
+                     repeats: int) -> dict:
+  """{"img_s", "compile_s"} of `train_lib.make_train_step` (Adam, lr 1e-4, grad
+  clip 1.0, margin 0.1, BatchNorm `batchnorm`) from host `variables` on a
+  batch of `triplets` x (q, p, 1 negative) inputs at spec["image_size"]."""
+  import jax
+  from structvpr_jax import parallel, train_lib
+  tc = {"num_steps": 1000, "learning_rate": 1e-4, "warmup_steps": 0, "margin": 0.1,
+        "grad_clip": 1.0, "batchnorm": batchnorm}
+  tx, _ = train_lib.make_optimizer(tc)
+  step = train_lib.make_train_step(spec, tc, mesh)
+  # uint8 [triplets, 2 + M, H, W(, 3)], M = 1
+  batch = parallel.shard_batch({spec["view"]: random_inputs(spec, (triplets, 3), seed=1)}, mesh)
+  rng = jax.random.PRNGKey(0)
+  holder = {"state": parallel.replicate(train_lib.new_state(variables, tx), mesh)}
 
-  def loss_fn(params, batch_stats, images):
-    desc, updates = model.apply({"params": params, "batch_stats": batch_stats},
-                                images.reshape((-1,) + hw + (channels,)), train=True,
-                                mutable=["batch_stats"])
-    desc = desc.reshape(triplets, 3, -1)
-    return losses.triplet_margin_loss(desc[:, 0], desc[:, 1], desc[:, 2:]), updates
-
-  @functools.partial(jax.jit, donate_argnums=(0,))
-  def step(state, images):
-    (loss, updates), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params, state.batch_stats, images)
-    return state.apply_gradients(grads=grads, batch_stats=updates["batch_stats"]), loss
-
-  holder = {"state": state}
-
-  def run():
-    holder["state"], loss = step(holder["state"], images)
-    return loss
+  def run():   # the step donates its input state
+    holder["state"], metrics = step(holder["state"], batch, rng)
+    return holder["state"], metrics
 
   first, sec = timed(run, repeats)
-  return 3 * triplets / sec, first
+  return {"img_s": 3 * triplets / sec, "compile_s": first}
 
 
-def bench_partition(repeats, nq=1000, ndb=10000, dim=4096):
+def branch_figures(spec: dict, mesh, quick: bool, repeats: int, prefix: str = "") -> dict:
+  """`{prefix}forward_<size>_{img_s,compile_s}` and
+  `{prefix}train_step_<size>[_frozen]_{img_s,compile_s}` of one branch, from
+  `model_spec.init_variables(spec, 0)`."""
+  from structvpr_jax import parallel
+  from structvpr_jax.models import spec as model_spec
+  variables = model_spec.init_variables(spec, seed=0)
+  replicated = parallel.replicate(variables, mesh)
+  out = {}
+  for key, hw in image_sizes(quick).items():
+    sized = dict(spec, image_size=list(hw))
+    for unit, value in bench_forward(sized, replicated, mesh, repeats).items():
+      out[f"{prefix}forward_{key}_{unit}"] = value
+    for batchnorm, suffix in BATCHNORM_SUFFIX.items():
+      figure = bench_train_step(sized, variables, mesh, batchnorm, TRAIN_TRIPLETS[key], repeats)
+      for unit, value in figure.items():
+        out[f"{prefix}train_step_{key}{suffix}_{unit}"] = value
+  return out
+
+
+def rgb_worker(quick: bool, repeats: int) -> dict:
+  """The RGB branch figures (those PyTorch also measures)."""
+  import jax
+  from structvpr_jax import parallel
+  from structvpr_jax.models import spec as model_spec
+  mesh = parallel.make_mesh(jax.devices()[:1])
+  spec = make_spec("rgb", image_sizes(quick)["224"], quick, dim=0,
+                   num_clusters=8 if quick else 64)
+  return {"figures": branch_figures(spec, mesh, quick, repeats),
+          "info": {"jax": jax.__version__, "devices": [str(d) for d in jax.devices()],
+                   "descriptor_dim": model_spec.build_model(spec).descriptor_dim}}
+
+
+def bench_partition(repeats: int, nq: int = 1000, ndb: int = 10000, dim: int = 4096) -> dict:
+  """partition.retrieval_margins on random descriptors against one faiss search."""
+  import jax.numpy as jnp
+  import numpy as np
+  from structvpr_jax import partition, retrieval
   rng = np.random.default_rng(2)
   q = rng.normal(size=(nq, dim)).astype(np.float32)
   db = rng.normal(size=(ndb, dim)).astype(np.float32)
@@ -135,19 +247,45 @@ def bench_partition(repeats, nq=1000, ndb=10000, dim=4096):
   q_j, db_j = jnp.asarray(q), jnp.asarray(db)
   first, part_s = timed(
       lambda: partition.retrieval_margins(q_j, db_j, q_utm, db_utm).margin, repeats)
-  t_faiss = []
-  for _ in range(max(repeats, 1)):
-    t0 = time.perf_counter()
-    retrieval.search(q, db, 1)
-    t_faiss.append(time.perf_counter() - t0)
-  return part_s, statistics.median(t_faiss), first
+  _, faiss_s = timed(lambda: retrieval.search(q, db, 1), repeats)
+  return {"partition_s": part_s, "faiss_search_s": faiss_s, "partition_compile_s": first,
+          "partition_vs_two_faiss": part_s / (2 * faiss_s)}
 
 
-def bench_input_pipeline(quick: bool):
-  """Triplet batches/s of the training input (mining with a cheap describe)."""
-  import tempfile
+def bench_evaluation(mesh, quick: bool, repeats: int) -> dict:
+  """Evaluation of 1k queries against 10k database images: extraction with the
+  default RGB branch (evaluation.Extractor), then search + Recall@N
+  (evaluation.recall_report) against a bare faiss search of the same size."""
+  import numpy as np
+  from structvpr_jax import evaluation, parallel, retrieval
+  from structvpr_jax.models import spec as model_spec
+  nq, ndb = (50, 500) if quick else (1000, 10000)
+  spec = make_spec("rgb", (64, 80) if quick else (96, 128), quick,
+                   dim=16 if quick else 128, num_clusters=4 if quick else 32)
+  variables = parallel.replicate(model_spec.init_variables(spec, seed=0), mesh)
+  extractor = evaluation.Extractor(spec, mesh, 32)
+  extractor(variables, RandomImages(spec, 64, 9))            # compile
+  t0 = time.perf_counter()
+  db = extractor(variables, RandomImages(spec, ndb, 1))
+  q = extractor(variables, RandomImages(spec, nq, 2))
+  extract_s = time.perf_counter() - t0
+  rng = np.random.default_rng(3)
+  db_utm = rng.uniform(0, 2000, (ndb, 2))
+  q_utm = db_utm[rng.integers(0, ndb, nq)] + rng.normal(0, 5, (nq, 2))
+  notes = np.array(["day", "night", "dusk", "fog"])[rng.integers(0, 4, nq)]
+  _, report_s = timed(lambda: evaluation.recall_report(q, db, q_utm, db_utm, notes), repeats)
+  _, faiss_s = timed(lambda: retrieval.search(q, db, 20), repeats)
+  return {"eval_extract_s": extract_s, "eval_extract_img_s": (nq + ndb) / extract_s,
+          "eval_search_recall_s": report_s, "eval_bare_faiss_s": faiss_s,
+          "eval_overhead_vs_faiss": report_s / faiss_s, "eval_descriptor_dim": int(q.shape[1])}
+
+
+def bench_input_pipeline(quick: bool) -> dict:
+  """Triplet batches/s of the training input (mining with a cheap describe),
+  cold then cached, and the synthetic generator's images/s."""
+  import numpy as np
   from structvpr_jax import mining
-  from structvpr_jax.data import layout, pipeline, synthetic
+  from structvpr_jax.data import input_pipeline, layout, synthetic
   with tempfile.TemporaryDirectory() as tmp:
     root = os.path.join(tmp, "city")
     places = {"train": 40 if quick else 200, "val": 4, "test": 4}
@@ -160,118 +298,198 @@ def bench_input_pipeline(quick: bool):
       counts = json.load(f)["counts"]
     n_images = sum(c["database"] + c["queries"] for c in counts.values())
     rates = []
-    images = pipeline.SplitImages(split, (96, 128), views=("rgb", "seg"), cache=True)
+    images = input_pipeline.SplitImages(split, (96, 128), views=("rgb", "seg"), cache=True)
     for _ in range(2):   # cold (decode), then cached
       miner = mining.NegativeMiner(split.query_utm, split.database_utm, num_negatives=4,
                                    refresh_every=128, seed=0)
-      batcher = pipeline.TripletBatcher(miner, images, batch_size=8)
+      batcher = input_pipeline.TripletBatcher(miner, images, batch_size=8)
       rng = np.random.default_rng(0)
       describe = lambda role, idx: rng.normal(size=(len(idx), 64)).astype(np.float32)
       t0 = time.perf_counter()
       count = sum(1 for _ in batcher.epoch(0, describe))
       rates.append(count / (time.perf_counter() - t0))
-  return rates[0], rates[1], n_images / gen_s
+  return {"input_pipeline_batches_s": rates[0], "input_pipeline_cached_batches_s": rates[1],
+          "synthetic_generate_img_s": n_images / gen_s}
 
 
-class _RandomImages:
-  """An ImageSource stand-in: deterministic random uint8 images (no disk)."""
-
-  def __init__(self, n: int, hw, seed: int):
-    self.n = n
-    self.pool = np.random.default_rng(seed).integers(0, 256, (64,) + tuple(hw) + (3,), np.uint8)
-
-  def __len__(self):
-    return self.n
-
-  def get(self, view, idx):
-    return self.pool[np.asarray(idx) % len(self.pool)]
-
-
-def bench_evaluation(quick: bool, repeats: int):
-  """Evaluation of 1k queries against 10k database images: extraction with the
-  default RGB branch (evaluate.Extractor), then search + Recall@N
-  (evaluate.recall_report) against a bare faiss search of the same size."""
-  from structvpr_jax import evaluate, parallel
-  nq, ndb = (50, 500) if quick else (1000, 10000)
-  hw = (64, 80) if quick else (96, 128)
-  spec = {"branch": "rgb", "view": "rgb", "backbone": "mobilenet_v2",
-          "width": 0.35 if quick else 1.0, "dim": 16 if quick else 128,
-          "num_clusters": 4 if quick else 32, "blocks": QUICK_BLOCKS if quick else None,
-          "slme": "slme",
-          "normalization": "tflite", "image_size": list(hw)}
-  mesh = parallel.make_mesh()
-  model = evaluate.build_model(spec)
-  variables = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1,) + hw + (3,)))
-  variables = parallel.replicate(variables, mesh)
-  extractor = evaluate.Extractor(spec, mesh, 32)
-  extractor(variables, _RandomImages(64, hw, 9))            # compile
-  t0 = time.perf_counter()
-  db = extractor(variables, _RandomImages(ndb, hw, 1))
-  q = extractor(variables, _RandomImages(nq, hw, 2))
-  extract_s = time.perf_counter() - t0
-  rng = np.random.default_rng(3)
-  db_utm = rng.uniform(0, 2000, (ndb, 2))
-  q_utm = db_utm[rng.integers(0, ndb, nq)] + rng.normal(0, 5, (nq, 2))
-  notes = np.array(["day", "night", "dusk", "fog"])[rng.integers(0, 4, nq)]
-  _, report_s = timed(lambda: evaluate.recall_report(q, db, q_utm, db_utm, notes), repeats)
-  _, faiss_s = timed(lambda: retrieval.search(q, db, 20), repeats)
-  return {"eval_extract_s": extract_s, "eval_extract_img_s": (nq + ndb) / extract_s,
-          "eval_search_recall_s": report_s, "eval_bare_faiss_s": faiss_s,
-          "eval_overhead_vs_faiss": report_s / faiss_s, "eval_descriptor_dim": int(q.shape[1])}
+def other_worker(quick: bool, repeats: int) -> dict:
+  """The JAX-only figures: seg branch, partition, evaluation, input pipeline."""
+  import jax
+  from structvpr_jax import parallel
+  mesh = parallel.make_mesh(jax.devices()[:1])
+  seg = make_spec("seg", image_sizes(quick)["224"], quick, dim=16 if quick else 128,
+                  num_clusters=4 if quick else 32)
+  figures = branch_figures(seg, mesh, quick, repeats, prefix="seg_")
+  psizes = dict(nq=100, ndb=1000, dim=256) if quick else {}
+  figures.update(bench_partition(repeats, **psizes))
+  evaluation = bench_evaluation(mesh, quick, repeats)
+  info = {"eval_descriptor_dim": evaluation.pop("eval_descriptor_dim")}
+  figures.update(evaluation)
+  figures.update(bench_input_pipeline(quick))
+  return {"figures": figures, "info": info}
 
 
-def bench_torch(repeats: int, quick: bool):
-  """The PyTorch reference (experiments/torch_reference.py) or {} without torch."""
-  try:
-    import torch_reference
-  except ImportError as e:
-    print(f"bench: PyTorch figures skipped ({e}); pip install -e '.[bench]'", file=sys.stderr)
-    return {}
-  return torch_reference.bench(repeats=repeats, quick=quick)
+WORKERS = {"rgb": rgb_worker, "other": other_worker}
+
+
+# --------------------------------------------------------------------------
+# The parent: launches the workers, combines their figures
+# --------------------------------------------------------------------------
+def allocator_environments() -> dict:
+  """{setting: environment of its workers}: "hugepages" adds
+  glibc.malloc.hugetlb=1 to GLIBC_TUNABLES (hugepages.environ_with_hugepages),
+  "nohuge" drops it; other tunables and variables are passed through."""
+  name = hugepages.TUNABLE.split("=")[0] + "="
+  base = dict(os.environ)
+  kept = [t for t in base.pop("GLIBC_TUNABLES", "").split(":") if t and not t.startswith(name)]
+  if kept:
+    base["GLIBC_TUNABLES"] = ":".join(kept)
+  return {"hugepages": hugepages.environ_with_hugepages(base), "nohuge": base}
+
+
+def with_suffix(key: str, suffix: str) -> str:
+  """`forward_224_img_s`, "_nohuge" -> `forward_224_nohuge_img_s` (suffix before the unit)."""
+  for unit in UNITS:
+    if key.endswith(unit):
+      return key[:-len(unit)] + suffix + unit
+  return key + suffix
+
+
+def run_worker(command: list, env: dict) -> dict:
+  """Runs one worker (stderr passes through) and returns its JSON output:
+  {"figures": {key: float}, "info": {...}, "peak_rss_mb": float}."""
+  proc = subprocess.run(command, env=env, cwd=REPO, stdout=subprocess.PIPE, text=True)
+  if proc.returncode:
+    raise SystemExit(f"bench: worker failed (exit {proc.returncode}): {' '.join(command)}")
+  return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def run_all(quick: bool, rounds: int, repeats: int, with_torch: bool) -> dict:
+  """All figures as one flat dict (the printed JSON object)."""
+  envs = allocator_environments()
+  flags = ["--repeats", str(repeats)] + (["--quick"] if quick else [])
+  # framework -> command of its worker of the paired figures
+  commands = {"jax": [sys.executable, os.path.abspath(__file__), "--worker", "rgb"] + flags}
+  if with_torch:
+    commands["torch"] = [sys.executable, TORCH_REFERENCE] + flags
+  samples = collections.defaultdict(list)     # key -> one value per round
+  info, peak = {}, collections.defaultdict(float)
+
+  def collect(framework: str, setting: str, result: dict):
+    for key, value in result["figures"].items():
+      samples[with_suffix(key, SETTINGS[setting])].append(value)
+    info.update(result["info"])
+    peak[framework] = max(peak[framework], result["peak_rss_mb"])
+
+  for r in range(rounds):
+    for setting, env in envs.items():
+      for framework, command in commands.items():
+        print(f"bench: round {r + 1}/{rounds}: {framework} ({setting})", file=sys.stderr,
+              flush=True)
+        collect(framework, setting, run_worker(command, env))
+  print("bench: JAX-only figures (hugepages)", file=sys.stderr, flush=True)
+  collect("jax", "hugepages", run_worker(
+      [sys.executable, os.path.abspath(__file__), "--worker", "other"] + flags,
+      envs["hugepages"]))
+
+  out = {"cpu_count": os.cpu_count(), "machine": platform.machine(), "rounds": rounds,
+         "repeats": repeats, "glibc_tunables": envs["hugepages"].get("GLIBC_TUNABLES", ""),
+         "allocator_settings": {
+             **{s: envs[s].get("GLIBC_TUNABLES", "") for s in SETTINGS},
+             "thp_mode": hugepages.thp_mode()}}
+  out.update(info)
+  out.update({key: statistics.median(values) for key, values in samples.items()})
+  if with_torch:
+    for figure in PAIRED:
+      for suffix in SETTINGS.values():
+        out[f"ratio_{figure}{suffix}"] = (out[f"{figure}{suffix}_img_s"] /
+                                          out[f"torch_{figure}{suffix}_img_s"])
+  out["peak_rss_mb"] = peak["jax"]
+  if with_torch:
+    out["torch_peak_rss_mb"] = peak["torch"]
+  return out
 
 
 def markdown_table(b: dict) -> str:
-  """The README's performance table from one bench.py JSON object."""
-  def f(key, digits=1):
-    return f"{b[key]:.{digits}f}" if key in b else "-"
+  """The README's performance table from one bench.py JSON object: JAX,
+  PyTorch (or the reference) and their ratio with huge pages (the main
+  program's allocator setting), then the same without huge pages."""
+  def f(key, digits=1, unit=""):
+    return f"{b[key]:.{digits}f}{unit}" if key in b else "-"
 
-  def target(key, bound, higher=True):
-    if key not in b:
-      return f"{'>=' if higher else '<='} {bound} (not measured)"
-    met = b[key] >= bound if higher else b[key] <= bound
-    return f"{'>=' if higher else '<='} {bound} ({'met' if met else 'missed'})"
+  def pair(a, c, digits=(1, 1), unit=""):
+    return f"{f(a, digits[0])} / {f(c, digits[1])}{unit}"
+
+  def verdict(key, bound, higher):
+    return "met" if (b[key] >= bound if higher else b[key] <= bound) else "missed"
+
+  def target(key, bound, higher=True, settings=("",)):
+    """`>= 2 (met)`; for several settings `>= 2 (huge pages: met; no huge pages: missed)`."""
+    sign = ">=" if higher else "<="
+    names = {"": "huge pages", "_nohuge": "no huge pages"}
+    found = [s for s in settings if key + s in b]
+    if not found:
+      return f"{sign} {bound} (not measured)"
+    if len(settings) == 1:
+      return f"{sign} {bound} ({verdict(key, bound, higher)})"
+    return f"{sign} {bound} (" + "; ".join(
+        f"{names[s]}: {verdict(key + s, bound, higher)}" for s in found) + ")"
+
+  def paired(label, figure, digits=1, bound=None):
+    cells = [label]
+    for s in SETTINGS.values():
+      cells += [f(f"{figure}{s}_img_s", digits, " img/s"),
+                f(f"torch_{figure}{s}_img_s", digits, " img/s"), f(f"ratio_{figure}{s}", 2)]
+    cells.append(target(f"ratio_{figure}", bound, settings=tuple(SETTINGS.values()))
+                 if bound else "")
+    return cells
+
+  def single(label, jax_cell, reference="", ratio="", goal=""):
+    return [label, jax_cell, reference, ratio, "", "", "", goal]
 
   rows = [
-      ("RGB forward 16x224x224", f"{f('forward_224_img_s')} img/s",
-       f"{f('torch_forward_224_img_s')} img/s", f("ratio_forward_224", 2),
-       target("ratio_forward_224", 2)),
-      ("RGB forward 16x480x640", f"{f('forward_480x640_img_s')} img/s",
-       f"{f('torch_forward_480x640_img_s')} img/s", f("ratio_forward_480x640", 2),
-       target("ratio_forward_480x640", 2)),
-      ("RGB train step, 4 triplets at 224", f"{f('train_step_224_img_s')} img/s",
-       f"{f('torch_train_step_224_img_s')} img/s", f("ratio_train_step_224", 2),
-       target("ratio_train_step_224", 1.5)),
-      ("RGB train step, 2 triplets at 480x640", f"{f('train_step_480x640_img_s', 2)} img/s",
-       f"{f('torch_train_step_480x640_img_s', 2)} img/s", f("ratio_train_step_480x640", 2), ""),
-      ("seg forward 16x224x224 / 16x480x640",
-       f"{f('seg_forward_224_img_s')} / {f('seg_forward_480x640_img_s')} img/s", "", "", ""),
-      ("seg train step at 224 / 480x640",
-       f"{f('seg_train_step_224_img_s')} / {f('seg_train_step_480x640_img_s', 2)} img/s",
-       "", "", ""),
-      ("partition pass (Q=1000, N=10000, D=4096)", f"{f('partition_s', 2)} s",
-       f"faiss search {f('faiss_search_s', 2)} s",
-       f"{f('partition_vs_two_faiss', 2)} x two searches",
-       target("partition_vs_two_faiss", 1.2, higher=False)),
-      ("eval: extraction 1k + 10k images at 96x128",
-       f"{f('eval_extract_s')} s ({f('eval_extract_img_s')} img/s)", "", "", ""),
-      ("eval: search + Recall@N (overall and per condition)",
-       f"{f('eval_search_recall_s', 2)} s", f"bare faiss k=20 {f('eval_bare_faiss_s', 2)} s",
-       f("eval_overhead_vs_faiss", 2), target("eval_overhead_vs_faiss", 1.2, higher=False)),
-      ("compile: RGB train step at 224", f"{f('train_step_224_compile_s')} s", "", "", ""),
-      ("peak RSS of the benchmark",
-       f"{b['peak_rss_mb'] / 1024:.1f} GB" if "peak_rss_mb" in b else "-", "", "", ""),
+      paired("RGB forward 16x224x224", "forward_224", bound=2),
+      paired("RGB forward 16x480x640", "forward_480x640", bound=2),
+      paired("RGB train step, 4 triplets at 224, BN batch statistics", "train_step_224",
+             bound=1.5),
+      paired("RGB train step, 4 triplets at 224, frozen BN (the pipeline's mode)",
+             "train_step_224_frozen"),
+      paired("RGB train step, 2 triplets at 480x640, BN batch statistics",
+             "train_step_480x640", digits=2),
+      paired("RGB train step, 2 triplets at 480x640, frozen BN (the pipeline's mode)",
+             "train_step_480x640_frozen", digits=2),
+      single("seg forward 16x224x224 / 16x480x640",
+             pair("seg_forward_224_img_s", "seg_forward_480x640_img_s", unit=" img/s")),
+      single("seg train step at 224 / 480x640, BN batch statistics",
+             pair("seg_train_step_224_img_s", "seg_train_step_480x640_img_s", (1, 2),
+                  " img/s")),
+      single("seg train step at 224 / 480x640, frozen BN (the pipeline's mode)",
+             pair("seg_train_step_224_frozen_img_s", "seg_train_step_480x640_frozen_img_s",
+                  (1, 2), " img/s")),
+      single("partition pass (Q=1000, N=10000, D=4096)", f("partition_s", 2, " s"),
+             f"faiss search {f('faiss_search_s', 2, ' s')}",
+             f"{f('partition_vs_two_faiss', 2)} x two searches",
+             target("partition_vs_two_faiss", 1.2, higher=False)),
+      single("eval: extraction 1k + 10k images at 96x128",
+             f"{f('eval_extract_s', unit=' s')} ({f('eval_extract_img_s', unit=' img/s')})"),
+      single("eval: search + Recall@N (overall and per condition)",
+             f("eval_search_recall_s", 2, " s"),
+             f"bare faiss k=20 {f('eval_bare_faiss_s', 2, ' s')}",
+             f("eval_overhead_vs_faiss", 2),
+             target("eval_overhead_vs_faiss", 1.2, higher=False)),
   ]
-  lines = ["| figure | JAX | PyTorch | JAX / PyTorch | target |", "|---|---|---|---|---|"]
+  compile_row = ["compile: RGB train step at 224, batch / frozen BN"]
+  for s in SETTINGS.values():
+    compile_row += [pair(f"train_step_224{s}_compile_s", f"train_step_224_frozen{s}_compile_s",
+                         unit=" s"), "", ""]
+  rows.append(compile_row + [""])
+  rows.append(single(
+      "peak RSS of a worker process",
+      f"{b['peak_rss_mb'] / 1024:.1f} GB" if "peak_rss_mb" in b else "-",
+      f"{b['torch_peak_rss_mb'] / 1024:.1f} GB" if "torch_peak_rss_mb" in b else ""))
+  lines = ["| figure | JAX | PyTorch / reference | ratio | JAX, no huge pages | "
+           "PyTorch, no huge pages | ratio, no huge pages | target |",
+           "|---|---|---|---|---|---|---|---|"]
   lines += ["| " + " | ".join(r) + " |" for r in rows]
   return "\n".join(lines)
 
@@ -279,72 +497,35 @@ def markdown_table(b: dict) -> str:
 def main():
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--rounds", type=int, default=0,
+                      help="fresh-process rounds of the RGB and PyTorch workers, per "
+                           "allocator setting (default 3, 1 with --quick)")
+  parser.add_argument("--repeats", type=int, default=3,
+                      help="timed calls per figure in a worker, after one warm-up call")
   parser.add_argument("--quick", action="store_true",
                       help="tiny sizes: checks the script runs (figures meaningless)")
   parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference")
   parser.add_argument("--out", default="", help="also write the JSON to this file")
   parser.add_argument("--table", default="", metavar="JSON",
                       help="print the README's markdown table of a saved result and exit")
+  parser.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.table:
     with open(args.table) as f:
       print(markdown_table(json.load(f)))
     return
-  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))   # torch_reference
+  if args.worker:
+    out = WORKERS[args.worker](args.quick, args.repeats)
+    out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps(out))
+    return
 
-  out = {"jax": jax.__version__, "devices": [str(d) for d in jax.devices()],
-         "cpu_count": os.cpu_count(), "machine": platform.machine(),
-         "glibc_tunables": os.environ.get("GLIBC_TUNABLES", "")}
-  width, clusters = (0.35, 8) if args.quick else (1.0, 64)
-  size224 = (64, 64) if args.quick else (224, 224)
-  size480 = (96, 128) if args.quick else (480, 640)
-  sizes = {"224": size224, "480x640": size480}
-  train_triplets = {"224": 4, "480x640": 2}
-
-  quick_blocks = QUICK_BLOCKS if args.quick else None
-  model = Branch("mobilenet_v2", width=width, dim=None, num_clusters=clusters,
-                 blocks=quick_blocks)
-  variables = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1,) + size224 + (3,)))
-  out["descriptor_dim"] = model.descriptor_dim
-  for key, hw in sizes.items():
-    out[f"forward_{key}_img_s"], out[f"forward_{key}_compile_s"] = bench_forward(
-        model, variables, 16, hw, args.repeats)
-  for key, hw in sizes.items():
-    out[f"train_step_{key}_img_s"], out[f"train_step_{key}_compile_s"] = bench_train_step(
-        model, variables, args.repeats, triplets=train_triplets[key], hw=hw)
-  del variables
-
-  seg_channels = 5   # SLME groups (structvpr_jax/slme.py)
-  seg = Branch("mobilenet_light", width=0.35 if args.quick else 1.0,
-               dim=16 if args.quick else 128, num_clusters=4 if args.quick else 32,
-               blocks=quick_blocks)
-  seg_vars = jax.jit(seg.init)(jax.random.PRNGKey(1),
-                               jnp.zeros((1,) + size224 + (seg_channels,)))
-  for key, hw in sizes.items():
-    out[f"seg_forward_{key}_img_s"], out[f"seg_forward_{key}_compile_s"] = bench_forward(
-        seg, seg_vars, 16, hw, args.repeats, channels=seg_channels)
-    (out[f"seg_train_step_{key}_img_s"],
-     out[f"seg_train_step_{key}_compile_s"]) = bench_train_step(
-         seg, seg_vars, args.repeats, triplets=train_triplets[key], hw=hw,
-         channels=seg_channels)
-  del seg_vars
-
-  if not args.no_torch:
-    torch_out = bench_torch(args.repeats, args.quick)
-    out.update(torch_out)
-    for key in ("forward_224", "forward_480x640", "train_step_224", "train_step_480x640"):
-      if f"torch_{key}_img_s" in out:
-        out[f"ratio_{key}"] = out[f"{key}_img_s"] / out[f"torch_{key}_img_s"]
-
-  psizes = dict(nq=100, ndb=1000, dim=256) if args.quick else {}
-  out["partition_s"], out["faiss_search_s"], out["partition_compile_s"] = bench_partition(
-      args.repeats, **psizes)
-  out["partition_vs_two_faiss"] = out["partition_s"] / (2 * out["faiss_search_s"])
-  out.update(bench_evaluation(args.quick, args.repeats))
-  (out["input_pipeline_batches_s"], out["input_pipeline_cached_batches_s"],
-   out["synthetic_generate_img_s"]) = bench_input_pipeline(args.quick)
-  out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+  with_torch = not args.no_torch and importlib.util.find_spec("torch") is not None
+  if not args.no_torch and not with_torch:
+    print("bench: PyTorch figures skipped (torch not installed); pip install -e '.[bench]'",
+          file=sys.stderr)
+  rounds = args.rounds or (1 if args.quick else 3)
+  out = run_all(args.quick, rounds, args.repeats, with_torch)
   text = json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in out.items()})
   if args.out:
     with open(args.out + ".tmp", "w") as f:

@@ -1,24 +1,37 @@
 """PyTorch reference of the RGB branch, for `experiments/bench.py` only.
 
-The same architecture as `structvpr_jax.models.branch.Branch("mobilenet_v2",
-width=1.0, dim=None, num_clusters=64)`: MobileNetV2-1.0 (stem 3x3/2 32 ->
-17 inverted residual blocks -> 1x1 1280 with BatchNorm and no final ReLU6)
--> NetVLAD-64 on the 1280-d local features (L2-normalised locals, softmax
-assignment, residual sums, intra-normalisation, final L2) = 81,920-d, and the
-same triplet margin loss (unsquared L2 distances, margin 0.1) and Adam step.
-Written by hand (torchvision is not importable beside the CPU torch wheel
-used here); it is only a speed reference, its weights are random.
+The same architecture as the spec `experiments/bench.py` times (the
+`Branch("mobilenet_v2", width=1.0, dim=None, num_clusters=64)` of
+structvpr_jax): MobileNetV2-1.0 (stem 3x3/2 32 -> 17 inverted residual
+blocks -> 1x1 1280 with BatchNorm and no final ReLU6) -> NetVLAD-64 on the
+1280-d local features (L2-normalised locals, softmax assignment, residual
+sums, intra-normalisation, final L2) = 81,920-d, and the step of
+`structvpr_jax.train_lib.make_train_step`: uint8 images scaled to [-1, 1]
+(the "tflite" normalisation), the triplet margin loss (unsquared L2
+distances, margin 0.1), gradient clipping to global norm 1.0, Adam, with
+BatchNorm either in training mode (batch statistics, running averages
+updated) or frozen (running statistics, the parameters still trained: the
+mode the pipeline trains with). Written by hand (torchvision is not
+importable beside the CPU torch wheel used here); it is only a speed
+reference, its weights are random.
 
 Padding differs in one detail that does not change the FLOPs: torch pads
 3x3 convolutions symmetrically by 1, the JAX model uses TF "SAME" (pad 0
 before, 1 after for stride 2).
 
-Needs the optional extra `bench` (`pip install -e ".[bench]"`, torch 2.13.0
-CPU). Layout: channels_last (NHWC in memory), measured faster on this CPU.
+  python experiments/torch_reference.py [--quick] [--repeats N]
+
+prints one JSON object {"figures": {...}, "info": {...}, "peak_rss_mb"}
+(the worker protocol of bench.py, which runs it in a fresh process). Needs
+the optional extra `bench` (`pip install -e ".[bench]"`, torch 2.13.0 CPU).
+Layout: channels_last (NHWC in memory), measured faster on this CPU.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
+import resource
 import statistics
 import time
 
@@ -93,6 +106,12 @@ class RGBBranch(nn.Module):
     return self.netvlad(self.features(x))
 
 
+def normalize(images: torch.Tensor) -> torch.Tensor:
+  """uint8 [B, H, W, 3] -> float32 [B, 3, H, W] in [-1, 1], channels_last in memory
+  (structvpr_jax.models.spec.normalize_rgb, "tflite")."""
+  return images.permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
 def triplet_margin_loss(q, p, n, margin: float = 0.1):
   """q, p [B, D]; n [B, M, D]; unsquared L2 distances (losses.py's formula)."""
   d_pos = (q - p).norm(dim=-1)
@@ -100,7 +119,37 @@ def triplet_margin_loss(q, p, n, margin: float = 0.1):
   return F.relu(d_pos[:, None] - d_neg + margin).mean()
 
 
+def set_batchnorm(model: nn.Module, batchnorm: str) -> None:
+  """Training mode for the train step: "batch" (batch statistics, running
+  averages updated) or "frozen" (BatchNorm layers in eval mode: running
+  statistics, never updated; their scale and bias are still trained)."""
+  model.train()
+  if batchnorm == "frozen":
+    for m in model.modules():
+      if isinstance(m, nn.BatchNorm2d):
+        m.eval()
+  elif batchnorm != "batch":
+    raise ValueError(f"batchnorm={batchnorm!r}; expected 'batch' or 'frozen'")
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor,
+               margin: float = 0.1, grad_clip: float = 1.0) -> torch.Tensor:
+  """One step on uint8 images [B, 2 + M, H, W, 3] (query, positive, M negatives):
+  the triplet loss, gradients clipped to global norm `grad_clip`, an optimizer
+  step. BatchNorm follows the model's modes (`set_batchnorm`). Returns the
+  loss (0-d, detached)."""
+  b, k = images.shape[:2]
+  optimizer.zero_grad(set_to_none=True)
+  desc = model(normalize(images.flatten(0, 1))).reshape(b, k, -1)
+  loss = triplet_margin_loss(desc[:, 0], desc[:, 1], desc[:, 2:], margin)
+  loss.backward()
+  nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+  optimizer.step()
+  return loss.detach()
+
+
 def _median_time(fn, repeats: int) -> tuple[float, float]:
+  """(first-call seconds, median seconds of `repeats` further calls)."""
   t0 = time.perf_counter()
   fn()
   first = time.perf_counter() - t0
@@ -112,47 +161,56 @@ def _median_time(fn, repeats: int) -> tuple[float, float]:
   return first, statistics.median(times)
 
 
-def bench(repeats: int = 3, quick: bool = False, threads: int | None = None) -> dict:
-  """img/s of forward (16 images at 224x224 and 480x640) and of an Adam train
-  step (4 triplets at 224, 2 at 480x640), the shapes of bench.py's JAX figures."""
-  if threads:
-    torch.set_num_threads(threads)
+def bench(repeats: int = 3, quick: bool = False) -> dict:
+  """img/s of forward (16 images at 224x224 and 480x640) and of the train step
+  (4 triplets at 224, 2 at 480x640; BatchNorm "batch" and "frozen"), the
+  shapes of bench.py's JAX figures; --quick: 64x64 / 96x128, NetVLAD-8.
+
+  Returns {"figures": {"torch_<figure>_img_s", "torch_<figure>_first_s"}, "info"}.
+  """
   torch.manual_seed(0)
-  size224 = (64, 64) if quick else (224, 224)
-  size480 = (96, 128) if quick else (480, 640)
+  sizes = {"224": (64, 64) if quick else (224, 224),
+           "480x640": (96, 128) if quick else (480, 640)}
+  triplets = {"224": 4, "480x640": 2}
   model = RGBBranch(8 if quick else 64).to(memory_format=torch.channels_last)
-  out = {"torch": torch.__version__, "torch_threads": torch.get_num_threads()}
+  figures = {}
+
+  def record(name: str, images: int, fn):
+    first, sec = _median_time(fn, repeats)
+    figures[f"torch_{name}_img_s"] = images / sec
+    figures[f"torch_{name}_first_s"] = first
 
   model.eval()
-  for key, hw in (("224", size224), ("480x640", size480)):
-    x = torch.randn(16, 3, *hw).contiguous(memory_format=torch.channels_last)
+  for key, hw in sizes.items():
+    x = torch.randint(0, 256, (16, *hw, 3), dtype=torch.uint8)
 
     def forward():
       with torch.inference_mode():
-        model(x)
+        model(normalize(x))
 
-    first, sec = _median_time(forward, repeats)
-    out[f"torch_forward_{key}_img_s"] = 16 / sec
-    out[f"torch_forward_{key}_first_s"] = first
+    record(f"forward_{key}", 16, forward)
 
-  model.train()
   optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
-  for key, hw, triplets in (("224", size224, 4), ("480x640", size480, 2)):
-    images = torch.randn(3 * triplets, 3, *hw).contiguous(memory_format=torch.channels_last)
+  for key, hw in sizes.items():
+    images = torch.randint(0, 256, (triplets[key], 3, *hw, 3), dtype=torch.uint8)
+    for batchnorm, suffix in (("batch", ""), ("frozen", "_frozen")):
+      set_batchnorm(model, batchnorm)
+      record(f"train_step_{key}{suffix}", images.shape[0] * images.shape[1],
+             lambda: train_step(model, optimizer, images))
+  return {"figures": figures,
+          "info": {"torch": torch.__version__, "torch_threads": torch.get_num_threads()}}
 
-    def step():
-      optimizer.zero_grad(set_to_none=True)
-      desc = model(images).reshape(triplets, 3, -1)
-      loss = triplet_margin_loss(desc[:, 0], desc[:, 1], desc[:, 2:])
-      loss.backward()
-      optimizer.step()
 
-    first, sec = _median_time(step, repeats)
-    out[f"torch_train_step_{key}_img_s"] = 3 * triplets / sec
-    out[f"torch_train_step_{key}_first_s"] = first
-  return out
+def main():
+  parser = argparse.ArgumentParser(description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--repeats", type=int, default=3, help="timed calls after a warm-up")
+  parser.add_argument("--quick", action="store_true", help="tiny sizes (figures meaningless)")
+  args = parser.parse_args()
+  out = bench(args.repeats, args.quick)
+  out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+  print(json.dumps(out))
 
 
 if __name__ == "__main__":
-  import json
-  print(json.dumps(bench()))
+  main()

@@ -17,7 +17,7 @@ import os
 
 import jax
 
-from structvpr_jax import partition, slme
+from structvpr_jax import losses, partition, slme
 from structvpr_jax.data import convert
 from structvpr_jax.models import pretrained, spec as model_spec
 
@@ -84,6 +84,10 @@ def validate_config(config) -> None:
   if pca_dim < 0 or pca_dim > config.rgb.dim * config.rgb.num_clusters:
     raise ValueError(f"eval.pca_dim={pca_dim} must be 0 (off) or in [1, descriptor dim "
                      f"{config.rgb.dim * config.rgb.num_clusters}]")
+  if config.distill.get("kd", "feature") not in losses.KD_FORMS:
+    raise ValueError(f"distill.kd={config.distill.kd!r}; expected one of {losses.KD_FORMS}")
+  if float(config.distill.get("temperature", 0.1)) <= 0:
+    raise ValueError(f"distill.temperature={config.distill.temperature} must be > 0")
   rerun = config.get("rerun_from", "") or ""
   if rerun and rerun not in STAGES:
     raise ValueError(f"rerun_from={rerun!r}; expected '' or one of {STAGES}")
@@ -162,7 +166,8 @@ def stage_fields(config, stage: str) -> dict:
     out.update(branch_fields(config, "rgb"))
     out.update(train_fields(config, "distill"))
     out.update({f"distill.{k}": config.distill.get(k, None)
-                for k in DISTILL_PARTITION_FIELDS + ("lambda_kd", "init_from_rgb")})
+                for k in DISTILL_PARTITION_FIELDS + ("lambda_kd", "init_from_rgb", "kd",
+                                                     "temperature")})
   elif stage == "eval":
     out.update({f"eval.{k}": config.eval.get(k, None)
                 for k in ("ns", "radius", "pca_dim", "pca_whiten")})
@@ -173,10 +178,17 @@ def stage_fields(config, stage: str) -> dict:
 
 
 def field_differences(recorded: dict, current: dict) -> list:
-  """["field: recorded X, now Y", ...] for every field whose value differs."""
+  """["field: recorded X, now Y", ...] for every field whose value differs.
+
+  A field the record lacks (a stage recorded before the field existed) is
+  not a difference: it ran with that field's behaviour of the time, which
+  new fields keep as their default.
+  """
   lines = []
   for key in sorted(set(recorded) | set(current)):
-    a, b = recorded.get(key, "<unset>"), current.get(key, "<unset>")
+    if key not in recorded:
+      continue
+    a, b = recorded.get(key), current.get(key, "<unset>")
     if a != b:
       lines.append(f"{key}: recorded {a!r}, now {b!r}")
   return lines

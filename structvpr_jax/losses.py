@@ -17,6 +17,7 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 L2_EPS = 1e-12
 
@@ -80,9 +81,9 @@ KD_FORMS = ("feature", "adaptor", "relational")
 
 
 def adaptor_init(dim: int) -> dict:
-  """Parameters of the linear KD adaptor A(s) = s W + b, W [dim, dim] = I, b = 0:
-  at the start the adaptor loss equals the feature loss."""
-  return {"kernel": jnp.eye(dim, dtype=jnp.float32), "bias": jnp.zeros((dim,), jnp.float32)}
+  """Host parameters of the linear KD adaptor A(s) = s W + b, W [dim, dim] = I,
+  b = 0 (float32 numpy): at the start the adaptor loss equals the feature loss."""
+  return {"kernel": np.eye(dim, dtype=np.float32), "bias": np.zeros((dim,), np.float32)}
 
 
 def adaptor_apply(params: dict, student: jax.Array) -> jax.Array:

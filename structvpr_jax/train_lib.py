@@ -91,16 +91,28 @@ def new_state(variables: dict, tx) -> TrainState:
 BATCHNORM_MODES = ("batch", "frozen")
 
 
+# Stage 2's trainable head of the "adaptor" KD form: a key of the student's
+# params used only by the loss; never exported (see `fit`'s `loss_heads`).
+ADAPTOR = "kd_adaptor"
+
+
 def make_train_step(spec: dict, tc: dict, mesh, teacher_spec: Optional[dict] = None,
-                    lambda_kd: float = 1.0):
+                    lambda_kd: float = 1.0, kd: str = "feature", temperature: float = 0.1):
   """The data-parallel step for stage 1 (triplet) or stage 2 (triplet + KD).
 
   Returns `step(state, batch, rng[, teacher_variables]) -> (state, metrics)`.
   `batch[view]`: uint8 [B, 2 + M, H, W(, 3)] (query, positive, M negatives),
   sharded over the mesh; stage 2 also `batch["seg"]` (the teacher's label
   maps) and `batch["weight"]` float32 [B] (the Eq. 3 weight of each query).
+  `kd` (stage 2, `losses.KD_FORMS`): "feature" compares the L2-normalised
+  descriptors of query and positive with the teacher's; "adaptor" first maps
+  the student's through the linear head `state.params[ADAPTOR]`;
+  "relational" matches the softmax(-distance / `temperature`) of each query
+  to its positive and negatives (the teacher describes all 2 + M label maps).
   Metrics: loss, triplet (and kd, kd_weight_mean), grad_norm, param_norm.
   """
+  if kd not in losses.KD_FORMS:
+    raise ValueError(f"distill.kd={kd!r}; expected one of {losses.KD_FORMS}")
   model = model_spec.build_model(spec, bn_axis_name=parallel.DATA_AXIS)
   teacher = model_spec.build_model(teacher_spec) if teacher_spec else None
   margin = float(tc["margin"])
@@ -124,13 +136,20 @@ def make_train_step(spec: dict, tc: dict, mesh, teacher_spec: Optional[dict] = N
     loss = triplet
     if teacher is not None:
       (teacher_vars,) = extra
-      seg = batch["seg"][:, :2]                          # query, positive label maps
-      t_in = model_spec.model_input(teacher_spec, seg.reshape((b * 2,) + seg.shape[2:]))
-      t_desc = teacher.apply(teacher_vars, t_in, train=False)
-      weights = jnp.repeat(batch["weight"], 2)           # each query's weight on q and p
-      kd = losses.distill_loss(desc[:, :2].reshape(b * 2, -1), t_desc, weights)
-      loss = triplet + lambda_kd * kd
-      metrics.update(kd=kd, kd_weight_mean=jnp.mean(batch["weight"]))
+      views = k if kd == "relational" else 2             # all images, or query + positive
+      seg = batch["seg"][:, :views]
+      t_in = model_spec.model_input(teacher_spec, seg.reshape((b * views,) + seg.shape[2:]))
+      t_desc = teacher.apply(teacher_vars, t_in, train=False).reshape(b, views, -1)
+      if kd == "relational":
+        kd_loss = losses.relational_distill_loss(desc, t_desc, batch["weight"], temperature)
+      else:
+        student = desc[:, :2].reshape(b * 2, -1)
+        if kd == "adaptor":
+          student = losses.adaptor_apply(params[ADAPTOR], student)
+        weights = jnp.repeat(batch["weight"], 2)         # each query's weight on q and p
+        kd_loss = losses.distill_loss(student, t_desc.reshape(b * 2, -1), weights)
+      loss = triplet + lambda_kd * kd_loss
+      metrics.update(kd=kd_loss, kd_weight_mean=jnp.mean(batch["weight"]))
     return loss, (updates["batch_stats"], metrics)
 
   return parallel.data_parallel_train_step(loss_fn, mesh,
@@ -219,11 +238,19 @@ def make_batcher(split: layout.VprSplit, spec: dict, views, tc: dict, seed: int,
 # --------------------------------------------------------------------------
 @dataclasses.dataclass
 class Teacher:
-  """Stage 2's frozen teacher: spec, replicated variables, per-query weights."""
+  """Stage 2's frozen teacher, its per-query weights and the KD form.
+
+  `loss_heads`: trainable parameters the KD loss alone uses (the "adaptor"
+  form's linear head, {ADAPTOR: ...}); trained with the student, saved for
+  resuming with the optimizer state, never in the exported variables.
+  """
   spec: dict
   variables: Any            # replicated on the mesh
   weights: np.ndarray       # float32 [num training queries] (Eq. 3)
   lambda_kd: float = 1.0
+  kd: str = "feature"       # losses.KD_FORMS
+  temperature: float = 0.1  # relational form
+  loss_heads: dict = dataclasses.field(default_factory=dict)
 
 
 def format_eta(seconds: float) -> str:
@@ -233,8 +260,8 @@ def format_eta(seconds: float) -> str:
 
 def fit(*, stage: str, spec: dict, tc: dict, mesh, batcher: input_pipeline.TripletBatcher,
         views, checkpoint_dir: str, init_variables: Callable[[], dict],
-        extractor: Extractor, validate: Callable[[dict], dict], metrics: files.MetricsWriter, seed: int,
-        teacher: Optional[Teacher] = None, meta: Optional[dict] = None) -> dict:
+        extractor: Extractor, validate: Callable[[dict], dict], metrics: files.MetricsWriter,
+        seed: int, teacher: Optional[Teacher] = None, meta: Optional[dict] = None) -> dict:
   """Trains one stage to `tc["num_steps"]`, resuming from the latest checkpoint.
 
   Args:
@@ -264,11 +291,16 @@ def fit(*, stage: str, spec: dict, tc: dict, mesh, batcher: input_pipeline.Tripl
   tx, schedule = make_optimizer(tc)
   mngr = checkpoint.manager(checkpoint_dir)
   abstract_vars = model_spec.abstract_variables(spec)
+  heads = dict(teacher.loss_heads) if teacher is not None else {}
   latest = mngr.latest_step()
   t_start = time.time()
   if latest is not None:
-    abstract_opt = {"opt_state": jax.eval_shape(tx.init, abstract_vars["params"]),
+    abstract_heads = checkpoint.abstract_like(heads)
+    abstract_opt = {"opt_state": jax.eval_shape(tx.init, {**abstract_vars["params"],
+                                                          **abstract_heads}),
                     "step": jax.ShapeDtypeStruct((), jnp.int32)}
+    if heads:
+      abstract_opt["loss_heads"] = abstract_heads
     restored = checkpoint.restore(mngr, latest, abstract_vars, abstract_opt, with_mining=True)
     variables, opt = restored["variables"], restored["opt"]
     if "mining" in restored:
@@ -276,15 +308,18 @@ def fit(*, stage: str, spec: dict, tc: dict, mesh, batcher: input_pipeline.Tripl
     best = restored["meta"].get("best_val_R@5", -1.0)
     print(f"[{stage}] resuming from step {latest} ({mngr.directory})")
     opt_state, step = opt["opt_state"], int(latest)
+    heads = opt.get("loss_heads", {})
   else:
     variables = init_variables()
-    opt_state, step, best = tx.init(variables["params"]), 0, -1.0
+    opt_state, step, best = tx.init({**variables["params"], **heads}), 0, -1.0
 
-  state = TrainState(step=step, apply_fn=None, params=variables["params"], tx=tx,
+  state = TrainState(step=step, apply_fn=None, params={**variables["params"], **heads}, tx=tx,
                      opt_state=opt_state, batch_stats=variables["batch_stats"])
   state = parallel.replicate(state, mesh)
-  train_step = make_train_step(spec, tc, mesh, teacher.spec if teacher else None,
-                               teacher.lambda_kd if teacher else 1.0)
+  train_step = make_train_step(
+      spec, tc, mesh, teacher.spec if teacher else None,
+      teacher.lambda_kd if teacher else 1.0, teacher.kd if teacher else "feature",
+      teacher.temperature if teacher else 0.1)
   current = {"state": state}
 
   num_steps = int(tc["num_steps"])
@@ -296,8 +331,10 @@ def fit(*, stage: str, spec: dict, tc: dict, mesh, batcher: input_pipeline.Tripl
         f"{steps_per_epoch} steps/epoch, global batch {tc['batch_size']} triplets")
 
   def state_variables():
+    """The branch's variables (the loss heads stripped: not part of the model)."""
     s = current["state"]
-    return {"params": s.params, "batch_stats": s.batch_stats}
+    return {"params": {k: v for k, v in s.params.items() if k not in heads},
+            "batch_stats": s.batch_stats}
 
   def validate_and_checkpoint(step: int, best: float) -> float:
     """Val recalls of the current state -> metrics.jsonl + a checkpoint; new best R@5."""
@@ -311,7 +348,8 @@ def fit(*, stage: str, spec: dict, tc: dict, mesh, batcher: input_pipeline.Tripl
     checkpoint.save(mngr, step, state_variables(),
                     {"spec": spec, "stage": stage, "step": step, "metrics": val,
                      "best_val_R@5": best, "seed": seed, **(meta or {})},
-                    opt={"opt_state": s.opt_state, "step": s.step},
+                    opt={"opt_state": s.opt_state, "step": s.step,
+                         **({"loss_heads": {k: s.params[k] for k in heads}} if heads else {})},
                     mining=miner.state_dict(), metrics=val)
     return best
 

@@ -236,7 +236,8 @@ def test_other_settings_stop_and_rerun_from_redoes_stale_stages(run1, tmp_path, 
   shutil.copytree(workdir, copy, symlinks=True)
   before = [json.loads(l) for l in open(os.path.join(copy, "metrics.jsonl"))]
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  new = ["--config.distill.weighting=uniform", "--config.distill.lambda_kd=0.1"]
+  new = ["--config.distill.weighting=uniform", "--config.distill.lambda_kd=0.1",
+         "--config.distill.kd=adaptor"]
   proc = subprocess.run([sys.executable, "-m", "structvpr_jax.main",
                          "--config=configs/distill.py:smoke", f"--workdir={copy}", *COMMON,
                          *new, f"--config.compilation_cache={cache}"],
@@ -246,6 +247,7 @@ def test_other_settings_stop_and_rerun_from_redoes_stale_stages(run1, tmp_path, 
   assert err.startswith("error: ")
   assert "distill.weighting: recorded 'sigmoid', now 'uniform'" in err
   assert "distill.lambda_kd: recorded 1.0, now 0.1" in err
+  assert "distill.kd: recorded 'feature', now 'adaptor'" in err
   assert "rerun_from=partition" in err
   with open(os.path.join(copy, "config.json")) as f:     # the refused command left no trace
     assert json.load(f)["distill"]["weighting"] == "sigmoid"
@@ -258,6 +260,14 @@ def test_other_settings_stop_and_rerun_from_redoes_stale_stages(run1, tmp_path, 
   with open(os.path.join(copy, "distill", "done.json")) as f:
     done = json.load(f)
   assert done["config"]["distill.lambda_kd"] == 0.1
+  # the adaptor head trained with the student but is not part of its checkpoint:
+  # it is kept beside the optimizer state (resume) only
+  best = os.path.join(copy, "distill", "checkpoints", str(done["best_step"]))
+  assert "kd_adaptor" not in open(os.path.join(best, "variables", "_METADATA")).read()
+  assert "kd_adaptor" in open(os.path.join(best, "opt", "_METADATA")).read()
+  from structvpr_jax import checkpoint
+  spec, variables, _, _ = checkpoint.restore_variables(os.path.join(copy, "distill"))
+  assert "kd_adaptor" not in variables["params"] and spec["view"] == "rgb"
   after = [json.loads(l) for l in open(os.path.join(copy, "metrics.jsonl"))]
   count = lambda recs, s: sum(r["stage"] == s for r in recs)
   assert count(after, "distill") == count(before, "distill")    # old stage-2 lines removed

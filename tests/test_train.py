@@ -94,3 +94,48 @@ def test_stage_overrides_and_auto_init(monkeypatch, tmp_path):
   monkeypatch.setenv(pretrained.IMAGENET_TFLITE_ENV, str(fake))
   with pytest.raises(ValueError, match="data.normalization"):
     config_lib.validate_config(c)
+
+
+TEACHER = dict(SPEC, branch="seg")
+STUDENT = dict(SPEC, branch="distill", view="rgb", backbone="mobilenet_v2")
+
+
+@pytest.mark.parametrize("kd", ["feature", "adaptor", "relational"])
+def test_stage2_step_for_each_kd_form(kd):
+  """One stage-2 step per KD form: finite loss, KD term present; the adaptor's
+  head trains with the student; zero weights -> the KD term is exactly 0."""
+  from structvpr_jax import losses
+  mesh = parallel.make_mesh(jax.devices()[:1])
+  student = model_spec.init_variables(STUDENT, 0)
+  teacher = model_spec.init_variables(TEACHER, 1)
+  params = dict(student["params"])
+  if kd == "adaptor":
+    params[train_lib.ADAPTOR] = losses.adaptor_init(STUDENT["num_clusters"] * STUDENT["dim"])
+  tx, _ = train_lib.make_optimizer(TC)
+  state = parallel.replicate(train_lib.new_state({"params": params,
+                                                  "batch_stats": student["batch_stats"]}, tx),
+                             mesh)
+  step = train_lib.make_train_step(STUDENT, dict(TC, batchnorm="frozen"), mesh, TEACHER,
+                                   lambda_kd=1.0, kd=kd, temperature=0.5)
+  rng = np.random.default_rng(0)
+  batch = {"rgb": rng.integers(0, 255, (2, 4, 32, 32, 3)).astype(np.uint8),
+           "seg": rng.integers(0, 19, (2, 4, 32, 32)).astype(np.uint8)}
+  rep_teacher = parallel.replicate(teacher, mesh)
+  new, metrics = step(state, parallel.shard_batch(dict(batch, weight=np.ones(2, np.float32)),
+                                                  mesh), jax.random.PRNGKey(0), rep_teacher)
+  assert np.isfinite(float(metrics["loss"])) and float(metrics["kd"]) > 0
+  np.testing.assert_allclose(float(metrics["loss"]),
+                             float(metrics["triplet"]) + float(metrics["kd"]), rtol=1e-5)
+  new = jax.device_get(new)
+  if kd == "adaptor":
+    moved = np.abs(np.asarray(new.params[train_lib.ADAPTOR]["kernel"])
+                   - np.eye(STUDENT["num_clusters"] * STUDENT["dim"])).max()
+    assert moved > 0
+  state = parallel.replicate(train_lib.new_state({"params": params,
+                                                  "batch_stats": student["batch_stats"]}, tx),
+                             mesh)
+  _, zero = step(state, parallel.shard_batch(dict(batch, weight=np.zeros(2, np.float32)), mesh),
+                 jax.random.PRNGKey(0), rep_teacher)
+  assert float(zero["kd"]) == 0.0
+  with pytest.raises(ValueError, match="distill.kd"):
+    train_lib.make_train_step(STUDENT, TC, mesh, TEACHER, kd="cosine")

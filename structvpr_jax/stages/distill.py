@@ -3,7 +3,9 @@
 The student (the RGB branch, initialised from stage 1's best checkpoint)
 trains with the triplet margin loss plus the per-sample weighted
 distillation term towards the frozen seg teacher, restored read-only and
-never re-saved; the weights are the partition's Eq. 3 weights.
+never re-saved; the weights are the partition's Eq. 3 weights. The KD form
+(`distill.kd`: feature, adaptor, relational) is ours, see losses.py; the
+adaptor's head trains with the student and is not part of its checkpoint.
 
   <workdir>/distill/checkpoints/N/, stage.json, done.json   as stage 1
 """
@@ -12,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from structvpr_jax import checkpoint, config_lib, files, parallel, train_lib
+from structvpr_jax import checkpoint, config_lib, files, losses, parallel, train_lib
 from structvpr_jax.data import layout
 from structvpr_jax.evaluation import Extractor, RecallEvaluator
 from structvpr_jax.models import spec as model_spec
@@ -45,9 +47,14 @@ def run(config, wd: Workdir, root: str) -> dict:
     raise ValueError(f"{wd.partition_npz} has {len(weights)} weights for "
                      f"{len(split.query_paths)} training queries: rerun the partition "
                      f"(--config.rerun_from=partition)")
+  kd = config.distill.get("kd", "feature")
+  heads = ({train_lib.ADAPTOR: losses.adaptor_init(spec["num_clusters"] * spec["dim"])}
+           if kd == "adaptor" else {})
   teacher = train_lib.Teacher(spec=teacher_spec,
                               variables=parallel.replicate(teacher_host, mesh),
-                              weights=weights, lambda_kd=float(config.distill.lambda_kd))
+                              weights=weights, lambda_kd=float(config.distill.lambda_kd),
+                              kd=kd, temperature=float(config.distill.get("temperature", 0.1)),
+                              loss_heads=heads)
   extractor = Extractor(spec, mesh, config.eval.batch_size)
   val = RecallEvaluator(spec, root, "val", mesh, config.eval.batch_size, tuple(config.eval.ns),
                         config.eval.radius, extractor=extractor)
