@@ -52,6 +52,7 @@ def get_config(arg=None):
   # ImageNet backbone + k-means NetVLAD, untrained, reaches val R@1 ~60 %; a randomly
   # initialised RGB branch trained for this budget stays near chance (~17 %).
   c.rgb.init = "auto" if not smoke else ""
+  c.rgb.norm = "batch"                       # "batch" | "group" (GroupNorm)
   c.rgb.num_steps = 0                        # 0: train.num_steps
   c.rgb.learning_rate = 0.0                  # 0: train.learning_rate
   c.rgb.batchnorm = ""                       # "" = train.batchnorm
@@ -64,6 +65,11 @@ def get_config(arg=None):
   c.seg.num_clusters = c.rgb.get_ref("num_clusters")
   c.seg.init = ""
   c.seg.slme = "slme"                        # "slme" | "onehot" | "group_onehot"
+  # "batch" | "group": GroupNorm normalises each image by itself (no running
+  # statistics), for a branch trained from scratch; with "batch" and frozen BN
+  # (train.batchnorm) a from-scratch branch is not normalised at all.
+  c.seg.norm = "batch"
+  c.seg.blocks = ()                          # () = the light table; see models/mobilenet.py
   c.seg.num_steps = 160 if not smoke else 0  # 0: train.num_steps
   c.seg.learning_rate = 1e-3                 # trained from scratch: 10x the fine-tuning rate
   c.seg.batchnorm = ""                       # "" = train.batchnorm

@@ -19,7 +19,7 @@ import jax
 
 from structvpr_jax import losses, partition, slme
 from structvpr_jax.data import convert
-from structvpr_jax.models import pretrained, spec as model_spec
+from structvpr_jax.models import mobilenet, pretrained, spec as model_spec
 
 # Pipeline order; each stage's results depend on the ones before it (eval on all).
 STAGES = ("rgb", "seg", "partition", "distill", "eval")
@@ -73,6 +73,8 @@ def validate_config(config) -> None:
   if config.data.name == "folder" and not os.path.isdir(config.data.root or ""):
     raise ValueError(f"data.root={config.data.root!r} is not a folder (data.name='folder')")
   for name in ("rgb", "seg"):
+    if config[name].get("norm", "batch") not in mobilenet.NORMS:
+      raise ValueError(f"{name}.norm={config[name].norm!r}; expected one of {mobilenet.NORMS}")
     if config[name].num_clusters < 2:
       raise ValueError(f"{name}.num_clusters must be >= 2")
   if config.rgb.dim != config.seg.dim or config.rgb.num_clusters != config.seg.num_clusters:
@@ -133,7 +135,7 @@ def branch_fields(config, branch: str) -> dict:
   """The fields of one branch's architecture and starting weights."""
   b = config[branch]
   out = {f"{branch}.{k}": b.get(k, None) for k in ("backbone", "width", "dim", "num_clusters",
-                                                    "blocks", "init")}
+                                                    "blocks", "init", "norm")}
   out["data.normalization" if branch == "rgb" else "seg.slme"] = (
       config.data.normalization if branch == "rgb" else config.seg.slme)
   return out

@@ -150,7 +150,7 @@ def make_train_step(spec: dict, tc: dict, mesh, teacher_spec: Optional[dict] = N
         kd_loss = losses.distill_loss(student, t_desc.reshape(b * 2, -1), weights)
       loss = triplet + lambda_kd * kd_loss
       metrics.update(kd=kd_loss, kd_weight_mean=jnp.mean(batch["weight"]))
-    return loss, (updates["batch_stats"], metrics)
+    return loss, (updates.get("batch_stats", batch_stats), metrics)
 
   return parallel.data_parallel_train_step(loss_fn, mesh,
                                            extra_args=1 if teacher is not None else 0)

@@ -139,3 +139,38 @@ def test_stage2_step_for_each_kd_form(kd):
   assert float(zero["kd"]) == 0.0
   with pytest.raises(ValueError, match="distill.kd"):
     train_lib.make_train_step(STUDENT, TC, mesh, TEACHER, kd="cosine")
+
+
+def test_groupnorm_branch_trains_saves_and_restores(tmp_path):
+  """seg.norm="group": no BatchNorm statistics at all (train = eval), each image
+  normalised by itself (a descriptor does not depend on its batch), one step
+  trains, and a checkpoint round-trips through Orbax with the empty collection."""
+  from structvpr_jax import checkpoint
+  spec = dict(SPEC, norm="group")
+  mesh = parallel.make_mesh(jax.devices()[:1])
+  variables = model_spec.init_variables(spec, 0)
+  assert variables["batch_stats"] == {}
+  assert any("gn" in str(path) for path, _ in
+             jax.tree_util.tree_flatten_with_path(variables["params"])[0])
+  model = model_spec.build_model(spec)
+  labels = np.random.default_rng(0).integers(0, 19, (3, 32, 32)).astype(np.uint8)
+  x = model_spec.model_input(spec, labels)
+  together = model.apply(variables, x)
+  alone = model.apply(variables, x[:1])
+  np.testing.assert_allclose(together[:1], alone, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(model.apply(variables, x, train=True), together, rtol=1e-5,
+                             atol=1e-6)
+  tx, _ = train_lib.make_optimizer(TC)
+  state = parallel.replicate(train_lib.new_state(variables, tx), mesh)
+  step = train_lib.make_train_step(spec, dict(TC, batchnorm="batch"), mesh)
+  batch = np.random.default_rng(1).integers(0, 19, (2, 3, 32, 32)).astype(np.uint8)
+  new, metrics = step(state, parallel.shard_batch({"seg": batch}, mesh), jax.random.PRNGKey(0))
+  assert np.isfinite(float(metrics["loss"]))
+  new = jax.device_get(new)
+  mngr = checkpoint.manager(str(tmp_path / "ckpt"))
+  checkpoint.save(mngr, 1, {"params": new.params, "batch_stats": new.batch_stats},
+                  {"spec": spec}, metrics={"val_R@5": 1.0})
+  got_spec, restored, _, _ = checkpoint.restore_variables(str(tmp_path / "ckpt"))
+  assert got_spec["norm"] == "group" and restored["batch_stats"] == {}
+  np.testing.assert_array_equal(
+      jax.tree.leaves(restored["params"])[0], jax.tree.leaves(new.params)[0])

@@ -27,6 +27,7 @@ class Branch(nn.Module):
     num_clusters: NetVLAD K.
     blocks: optional backbone stage table (expansion, channels, repeats,
       stride) replacing the backbone's default (tiny models for tests).
+    norm: backbone normalisation, "batch" or "group" (`mobilenet.NORMS`).
     bn_axis_name: mesh axis for synchronised BatchNorm (inside shard_map).
     dtype: compute dtype.
     param_dtype: parameter dtype.
@@ -38,6 +39,7 @@ class Branch(nn.Module):
   dim: Optional[int] = None
   num_clusters: int = 64
   blocks: Optional[tuple] = None
+  norm: str = "batch"
   bn_axis_name: Optional[str] = None
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
@@ -47,7 +49,8 @@ class Branch(nn.Module):
 
   def setup(self):
     self.encoder = mobilenet.get_backbone(
-        self.backbone, width=self.width, bn_axis_name=self.bn_axis_name, dtype=self.dtype,
+        self.backbone, width=self.width, norm=self.norm, bn_axis_name=self.bn_axis_name,
+        dtype=self.dtype,
         param_dtype=self.param_dtype, last_activation=False, **self._backbone_kwargs())
     self.projection = (nn.Dense(self.dim, dtype=self.dtype, param_dtype=self.param_dtype,
                                 name="projection") if self.dim else None)
@@ -73,14 +76,3 @@ class Branch(nn.Module):
 
   def __call__(self, x, train: bool = False):
     return self.netvlad(self.local_features(x, train))
-
-
-def build_branch(cfg, **overrides) -> Branch:
-  """A `Branch` from a branch config (backbone, width, dim, num_clusters, blocks)."""
-  kwargs = dict(backbone=cfg.get("backbone", "mobilenet_v2"),
-                width=float(cfg.get("width", 1.0)),
-                dim=int(cfg.get("dim", 0) or 0) or None,
-                num_clusters=int(cfg.get("num_clusters", 64)),
-                blocks=cfg.get("blocks", None))
-  kwargs.update(overrides)
-  return Branch(**kwargs)

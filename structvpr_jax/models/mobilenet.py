@@ -110,13 +110,30 @@ class DepthwiseConv3x3(nn.Module):
 _conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 
+NORMS = ("batch", "group")
+
+
+def group_count(channels: int, max_groups: int = 8) -> int:
+  """GroupNorm groups: the largest of max_groups, max_groups/2, ..., 1 dividing `channels`."""
+  g = max_groups
+  while channels % g:
+    g //= 2
+  return g
+
+
 class ConvBN(nn.Module):
-  """(1x1 matmul | 3x3 depthwise | kxk conv) -> BatchNorm -> optional ReLU6."""
+  """(1x1 matmul | 3x3 depthwise | kxk conv) -> BatchNorm or GroupNorm -> optional ReLU6.
+
+  `norm="group"` (GroupNorm, 8 groups where the channels allow) normalises
+  each image by itself: no running statistics, the same in training and
+  evaluation; for branches trained from scratch (the seg teacher).
+  """
   features: int
   kind: str = "pointwise"  # "pointwise", "depthwise" or "full"
   stride: int = 1
   kernel_size: int = 3
   activation: bool = True
+  norm: str = "batch"
   bn_axis_name: Optional[str] = None
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
@@ -135,8 +152,14 @@ class ConvBN(nn.Module):
                   kernel_init=_conv_init, name="conv", **dtypes)(x)
     else:
       raise ValueError(f"unknown conv kind {self.kind!r}")
-    x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-3,
-                     axis_name=self.bn_axis_name, name="bn", **dtypes)(x)
+    if self.norm == "batch":
+      x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-3,
+                       axis_name=self.bn_axis_name, name="bn", **dtypes)(x)
+    elif self.norm == "group":
+      x = nn.GroupNorm(num_groups=group_count(x.shape[-1]), epsilon=1e-3, name="gn",
+                       **dtypes)(x)
+    else:
+      raise ValueError(f"unknown norm {self.norm!r}; expected one of {NORMS}")
     return jnp.clip(x, 0.0, 6.0) if self.activation else x
 
 
@@ -145,6 +168,7 @@ class InvertedResidual(nn.Module):
   features: int
   expansion: int
   stride: int
+  norm: str = "batch"
   bn_axis_name: Optional[str] = None
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
@@ -152,7 +176,7 @@ class InvertedResidual(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool):
     in_features = x.shape[-1]
-    common = dict(bn_axis_name=self.bn_axis_name, dtype=self.dtype,
+    common = dict(norm=self.norm, bn_axis_name=self.bn_axis_name, dtype=self.dtype,
                   param_dtype=self.param_dtype)
     y = x
     if self.expansion != 1:
@@ -180,6 +204,8 @@ class MobileNetV2(nn.Module):
       images; after a ReLU6 all features share the positive orthant and a
       common offset, the L2-normalised descriptors nearly coincide and
       NetVLAD's intra-normalised residuals are mostly noise.
+    norm: "batch" (BatchNorm; the pretrained ImageNet file's) or "group"
+      (GroupNorm: no running statistics, for training from scratch).
     bn_axis_name: mesh axis for synchronised BatchNorm statistics (set when
       the model runs inside `shard_map`, e.g. "data").
     dtype: compute dtype.
@@ -194,6 +220,7 @@ class MobileNetV2(nn.Module):
   last_features: Optional[int] = 1280
   num_classes: Optional[int] = None
   last_activation: bool = True
+  norm: str = "batch"
   bn_axis_name: Optional[str] = None
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
@@ -206,7 +233,7 @@ class MobileNetV2(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    common = dict(bn_axis_name=self.bn_axis_name, dtype=self.dtype,
+    common = dict(norm=self.norm, bn_axis_name=self.bn_axis_name, dtype=self.dtype,
                   param_dtype=self.param_dtype)
     x = jnp.asarray(x, self.dtype)
     x = ConvBN(make_divisible(self.stem_features * self.width), "full", stride=2,

@@ -9,6 +9,7 @@ transform (`model_input`) and the shapes Orbax restores into
    "view": "rgb" | "seg",                 what it reads: RGB images or label maps
    "backbone", "width", "dim", "num_clusters",
    "blocks": [[t, c, n, s], ...] | None,  backbone stage table (None = default)
+   "norm": "batch" | "group",             backbone normalisation (absent = "batch")
    "slme": "slme" | "onehot" | "group_onehot",   seg view: label-map encoding
    "normalization": "imagenet" | "tflite",       rgb view: pixel scaling
    "image_size": [H, W],
@@ -50,6 +51,7 @@ def branch_spec(config, stage: str) -> dict:
           "backbone": b.backbone, "width": float(b.width), "dim": int(b.dim or 0),
           "num_clusters": int(b.num_clusters),
           "blocks": [list(x) for x in blocks] if blocks else None,
+          "norm": b.get("norm", "batch") or "batch",
           "slme": config.seg.slme, "normalization": config.data.normalization,
           "image_size": [int(s) for s in config.data.image_size], "init": init}
 
@@ -79,7 +81,7 @@ def build_model(spec: dict, bn_axis_name: Optional[str] = None) -> Branch:
   return Branch(backbone=spec["backbone"], width=float(spec["width"]),
                 dim=int(spec.get("dim") or 0) or None, num_clusters=int(spec["num_clusters"]),
                 blocks=None if not blocks else tuple(tuple(b) for b in blocks),
-                bn_axis_name=bn_axis_name)
+                norm=spec.get("norm", "batch"), bn_axis_name=bn_axis_name)
 
 
 def normalize_rgb(x, kind: str = "imagenet"):
@@ -116,7 +118,8 @@ def _init_fn(spec: dict):
 
   def init(rng):
     v = model.init(rng, model_input(spec, jnp.zeros(raw_input_shape(spec), jnp.uint8)))
-    return {"params": v["params"], "batch_stats": v["batch_stats"]}
+    # GroupNorm branches have no BatchNorm statistics: an empty collection
+    return {"params": v["params"], "batch_stats": v.get("batch_stats", {})}
   return init
 
 
