@@ -1,17 +1,36 @@
-"""Ablation on the synthetic city: does structure distillation help RGB?
+"""Ablation on the synthetic city: does structure distillation help the RGB branch?
 
-For each seed: stage 1 RGB and seg once; then partition + stage 2 + test
-evaluation for each distillation weighting (uniform KD, teacher_only, our
-sigmoid Eq. 3) in its own workdir that reuses the stage-1 checkpoints.
-Reports mean +- std over seeds of R@1 / R@5 per query condition for
-{RGB baseline, seg teacher, uniform KD, teacher_only, StructVPR sigmoid} and
-writes `experiments/results/synthetic_structure.md` (+ .json).
+For each seed: stage 1 RGB and seg once (`base/`); then partition + stage 2 +
+test evaluation for each stage-2 variant in its own workdir, which links the
+base's data and stage-1 branches:
+
+  triplet_only   the same stage 2 (steps, init from stage 1) with lambda_kd = 0:
+                 the control; a KD variant's gain over it is the distillation's
+  uniform        KD with weight 1 on every query (plain distillation)
+  teacher_only   KD only where the teacher retrieves correctly (1[r_T <= tau])
+  sigmoid        KD weighted by our Eq. 3 reconstruction (StructVPR)
+
+The KD form of every KD variant is `--kd` (distill.kd: feature, adaptor,
+relational). Every run is `python -m structvpr_jax.main` (the user's code
+path); finished stages are skipped, so an interrupted experiment resumes.
+
+Writes <out>.json:
+  {"per_query": {method: {seed: [0/1 R@1 hit per test query]}},
+   "conditions": {seed: [condition per test query]},
+   "regimes": {seed: [regime of the query's place]},
+   "table": {method: {"<condition> R@1": [mean, std, per-seed]}},
+   "paired": {"<a> vs <b>": paired_bootstrap result}, "partition": {seed: D1-D4},
+   "seeds", "kd", "overrides", "wall_s"}
+and <out>.md: the table (mean +- std over seeds), the teacher and student per
+condition and regime, and paired differences with bootstrap 95 % CIs
+(queries resampled within seed, `structvpr_jax.stats`). Queries differ
+between seeds (each seed generates its own city), so the per-query lists are
+per seed; within a seed every method answers the same queries in the same
+order (sorted file names).
 
   python experiments/synthetic_structure.py [--config=configs/distill.py]
-      [--seeds 0 1 2] [--workdir runs/synthetic_structure] [--override k=v ...]
-
-Each run is `python -m structvpr_jax.main` (the user's code path); finished
-stages are skipped, so an interrupted experiment resumes.
+      [--seeds 0 1 2 3 4] [--test-places 400] [--kd feature] [--variants ...]
+      [--workdir runs/synthetic_structure] [--override k=v ...] [--out PATH]
 """
 
 from __future__ import annotations
@@ -27,12 +46,10 @@ import numpy as np
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from structvpr_jax import files  # noqa: E402
+from structvpr_jax import files, stats  # noqa: E402
+from structvpr_jax.data import layout  # noqa: E402
 from structvpr_jax.workdir import Workdir  # noqa: E402
-# Stage-2 variants: name -> config overrides. "triplet_only" is the control:
-# the same stage 2 (same steps, student initialised from stage 1) with
-# lambda_kd = 0, so any gain of the KD variants over it is the distillation's
-# and not the extra triplet steps'.
+
 VARIANTS = {"triplet_only": ["distill.lambda_kd=0.0"],
             "uniform": ["distill.weighting=uniform"],
             "teacher_only": ["distill.weighting=teacher_only"],
@@ -41,18 +58,23 @@ METHODS = (("rgb", "RGB baseline (stage 1)"), ("seg", "seg teacher"),
            ("triplet_only", "stage 2 without KD (control)"),
            ("uniform", "uniform KD"), ("teacher_only", "teacher_only KD"),
            ("sigmoid", "StructVPR sigmoid (Eq. 3, ours)"))
+# (other, base): the comparisons the method's claims rest on.
+COMPARISONS = (("sigmoid", "triplet_only"), ("sigmoid", "uniform"), ("sigmoid", "rgb"),
+               ("uniform", "triplet_only"), ("teacher_only", "triplet_only"),
+               ("seg", "rgb"))
+APPEARANCE = ("dusk", "fog", "night", "repaint")
+SPLIT = "test"
 
 
-def run_main(config, workdir, overrides, mode_config=None):
-  cmd = [sys.executable, "-m", "structvpr_jax.main", f"--config={mode_config or config}",
+def run_main(config, workdir, overrides):
+  cmd = [sys.executable, "-m", "structvpr_jax.main", f"--config={config}",
          f"--workdir={workdir}"] + [f"--config.{o}" for o in overrides]
   print("+", " ".join(cmd), flush=True)
   subprocess.run(cmd, cwd=REPO, check=True)
 
 
-def link_stage1(base, variant):
+def link_stage1(base: Workdir, variant: Workdir) -> None:
   """The variant's workdir reuses the base's data and stage-1 branches."""
-  base, variant = Workdir(base), Workdir(variant)
   os.makedirs(variant.root, exist_ok=True)
   for src, dst in ((base.data, variant.data),
                    (base.stage_dir("rgb"), variant.stage_dir("rgb")),
@@ -61,80 +83,146 @@ def link_stage1(base, variant):
       os.symlink(os.path.abspath(src), dst)
 
 
-def collect(workdir, stage):
-  return files.read_json(Workdir(workdir).eval_summary)["branches"][stage]
+def query_regimes(root: str) -> list:
+  """The regime (structure / repetitive / mixed) of each test query's place."""
+  regimes = files.read_json(os.path.join(root, "synthetic.json"))["regimes"][SPLIT]
+  vs = layout.read_split(root, SPLIT)
+  return [regimes[int(layout.parse_name(p)["pano_id"][len(SPLIT):])] for p in vs.query_paths]
+
+
+def rate(hits, mask=None) -> float:
+  hits = np.asarray(hits, np.float64)
+  return float(100.0 * (hits if mask is None else hits[np.asarray(mask)]).mean())
+
+
+def breakdown(per_query: dict, labels: dict, methods, values) -> dict:
+  """{method: {value: [per-seed R@1 over queries labelled value]}}."""
+  out = {}
+  for m in methods:
+    out[m] = {v: [rate(per_query[m][s], np.asarray(labels[s]) == v) for s in per_query[m]
+                  if np.any(np.asarray(labels[s]) == v)] for v in values}
+  return out
+
+
+def fmt(values) -> str:
+  return f"{np.mean(values):.1f} ± {np.std(values):.1f}" if len(values) else "-"
 
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--config", default="configs/distill.py")
-  parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+  parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+  parser.add_argument("--test-places", type=int, default=400,
+                      help="synthetic test places (2 queries each by default): >= 800 queries")
+  parser.add_argument("--kd", default="feature", help="distill.kd of the KD variants")
   parser.add_argument("--workdir", default="runs/synthetic_structure")
   parser.add_argument("--override", nargs="*", default=[],
                       help="config overrides without the --config. prefix, e.g. train.num_steps=50")
   parser.add_argument("--out", default=os.path.join(REPO, "experiments", "results",
                                                     "synthetic_structure"))
   parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+  parser.add_argument("--resamples", type=int, default=10000)
   args = parser.parse_args()
-  methods = tuple((m, label) for m, label in METHODS if m in ("rgb", "seg") or m in args.variants)
+  methods = [m for m, _ in METHODS if m in ("rgb", "seg") or m in args.variants]
+  labels = dict(METHODS)
   t0 = time.time()
-  results = {m: {} for m, _ in methods}
+  stage1_cfg = {b: args.config.replace("distill.py", f"{b}.py") for b in ("rgb", "seg")}
+  per_query = {m: {} for m in methods}
+  conditions, regimes, partitions = {}, {}, {}
   for seed in args.seeds:
-    base = os.path.join(args.workdir, f"seed{seed}", "base")
-    common = [f"seed={seed}"] + args.override
-    rgb_cfg = args.config.replace("distill.py", "rgb.py")
-    seg_cfg = args.config.replace("distill.py", "seg.py")
-    run_main(args.config, base, common, rgb_cfg)
-    run_main(args.config, base, common, seg_cfg)
+    common = ([f"seed={seed}", f"data.synthetic_places.test={args.test_places}",
+               f"distill.kd={args.kd}"] + args.override)
+    base = Workdir(os.path.join(args.workdir, f"seed{seed}", "base"))
+    for branch in ("rgb", "seg"):
+      run_main(stage1_cfg[branch], base.root, common)
     for kind in args.variants:
-      variant = os.path.join(args.workdir, f"seed{seed}", kind)
+      variant = Workdir(os.path.join(args.workdir, f"seed{seed}", kind))
       link_stage1(base, variant)
-      run_main(args.config, variant, common + VARIANTS[kind])
-      results[kind][seed] = collect(variant, "distill")
-    results["rgb"][seed] = collect(variant, "rgb")
-    results["seg"][seed] = collect(variant, "seg")
+      run_main(args.config, variant.root, common + VARIANTS[kind])
+      per_query[kind][seed] = files.read_json(variant.per_query_json(SPLIT, "distill"))
+      if kind == args.variants[-1]:
+        for branch in ("rgb", "seg"):
+          per_query[branch][seed] = files.read_json(variant.per_query_json(SPLIT, branch))
+        part = files.read_json(variant.partition_summary)
+        partitions[seed] = {g: part[g]["count"] for g in ("D1", "D2", "D3", "D4")}
+    first = per_query[methods[0]][seed]
+    for m in methods:    # every method answered the same queries in the same order
+      if per_query[m][seed]["queries"] != first["queries"]:
+        raise RuntimeError(f"seed {seed}: {m} was evaluated on other queries")
+    conditions[seed] = first["conditions"]
+    regimes[seed] = query_regimes(base.data)
+    for m in methods:
+      per_query[m][seed] = per_query[m][seed]["hits"]["R@1"]
 
-  conditions = sorted(next(iter(results["rgb"].values()))["per_condition"])
-  table = {}
-  for method, _ in methods:
-    table[method] = {}
-    for cond in conditions + ["all"]:
-      for k in ("R@1", "R@5"):
-        vals = [(r if cond == "all" else r["per_condition"][cond])[k]
-                for r in results[method].values()]
-        table[method][f"{cond} {k}"] = (float(np.mean(vals)), float(np.std(vals)), vals)
-  appearance = [c for c in conditions if c != "day"]
+  conds = sorted({c for s in conditions.values() for c in s})
+  by_condition = breakdown(per_query, conditions, methods, conds)
+  by_regime = breakdown(per_query, regimes, methods,
+                        sorted({r for s in regimes.values() for r in s}))
+  appearance = [c for c in conds if c in APPEARANCE]
+  table = {m: {**{f"{c} R@1": by_condition[m][c] for c in conds},
+               "all R@1": [rate(per_query[m][s]) for s in args.seeds],
+               "appearance R@1": [float(np.mean([rate(per_query[m][s],
+                                                      np.asarray(conditions[s]) == c)
+                                                 for c in appearance])) for s in args.seeds]}
+           for m in methods}
+  paired = {}
+  for other, base_m in COMPARISONS:
+    if other in methods and base_m in methods:
+      paired[f"{other} vs {base_m}"] = {
+          "all": stats.paired_bootstrap(per_query[base_m], per_query[other], args.resamples),
+          **{c: stats.paired_bootstrap(
+              {s: np.asarray(per_query[base_m][s])[np.asarray(conditions[s]) == c]
+               for s in args.seeds},
+              {s: np.asarray(per_query[other][s])[np.asarray(conditions[s]) == c]
+               for s in args.seeds}, args.resamples) for c in appearance}}
+  wall = time.time() - t0
+  command = (f"python experiments/synthetic_structure.py --config={args.config} --seeds "
+             f"{' '.join(map(str, args.seeds))} --test-places {args.test_places} --kd {args.kd} "
+             f"--variants {' '.join(args.variants)}"
+             + (f" --override {' '.join(args.override)}" if args.override else ""))
+  n_queries = {s: len(conditions[s]) for s in args.seeds}
   lines = [
-      "# StructVPR ablation on the synthetic city",
-      "",
-      f"Command: `python experiments/synthetic_structure.py --config={args.config} "
-      f"--seeds {' '.join(map(str, args.seeds))} --variants {' '.join(args.variants)}"
-      + (f" --override {' '.join(args.override)}" if args.override else "") + "`",
-      "",
-      f"Seeds: {args.seeds}. Test split of the synthetic city; Recall@N in percent "
-      "(mean ± std over seeds). The partition criterion and Eq. 3 weight are our "
-      "reconstruction (docs/design.md), not the paper's published constants.",
-      f"Wall time: {time.time() - t0:.0f} s on {os.cpu_count()} CPU cores.",
-      "",
-      "| method | " + " | ".join(f"{c} R@1 | {c} R@5" for c in conditions + ["all"]) + " |",
-      "|---|" + "---|---|" * (len(conditions) + 1),
-  ]
-  for method, label in methods:
-    cells = []
-    for cond in conditions + ["all"]:
-      for k in ("R@1", "R@5"):
-        m, s, _ = table[method][f"{cond} {k}"]
-        cells.append(f"{m:.1f} ± {s:.1f}")
-    lines.append(f"| {label} | " + " | ".join(cells) + " |")
-  mean_r1 = {m: float(np.mean([table[m][f"{c} R@1"][0] for c in appearance]))
-             for m, _ in methods}
-  lines += ["", "Mean R@1 over the appearance-changed conditions "
-            f"({', '.join(appearance)}):", ""]
-  lines += [f"- {label}: {mean_r1[m]:.1f}" for m, label in methods]
+      "# StructVPR ablation on the synthetic city", "",
+      f"Command: `{command}`", "",
+      f"Seeds {args.seeds}; test queries per seed {n_queries}; KD form `{args.kd}`. R@1 in "
+      "percent, mean ± std over seeds. The partition criterion, the Eq. 3 weight and the KD "
+      "form are our reconstruction (docs/design.md), not the paper's published constants; "
+      "these are our numbers, not the paper's.",
+      f"Wall time: {wall:.0f} s on {os.cpu_count()} CPU cores.", "",
+      "| method | " + " | ".join(conds) + " | appearance mean | all |",
+      "|---|" + "---|" * (len(conds) + 2)]
+  for m in methods:
+    lines.append(f"| {labels[m]} | " + " | ".join(fmt(table[m][f"{c} R@1"]) for c in conds)
+                 + f" | {fmt(table[m]['appearance R@1'])} | {fmt(table[m]['all R@1'])} |")
+  lines += ["", "## Paired differences (R@1 points, other − base; bootstrap 95 % CI, "
+            "queries resampled within seed)", "",
+            "| comparison | all | " + " | ".join(appearance) + " |",
+            "|---|---|" + "---|" * len(appearance)]
+  for name, res in paired.items():
+    cells = [f"{r['diff']:+.1f} [{r['ci_low']:+.1f}, {r['ci_high']:+.1f}]"
+             for r in [res["all"]] + [res[c] for c in appearance]]
+    lines.append(f"| {name} | " + " | ".join(cells) + " |")
+  lines += ["", "## Teacher and student by the place's regime (R@1)", "",
+            "| method | " + " | ".join(by_regime[methods[0]]) + " |",
+            "|---|" + "---|" * len(by_regime[methods[0]])]
+  for m in methods:
+    lines.append(f"| {labels[m]} | " + " | ".join(fmt(v) for v in by_regime[m].values()) + " |")
+  if partitions:
+    lines += ["", "Partition of the training queries (D1 both right, D2 teacher only, D3 "
+              "student only, D4 neither): "
+              + "; ".join(f"seed {s}: " + ", ".join(f"{g} {n}" for g, n in p.items())
+                          for s, p in partitions.items())]
   files.write_text(args.out + ".md", "\n".join(lines) + "\n")
-  files.write_json(args.out + ".json", {"unit": "percent", "seeds": args.seeds, "table": table,
-                                        "mean_r1_appearance": mean_r1}, sort_keys=False)
+  files.write_json(args.out + ".json", {
+      "unit": "percent", "seeds": args.seeds, "kd": args.kd, "overrides": args.override,
+      "test_places": args.test_places, "command": command, "wall_s": wall,
+      "per_query": {m: {str(s): [int(h) for h in v] for s, v in per_query[m].items()}
+                    for m in methods},
+      "conditions": {str(s): v for s, v in conditions.items()},
+      "regimes": {str(s): v for s, v in regimes.items()},
+      "table": table, "by_regime": by_regime, "paired": paired,
+      "partition": {str(s): p for s, p in partitions.items()}}, sort_keys=False)
   print("\n".join(lines))
 
 

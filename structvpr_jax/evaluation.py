@@ -86,9 +86,11 @@ def progress_bar(total: int, desc: str):
 
 def recall_report(q_desc, db_desc, query_utm, db_utm, notes: Optional[Sequence[str]] = None,
                   ns=(1, 5, 10, 20), radius: float = 25.0) -> dict:
-  """{"R@n": percent, ..., "per_condition": {note: {...}}, counts, "_predictions"}."""
+  """{"R@n": percent, ..., "per_condition": {note: {...}}, counts, and the private
+  "_predictions" int [Q, max(ns)] and "_hits" {n: bool [Q]} (a positive in the top n)."""
   _, predictions = retrieval.search(q_desc, db_desc, max(ns))
   overall = retrieval.recall_from_predictions(predictions, query_utm, db_utm, ns, radius)
+  found = np.cumsum(retrieval.correct_at_k(predictions, query_utm, db_utm, radius), axis=1) > 0
   report = {f"R@{n}": v for n, v in overall.items()}
   report.update(num_queries=int(len(q_desc)), num_database=int(len(db_desc)))
   if notes is not None:
@@ -102,6 +104,7 @@ def recall_report(q_desc, db_desc, query_utm, db_utm, notes: Optional[Sequence[s
       per[note or "all"]["num_queries"] = int(sel.sum())
     report["per_condition"] = per
   report["_predictions"] = predictions
+  report["_hits"] = {int(n): found[:, min(int(n), found.shape[1]) - 1] for n in ns}
   return report
 
 

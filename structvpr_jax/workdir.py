@@ -115,6 +115,10 @@ class Workdir:
   def recalls_json(self, split: str, stage: Optional[str] = None) -> str:
     return self.path(EVAL, split, "recalls.json" if stage is None else f"recalls_{stage}.json")
 
+  def per_query_json(self, split: str, stage: str) -> str:
+    """Per-query hits of one branch: eval/<split>/per_query_<stage>.json."""
+    return self.path(EVAL, split, f"per_query_{stage}.json")
+
   @property
   def recall_png(self) -> str:
     return self.path(EVAL, "recall_at_n.png")

@@ -4,6 +4,7 @@
                             (one record per branch + the fields and inputs),
                             eval/<split>/recalls_<branch>.json, recalls.json
                             (the distilled RGB branch: the deliverable),
+                            eval/<split>/per_query_<branch>.json (hits per query),
                             examples.png, recall_at_n.png, report.md
   run_checkpoint(config, wd)  eval mode: one checkpoint directory on
                             data.root -> <workdir>/eval/<split>/recalls.json
@@ -14,7 +15,7 @@ from __future__ import annotations
 import os
 
 from structvpr_jax import checkpoint, config_lib, files, parallel, report
-from structvpr_jax.data import synthetic
+from structvpr_jax.data import layout, synthetic
 from structvpr_jax.evaluation import RecallEvaluator, pca_from_config, public
 from structvpr_jax.workdir import Workdir
 
@@ -45,6 +46,8 @@ def run(config, wd: Workdir, root: str, stages=("rgb", "seg", "distill")) -> dic
     table[stage] = record
     if parallel.is_main_process():
       files.write_json(wd.recalls_json(split, stage), record)
+      files.write_json(wd.per_query_json(split, stage), per_query(rep, root, split),
+                       indent=None)
       if stage == "distill":  # the deliverable: the distilled RGB branch
         files.write_json(wd.recalls_json(split), record)
   wd.finish("eval", {"split": split, "branches": table}, fields, consumed,
@@ -53,6 +56,16 @@ def run(config, wd: Workdir, root: str, stages=("rgb", "seg", "distill")) -> dic
     write_figures_and_report(config, wd, root, split, predictions)
   print(report.format_table(table))
   return table
+
+
+def per_query(report: dict, root: str, split: str) -> dict:
+  """{"queries": [file names], "conditions": [note], "hits": {"R@n": [0/1]}} in the
+  split's query order (sorted names): what paired comparisons of two branches
+  or runs on the same queries need."""
+  vs = layout.read_split(root, split)
+  return {"queries": [os.path.basename(p) for p in vs.query_paths],
+          "conditions": vs.query_notes(),
+          "hits": {f"R@{n}": [int(h) for h in hits] for n, hits in report["_hits"].items()}}
 
 
 def write_figures_and_report(config, wd: Workdir, root: str, split: str,
