@@ -116,6 +116,10 @@ def get_config(arg=None):
   # best-checkpoint selection can keep them when fine-tuning does not help
   # (small training sets; configs/gardens_point.py turns it on).
   c.train.eval_at_start = False
+  # Stage 2: also log |d(triplet)/d(descriptors)| and |d(lambda KD)/d(descriptors)|
+  # (how hard each term pulls the embedding). Off by default: the extra ops may
+  # change XLA's fusion and so the last bits of a run.
+  c.train.log_term_grads = False
   c.train.log_every = 10 if not smoke else 2
   c.train.eval_every = 40 if not smoke else 4
   c.train.kmeans_images = 200 if not smoke else 16  # images sampled for NetVLAD k-means

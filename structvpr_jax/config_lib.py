@@ -32,7 +32,7 @@ TRAIN_RESULT_FIELDS = ("batch_size", "num_negatives", "mining", "num_candidates"
                        "refresh_every", "num_steps", "learning_rate", "warmup_steps",
                        "final_lr_fraction", "optimizer", "grad_clip", "weight_decay", "margin",
                        "batchnorm", "eval_at_start", "eval_every", "kmeans_images",
-                       "kmeans_per_image")
+                       "kmeans_per_image", "log_term_grads")
 STAGE_OVERRIDES = ("num_steps", "learning_rate", "batchnorm", "mining")
 
 

@@ -109,13 +109,16 @@ def make_train_step(spec: dict, tc: dict, mesh, teacher_spec: Optional[dict] = N
   the student's through the linear head `state.params[ADAPTOR]`;
   "relational" matches the softmax(-distance / `temperature`) of each query
   to its positive and negatives (the teacher describes all 2 + M label maps).
-  Metrics: loss, triplet (and kd, kd_weight_mean), grad_norm, param_norm.
+  Metrics: loss, triplet (and kd, kd_weight_mean), grad_norm, param_norm;
+  with `tc["log_term_grads"]` in stage 2 also triplet_desc_grad_norm and
+  kd_desc_grad_norm (the norm of each term's gradient w.r.t. the descriptors).
   """
   if kd not in losses.KD_FORMS:
     raise ValueError(f"distill.kd={kd!r}; expected one of {losses.KD_FORMS}")
   model = model_spec.build_model(spec, bn_axis_name=parallel.DATA_AXIS)
   teacher = model_spec.build_model(teacher_spec) if teacher_spec else None
   margin = float(tc["margin"])
+  term_grads = bool(tc.get("log_term_grads", False))
   batchnorm = tc.get("batchnorm", "batch")
   if batchnorm not in BATCHNORM_MODES:
     raise ValueError(f"train.batchnorm={batchnorm!r}; expected one of {BATCHNORM_MODES}")
@@ -131,7 +134,11 @@ def make_train_step(spec: dict, tc: dict, mesh, teacher_spec: Optional[dict] = N
     else:                      # frozen: BN is a fixed affine map from its running stats
       desc, updates = model.apply(variables, inputs, train=False), {"batch_stats": batch_stats}
     desc = desc.reshape(b, k, -1)
-    triplet = losses.triplet_margin_loss(desc[:, 0], desc[:, 1], desc[:, 2:], margin)
+
+    def triplet_of(d):
+      return losses.triplet_margin_loss(d[:, 0], d[:, 1], d[:, 2:], margin)
+
+    triplet = triplet_of(desc)
     metrics = {"triplet": triplet}
     loss = triplet
     if teacher is not None:
@@ -140,16 +147,28 @@ def make_train_step(spec: dict, tc: dict, mesh, teacher_spec: Optional[dict] = N
       seg = batch["seg"][:, :views]
       t_in = model_spec.model_input(teacher_spec, seg.reshape((b * views,) + seg.shape[2:]))
       t_desc = teacher.apply(teacher_vars, t_in, train=False).reshape(b, views, -1)
-      if kd == "relational":
-        kd_loss = losses.relational_distill_loss(desc, t_desc, batch["weight"], temperature)
-      else:
-        student = desc[:, :2].reshape(b * 2, -1)
+
+      def kd_of(d):
+        if kd == "relational":
+          return losses.relational_distill_loss(d, t_desc, batch["weight"], temperature)
+        student = d[:, :2].reshape(b * 2, -1)
         if kd == "adaptor":
           student = losses.adaptor_apply(params[ADAPTOR], student)
         weights = jnp.repeat(batch["weight"], 2)         # each query's weight on q and p
-        kd_loss = losses.distill_loss(student, t_desc.reshape(b * 2, -1), weights)
+        return losses.distill_loss(student, t_desc.reshape(b * 2, -1), weights)
+
+      kd_loss = kd_of(desc)
       loss = triplet + lambda_kd * kd_loss
       metrics.update(kd=kd_loss, kd_weight_mean=jnp.mean(batch["weight"]))
+      if term_grads:
+        # How hard each term pulls the embedding: |dL/d descriptors| of the
+        # triplet term and of lambda * KD (per device, averaged; no backward
+        # through the network, so cheap). Opt-in: extra ops in the step may
+        # change XLA's fusion and so the last bits of a run.
+        d = jax.lax.stop_gradient(desc)
+        metrics.update(
+            triplet_desc_grad_norm=optax.global_norm(jax.grad(triplet_of)(d)),
+            kd_desc_grad_norm=lambda_kd * optax.global_norm(jax.grad(kd_of)(d)))
     return loss, (updates.get("batch_stats", batch_stats), metrics)
 
   return parallel.data_parallel_train_step(loss_fn, mesh,

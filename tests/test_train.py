@@ -115,8 +115,8 @@ def test_stage2_step_for_each_kd_form(kd):
   state = parallel.replicate(train_lib.new_state({"params": params,
                                                   "batch_stats": student["batch_stats"]}, tx),
                              mesh)
-  step = train_lib.make_train_step(STUDENT, dict(TC, batchnorm="frozen"), mesh, TEACHER,
-                                   lambda_kd=1.0, kd=kd, temperature=0.5)
+  step = train_lib.make_train_step(STUDENT, dict(TC, batchnorm="frozen", log_term_grads=True),
+                                   mesh, TEACHER, lambda_kd=1.0, kd=kd, temperature=0.5)
   rng = np.random.default_rng(0)
   batch = {"rgb": rng.integers(0, 255, (2, 4, 32, 32, 3)).astype(np.uint8),
            "seg": rng.integers(0, 19, (2, 4, 32, 32)).astype(np.uint8)}
@@ -124,6 +124,7 @@ def test_stage2_step_for_each_kd_form(kd):
   new, metrics = step(state, parallel.shard_batch(dict(batch, weight=np.ones(2, np.float32)),
                                                   mesh), jax.random.PRNGKey(0), rep_teacher)
   assert np.isfinite(float(metrics["loss"])) and float(metrics["kd"]) > 0
+  assert float(metrics["kd_desc_grad_norm"]) > 0 and float(metrics["triplet_desc_grad_norm"]) >= 0
   np.testing.assert_allclose(float(metrics["loss"]),
                              float(metrics["triplet"]) + float(metrics["kd"]), rtol=1e-5)
   new = jax.device_get(new)
@@ -136,7 +137,7 @@ def test_stage2_step_for_each_kd_form(kd):
                              mesh)
   _, zero = step(state, parallel.shard_batch(dict(batch, weight=np.zeros(2, np.float32)), mesh),
                  jax.random.PRNGKey(0), rep_teacher)
-  assert float(zero["kd"]) == 0.0
+  assert float(zero["kd"]) == 0.0 and float(zero["kd_desc_grad_norm"]) == 0.0
   with pytest.raises(ValueError, match="distill.kd"):
     train_lib.make_train_step(STUDENT, TC, mesh, TEACHER, kd="cosine")
 
