@@ -11,8 +11,11 @@ base's data and stage-1 branches:
   sigmoid        KD weighted by our Eq. 3 reconstruction (StructVPR)
 
 The KD form of every KD variant is `--kd` (distill.kd: feature, adaptor,
-relational). Every run is `python -m structvpr_jax.main` (the user's code
-path); finished stages are skipped, so an interrupted experiment resumes.
+relational) and lambda `--lambda-kd`, or, with `--select-kd` / `--select-lambda`,
+the combination whose StructVPR (sigmoid) run has the best val R@1 (then
+R@5) on the first seed; selection reads only val, never test. Every run is
+`python -m structvpr_jax.main` (the user's code path); finished stages are
+skipped, so an interrupted experiment resumes.
 
 Writes <out>.json:
   {"per_query": {method: {seed: [0/1 R@1 hit per test query]}},
@@ -20,7 +23,8 @@ Writes <out>.json:
    "regimes": {seed: [regime of the query's place]},
    "table": {method: {"<condition> R@1": [mean, std, per-seed]}},
    "paired": {"<a> vs <b>": paired_bootstrap result}, "partition": {seed: D1-D4},
-   "seeds", "kd", "overrides", "wall_s"}
+   "selection": {"<kd> lambda <l>": val R@1, R@5}, "seeds", "kd", "lambda_kd",
+   "overrides", "wall_s"}
 and <out>.md: the table (mean +- std over seeds), the teacher and student per
 condition and regime, and paired differences with bootstrap 95 % CIs
 (queries resampled within seed, `structvpr_jax.stats`). Queries differ
@@ -29,7 +33,8 @@ per seed; within a seed every method answers the same queries in the same
 order (sorted file names).
 
   python experiments/synthetic_structure.py [--config=configs/distill.py]
-      [--seeds 0 1 2 3 4] [--test-places 400] [--kd feature] [--variants ...]
+      [--seeds 0 1 2 3 4] [--test-places 400] [--kd feature] [--lambda-kd 1]
+      [--select-kd feature relational] [--select-lambda 0.3 1 3] [--variants ...]
       [--workdir runs/synthetic_structure] [--override k=v ...] [--out PATH]
 """
 
@@ -83,6 +88,29 @@ def link_stage1(base: Workdir, variant: Workdir) -> None:
       os.symlink(os.path.abspath(src), dst)
 
 
+def best_val(wd: Workdir, stage: str) -> tuple:
+  """(val R@1, val R@5) of a finished stage's selected checkpoint."""
+  best = wd.done(stage)["best_step"]
+  rec = [r for r in files.read_jsonl(wd.metrics)
+         if r.get("stage") == stage and r.get("event") == "val" and r.get("step") == best]
+  return rec[-1]["val_R@1"], rec[-1]["val_R@5"]
+
+
+def select_on_val(args, common, base: Workdir, seed: int) -> tuple:
+  """(kd, lambda, {label: (val R@1, R@5)}): the StructVPR run with the best val
+  R@1 (ties: R@5) over --select-kd x --select-lambda, on one seed."""
+  scores = {}
+  for kd in args.select_kd or [args.kd]:
+    for lam in args.select_lambda or [args.lambda_kd]:
+      wd = Workdir(os.path.join(args.workdir, f"seed{seed}", f"select_{kd}_lambda{lam:g}"))
+      link_stage1(base, wd)
+      run_main(args.config, wd.root, common + VARIANTS["sigmoid"]
+               + [f"distill.kd={kd}", f"distill.lambda_kd={lam}"])
+      scores[(kd, lam)] = best_val(wd, "distill")
+  kd, lam = max(scores, key=lambda k: (scores[k], -k[1]))
+  return kd, lam, {f"{k} lambda {v:g}": list(sc) for (k, v), sc in scores.items()}
+
+
 def query_regimes(root: str) -> list:
   """The regime (structure / repetitive / mixed) of each test query's place."""
   regimes = files.read_json(os.path.join(root, "synthetic.json"))["regimes"][SPLIT]
@@ -116,6 +144,11 @@ def main():
   parser.add_argument("--test-places", type=int, default=400,
                       help="synthetic test places (2 queries each by default): >= 800 queries")
   parser.add_argument("--kd", default="feature", help="distill.kd of the KD variants")
+  parser.add_argument("--lambda-kd", type=float, default=1.0, help="distill.lambda_kd")
+  parser.add_argument("--select-kd", nargs="*", default=[],
+                      help="KD forms to choose from on val (first seed)")
+  parser.add_argument("--select-lambda", type=float, nargs="*", default=[],
+                      help="lambda_kd values to choose from on val (first seed)")
   parser.add_argument("--workdir", default="runs/synthetic_structure")
   parser.add_argument("--override", nargs="*", default=[],
                       help="config overrides without the --config. prefix, e.g. train.num_steps=50")
@@ -129,17 +162,22 @@ def main():
   t0 = time.time()
   stage1_cfg = {b: args.config.replace("distill.py", f"{b}.py") for b in ("rgb", "seg")}
   per_query = {m: {} for m in methods}
-  conditions, regimes, partitions = {}, {}, {}
+  conditions, regimes, partitions, selection = {}, {}, {}, {}
   for seed in args.seeds:
-    common = ([f"seed={seed}", f"data.synthetic_places.test={args.test_places}",
-               f"distill.kd={args.kd}"] + args.override)
+    common = [f"seed={seed}", f"data.synthetic_places.test={args.test_places}"] + args.override
     base = Workdir(os.path.join(args.workdir, f"seed{seed}", "base"))
     for branch in ("rgb", "seg"):
       run_main(stage1_cfg[branch], base.root, common)
+    if seed == args.seeds[0] and (args.select_kd or args.select_lambda):
+      args.kd, args.lambda_kd, selection = select_on_val(args, common, base, seed)
+      print(f"selected on val: kd {args.kd}, lambda {args.lambda_kd:g} ({selection})",
+            flush=True)
+    common += [f"distill.kd={args.kd}"]
     for kind in args.variants:
       variant = Workdir(os.path.join(args.workdir, f"seed{seed}", kind))
       link_stage1(base, variant)
-      run_main(args.config, variant.root, common + VARIANTS[kind])
+      lam = [] if kind == "triplet_only" else [f"distill.lambda_kd={args.lambda_kd}"]
+      run_main(args.config, variant.root, common + lam + VARIANTS[kind])
       per_query[kind][seed] = files.read_json(variant.per_query_json(SPLIT, "distill"))
       if kind == args.variants[-1]:
         for branch in ("rgb", "seg"):
@@ -179,13 +217,16 @@ def main():
   wall = time.time() - t0
   command = (f"python experiments/synthetic_structure.py --config={args.config} --seeds "
              f"{' '.join(map(str, args.seeds))} --test-places {args.test_places} --kd {args.kd} "
-             f"--variants {' '.join(args.variants)}"
+             f"--lambda-kd {args.lambda_kd:g} --variants {' '.join(args.variants)}"
              + (f" --override {' '.join(args.override)}" if args.override else ""))
   n_queries = {s: len(conditions[s]) for s in args.seeds}
   lines = [
       "# StructVPR ablation on the synthetic city", "",
       f"Command: `{command}`", "",
-      f"Seeds {args.seeds}; test queries per seed {n_queries}; KD form `{args.kd}`. R@1 in "
+      f"Seeds {args.seeds}; test queries per seed {n_queries}; KD form `{args.kd}`, lambda "
+      f"{args.lambda_kd:g}" + (f" (chosen on val R@1 of seed {args.seeds[0]}: "
+                               + ", ".join(f"{k}: {v[0]:.1f}" for k, v in selection.items())
+                               + ")" if selection else "") + ". R@1 in "
       "percent, mean ± std over seeds. The partition criterion, the Eq. 3 weight and the KD "
       "form are our reconstruction (docs/design.md), not the paper's published constants; "
       "these are our numbers, not the paper's.",
@@ -215,7 +256,8 @@ def main():
                           for s, p in partitions.items())]
   files.write_text(args.out + ".md", "\n".join(lines) + "\n")
   files.write_json(args.out + ".json", {
-      "unit": "percent", "seeds": args.seeds, "kd": args.kd, "overrides": args.override,
+      "unit": "percent", "seeds": args.seeds, "kd": args.kd, "lambda_kd": args.lambda_kd,
+      "selection": selection, "overrides": args.override,
       "test_places": args.test_places, "command": command, "wall_s": wall,
       "per_query": {m: {str(s): [int(h) for h in v] for s, v in per_query[m].items()}
                     for m in methods},
