@@ -53,6 +53,7 @@ def get_config(arg=None):
   # initialised RGB branch trained for this budget stays near chance (~17 %).
   c.rgb.init = "auto" if not smoke else ""
   c.rgb.norm = "batch"                       # "batch" | "group" (GroupNorm)
+  c.rgb.output_stride = 32                   # 32 | 16 | 8 (finer local feature map)
   c.rgb.num_steps = 0                        # 0: train.num_steps
   c.rgb.learning_rate = 0.0                  # 0: train.learning_rate
   c.rgb.batchnorm = ""                       # "" = train.batchnorm
@@ -69,6 +70,8 @@ def get_config(arg=None):
   # statistics), for a branch trained from scratch; with "batch" and frozen BN
   # (train.batchnorm) a from-scratch branch is not normalised at all.
   c.seg.norm = "batch"
+  # 16: a 6x8 local feature map at 96x128 instead of 3x4 (12 features for 32 clusters)
+  c.seg.output_stride = 32
   c.seg.blocks = ()                          # () = the light table; see models/mobilenet.py
   c.seg.num_steps = 160 if not smoke else 0  # 0: train.num_steps
   c.seg.learning_rate = 1e-3                 # trained from scratch: 10x the fine-tuning rate

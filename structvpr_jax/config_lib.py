@@ -73,6 +73,9 @@ def validate_config(config) -> None:
   if config.data.name == "folder" and not os.path.isdir(config.data.root or ""):
     raise ValueError(f"data.root={config.data.root!r} is not a folder (data.name='folder')")
   for name in ("rgb", "seg"):
+    if int(config[name].get("output_stride", 32)) not in (8, 16, 32):
+      raise ValueError(f"{name}.output_stride={config[name].output_stride}; expected 8, 16 "
+                       f"or 32")
     if config[name].get("norm", "batch") not in mobilenet.NORMS:
       raise ValueError(f"{name}.norm={config[name].norm!r}; expected one of {mobilenet.NORMS}")
     if config[name].num_clusters < 2:
@@ -135,7 +138,8 @@ def branch_fields(config, branch: str) -> dict:
   """The fields of one branch's architecture and starting weights."""
   b = config[branch]
   out = {f"{branch}.{k}": b.get(k, None) for k in ("backbone", "width", "dim", "num_clusters",
-                                                    "blocks", "init", "norm")}
+                                                    "blocks", "init", "norm",
+                                                    "output_stride")}
   out["data.normalization" if branch == "rgb" else "seg.slme"] = (
       config.data.normalization if branch == "rgb" else config.seg.slme)
   return out

@@ -35,7 +35,7 @@ def make_mesh(devices: Optional[Sequence[Any]] = None) -> Mesh:
   which breaks gradients through batch-sharded matmuls.
   """
   devices = jax.devices() if devices is None else list(devices)
-  try:
+  try:  # jax versions before axis types have no AxisType (Auto is the only kind)
     from jax.sharding import AxisType
     return Mesh(np.asarray(devices), (DATA_AXIS,), axis_types=(AxisType.Auto,))
   except (ImportError, TypeError):  # older jax: Auto is the only kind

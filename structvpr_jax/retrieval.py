@@ -10,7 +10,9 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import faiss
 import numpy as np
+from scipy.spatial import cKDTree
 
 
 def positives_within(query_utm, db_utm, radius: float) -> list:
@@ -24,8 +26,6 @@ def positives_within(query_utm, db_utm, radius: float) -> list:
   Returns:
     list of Q sorted int64 arrays.
   """
-  from scipy.spatial import cKDTree
-
   q = np.asarray(query_utm, np.float64).reshape(-1, 2)
   db = np.asarray(db_utm, np.float64).reshape(-1, 2)
   if len(db) == 0:
@@ -46,8 +46,6 @@ def search(query_desc, db_desc, k: int) -> tuple[np.ndarray, np.ndarray]:
   Returns:
     (squared distances [Q, k] float32, indices [Q, k] int64), nearest first.
   """
-  import faiss
-
   q = np.ascontiguousarray(np.asarray(query_desc, np.float32))
   db = np.ascontiguousarray(np.asarray(db_desc, np.float32))
   if q.ndim != 2 or db.ndim != 2 or q.shape[1] != db.shape[1]:

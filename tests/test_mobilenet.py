@@ -111,3 +111,17 @@ def test_make_divisible():
 def test_unknown_backbone_raises():
   with pytest.raises(ValueError, match="unknown backbone"):
     mobilenet.get_backbone("resnet")
+
+
+def test_output_stride_16_doubles_the_feature_map_with_the_same_parameters():
+  import jax
+  import jax.numpy as jnp
+  from structvpr_jax.models import mobilenet
+  x = jnp.zeros((1, 96, 128, 5))
+  coarse = mobilenet.light_mobilenet(width=0.35)
+  fine = mobilenet.light_mobilenet(width=0.35, output_stride=16)
+  v = coarse.init(jax.random.PRNGKey(0), x)
+  assert coarse.apply(v, x).shape[1:3] == (3, 4)
+  assert fine.apply(v, x).shape[1:3] == (6, 8)       # same parameters, finer map
+  v16 = fine.init(jax.random.PRNGKey(0), x)
+  assert jax.tree.map(jnp.shape, v16) == jax.tree.map(jnp.shape, v)

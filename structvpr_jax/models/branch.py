@@ -28,6 +28,7 @@ class Branch(nn.Module):
     blocks: optional backbone stage table (expansion, channels, repeats,
       stride) replacing the backbone's default (tiny models for tests).
     norm: backbone normalisation, "batch" or "group" (`mobilenet.NORMS`).
+    output_stride: the backbone's, 32 (default), 16 or 8.
     bn_axis_name: mesh axis for synchronised BatchNorm (inside shard_map).
     dtype: compute dtype.
     param_dtype: parameter dtype.
@@ -40,6 +41,7 @@ class Branch(nn.Module):
   num_clusters: int = 64
   blocks: Optional[tuple] = None
   norm: str = "batch"
+  output_stride: int = 32
   bn_axis_name: Optional[str] = None
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
@@ -49,8 +51,8 @@ class Branch(nn.Module):
 
   def setup(self):
     self.encoder = mobilenet.get_backbone(
-        self.backbone, width=self.width, norm=self.norm, bn_axis_name=self.bn_axis_name,
-        dtype=self.dtype,
+        self.backbone, width=self.width, norm=self.norm, output_stride=self.output_stride,
+        bn_axis_name=self.bn_axis_name, dtype=self.dtype,
         param_dtype=self.param_dtype, last_activation=False, **self._backbone_kwargs())
     self.projection = (nn.Dense(self.dim, dtype=self.dtype, param_dtype=self.param_dtype,
                                 name="projection") if self.dim else None)
@@ -68,7 +70,8 @@ class Branch(nn.Module):
     return self.num_clusters * self.local_dim
 
   def local_features(self, x, train: bool = False):
-    """[B, H, W, C] -> [B, ceil(H/32), ceil(W/32), local_dim] (before NetVLAD)."""
+    """[B, H, W, C] -> [B, ceil(H/s), ceil(W/s), local_dim] (before NetVLAD), s the
+    output stride."""
     features = self.encoder(x, train)
     if self.projection is not None:
       features = self.projection(features)

@@ -206,6 +206,9 @@ class MobileNetV2(nn.Module):
       NetVLAD's intra-normalised residuals are mostly noise.
     norm: "batch" (BatchNorm; the pretrained ImageNet file's) or "group"
       (GroupNorm: no running statistics, for training from scratch).
+    output_stride: 32, or 16 / 8: the last stride-2 blocks run at stride 1
+      (a 2x / 4x finer local feature map, e.g. 6x8 instead of 3x4 at
+      96x128, for NetVLAD on a small input).
     bn_axis_name: mesh axis for synchronised BatchNorm statistics (set when
       the model runs inside `shard_map`, e.g. "data").
     dtype: compute dtype.
@@ -221,6 +224,7 @@ class MobileNetV2(nn.Module):
   num_classes: Optional[int] = None
   last_activation: bool = True
   norm: str = "batch"
+  output_stride: int = 32
   bn_axis_name: Optional[str] = None
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
@@ -236,14 +240,19 @@ class MobileNetV2(nn.Module):
     common = dict(norm=self.norm, bn_axis_name=self.bn_axis_name, dtype=self.dtype,
                   param_dtype=self.param_dtype)
     x = jnp.asarray(x, self.dtype)
+    if self.output_stride not in (8, 16, 32):
+      raise ValueError(f"output_stride={self.output_stride}; expected 8, 16 or 32")
     x = ConvBN(make_divisible(self.stem_features * self.width), "full", stride=2,
                name="stem", **common)(x, train)
-    index = 0
+    index, total_stride = 0, 2
     for expansion, channels, repeats, stride in self.blocks:
       for r in range(repeats):
-        x = InvertedResidual(make_divisible(channels * self.width), expansion,
-                             stride if r == 0 else 1, name=f"block{index}",
-                             **common)(x, train)
+        s = stride if r == 0 else 1
+        if s == 2 and total_stride >= self.output_stride:
+          s = 1                                   # keep the finer feature map
+        total_stride *= s
+        x = InvertedResidual(make_divisible(channels * self.width), expansion, s,
+                             name=f"block{index}", **common)(x, train)
         index += 1
     if self.last_features:
       x = ConvBN(self.output_features, "pointwise", activation=self.last_activation,

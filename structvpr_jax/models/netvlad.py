@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
+import faiss
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -75,7 +76,6 @@ def init_from_kmeans(local_descs, num_clusters: int, seed: int = 0,
     numpy, with centroids c from k-means, alpha = -log(0.01) / mean(top1 -
     top2 of x . c_hat), kernel = alpha * c_hat^T, bias = 0.
   """
-  import faiss  # imported lazily: heavy, and only needed here
 
   x = np.ascontiguousarray(np.asarray(local_descs, np.float32))
   if x.ndim != 2:

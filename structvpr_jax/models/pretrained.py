@@ -28,11 +28,13 @@ branch's `encoder` variables (the classification head is dropped).
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from PIL import Image
 
 from structvpr_jax.models import mobilenet
 
@@ -48,7 +50,7 @@ _CONV_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D")
 
 
 def _interpreter_cls():
-  try:
+  try:  # imported here: the TFLite runtime may be missing (rgb.init="auto" then falls back)
     from ai_edge_litert.interpreter import Interpreter, OpResolverType
   except ImportError as e:  # pragma: no cover - depends on the environment
     raise ImportError("reading .tflite files needs ai-edge-litert: "
@@ -76,7 +78,6 @@ def make_interpreter(path: str, num_threads: Optional[int] = None,
     kwargs["experimental_op_resolver_type"] = resolver.BUILTIN_WITHOUT_DEFAULT_DELEGATES
   if preserve_all_tensors:
     kwargs["experimental_preserve_all_tensors"] = True
-  import warnings
   with warnings.catch_warnings():
     warnings.simplefilter("ignore")  # "preserve_all_tensors is for debugging"
     interpreter = interpreter_cls(**kwargs)
@@ -135,7 +136,6 @@ def preprocess_imagenet(image: np.ndarray, size: Optional[tuple[int, int]] = Non
   if image.dtype != np.uint8:
     raise ValueError(f"preprocess_imagenet expects uint8 pixels, got {image.dtype}")
   if size is not None and tuple(image.shape[-3:-1]) != tuple(size):
-    from PIL import Image
     resize = lambda im: np.asarray(Image.fromarray(im).resize(
         (int(size[1]), int(size[0])), Image.BILINEAR))
     image = (resize(image) if image.ndim == 3 else
@@ -366,7 +366,7 @@ def resolve_init(spec: Optional[str], backbone: str, width: float,
   if path is None:
     return ""
   try:
-    import ai_edge_litert  # noqa: F401  (reads the .tflite file)
+    import ai_edge_litert  # noqa: F401  optional runtime that reads the .tflite file
   except ImportError:
     return ""
   return f"imagenet_tflite:{path}"

@@ -10,6 +10,7 @@ transform (`model_input`) and the shapes Orbax restores into
    "backbone", "width", "dim", "num_clusters",
    "blocks": [[t, c, n, s], ...] | None,  backbone stage table (None = default)
    "norm": "batch" | "group",             backbone normalisation (absent = "batch")
+   "output_stride": 32 | 16 | 8,          backbone output stride (absent = 32)
    "slme": "slme" | "onehot" | "group_onehot",   seg view: label-map encoding
    "normalization": "imagenet" | "tflite",       rgb view: pixel scaling
    "image_size": [H, W],
@@ -52,6 +53,7 @@ def branch_spec(config, stage: str) -> dict:
           "num_clusters": int(b.num_clusters),
           "blocks": [list(x) for x in blocks] if blocks else None,
           "norm": b.get("norm", "batch") or "batch",
+          "output_stride": int(b.get("output_stride", 32) or 32),
           "slme": config.seg.slme, "normalization": config.data.normalization,
           "image_size": [int(s) for s in config.data.image_size], "init": init}
 
@@ -81,7 +83,8 @@ def build_model(spec: dict, bn_axis_name: Optional[str] = None) -> Branch:
   return Branch(backbone=spec["backbone"], width=float(spec["width"]),
                 dim=int(spec.get("dim") or 0) or None, num_clusters=int(spec["num_clusters"]),
                 blocks=None if not blocks else tuple(tuple(b) for b in blocks),
-                norm=spec.get("norm", "batch"), bn_axis_name=bn_axis_name)
+                norm=spec.get("norm", "batch"), output_stride=int(spec.get("output_stride", 32)),
+                bn_axis_name=bn_axis_name)
 
 
 def normalize_rgb(x, kind: str = "imagenet"):
