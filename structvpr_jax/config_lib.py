@@ -140,6 +140,7 @@ def branch_fields(config, branch: str) -> dict:
   out = {f"{branch}.{k}": b.get(k, None) for k in ("backbone", "width", "dim", "num_clusters",
                                                     "blocks", "init", "norm",
                                                     "output_stride")}
+  out[f"{branch}.blocks"] = out[f"{branch}.blocks"] or None   # () = the default table
   out["data.normalization" if branch == "rgb" else "seg.slme"] = (
       config.data.normalization if branch == "rgb" else config.seg.slme)
   return out

@@ -25,6 +25,7 @@ def test_stage_fields_name_what_each_stage_depends_on():
   assert "distill.weighting" not in rgb and "seg.slme" not in rgb
   seg = config_lib.stage_fields(c, "seg")
   assert seg["seg.slme"] == "slme" and seg["seg.learning_rate"] == 1e-3   # the override
+  assert seg["seg.blocks"] is None and seg["seg.norm"] == "batch"   # () = default table
   assert "train.learning_rate" not in seg
   part = config_lib.stage_fields(c, "partition")
   assert part["distill.weighting"] == "sigmoid" and "distill.lambda_kd" not in part
