@@ -24,7 +24,7 @@ def test_stage_fields_name_what_each_stage_depends_on():
   assert rgb["rgb.width"] == 0.35 and rgb["train.num_steps"] == 4 and rgb["seed"] == 0
   assert "distill.weighting" not in rgb and "seg.slme" not in rgb
   seg = config_lib.stage_fields(c, "seg")
-  assert seg["seg.slme"] == "slme" and seg["seg.learning_rate"] == 1e-3   # the override
+  assert seg["seg.slme"] == "slme" and seg["seg.learning_rate"] == 3e-4   # the override
   assert seg["seg.blocks"] is None and seg["seg.norm"] == "batch"   # () = default table
   assert "train.learning_rate" not in seg
   part = config_lib.stage_fields(c, "partition")
