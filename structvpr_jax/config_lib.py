@@ -141,6 +141,12 @@ def branch_fields(config, branch: str) -> dict:
                                                     "blocks", "init", "norm",
                                                     "output_stride")}
   out[f"{branch}.blocks"] = out[f"{branch}.blocks"] or None   # () = the default table
+  # "auto" resolves to ImageNet weights or random init depending on the machine:
+  # record what it resolved to (the kind, not the path), so a stage made with
+  # one is not reused when the other applies.
+  kind, _ = pretrained.parse_init(model_spec.resolve_branch_init(config, branch),
+                                  field=f"{branch}.init")
+  out[f"{branch}.init_resolved"] = kind or "random"
   out["data.normalization" if branch == "rgb" else "seg.slme"] = (
       config.data.normalization if branch == "rgb" else config.seg.slme)
   return out

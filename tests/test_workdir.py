@@ -26,6 +26,7 @@ def test_stage_fields_name_what_each_stage_depends_on():
   seg = config_lib.stage_fields(c, "seg")
   assert seg["seg.slme"] == "slme" and seg["seg.learning_rate"] == 3e-4   # the override
   assert seg["seg.blocks"] is None and seg["seg.norm"] == "batch"   # () = default table
+  assert rgb["rgb.init_resolved"] == "random" and seg["seg.init_resolved"] == "random"
   assert "train.learning_rate" not in seg
   part = config_lib.stage_fields(c, "partition")
   assert part["distill.weighting"] == "sigmoid" and "distill.lambda_kd" not in part
