@@ -98,12 +98,6 @@ def save_image(path: str, array, quality: int = 95) -> str:
   return atomic_write(path, write)
 
 
-def write_with(path: str, write: Callable[[str], Any]) -> str:
-  """Atomic write through a library's own writer, e.g.
-  `write_with(p, lambda tmp: faiss.write_index(index, tmp))`."""
-  return atomic_write(path, write)
-
-
 @contextlib.contextmanager
 def atomic_dir(path: str) -> Iterator[str]:
   """Builds a whole folder under a temporary name and renames it to `path`

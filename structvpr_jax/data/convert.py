@@ -171,7 +171,7 @@ def _convert_one(job) -> None:
       size = new
       files.save_image(dst, np.asarray(img))
     else:
-      files.write_with(dst, lambda tmp: shutil.copyfile(src, tmp))
+      files.atomic_write(dst, lambda tmp: shutil.copyfile(src, tmp))
   if seg_src is not None:
     label = _load_label(seg_src)
     if label.shape != (size[1], size[0]):

@@ -233,7 +233,7 @@ def montage(out: str, seed: int = 0, place: Optional[int] = None, image_size=(12
     for r, img in enumerate((rgb, col)):
       tile = Image.fromarray(img).resize((W * scale, H * scale), Image.NEAREST)
       canvas.paste(tile, (x, head + pad + r * (H * scale + pad)))
-  files.write_with(out, canvas.save)
+  files.atomic_write(out, canvas.save)
   return out
 
 
