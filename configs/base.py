@@ -84,6 +84,11 @@ def get_config(arg=None):
   c.distill = ml_collections.ConfigDict()
   c.distill.weighting = "sigmoid"            # sigmoid | group | uniform | teacher_only
   c.distill.beta = 10.0
+  # Which stage-1 branches judge the training queries (ours): "stage1" = the
+  # run's own (the paper's partition: queries the student already fitted);
+  # "crossfit" = branches trained on one spatial half of the training places
+  # partition the other half (4 extra stage-1 trainings, in <workdir>/crossfit/).
+  c.distill.partition = "stage1"
   c.distill.tau = 1
   c.distill.lambda_kd = 1.0
   c.distill.num_steps = 0                    # 0: train.num_steps

@@ -89,6 +89,9 @@ def validate_config(config) -> None:
   if pca_dim < 0 or pca_dim > config.rgb.dim * config.rgb.num_clusters:
     raise ValueError(f"eval.pca_dim={pca_dim} must be 0 (off) or in [1, descriptor dim "
                      f"{config.rgb.dim * config.rgb.num_clusters}]")
+  if config.distill.get("partition", "stage1") not in partition.PARTITIONS:
+    raise ValueError(f"distill.partition={config.distill.partition!r}; expected one of "
+                     f"{partition.PARTITIONS}")
   if config.distill.get("kd", "feature") not in losses.KD_FORMS:
     raise ValueError(f"distill.kd={config.distill.kd!r}; expected one of {losses.KD_FORMS}")
   if float(config.distill.get("temperature", 0.1)) <= 0:
@@ -164,7 +167,7 @@ def train_fields(config, stage: str) -> dict:
   return out
 
 
-DISTILL_PARTITION_FIELDS = ("weighting", "beta", "tau")
+DISTILL_PARTITION_FIELDS = ("weighting", "beta", "tau", "partition")
 
 
 def stage_fields(config, stage: str) -> dict:
@@ -174,7 +177,7 @@ def stage_fields(config, stage: str) -> dict:
     out.update(branch_fields(config, stage))
     out.update(train_fields(config, stage))
   elif stage == "partition":
-    out.update({f"distill.{k}": config.distill[k] for k in DISTILL_PARTITION_FIELDS})
+    out.update({f"distill.{k}": config.distill.get(k, None) for k in DISTILL_PARTITION_FIELDS})
   elif stage == "distill":
     out.update(branch_fields(config, "rgb"))
     out.update(train_fields(config, "distill"))

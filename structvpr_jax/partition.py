@@ -16,6 +16,12 @@ wrong, 0 = excluded (no positive, or no negative to rank against).
 Eq. 3 (ours):  w = 1[r_T <= tau] * sigmoid(beta * (m_T - m_S)).
 Ablation kinds: "sigmoid" (default), "group" (a constant per group),
 "uniform" (1 everywhere: plain distillation), "teacher_only" (1[r_T <= tau]).
+
+Cross-fitted partition (ours, `distill.partition = "crossfit"`): the training
+places are cut in two spatial folds (`crossfit_folds`); stage-1 branches
+trained on one fold partition the other, so every query is judged by branches
+that never trained on it (the paper's stage-1 partition judges queries the
+student has already fitted, which leaves few in D2).
 """
 
 from __future__ import annotations
@@ -31,11 +37,51 @@ from jax.sharding import PartitionSpec as P
 from structvpr_jax.parallel import DATA_AXIS
 
 WEIGHTINGS = ("sigmoid", "group", "uniform", "teacher_only")
+PARTITIONS = ("stage1", "crossfit")
 GROUP_NAMES = ("excluded", "D1", "D2", "D3", "D4")
 # "group" weighting (ours): D1 both right 0.5, D2 teacher-only right 1.0,
 # D3 student-only right 0, D4 both wrong 0 -- the sigmoid's values at m_T = m_S
 # (D1) and in the limit m_T >> m_S (D2).
 DEFAULT_GROUP_WEIGHTS = (0.5, 1.0, 0.0, 0.0)
+
+
+def crossfit_folds(query_utm, database_utm) -> tuple[np.ndarray, np.ndarray]:
+  """Two spatial folds of a training split for the cross-fitted partition.
+
+  The queries' positions are projected on their principal axis (the
+  direction of largest spread, signed so that its largest component is
+  positive) and cut at the median projection; database images are cut at the
+  same threshold, so a fold holds a contiguous part of the map with its own
+  queries and database (only places on the cut lose positives to the other
+  fold).
+
+  Args:
+    query_utm: [Q, 2] float UTM metres.
+    database_utm: [N, 2] float UTM metres.
+
+  Returns:
+    (query_fold int8 [Q], database_fold int8 [N]), values in {0, 1}.
+
+  Raises:
+    ValueError: a fold would have no queries or no database images.
+  """
+  q = np.asarray(query_utm, np.float64).reshape(-1, 2)
+  db = np.asarray(database_utm, np.float64).reshape(-1, 2)
+  centre = q.mean(axis=0)
+  _, _, vt = np.linalg.svd(q - centre, full_matrices=False)
+  axis = vt[0]
+  if axis[np.argmax(np.abs(axis))] < 0:
+    axis = -axis
+  proj_q, proj_db = (q - centre) @ axis, (db - centre) @ axis
+  threshold = np.median(proj_q)
+  q_fold = (proj_q > threshold).astype(np.int8)
+  db_fold = (proj_db > threshold).astype(np.int8)
+  for k in (0, 1):
+    if not (q_fold == k).any() or not (db_fold == k).any():
+      raise ValueError(f"cross-fitted partition: fold {k} has {(q_fold == k).sum()} queries "
+                       f"and {(db_fold == k).sum()} database images; it needs both (the "
+                       f"training places are too few or all in one spot)")
+  return q_fold, db_fold
 
 
 class Margins(NamedTuple):

@@ -39,11 +39,24 @@ def run_structvpr(config, wd: Workdir) -> dict:
   root = data.prepare(config, wd)
   train.run(config, wd, "rgb", root)
   train.run(config, wd, "seg", root)
+  crossfit_stage1(config, wd, root)
   partition.run(config, wd, root)
   distill.run(config, wd, root)
   table = evaluate.run(config, wd, root)
   print(f"pipeline finished in {time.time() - t0:.0f} s; summary in {wd.eval_summary}")
   return table
+
+
+def crossfit_stage1(config, wd: Workdir, root: str) -> None:
+  """With distill.partition = "crossfit": stage 1 of both branches on each
+  spatial fold of the training places (<workdir>/crossfit/fold<k>), so that
+  the partition judges every query by branches that never trained on it."""
+  if config.distill.get("partition", "stage1") != "crossfit":
+    return
+  for k, fold_root in enumerate(data.crossfit_layouts(wd, root)):
+    for branch in ("rgb", "seg"):
+      print(f"[crossfit] fold {k}: stage 1 {branch}", flush=True)
+      train.run(config, wd.crossfit_fold(k), branch, fold_root)
 
 
 def run_stage1(config, wd: Workdir, branch: str) -> dict:
@@ -55,7 +68,9 @@ def run_stage1(config, wd: Workdir, branch: str) -> dict:
 def run_partition(config, wd: Workdir) -> dict:
   """The partition alone (mode partition); both stage-1 branches must be done."""
   start(config, wd, ("partition",))
-  return partition.run(config, wd, data.prepare(config, wd))
+  root = data.prepare(config, wd)
+  crossfit_stage1(config, wd, root)
+  return partition.run(config, wd, root)
 
 
 def run_eval(config, wd: Workdir) -> dict:

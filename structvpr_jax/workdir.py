@@ -100,6 +100,13 @@ class Workdir:
   def groups_png(self) -> str:
     return self.path(PARTITION, "groups.png")
 
+  # ---- cross-fitted partition (distill.partition = "crossfit")
+  def crossfit_fold(self, k: int) -> "Workdir":
+    """Fold k's own workdir, <workdir>/crossfit/fold<k>: its data/ is the
+    layout of fold k's training places, its rgb/ and seg/ the stage-1
+    branches trained there (they partition the other fold)."""
+    return Workdir(self.path("crossfit", f"fold{k}"))
+
   # ---- evaluation
   @property
   def eval_dir(self) -> str:

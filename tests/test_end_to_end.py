@@ -279,3 +279,45 @@ def test_other_settings_stop_and_rerun_from_redoes_stale_stages(run1, tmp_path, 
   main("configs/distill.py:smoke", copy, "--config.mode=report", cache=cache)
   with open(os.path.join(copy, "report.md")) as f:
     assert "weighting `uniform` (beta 10.0, lambda 0.1)" in f.read()
+
+
+def test_crossfit_partition_judges_each_fold_by_the_other(run1, tmp_path, cache):
+  """distill.partition=crossfit trains stage 1 on each spatial fold and
+  partitions every training query with the branches of the fold it is not in;
+  the partition records the fold runs it read; a second command skips all."""
+  import shutil
+  from structvpr_jax import partition as partition_lib
+  from structvpr_jax.data import layout
+  workdir, _ = run1
+  copy = str(tmp_path / "crossfit")
+  shutil.copytree(workdir, copy, symlinks=True)
+  flags = ["--config.distill.partition=crossfit", "--config.rerun_from=partition"]
+  out = main("configs/distill.py:smoke", copy, *flags, cache=cache)
+  assert "[rgb] already finished" in out and "cross-fitted" in out
+  split = layout.read_split(os.path.join(copy, "data"), "train")
+  q_fold, db_fold = partition_lib.crossfit_folds(split.query_utm, split.database_utm)
+  for k in (0, 1):
+    fold = layout.read_split(os.path.join(copy, "crossfit", f"fold{k}", "data"), "train",
+                             require_segmentations=True)
+    assert fold.num_queries == int(np.sum(q_fold == k)) > 0
+    assert fold.num_database == int(np.sum(db_fold == k)) > 0
+    assert layout.read_split(os.path.join(copy, "crossfit", f"fold{k}", "data"), "val") \
+        .num_queries == layout.read_split(os.path.join(copy, "data"), "val").num_queries
+    for branch in ("rgb", "seg"):
+      assert os.path.exists(os.path.join(copy, "crossfit", f"fold{k}", branch, "done.json"))
+  with open(os.path.join(copy, "partition", "summary.json")) as f:
+    summary = json.load(f)
+  assert summary["partition"] == "crossfit"
+  assert summary["config"]["distill.partition"] == "crossfit"
+  assert sorted(summary["consumed"]) == sorted(
+      f"crossfit/fold{k}/{b}" for k in (0, 1) for b in ("rgb", "seg"))
+  npz = np.load(os.path.join(copy, "partition", "partition.npz"))
+  np.testing.assert_array_equal(npz["fold"], q_fold)
+  assert len(npz["weights"]) == split.num_queries
+  # the fold-0 branches rank the fold-1 queries against the fold-1 database only
+  assert npz["teacher_rank"][q_fold == 1].max() <= 1 + np.sum(db_fold == 1)
+  with open(os.path.join(copy, "distill", "done.json")) as f:
+    assert json.load(f)["config"]["distill.partition"] == "crossfit"
+  again = main("configs/distill.py:smoke", copy, "--config.distill.partition=crossfit",
+               cache=cache)
+  assert "[partition] already finished" in again and "[distill] already finished" in again

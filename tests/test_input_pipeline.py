@@ -79,6 +79,25 @@ def test_resume_mid_epoch_gives_the_same_batches(tmp_path):
     np.testing.assert_array_equal(x["rgb"], y["rgb"])
 
 
+def test_last_chunk_shorter_than_a_batch_is_dropped_not_mined(tmp_path):
+  # 5 usable queries, refresh every 4, batches of 2 -> chunks of 4 + 1: the
+  # 1-query chunk makes no batch and must not reach the miner (it used to be
+  # mined as an empty chunk, which failed)
+  split = write_layout(tmp_path, n_q=5)
+  batcher, images = make_batcher(split, seed=3)
+  assert len(batcher.miner.train_queries) == 5
+  mined = []
+  describe = describe_by_mean(images)
+
+  def counting(role, idx):
+    mined.append((role, len(idx)))
+    return describe(role, idx)
+
+  batches = list(batcher.epoch(0, counting))
+  assert len(batches) == batcher.steps_per_epoch() == 2
+  assert [n for role, n in mined if role == "queries"] == [4]
+
+
 def test_normalize_rgb():
   x = np.array([[0, 128, 255]], np.uint8)
   np.testing.assert_allclose(model_spec.normalize_rgb(x, "tflite"), [[-1, 128 / 127.5 - 1, 1]], atol=1e-6,

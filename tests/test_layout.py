@@ -266,3 +266,32 @@ def test_gardens_point_conversion(tmp_path):
   img = Image.open(sp.query_paths[0])
   assert max(img.size) == 48
   assert Image.open(sp.query_seg_paths[0]).size == img.size
+
+
+def test_write_subset_links_kept_images_and_other_splits(small, tmp_path):
+  _write_layout(small, "val", "database", [(0, 0)])
+  _write_layout(small, "val", "queries", [(0, 1)])
+  sp = L.read_split(small, "train", require_segmentations=True)
+  dest = str(tmp_path / "fold")
+  q_keep, db_keep = np.array([True, False, True]), np.array([False, True, True, False, False])
+  assert L.write_subset(sp, dest, q_keep, db_keep) == dest
+  sub = L.read_split(dest, "train", require_segmentations=True)
+  assert [os.path.basename(p) for p in sub.query_paths] == \
+      [os.path.basename(p) for p, k in zip(sp.query_paths, q_keep) if k]
+  np.testing.assert_array_equal(sub.database_utm, sp.database_utm[db_keep])
+  for img, seg in zip(sub.query_paths + sub.database_paths,
+                      sub.query_seg_paths + sub.database_seg_paths):
+    assert os.path.islink(img) and os.path.islink(seg)
+    original = os.path.join(small, os.path.relpath(img, dest))
+    assert os.path.realpath(img) == os.path.realpath(original)
+    assert open(seg, "rb").read() == open(L.seg_path_for(original), "rb").read()
+  # other splits are the original folders, linked
+  assert L.read_split(dest, "val").query_paths[0].startswith(dest)
+  assert not os.path.exists(os.path.join(dest, "images", "test"))
+  # the same selection again is kept; another one is refused naming the folder
+  assert L.write_subset(sp, dest, q_keep, db_keep) == dest
+  with pytest.raises(ValueError, match="fold: exists and is not the subset"):
+    L.write_subset(sp, dest, ~q_keep, db_keep)
+  with pytest.raises(ValueError, match="queries mask has shape"):
+    L.write_subset(sp, str(tmp_path / "other"), q_keep[:2], db_keep)
+  assert not os.path.exists(tmp_path / "other")

@@ -140,3 +140,22 @@ def test_unknown_kind_raises():
     partition.distill_weights(T_MARGIN, S_MARGIN, T_RANK, kind="bogus")
   with pytest.raises(ValueError, match="needs the student ranks"):
     partition.distill_weights(T_MARGIN, S_MARGIN, T_RANK, kind="group")
+
+
+def test_crossfit_folds_cut_the_map_at_the_median_along_its_long_axis():
+  # queries on a north-south line (long axis) with a little east jitter
+  q = np.array([[0.0, 0], [1, 10], [0, 20], [1, 30], [0, 40], [1, 50]])
+  db = np.array([[0.0, -5], [0, 24], [0, 26], [0, 60]])
+  q_fold, db_fold = partition.crossfit_folds(q + 500000.0, db + 500000.0)
+  assert q_fold.dtype == np.int8 and db_fold.dtype == np.int8
+  np.testing.assert_array_equal(q_fold, [0, 0, 0, 1, 1, 1])   # median northing 25
+  np.testing.assert_array_equal(db_fold, [0, 0, 1, 1])
+  # independent of the order of the queries, and of the direction of the line
+  perm = np.array([3, 0, 5, 1, 4, 2])
+  np.testing.assert_array_equal(partition.crossfit_folds(q[perm], db)[0], q_fold[perm])
+  np.testing.assert_array_equal(partition.crossfit_folds(-q, -db)[0], 1 - q_fold)
+  # an east-west map is cut east-west
+  qf, _ = partition.crossfit_folds(q[:, ::-1], db[:, ::-1])
+  np.testing.assert_array_equal(qf, q_fold)
+  with pytest.raises(ValueError, match="fold 1 has 0 queries"):
+    partition.crossfit_folds(np.zeros((4, 2)), db)

@@ -268,6 +268,8 @@ class TripletBatcher:
     step = 0
     for chunk_index, chunk in enumerate(self.miner.chunks(epoch)):
       num_batches = len(chunk) // self.batch_size
+      if num_batches == 0:        # a last chunk shorter than a batch: dropped, not mined
+        continue
       if step + num_batches <= start_step:
         step += num_batches
         continue

@@ -22,7 +22,7 @@ from typing import Optional
 
 import numpy as np
 
-from structvpr_jax import retrieval
+from structvpr_jax import files, retrieval
 
 SPLITS = ("train", "val", "test")
 ROLES = ("database", "queries")
@@ -237,7 +237,63 @@ def queries_without_positives(split: VprSplit,
   return np.asarray([i for i, p in enumerate(positives) if len(p) == 0], np.int64)
 
 
-__all__ = ["SPLITS", "ROLES", "FIELDS", "IMAGE_EXTENSIONS", "VprSplit", "format_name",
+def write_subset(split: VprSplit, dest: str, query_keep, database_keep) -> str:
+  """A layout at `dest` whose `split.split` holds only the kept images.
+
+  Images and label maps are symbolic links to the originals (nothing is
+  copied); the other splits link the original split folders. Built in a
+  temporary folder and renamed (files.atomic_dir). An existing `dest` built
+  from the same selection is kept; one built from another selection is an
+  error naming it.
+
+  Args:
+    split: the split to subset (its root is the source layout).
+    dest: the new layout root.
+    query_keep, database_keep: bool [Q] / [N] masks over `split`'s queries /
+      database, in `read_split` order.
+
+  Returns:
+    `dest`.
+  """
+  keep = {"queries": np.asarray(query_keep, bool), "database": np.asarray(database_keep, bool)}
+  paths = {"queries": split.query_paths, "database": split.database_paths}
+  segs = {"queries": split.query_seg_paths, "database": split.database_seg_paths}
+  for role in ROLES:
+    if keep[role].shape != (len(paths[role]),):
+      raise ValueError(f"write_subset: {role} mask has shape {keep[role].shape}, expected "
+                       f"({len(paths[role])},)")
+  selection = {"source": os.path.realpath(split.root), "split": split.split,
+               **{role: [os.path.basename(p) for p, k in zip(paths[role], keep[role]) if k]
+                  for role in ROLES}}
+  marker = os.path.join(dest, "subset.json")
+  if os.path.exists(dest) and os.listdir(dest):
+    if os.path.isfile(marker) and files.read_json(marker) == selection:
+      return dest
+    raise ValueError(f"{dest}: exists and is not the subset asked for now (other source or "
+                     f"selection); remove it to rebuild")
+  with files.atomic_dir(dest) as tmp:
+    for other in SPLITS:
+      for tree in ("images", "segmentations"):
+        src = os.path.join(split.root, tree, other)
+        if other != split.split and os.path.isdir(src):
+          os.makedirs(os.path.join(tmp, tree), exist_ok=True)
+          os.symlink(os.path.realpath(src), os.path.join(tmp, tree, other))
+    for role in ROLES:
+      image_dir = os.path.join(tmp, "images", split.split, role)
+      os.makedirs(image_dir)
+      if segs[role] is not None:
+        os.makedirs(os.path.join(tmp, "segmentations", split.split, role))
+      for i in np.flatnonzero(keep[role]):
+        os.symlink(os.path.realpath(paths[role][i]),
+                   os.path.join(image_dir, os.path.basename(paths[role][i])))
+        if segs[role] is not None:
+          os.symlink(os.path.realpath(segs[role][i]),
+                     seg_path_for(os.path.join(image_dir, os.path.basename(paths[role][i]))))
+    files.write_json(os.path.join(tmp, "subset.json"), selection)
+  return dest
+
+
+__all__ = ["write_subset", "SPLITS", "ROLES", "FIELDS", "IMAGE_EXTENSIONS", "VprSplit", "format_name",
            "parse_name", "parse_utm", "read_split", "seg_path_for", "is_image_name",
            "training_ground_truth", "split_folders", "TRAIN_POSITIVE_RADIUS",
            "NEGATIVE_RADIUS", "TEST_POSITIVE_RADIUS", "list_role",

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import sys
 
-from structvpr_jax import parallel
-from structvpr_jax.data import convert, synthetic
+import numpy as np
+
+from structvpr_jax import parallel, partition
+from structvpr_jax.data import convert, layout, synthetic
 from structvpr_jax.workdir import Workdir
 
 
@@ -36,3 +38,21 @@ def prepare(config, wd: Workdir) -> str:
     raise ValueError("data.root is not set: give the layout folder with "
                      "--config.data.root=DIR (data.name='folder')")
   return config.data.root
+
+
+def crossfit_layouts(wd: Workdir, root: str) -> list:
+  """The two fold layouts of the cross-fitted partition (distill.partition =
+  "crossfit"): <workdir>/crossfit/fold<k>/data holds fold k's training
+  queries and database (`partition.crossfit_folds`, links to `root`'s files)
+  and links `root`'s val and test splits. Returns [fold 0 root, fold 1 root].
+  """
+  split = layout.read_split(root, "train")
+  q_fold, db_fold = partition.crossfit_folds(split.query_utm, split.database_utm)
+  roots = [wd.crossfit_fold(k).data for k in (0, 1)]
+  if parallel.is_main_process():
+    for k, fold_root in enumerate(roots):
+      layout.write_subset(split, fold_root, q_fold == k, db_fold == k)
+      print(f"[crossfit] fold {k}: {int(np.sum(q_fold == k))} training queries, "
+            f"{int(np.sum(db_fold == k))} database images -> {fold_root}", flush=True)
+  parallel.sync("crossfit layouts")
+  return roots

@@ -8,13 +8,19 @@ criterion and the weight: docs/design.md, "Partition and weights").
   <workdir>/partition/partition.npz   groups, weights, margins, ranks [Q]
   <workdir>/partition/summary.json    group counts and mean weights, fields, run id
   <workdir>/partition/groups.png
+
+With distill.partition = "crossfit" the branches of <workdir>/crossfit/fold<k>
+(trained on fold k's places) describe and partition the other fold's queries
+against the other fold's database; partition.npz then also holds `fold` [Q].
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import jax
+import numpy as np
 
 from structvpr_jax import checkpoint, config_lib, files, parallel, partition, report, slme
 from structvpr_jax.data import input_pipeline, layout
@@ -27,7 +33,12 @@ UPSTREAM = ("rgb", "seg")
 def run(config, wd: Workdir, root: str) -> dict:
   """Partitions the training queries of `root`; returns summary.json."""
   fields = config_lib.stage_fields(config, "partition")
-  consumed = wd.consumed(UPSTREAM)
+  crossfit = config.distill.get("partition", "stage1") == "crossfit"
+  if crossfit:
+    consumed = {f"crossfit/fold{k}/{b}": rid for k in (0, 1)
+                for b, rid in wd.crossfit_fold(k).consumed(UPSTREAM).items()}
+  else:
+    consumed = wd.consumed(UPSTREAM)
   if wd.begin("partition", fields, consumed, config.get("rerun_from", "")) == "done":
     print(f"[partition] already finished ({wd.partition_npz}); skipping")
     return wd.record("partition")
@@ -36,23 +47,29 @@ def run(config, wd: Workdir, root: str) -> dict:
   split = layout.read_split(root, "train", require_segmentations=True)
   print(f"[partition] describing {split.num_queries} queries + {split.num_database} database "
         f"training images with both frozen branches on {mesh.size} device(s) "
-        f"[{jax.devices()[0].platform}]; weighting {config.distill.weighting}", flush=True)
-  descs = {}
-  for stage in ("seg", "rgb"):
-    spec, variables, _, _ = checkpoint.restore_variables(wd.checkpoints(stage))
-    images = input_pipeline.SplitImages(split, spec["image_size"], views=(spec["view"],),
-                                        cache=False, num_classes=slme.NUM_CITYSCAPES_CLASSES)
-    extractor = Extractor(spec, mesh, config.eval.batch_size)
-    replicated = parallel.replicate(variables, mesh)
-    descs[stage] = (extractor(replicated, images.sources["queries"], progress=True),
-                    extractor(replicated, images.sources["database"], progress=True))
-  result = partition.partition(
-      descs["seg"][0], descs["seg"][1], descs["rgb"][0], descs["rgb"][1], split.query_utm,
-      split.database_utm, pos_radius=layout.TRAIN_POSITIVE_RADIUS,
-      neg_radius=layout.NEGATIVE_RADIUS, tau=config.distill.tau, beta=config.distill.beta,
-      kind=config.distill.weighting, mesh=mesh)
+        f"[{jax.devices()[0].platform}]; weighting {config.distill.weighting}"
+        + ("; cross-fitted (each fold judged by the other fold's branches)" if crossfit
+           else ""), flush=True)
+  common = dict(pos_radius=layout.TRAIN_POSITIVE_RADIUS, neg_radius=layout.NEGATIVE_RADIUS,
+                tau=config.distill.tau, beta=config.distill.beta,
+                kind=config.distill.weighting, mesh=mesh)
+  if not crossfit:
+    result = _partition_split(config, wd, split, mesh, common)
+  else:
+    q_fold, db_fold = partition.crossfit_folds(split.query_utm, split.database_utm)
+    result = None
+    for k in (0, 1):
+      held_out = _subsplit(split, q_fold != k, db_fold != k)
+      part = _partition_split(config, wd.crossfit_fold(k), held_out, mesh, common)
+      if result is None:
+        result = {name: np.zeros((split.num_queries,) + v.shape[1:], v.dtype)
+                  for name, v in part.items()}
+      for name, v in part.items():
+        result[name][q_fold != k] = v
+    result["fold"] = q_fold
   summary = partition.group_summary(result["groups"], result["weights"])
   summary["weighting"] = config.distill.weighting
+  summary["partition"] = "crossfit" if crossfit else "stage1"
   summary["num_queries"] = int(len(result["groups"]))
   summary["seconds"] = time.time() - t0
   if parallel.is_main_process():
@@ -64,3 +81,30 @@ def run(config, wd: Workdir, root: str) -> dict:
                     if isinstance(v, dict) and "count" in v)
   print(f"[partition] {counts}")
   return summary
+
+
+def _subsplit(split: layout.VprSplit, query_keep, database_keep) -> layout.VprSplit:
+  """The queries / database images of `split` selected by the bool masks."""
+  q, db = np.flatnonzero(query_keep), np.flatnonzero(database_keep)
+  pick = lambda paths, idx: None if paths is None else [paths[i] for i in idx]  # noqa: E731
+  return dataclasses.replace(
+      split, query_paths=pick(split.query_paths, q), database_paths=pick(split.database_paths, db),
+      query_utm=split.query_utm[q], database_utm=split.database_utm[db],
+      query_seg_paths=pick(split.query_seg_paths, q),
+      database_seg_paths=pick(split.database_seg_paths, db))
+
+
+def _partition_split(config, branches: Workdir, split: layout.VprSplit, mesh, common) -> dict:
+  """partition.partition of `split`'s queries against its database, described
+  by the stage-1 checkpoints of `branches` (a workdir with rgb/ and seg/)."""
+  descs = {}
+  for stage in ("seg", "rgb"):
+    spec, variables, _, _ = checkpoint.restore_variables(branches.checkpoints(stage))
+    images = input_pipeline.SplitImages(split, spec["image_size"], views=(spec["view"],),
+                                        cache=False, num_classes=slme.NUM_CITYSCAPES_CLASSES)
+    extractor = Extractor(spec, mesh, config.eval.batch_size)
+    replicated = parallel.replicate(variables, mesh)
+    descs[stage] = (extractor(replicated, images.sources["queries"], progress=True),
+                    extractor(replicated, images.sources["database"], progress=True))
+  return partition.partition(descs["seg"][0], descs["seg"][1], descs["rgb"][0], descs["rgb"][1],
+                             split.query_utm, split.database_utm, **common)
