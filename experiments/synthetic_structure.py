@@ -9,6 +9,9 @@ base's data and stage-1 branches:
   uniform        KD with weight 1 on every query (plain distillation)
   teacher_only   KD only where the teacher retrieves correctly (1[r_T <= tau])
   sigmoid        KD weighted by our Eq. 3 reconstruction (StructVPR)
+  *_crossfit     the same with the cross-fitted partition (distill.partition =
+                 crossfit: stage 1 on each spatial half of the training places
+                 judges the other half; the folds train once per seed, in base/)
 
 The KD form of every KD variant is `--kd` (distill.kd: feature, adaptor,
 relational) and lambda `--lambda-kd`, or, with `--select-kd` / `--select-lambda`,
@@ -22,7 +25,8 @@ Writes <out>.json:
    "conditions": {seed: [condition per test query]},
    "regimes": {seed: [regime of the query's place]},
    "table": {method: {"<condition> R@1": [mean, std, per-seed]}},
-   "paired": {"<a> vs <b>": paired_bootstrap result}, "partition": {seed: D1-D4},
+   "paired": {"<a> vs <b>": paired_bootstrap result},
+   "partition": {seed: {"stage1" | "crossfit": D1-D4 counts}},
    "selection": {"<kd> lambda <l>": val R@1, R@5}, "seeds", "kd", "lambda_kd",
    "overrides", "wall_s"}
 and <out>.md: the table (mean +- std over seeds), the teacher and student per
@@ -58,14 +62,21 @@ from structvpr_jax.workdir import Workdir  # noqa: E402
 VARIANTS = {"triplet_only": ["distill.lambda_kd=0.0"],
             "uniform": ["distill.weighting=uniform"],
             "teacher_only": ["distill.weighting=teacher_only"],
-            "sigmoid": ["distill.weighting=sigmoid"]}
+            "sigmoid": ["distill.weighting=sigmoid"],
+            "teacher_only_crossfit": ["distill.weighting=teacher_only",
+                                      "distill.partition=crossfit"],
+            "sigmoid_crossfit": ["distill.weighting=sigmoid", "distill.partition=crossfit"]}
 METHODS = (("rgb", "RGB baseline (stage 1)"), ("seg", "seg teacher"),
            ("triplet_only", "stage 2 without KD (control)"),
            ("uniform", "uniform KD"), ("teacher_only", "teacher_only KD"),
-           ("sigmoid", "StructVPR sigmoid (Eq. 3, ours)"))
+           ("sigmoid", "StructVPR sigmoid (Eq. 3, ours)"),
+           ("teacher_only_crossfit", "teacher_only KD, cross-fitted partition"),
+           ("sigmoid_crossfit", "StructVPR sigmoid, cross-fitted partition"))
 # (other, base): the comparisons the method's claims rest on.
 COMPARISONS = (("sigmoid", "triplet_only"), ("sigmoid", "uniform"), ("sigmoid", "rgb"),
                ("uniform", "triplet_only"), ("teacher_only", "triplet_only"),
+               ("sigmoid_crossfit", "triplet_only"), ("sigmoid_crossfit", "uniform"),
+               ("sigmoid_crossfit", "sigmoid"), ("teacher_only_crossfit", "triplet_only"),
                ("seg", "rgb"))
 APPEARANCE = ("dusk", "fog", "night", "repaint")
 SPLIT = "test"
@@ -79,13 +90,50 @@ def run_main(config, workdir, overrides):
 
 
 def link_stage1(base: Workdir, variant: Workdir) -> None:
-  """The variant's workdir reuses the base's data and stage-1 branches."""
+  """The variant's workdir reuses the base's data and stage-1 branches (and
+  the cross-fitted folds' branches, trained once per seed in base/crossfit)."""
   os.makedirs(variant.root, exist_ok=True)
+  os.makedirs(base.path("crossfit"), exist_ok=True)
   for src, dst in ((base.data, variant.data),
                    (base.stage_dir("rgb"), variant.stage_dir("rgb")),
-                   (base.stage_dir("seg"), variant.stage_dir("seg"))):
+                   (base.stage_dir("seg"), variant.stage_dir("seg")),
+                   (base.path("crossfit"), variant.path("crossfit"))):
     if not os.path.exists(dst):
       os.symlink(os.path.abspath(src), dst)
+
+
+def _same(recorded, wanted: str) -> bool:
+  try:
+    return float(recorded) == float(wanted)
+  except (TypeError, ValueError):
+    return str(recorded) == wanted
+
+
+def evaluated_with(variant: Workdir, overrides) -> bool:
+  """True when the variant's test evaluation already read its current stages
+  and every override is what its stage 2 recorded (so an experiment resumed
+  or extended with new variants does not re-evaluate the finished ones)."""
+  summary, done = variant.record("eval"), variant.done("distill")
+  if summary is None or done is None or summary.get("split") != SPLIT or not all(
+      os.path.exists(variant.per_query_json(SPLIT, b)) for b in ("rgb", "seg", "distill")):
+    return False
+  try:
+    if summary.get("consumed") != variant.consumed(("distill", "rgb", "seg")):
+      return False
+  except ValueError:
+    return False
+  for override in overrides:
+    key, value = override.split("=", 1)
+    parent, _, leaf = key.rpartition(".")
+    if key in done["config"]:
+      recorded = done["config"][key]
+    elif isinstance(done["config"].get(parent), dict) and leaf in done["config"][parent]:
+      recorded = done["config"][parent][leaf]
+    else:
+      return False     # not recorded: cannot tell, evaluate again
+    if not _same(recorded, value):
+      return False
+  return True
 
 
 def best_val(wd: Workdir, stage: str) -> tuple:
@@ -104,8 +152,9 @@ def select_on_val(args, common, base: Workdir, seed: int) -> tuple:
     for lam in args.select_lambda or [args.lambda_kd]:
       wd = Workdir(os.path.join(args.workdir, f"seed{seed}", f"select_{kd}_lambda{lam:g}"))
       link_stage1(base, wd)
+      # evaluated on val (eval_split), so that choosing never reads test
       run_main(args.config, wd.root, common + VARIANTS["sigmoid"]
-               + [f"distill.kd={kd}", f"distill.lambda_kd={lam}"])
+               + [f"distill.kd={kd}", f"distill.lambda_kd={lam}", "eval_split=val"])
       scores[(kd, lam)] = best_val(wd, "distill")
   kd, lam = max(scores, key=lambda k: (scores[k], -k[1]))
   return kd, lam, {f"{k} lambda {v:g}": list(sc) for (k, v), sc in scores.items()}
@@ -156,6 +205,9 @@ def main():
                                                     "synthetic_structure"))
   parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
   parser.add_argument("--resamples", type=int, default=10000)
+  parser.add_argument("--rerun-eval", action="store_true",
+                      help="evaluate every variant again even when its test evaluation "
+                           "already read its current stages with these settings")
   args = parser.parse_args()
   methods = [m for m, _ in METHODS if m in ("rgb", "seg") or m in args.variants]
   labels = dict(METHODS)
@@ -177,13 +229,20 @@ def main():
       variant = Workdir(os.path.join(args.workdir, f"seed{seed}", kind))
       link_stage1(base, variant)
       lam = [] if kind == "triplet_only" else [f"distill.lambda_kd={args.lambda_kd}"]
-      run_main(args.config, variant.root, common + lam + VARIANTS[kind])
+      overrides = common + lam + VARIANTS[kind]
+      if args.rerun_eval or not evaluated_with(variant, overrides):
+        run_main(args.config, variant.root, overrides)
+      else:
+        print(f"[seed {seed}] {kind}: evaluated with these settings already; read as is",
+              flush=True)
       per_query[kind][seed] = files.read_json(variant.per_query_json(SPLIT, "distill"))
       if kind == args.variants[-1]:
         for branch in ("rgb", "seg"):
           per_query[branch][seed] = files.read_json(variant.per_query_json(SPLIT, branch))
+      if kind != "triplet_only":
         part = files.read_json(variant.partition_summary)
-        partitions[seed] = {g: part[g]["count"] for g in ("D1", "D2", "D3", "D4")}
+        partitions.setdefault(seed, {})[part.get("partition", "stage1")] = {
+            g: part[g]["count"] for g in ("D1", "D2", "D3", "D4")}
     first = per_query[methods[0]][seed]
     for m in methods:    # every method answered the same queries in the same order
       if per_query[m][seed]["queries"] != first["queries"]:
@@ -251,9 +310,12 @@ def main():
     lines.append(f"| {labels[m]} | " + " | ".join(fmt(v) for v in by_regime[m].values()) + " |")
   if partitions:
     lines += ["", "Partition of the training queries (D1 both right, D2 teacher only, D3 "
-              "student only, D4 neither): "
-              + "; ".join(f"seed {s}: " + ", ".join(f"{g} {n}" for g, n in p.items())
-                          for s, p in partitions.items())]
+              "student only, D4 neither; `stage1` = the paper's, judged by the run's own "
+              "stage-1 branches; `crossfit` = judged by branches trained on the other "
+              "spatial fold):", ""]
+    for s, by_kind in partitions.items():
+      for kind, p in by_kind.items():
+        lines.append(f"- seed {s}, {kind}: " + ", ".join(f"{g} {n}" for g, n in p.items()))
   files.write_text(args.out + ".md", "\n".join(lines) + "\n")
   files.write_json(args.out + ".json", {
       "unit": "percent", "seeds": args.seeds, "kd": args.kd, "lambda_kd": args.lambda_kd,

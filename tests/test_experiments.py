@@ -17,6 +17,7 @@ def test_synthetic_structure_smoke_writes_per_query_hits(tmp_path):
   out = str(tmp_path / "result")
   cmd = [sys.executable, "experiments/synthetic_structure.py", "--config=configs/distill.py:smoke",
          "--seeds", "0", "--test-places", "12", "--variants", "triplet_only", "sigmoid",
+         "sigmoid_crossfit",
          "--workdir", str(tmp_path / "runs"), "--out", out, "--resamples", "200",
          "--select-kd", "feature", "relational"]
   proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1500,
@@ -24,7 +25,7 @@ def test_synthetic_structure_smoke_writes_per_query_hits(tmp_path):
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   with open(out + ".json") as f:
     res = json.load(f)
-  methods = {"rgb", "seg", "triplet_only", "sigmoid"}
+  methods = {"rgb", "seg", "triplet_only", "sigmoid", "sigmoid_crossfit"}
   assert set(res["per_query"]) == methods
   n = len(res["conditions"]["0"])
   assert n == 12 and len(res["regimes"]["0"]) == n
@@ -45,5 +46,22 @@ def test_synthetic_structure_smoke_writes_per_query_hits(tmp_path):
   assert res["selection"][f"{res['kd']} lambda 1"] == best
   pair = res["paired"]["sigmoid vs triplet_only"]["all"]
   assert pair["ci_low"] <= pair["diff"] <= pair["ci_high"] and pair["num_queries"] == n
+  # both partitions are reported; the cross-fitted one judged every valid query
+  part = res["partition"]["0"]
+  assert set(part) == {"stage1", "crossfit"}
+  assert sum(part["crossfit"].values()) > 0
+  assert "sigmoid_crossfit vs sigmoid" in res["paired"]
   md = open(out + ".md").read()
   assert "Paired differences" in md and "| StructVPR sigmoid (Eq. 3, ours) |" in md
+  assert "seed 0, crossfit: D1" in md
+  # the selection runs were evaluated on val, never on test
+  for kd in ("feature", "relational"):
+    sel = os.path.join(tmp_path, "runs", "seed0", f"select_{kd}_lambda1", "eval")
+    assert os.path.isdir(os.path.join(sel, "val")) and not os.path.isdir(os.path.join(sel, "test"))
+  # run again: the finished variants are read, not evaluated again, same result
+  proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1500,
+                        env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  assert proc.stdout.count("evaluated with these settings already; read as is") == 3
+  with open(out + ".json") as f:
+    assert json.load(f)["per_query"] == res["per_query"]
