@@ -30,9 +30,9 @@ import optax
 from absl import logging
 from flax.training import train_state
 
-from structvpr_jax import checkpoint, files, losses, mining, parallel, slme
+from structvpr_jax import checkpoint, config_lib, files, losses, mining, parallel, slme
 from structvpr_jax.data import input_pipeline, layout
-from structvpr_jax.evaluation import Extractor
+from structvpr_jax.evaluation import Extractor, RecallEvaluator
 from structvpr_jax.models import netvlad
 from structvpr_jax.models import spec as model_spec
 
@@ -275,6 +275,40 @@ class Teacher:
 def format_eta(seconds: float) -> str:
   seconds = int(max(seconds, 0))
   return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def train_stage(config, *, stage: str, spec: dict, split: layout.VprSplit, root: str, views,
+                mesh, checkpoint_dir: str, metrics_path: str,
+                init_variables: Callable[[Any, dict], dict],
+                teacher: Optional[Teacher] = None) -> dict:
+  """One training stage as the pipeline runs it (stage 1 and stage 2 alike):
+  mined batches of `split`, an extractor shared by mining and validation, the
+  val split of `root` for checkpoint selection, then `fit`.
+
+  Args:
+    config: the run's config (seed, data threads, eval settings, the stage's
+      training fields via `config_lib.stage_train_config`).
+    stage: "rgb", "seg" or "distill".
+    init_variables: (database image source, training fields) -> host
+      variables of a fresh start (not called on resume).
+    The others as in `fit`.
+
+  Returns:
+    `fit`'s result.
+  """
+  tc = config_lib.stage_train_config(config, stage)
+  batcher = make_batcher(split, spec, views, tc, config.seed + MINING_SEED_OFFSET[stage],
+                         num_threads=int(config.data.get("num_threads", 2)),
+                         prefetch=int(config.data.get("prefetch", 2)))
+  extractor = Extractor(spec, mesh, config.eval.batch_size)
+  val = RecallEvaluator(spec, root, "val", mesh, config.eval.batch_size, tuple(config.eval.ns),
+                        config.eval.radius, extractor=extractor)
+  return fit(stage=stage, spec=spec, tc=tc, mesh=mesh, batcher=batcher, views=views,
+             checkpoint_dir=checkpoint_dir,
+             init_variables=lambda: init_variables(batcher.images.sources["database"], tc),
+             extractor=extractor, validate=val.run,
+             metrics=files.MetricsWriter(metrics_path, parallel.is_main_process()),
+             seed=config.seed, teacher=teacher)
 
 
 def fit(*, stage: str, spec: dict, tc: dict, mesh, batcher: input_pipeline.TripletBatcher,

@@ -14,9 +14,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from structvpr_jax import checkpoint, config_lib, files, losses, parallel, train_lib
+from structvpr_jax import checkpoint, config_lib, losses, parallel, train_lib
 from structvpr_jax.data import layout
-from structvpr_jax.evaluation import Extractor, RecallEvaluator
 from structvpr_jax.models import spec as model_spec
 from structvpr_jax.workdir import Workdir
 
@@ -32,15 +31,9 @@ def run(config, wd: Workdir, root: str) -> dict:
     done = wd.done(stage)
     print(f"[{stage}] already finished: best val R@5 {done.get('best_val_R@5')}")
     return done
-  tc = config_lib.stage_train_config(config, stage)
   spec = model_spec.branch_spec(config, stage)
   mesh = parallel.make_mesh()
   split = layout.read_split(root, "train", require_segmentations=True)
-  views = ("rgb", "seg")
-  batcher = train_lib.make_batcher(
-      split, spec, views, tc, config.seed + train_lib.MINING_SEED_OFFSET[stage],
-      num_threads=int(config.data.get("num_threads", 2)),
-      prefetch=int(config.data.get("prefetch", 2)))
   teacher_spec, teacher_host, _, _ = checkpoint.restore_variables(wd.checkpoints("seg"))
   weights = np.load(wd.partition_npz)["weights"].astype(np.float32)
   if len(weights) != len(split.query_paths):
@@ -55,22 +48,17 @@ def run(config, wd: Workdir, root: str) -> dict:
                               weights=weights, lambda_kd=float(config.distill.lambda_kd),
                               kd=kd, temperature=float(config.distill.get("temperature", 0.1)),
                               loss_heads=heads)
-  extractor = Extractor(spec, mesh, config.eval.batch_size)
-  val = RecallEvaluator(spec, root, "val", mesh, config.eval.batch_size, tuple(config.eval.ns),
-                        config.eval.radius, extractor=extractor)
 
-  def init_variables():
+  def init_variables(database, tc):
     if config.distill.get("init_from_rgb", True):
       return checkpoint.restore_variables(wd.checkpoints("rgb"))[1]
-    return train_lib.fresh_variables(spec, config.seed, batcher.images.sources["database"],
-                                     mesh, tc, config.eval.batch_size)
+    return train_lib.fresh_variables(spec, config.seed, database, mesh, tc,
+                                     config.eval.batch_size)
 
-  result = train_lib.fit(stage=stage, spec=spec, tc=tc, mesh=mesh, batcher=batcher,
-                         views=views, checkpoint_dir=wd.checkpoints(stage),
-                         init_variables=init_variables, extractor=extractor,
-                         validate=val.run, metrics=files.MetricsWriter(
-                             wd.metrics, parallel.is_main_process()),
-                         seed=config.seed, teacher=teacher)
+  result = train_lib.train_stage(config, stage=stage, spec=spec, split=split, root=root,
+                                 views=("rgb", "seg"), mesh=mesh,
+                                 checkpoint_dir=wd.checkpoints(stage), metrics_path=wd.metrics,
+                                 init_variables=init_variables, teacher=teacher)
   done = wd.finish(stage, result, fields, consumed)
   parallel.sync(f"{stage} done")
   return done
