@@ -41,6 +41,12 @@ def get_config(arg=None):
   c.data.num_threads = 2              # JPEG decode threads
   c.data.prefetch = 2                 # batches assembled ahead of the step
 
+  c.model = ml_collections.ConfigDict()
+  # The 3x3 depthwise kernel of both backbones: "auto" (9 shifted multiply-adds
+  # on the CPU, one grouped convolution on GPU/TPU) | "shifted" | "grouped".
+  # Equal results (tests/test_mobilenet.py); stored in the checkpoint's spec.
+  c.model.depthwise = "auto"
+
   c.rgb = ml_collections.ConfigDict()
   c.rgb.backbone = "mobilenet_v2"
   c.rgb.width = 1.0 if not smoke else 0.35   # 1.0 = the paper's MobileNetV2 (and the ImageNet file's)

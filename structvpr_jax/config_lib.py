@@ -89,6 +89,9 @@ def validate_config(config) -> None:
   if pca_dim < 0 or pca_dim > config.rgb.dim * config.rgb.num_clusters:
     raise ValueError(f"eval.pca_dim={pca_dim} must be 0 (off) or in [1, descriptor dim "
                      f"{config.rgb.dim * config.rgb.num_clusters}]")
+  if config.get("model", {}).get("depthwise", "auto") not in mobilenet.DEPTHWISE:
+    raise ValueError(f"model.depthwise={config.model.depthwise!r}; expected one of "
+                     f"{mobilenet.DEPTHWISE}")
   if config.distill.get("partition", "stage1") not in partition.PARTITIONS:
     raise ValueError(f"distill.partition={config.distill.partition!r}; expected one of "
                      f"{partition.PARTITIONS}")

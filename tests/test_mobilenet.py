@@ -125,3 +125,44 @@ def test_output_stride_16_doubles_the_feature_map_with_the_same_parameters():
   assert fine.apply(v, x).shape[1:3] == (6, 8)       # same parameters, finer map
   v16 = fine.init(jax.random.PRNGKey(0), x)
   assert jax.tree.map(jnp.shape, v16) == jax.tree.map(jnp.shape, v)
+
+
+def test_resolve_depthwise():
+  assert mobilenet.resolve_depthwise("auto", "cpu") == "shifted"
+  assert mobilenet.resolve_depthwise("auto", "gpu") == "grouped"
+  assert mobilenet.resolve_depthwise("auto", "tpu") == "grouped"
+  assert mobilenet.resolve_depthwise("grouped", "cpu") == "grouped"
+  assert mobilenet.resolve_depthwise("shifted", "gpu") == "shifted"
+  assert mobilenet.resolve_depthwise("auto") == "shifted"        # this machine: CPU
+  with pytest.raises(ValueError, match="depthwise='fast'"):
+    mobilenet.resolve_depthwise("fast")
+
+
+@pytest.mark.parametrize("output_stride", [32, 16])
+def test_depthwise_kinds_give_the_same_network_values_and_gradients(output_stride):
+  """model.depthwise changes the kernel, not the model: the same parameter tree,
+  and equal descriptors and parameter gradients (train mode, batch statistics)."""
+  from structvpr_jax.models.branch import Branch
+  blocks = ((1, 8, 1, 1), (4, 16, 2, 2), (4, 24, 1, 2))
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 40, 56, 3))
+  nets = {k: Branch(backbone="mobilenet_light", width=0.5, dim=8, num_clusters=4, blocks=blocks,
+                    output_stride=output_stride, depthwise=k)
+          for k in ("shifted", "grouped", "auto")}
+  variables = {k: n.init(jax.random.PRNGKey(1), x) for k, n in nets.items()}
+  assert jax.tree.structure(variables["shifted"]) == jax.tree.structure(variables["grouped"])
+  for a, b in zip(jax.tree.leaves(variables["shifted"]), jax.tree.leaves(variables["grouped"])):
+    np.testing.assert_array_equal(a, b)
+  v = variables["shifted"]
+  cot = jax.random.normal(jax.random.PRNGKey(2), (2, nets["shifted"].descriptor_dim))
+
+  def loss(params, net):
+    out, _ = net.apply({**v, "params": params}, x, train=True, mutable=["batch_stats"])
+    return jnp.sum(out * cot), out
+
+  results = {k: jax.jit(jax.grad(loss, has_aux=True), static_argnums=1)(v["params"], n)
+             for k, n in nets.items()}
+  np.testing.assert_allclose(results["grouped"][1], results["shifted"][1], rtol=1e-4, atol=1e-5)
+  for a, b in zip(jax.tree.leaves(results["grouped"][0]), jax.tree.leaves(results["shifted"][0])):
+    np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4)
+  for a, b in zip(jax.tree.leaves(results["auto"]), jax.tree.leaves(results["shifted"])):
+    np.testing.assert_array_equal(a, b)                       # auto is shifted on the CPU

@@ -7,10 +7,12 @@
   expansion 4) for SLME-encoded label maps; the paper uses "a lighter
   MobileNet" without giving its table, so this table is **ours**.
 
-The 3x3 depthwise convolution is written as 9 shifted multiply-adds
-(`depthwise_conv3x3`) instead of `lax.conv_general_dilated(...,
-feature_group_count=C)`: on XLA:CPU the grouped conv was measured ~25x slower
-and single-threaded. 1x1 convolutions are `nn.Dense` on the channel axis,
+The 3x3 depthwise convolution has two equal implementations (`DEPTHWISE`):
+"shifted", 9 shifted multiply-adds (`depthwise_conv3x3`), because on XLA:CPU
+the grouped conv was measured ~25x slower and single-threaded; and "grouped",
+`lax.conv_general_dilated(..., feature_group_count=C)`
+(`grouped_depthwise_conv3x3`), the native kernel of cuDNN and the TPU.
+"auto" (the default) picks shifted on the CPU and grouped elsewhere. 1x1 convolutions are `nn.Dense` on the channel axis,
 i.e. plain matmuls. Padding is TF/XLA "SAME" everywhere (so TFLite weights
 load unchanged).
 """
@@ -94,9 +96,41 @@ def depthwise_conv3x3(x: jax.Array, kernel: jax.Array, stride: int = 1) -> jax.A
   return out
 
 
+def grouped_depthwise_conv3x3(x: jax.Array, kernel: jax.Array, stride: int = 1) -> jax.Array:
+  """The same 3x3 depthwise convolution as one grouped convolution
+  (`feature_group_count=C`): the native kernel on GPUs and TPUs.
+
+  Args / Returns: as `depthwise_conv3x3`.
+  """
+  c = x.shape[-1]
+  if kernel.shape != (3, 3, c):
+    raise ValueError(f"kernel shape {kernel.shape} != (3, 3, {c})")
+  return lax.conv_general_dilated(x, kernel[:, :, None, :], (stride, stride), "SAME",
+                                  dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                  feature_group_count=c)
+
+
+DEPTHWISE = ("auto", "shifted", "grouped")
+
+
+def resolve_depthwise(kind: str, backend: Optional[str] = None) -> str:
+  """"shifted" or "grouped" for `kind` ("auto": shifted on the CPU backend,
+  grouped on GPU/TPU; `backend` defaults to `jax.default_backend()`)."""
+  if kind not in DEPTHWISE:
+    raise ValueError(f"depthwise={kind!r}; expected one of {DEPTHWISE}")
+  if kind != "auto":
+    return kind
+  return "shifted" if (backend or jax.default_backend()) == "cpu" else "grouped"
+
+
 class DepthwiseConv3x3(nn.Module):
-  """Flax wrapper of `depthwise_conv3x3`; param `kernel` [3, 3, C]."""
+  """3x3 depthwise convolution, 'SAME' padding; param `kernel` [3, 3, C].
+
+  `impl` ("auto" | "shifted" | "grouped", `resolve_depthwise`) chooses the
+  kernel; the parameters and the results are the same for all three.
+  """
   stride: int = 1
+  impl: str = "auto"
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   kernel_init: Callable = nn.initializers.normal(stddev=math.sqrt(2.0 / 9.0))
@@ -104,7 +138,9 @@ class DepthwiseConv3x3(nn.Module):
   @nn.compact
   def __call__(self, x):
     kernel = self.param("kernel", self.kernel_init, (3, 3, x.shape[-1]), self.param_dtype)
-    return depthwise_conv3x3(x.astype(self.dtype), kernel.astype(self.dtype), self.stride)
+    conv = (grouped_depthwise_conv3x3 if resolve_depthwise(self.impl) == "grouped"
+            else depthwise_conv3x3)
+    return conv(x.astype(self.dtype), kernel.astype(self.dtype), self.stride)
 
 
 _conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
@@ -134,6 +170,7 @@ class ConvBN(nn.Module):
   kernel_size: int = 3
   activation: bool = True
   norm: str = "batch"
+  depthwise: str = "auto"
   bn_axis_name: Optional[str] = None
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
@@ -145,7 +182,7 @@ class ConvBN(nn.Module):
       x = nn.Dense(self.features, use_bias=False, kernel_init=_conv_init, name="conv",
                    **dtypes)(x)
     elif self.kind == "depthwise":
-      x = DepthwiseConv3x3(stride=self.stride, name="conv", **dtypes)(x)
+      x = DepthwiseConv3x3(stride=self.stride, impl=self.depthwise, name="conv", **dtypes)(x)
     elif self.kind == "full":
       x = nn.Conv(self.features, (self.kernel_size, self.kernel_size),
                   strides=(self.stride, self.stride), padding="SAME", use_bias=False,
@@ -169,6 +206,7 @@ class InvertedResidual(nn.Module):
   expansion: int
   stride: int
   norm: str = "batch"
+  depthwise: str = "auto"
   bn_axis_name: Optional[str] = None
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
@@ -181,7 +219,8 @@ class InvertedResidual(nn.Module):
     y = x
     if self.expansion != 1:
       y = ConvBN(in_features * self.expansion, "pointwise", name="expand", **common)(y, train)
-    y = ConvBN(y.shape[-1], "depthwise", stride=self.stride, name="depthwise", **common)(y, train)
+    y = ConvBN(y.shape[-1], "depthwise", stride=self.stride, depthwise=self.depthwise,
+               name="depthwise", **common)(y, train)
     y = ConvBN(self.features, "pointwise", activation=False, name="project", **common)(y, train)
     if self.stride == 1 and in_features == self.features:
       y = y + x
@@ -209,6 +248,8 @@ class MobileNetV2(nn.Module):
     output_stride: 32, or 16 / 8: the last stride-2 blocks run at stride 1
       (a 2x / 4x finer local feature map, e.g. 6x8 instead of 3x4 at
       96x128, for NetVLAD on a small input).
+    depthwise: the 3x3 depthwise kernel, "auto" | "shifted" | "grouped"
+      (`resolve_depthwise`; equal results).
     bn_axis_name: mesh axis for synchronised BatchNorm statistics (set when
       the model runs inside `shard_map`, e.g. "data").
     dtype: compute dtype.
@@ -225,6 +266,7 @@ class MobileNetV2(nn.Module):
   last_activation: bool = True
   norm: str = "batch"
   output_stride: int = 32
+  depthwise: str = "auto"
   bn_axis_name: Optional[str] = None
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
@@ -252,7 +294,7 @@ class MobileNetV2(nn.Module):
           s = 1                                   # keep the finer feature map
         total_stride *= s
         x = InvertedResidual(make_divisible(channels * self.width), expansion, s,
-                             name=f"block{index}", **common)(x, train)
+                             depthwise=self.depthwise, name=f"block{index}", **common)(x, train)
         index += 1
     if self.last_features:
       x = ConvBN(self.output_features, "pointwise", activation=self.last_activation,

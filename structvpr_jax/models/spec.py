@@ -54,6 +54,7 @@ def branch_spec(config, stage: str) -> dict:
           "blocks": [list(x) for x in blocks] if blocks else None,
           "norm": b.get("norm", "batch") or "batch",
           "output_stride": int(b.get("output_stride", 32) or 32),
+          "depthwise": config.get("model", {}).get("depthwise", "auto") or "auto",
           "slme": config.seg.slme, "normalization": config.data.normalization,
           "image_size": [int(s) for s in config.data.image_size], "init": init}
 
@@ -84,7 +85,7 @@ def build_model(spec: dict, bn_axis_name: Optional[str] = None) -> Branch:
                 dim=int(spec.get("dim") or 0) or None, num_clusters=int(spec["num_clusters"]),
                 blocks=None if not blocks else tuple(tuple(b) for b in blocks),
                 norm=spec.get("norm", "batch"), output_stride=int(spec.get("output_stride", 32)),
-                bn_axis_name=bn_axis_name)
+                depthwise=spec.get("depthwise", "auto"), bn_axis_name=bn_axis_name)
 
 
 def normalize_rgb(x, kind: str = "imagenet"):
