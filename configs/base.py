@@ -123,6 +123,10 @@ def get_config(arg=None):
   c.train.grad_clip = 1.0
   c.train.weight_decay = 0.0
   c.train.margin = 0.1
+  # Compute dtype of training: "float32" | "bfloat16" (mixed precision for GPU /
+  # TPU: parameters, optimizer state, BN statistics and losses stay float32;
+  # extraction and evaluation run in float32).
+  c.train.dtype = "float32"
   # "batch": synchronised batch statistics (BN running stats updated);
   # "frozen": BN uses its running stats and never updates them (the usual
   # choice when fine-tuning a pretrained backbone). Measured on the default

@@ -32,7 +32,7 @@ TRAIN_RESULT_FIELDS = ("batch_size", "num_negatives", "mining", "num_candidates"
                        "refresh_every", "num_steps", "learning_rate", "warmup_steps",
                        "final_lr_fraction", "optimizer", "grad_clip", "weight_decay", "margin",
                        "batchnorm", "eval_at_start", "eval_every", "kmeans_images",
-                       "kmeans_per_image", "log_term_grads")
+                       "kmeans_per_image", "log_term_grads", "dtype")
 STAGE_OVERRIDES = ("num_steps", "learning_rate", "batchnorm", "mining")
 
 
@@ -89,6 +89,8 @@ def validate_config(config) -> None:
   if pca_dim < 0 or pca_dim > config.rgb.dim * config.rgb.num_clusters:
     raise ValueError(f"eval.pca_dim={pca_dim} must be 0 (off) or in [1, descriptor dim "
                      f"{config.rgb.dim * config.rgb.num_clusters}]")
+  if (config.train.get("dtype", "float32") or "float32") not in model_spec.DTYPES:
+    raise ValueError(f"train.dtype={config.train.dtype!r}; expected one of {model_spec.DTYPES}")
   if config.get("model", {}).get("depthwise", "auto") not in mobilenet.DEPTHWISE:
     raise ValueError(f"model.depthwise={config.model.depthwise!r}; expected one of "
                      f"{mobilenet.DEPTHWISE}")

@@ -109,14 +109,19 @@ def make_train_step(spec: dict, tc: dict, mesh, teacher_spec: Optional[dict] = N
   the student's through the linear head `state.params[ADAPTOR]`;
   "relational" matches the softmax(-distance / `temperature`) of each query
   to its positive and negatives (the teacher describes all 2 + M label maps).
+  `tc["dtype"]` "bfloat16" runs the student's and teacher's forward and
+  backward in bfloat16 (mixed precision for accelerators); parameters,
+  optimizer state, BatchNorm statistics, NetVLAD's softmax and norms and the
+  losses stay float32.
   Metrics: loss, triplet (and kd, kd_weight_mean), grad_norm, param_norm;
   with `tc["log_term_grads"]` in stage 2 also triplet_desc_grad_norm and
   kd_desc_grad_norm (the norm of each term's gradient w.r.t. the descriptors).
   """
   if kd not in losses.KD_FORMS:
     raise ValueError(f"distill.kd={kd!r}; expected one of {losses.KD_FORMS}")
-  model = model_spec.build_model(spec, bn_axis_name=parallel.DATA_AXIS)
-  teacher = model_spec.build_model(teacher_spec) if teacher_spec else None
+  dtype = tc.get("dtype", "float32") or "float32"   # compute dtype; params stay float32
+  model = model_spec.build_model(spec, bn_axis_name=parallel.DATA_AXIS, dtype=dtype)
+  teacher = model_spec.build_model(teacher_spec, dtype=dtype) if teacher_spec else None
   margin = float(tc["margin"])
   term_grads = bool(tc.get("log_term_grads", False))
   batchnorm = tc.get("batchnorm", "batch")

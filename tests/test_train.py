@@ -59,6 +59,13 @@ def test_validate_config_names_the_field():
   c.seg.slme = "bogus"
   with pytest.raises(ValueError, match="seg.slme"):
     config_lib.validate_config(c)
+  for field, value in (("train.dtype", "float16"), ("model.depthwise", "fast"),
+                       ("distill.partition", "halves")):
+    c = distill.get_config("smoke")
+    section, key = field.split(".")
+    c[section][key] = value
+    with pytest.raises(ValueError, match=field.replace(".", r"\.")):
+      config_lib.validate_config(c)
   c = distill.get_config("smoke")
   c.data.name = "folder"
   c.data.root = "/nonexistent/layout"
@@ -175,3 +182,38 @@ def test_groupnorm_branch_trains_saves_and_restores(tmp_path):
   assert got_spec["norm"] == "group" and restored["batch_stats"] == {}
   np.testing.assert_array_equal(
       jax.tree.leaves(restored["params"])[0], jax.tree.leaves(new.params)[0])
+
+
+def test_bfloat16_step_keeps_float32_state_and_follows_float32():
+  """train.dtype=bfloat16: the step computes in bfloat16 but parameters, BN
+  statistics and optimizer state stay float32, and loss and update follow the
+  float32 step's to bfloat16 precision."""
+  mesh = parallel.make_mesh(jax.devices()[:1])
+  variables = model_spec.init_variables(SPEC, 0)
+  tx, _ = train_lib.make_optimizer(TC)
+  labels = np.random.default_rng(0).integers(0, 19, (2, 3, 32, 32)).astype(np.uint8)
+  out = {}
+  for dtype in ("float32", "bfloat16"):
+    state = parallel.replicate(train_lib.new_state(variables, tx), mesh)
+    step = train_lib.make_train_step(SPEC, dict(TC, batchnorm="batch", dtype=dtype), mesh)
+    new, metrics = step(state, parallel.shard_batch({"seg": labels}, mesh), jax.random.PRNGKey(0))
+    out[dtype] = (jax.device_get(new), jax.device_get(metrics))
+  new16, m16 = out["bfloat16"]
+  new32, m32 = out["float32"]
+  for tree in (new16.params, new16.batch_stats, new16.opt_state):
+    for leaf in jax.tree.leaves(tree):
+      if hasattr(leaf, "dtype") and np.issubdtype(leaf.dtype, np.floating):
+        assert leaf.dtype == np.float32
+  assert np.isfinite(float(m16["loss"]))
+  assert float(m16["loss"]) != float(m32["loss"])       # it did compute in bfloat16
+  np.testing.assert_allclose(float(m16["loss"]), float(m32["loss"]), rtol=0.05, atol=2e-3)
+  # the same direction of update: Adam's first step moves each parameter by
+  # about lr * sign(gradient), so most signs agree
+  d16 = np.concatenate([np.ravel(a - b) for a, b in zip(jax.tree.leaves(new16.params),
+                                                      jax.tree.leaves(variables["params"]))])
+  d32 = np.concatenate([np.ravel(a - b) for a, b in zip(jax.tree.leaves(new32.params),
+                                                      jax.tree.leaves(variables["params"]))])
+  big = np.abs(d32) > 0.5 * TC["learning_rate"]
+  assert big.sum() > 100 and np.mean(np.sign(d16[big]) == np.sign(d32[big])) > 0.8
+  with pytest.raises(ValueError, match="dtype='float16'"):
+    model_spec.build_model(SPEC, dtype="float16")

@@ -78,14 +78,24 @@ def resolve_branch_init(config, name: str) -> str:
   return init
 
 
-def build_model(spec: dict, bn_axis_name: Optional[str] = None) -> Branch:
-  """The flax module of a spec; `bn_axis_name` synchronises BatchNorm over a mesh axis."""
+DTYPES = ("float32", "bfloat16")
+
+
+def build_model(spec: dict, bn_axis_name: Optional[str] = None, dtype: str = "float32") -> Branch:
+  """The flax module of a spec; `bn_axis_name` synchronises BatchNorm over a mesh axis.
+
+  `dtype` is the compute dtype ("float32" or "bfloat16": mixed precision, with
+  float32 parameters, BatchNorm statistics, NetVLAD softmax and normalisation).
+  """
+  if dtype not in DTYPES:
+    raise ValueError(f"dtype={dtype!r}; expected one of {DTYPES}")
   blocks = spec.get("blocks")
   return Branch(backbone=spec["backbone"], width=float(spec["width"]),
                 dim=int(spec.get("dim") or 0) or None, num_clusters=int(spec["num_clusters"]),
                 blocks=None if not blocks else tuple(tuple(b) for b in blocks),
                 norm=spec.get("norm", "batch"), output_stride=int(spec.get("output_stride", 32)),
-                depthwise=spec.get("depthwise", "auto"), bn_axis_name=bn_axis_name)
+                depthwise=spec.get("depthwise", "auto"), bn_axis_name=bn_axis_name,
+                dtype=jnp.dtype(dtype))
 
 
 def normalize_rgb(x, kind: str = "imagenet"):
