@@ -153,6 +153,13 @@ def get_config(arg=None):
   c.eval.radius = 25.0
   # PCA(-whitening) of the global descriptors to pca_dim, fitted on the train
   # split (0 = off, the full K*D descriptor). See experiments/descriptor_tradeoff.py.
+  # Search of the test evaluation: "flat" (exact, the VPR convention) or "ivf_pq"
+  # (faiss IVF-PQ for databases too large for exact search; 0 = automatic
+  # nlist ~ 4 sqrt(N) and pq_m = the largest divisor of D <= min(64, D/16)).
+  c.eval.index = "flat"
+  c.eval.ivf_nlist = 0
+  c.eval.pq_m = 0
+  c.eval.nprobe = 16
   c.eval.pca_dim = 0
   c.eval.pca_whiten = True
   c.eval_split = "test"

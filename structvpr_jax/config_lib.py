@@ -17,7 +17,7 @@ import os
 
 import jax
 
-from structvpr_jax import losses, partition, slme
+from structvpr_jax import losses, partition, retrieval, slme
 from structvpr_jax.data import convert
 from structvpr_jax.models import mobilenet, pretrained, spec as model_spec
 
@@ -94,6 +94,8 @@ def validate_config(config) -> None:
   if config.get("model", {}).get("depthwise", "auto") not in mobilenet.DEPTHWISE:
     raise ValueError(f"model.depthwise={config.model.depthwise!r}; expected one of "
                      f"{mobilenet.DEPTHWISE}")
+  if (config.eval.get("index", "flat") or "flat") not in retrieval.INDEXES:
+    raise ValueError(f"eval.index={config.eval.index!r}; expected one of {retrieval.INDEXES}")
   if config.distill.get("partition", "stage1") not in partition.PARTITIONS:
     raise ValueError(f"distill.partition={config.distill.partition!r}; expected one of "
                      f"{partition.PARTITIONS}")
@@ -191,7 +193,8 @@ def stage_fields(config, stage: str) -> dict:
                                                      "temperature")})
   elif stage == "eval":
     out.update({f"eval.{k}": config.eval.get(k, None)
-                for k in ("ns", "radius", "pca_dim", "pca_whiten")})
+                for k in ("ns", "radius", "pca_dim", "pca_whiten", "index", "ivf_nlist",
+                          "pq_m", "nprobe")})
     out["eval_split"] = config.get("eval_split", "test")
   else:
     raise ValueError(f"unknown stage {stage!r}; expected one of {STAGES}")

@@ -85,14 +85,26 @@ def progress_bar(total: int, desc: str):
 
 
 def recall_report(q_desc, db_desc, query_utm, db_utm, notes: Optional[Sequence[str]] = None,
-                  ns=(1, 5, 10, 20), radius: float = 25.0) -> dict:
+                  ns=(1, 5, 10, 20), radius: float = 25.0,
+                  index: Optional[dict] = None) -> dict:
   """{"R@n": percent, ..., "per_condition": {note: {...}}, counts, and the private
-  "_predictions" int [Q, max(ns)] and "_hits" {n: bool [Q]} (a positive in the top n)."""
-  _, predictions = retrieval.search(q_desc, db_desc, max(ns))
+  "_predictions" int [Q, max(ns)] and "_hits" {n: bool [Q]} (a positive in the top n).
+
+  `index`: keyword arguments of `retrieval.search` (e.g. {"index": "ivf_pq",
+  "nprobe": 16}); None = exact search. Recorded in the report as "index".
+  """
+  index = dict(index or {})
+  _, predictions = retrieval.search(q_desc, db_desc, max(ns), **index)
   overall = retrieval.recall_from_predictions(predictions, query_utm, db_utm, ns, radius)
   found = np.cumsum(retrieval.correct_at_k(predictions, query_utm, db_utm, radius), axis=1) > 0
   report = {f"R@{n}": v for n, v in overall.items()}
-  report.update(num_queries=int(len(q_desc)), num_database=int(len(db_desc)))
+  report.update(num_queries=int(len(q_desc)), num_database=int(len(db_desc)),
+                index=index.get("index", "flat"))
+  if index.get("index", "flat") == "ivf_pq":
+    report["index_params"] = dict(
+        retrieval.ivf_pq_params(len(db_desc), int(np.shape(db_desc)[1]),
+                                int(index.get("nlist", 0)), int(index.get("pq_m", 0))),
+        nprobe=int(index.get("nprobe", 16)))
   if notes is not None:
     notes = np.asarray(list(notes))
     per = {}
@@ -132,8 +144,10 @@ class RecallEvaluator:
 
   def __init__(self, spec: dict, root: str, split: str, mesh, batch_size: int = 32,
                ns=(1, 5, 10, 20), radius: float = 25.0, progress: bool = False,
-               extractor: Optional[Extractor] = None, cache: bool = False):
+               extractor: Optional[Extractor] = None, cache: bool = False,
+               index: Optional[dict] = None):
     self.spec, self.root, self.split, self.mesh = spec, root, split, mesh
+    self.index = index
     self.batch_size, self.ns, self.radius = batch_size, tuple(ns), float(radius)
     self.progress, self.cache = progress, cache
     self.extractor = extractor or Extractor(spec, mesh, batch_size)
@@ -160,7 +174,7 @@ class RecallEvaluator:
     if pca is not None:
       q, db = whitening.apply(pca, q), whitening.apply(pca, db)
     report = recall_report(q, db, self.vs.query_utm, self.vs.database_utm,
-                           self.vs.query_notes(), self.ns, self.radius)
+                           self.vs.query_notes(), self.ns, self.radius, self.index)
     report["extract_s"] = extract_s
     report["split"] = self.split
     report["num_queries_without_positive"] = self.num_without_positive
@@ -175,6 +189,15 @@ def evaluate_split(spec: dict, variables, root: str, split: str, mesh, batch_siz
   """One-off `RecallEvaluator(...).run(variables, pca)`."""
   return RecallEvaluator(spec, root, split, mesh, batch_size, ns, radius, progress, extractor,
                          cache).run(variables, pca)
+
+
+def index_from_config(config) -> dict:
+  """`retrieval.search` keywords from eval.index / eval.ivf_nlist / eval.pq_m /
+  eval.nprobe (the test evaluation; validation always searches exactly)."""
+  return {"index": config.eval.get("index", "flat") or "flat",
+          "nlist": int(config.eval.get("ivf_nlist", 0) or 0),
+          "pq_m": int(config.eval.get("pq_m", 0) or 0),
+          "nprobe": int(config.eval.get("nprobe", 16) or 16)}
 
 
 def pca_from_config(config, spec: dict, variables, root: str, mesh,

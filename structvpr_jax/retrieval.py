@@ -1,9 +1,11 @@
 """Retrieval: ground truth by UTM radius, faiss search, Recall@N.
 
 Conventions follow the VPR ecosystem (datasets_vg benchmark, MixVPR): exact
-`faiss.IndexFlatL2` search; a query counts as found at N when any of its top-N
-database images lies within `radius` metres (25 m); the denominator is all
-queries.
+`faiss.IndexFlatL2` search by default; a query counts as found at N when any
+of its top-N database images lies within `radius` metres (25 m); the
+denominator is all queries. For databases too large for exact search,
+`index="ivf_pq"` (`eval.index`) searches a faiss IVF-PQ index instead
+(approximate: inverted lists + product-quantised codes, `make_index`).
 """
 
 from __future__ import annotations
@@ -35,24 +37,73 @@ def positives_within(query_utm, db_utm, radius: float) -> list:
   return [np.asarray(h, np.int64) for h in hits]
 
 
-def search(query_desc, db_desc, k: int) -> tuple[np.ndarray, np.ndarray]:
-  """Exact L2 search with `faiss.IndexFlatL2`.
+INDEXES = ("flat", "ivf_pq")
+
+
+def ivf_pq_params(num_database: int, dim: int, nlist: int = 0, pq_m: int = 0) -> dict:
+  """The IVF-PQ shape for a database: {"nlist", "m", "nbits"}.
+
+  nlist (inverted lists): given, else about 4 sqrt(N), at most N / 39 (faiss
+  wants >= 39 training points per list) and at least 1. m (sub-quantisers):
+  given, else the largest divisor of D that is <= D / 16 and <= 64 (so each
+  code covers >= 16 dimensions). nbits per code: 8, fewer when N < 256 (k-means
+  of 2^nbits centroids needs as many training points).
+  """
+  if num_database < 1 or dim < 1:
+    raise ValueError(f"IVF-PQ needs a non-empty database, got N={num_database}, D={dim}")
+  if not nlist:
+    nlist = int(round(4 * np.sqrt(num_database)))
+    nlist = max(1, min(nlist, num_database // 39))
+  if not pq_m:
+    pq_m = max(m for m in range(1, min(64, max(1, dim // 16)) + 1) if dim % m == 0)
+  if dim % pq_m:
+    raise ValueError(f"eval.pq_m={pq_m} must divide the descriptor size {dim}")
+  nbits = int(max(1, min(8, np.floor(np.log2(num_database)))))
+  return {"nlist": int(nlist), "m": int(pq_m), "nbits": nbits}
+
+
+def make_index(db_desc, index: str = "flat", nlist: int = 0, pq_m: int = 0, nprobe: int = 16):
+  """A faiss index holding `db_desc` [N, D] float32: "flat" (exact L2) or
+  "ivf_pq" (`ivf_pq_params`, trained on the database itself with faiss's fixed
+  k-means seed, so the same descriptors give the same index; `nprobe` lists
+  visited per query)."""
+  db = np.ascontiguousarray(np.asarray(db_desc, np.float32))
+  if index not in INDEXES:
+    raise ValueError(f"eval.index={index!r}; expected one of {INDEXES}")
+  if index == "flat":
+    out = faiss.IndexFlatL2(db.shape[1])
+  else:
+    p = ivf_pq_params(db.shape[0], db.shape[1], nlist, pq_m)
+    quantizer = faiss.IndexFlatL2(db.shape[1])
+    out = faiss.IndexIVFPQ(quantizer, db.shape[1], p["nlist"], p["m"], p["nbits"])
+    out.train(db)
+    out.nprobe = int(max(1, min(nprobe, p["nlist"])))   # faiss keeps `quantizer` alive
+  out.add(db)
+  return out
+
+
+def search(query_desc, db_desc, k: int, index: str = "flat", nlist: int = 0, pq_m: int = 0,
+           nprobe: int = 16) -> tuple[np.ndarray, np.ndarray]:
+  """L2 search: exact (`faiss.IndexFlatL2`, index="flat") or approximate
+  (index="ivf_pq", see `make_index`).
 
   Args:
     query_desc: [Q, D] float32.
     db_desc: [N, D] float32.
     k: neighbours per query (clipped to N).
+    index, nlist, pq_m, nprobe: the index (`make_index`).
 
   Returns:
-    (squared distances [Q, k] float32, indices [Q, k] int64), nearest first.
+    (squared distances [Q, k] float32, indices [Q, k] int64), nearest first
+    (IVF-PQ: approximate distances; index -1 where the visited lists held
+    fewer than k vectors, counted as a miss by `correct_at_k`).
   """
   q = np.ascontiguousarray(np.asarray(query_desc, np.float32))
   db = np.ascontiguousarray(np.asarray(db_desc, np.float32))
   if q.ndim != 2 or db.ndim != 2 or q.shape[1] != db.shape[1]:
     raise ValueError(f"descriptor shapes must be [Q, D] and [N, D], got {q.shape}, {db.shape}")
-  index = faiss.IndexFlatL2(db.shape[1])
-  index.add(db)
-  return index.search(q, int(min(k, db.shape[0])))
+  searcher = make_index(db, index, nlist, pq_m, nprobe)
+  return searcher.search(q, int(min(k, db.shape[0])))
 
 
 def correct_at_k(predictions, query_utm, db_utm, radius: float = 25.0) -> np.ndarray:
@@ -62,8 +113,8 @@ def correct_at_k(predictions, query_utm, db_utm, radius: float = 25.0) -> np.nda
   q = np.asarray(query_utm, np.float64).reshape(-1, 2)
   db = np.asarray(db_utm, np.float64).reshape(-1, 2)
   pred = np.asarray(predictions)
-  dist_sq = np.sum(np.square(db[pred] - q[:, None, :]), axis=-1)
-  return dist_sq <= float(radius) ** 2
+  dist_sq = np.sum(np.square(db[np.maximum(pred, 0)] - q[:, None, :]), axis=-1)
+  return (dist_sq <= float(radius) ** 2) & (pred >= 0)     # -1: no prediction (IVF-PQ)
 
 
 def recall_from_predictions(predictions, query_utm, db_utm, ns: Sequence[int] = (1, 5, 10, 20),

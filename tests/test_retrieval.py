@@ -73,3 +73,37 @@ def test_shape_errors():
     retrieval.recall_at_n(np.zeros((2, 2)), np.zeros((3, 2)), np.zeros((1, 2)), np.zeros((3, 2)))
   with pytest.raises(ValueError, match="descriptor shapes"):
     retrieval.search(np.zeros((2, 3)), np.zeros((3, 2)), 1)
+
+
+def test_ivf_pq_params():
+  assert retrieval.ivf_pq_params(10000, 4096) == {"nlist": 256, "m": 64, "nbits": 8}   # 4 sqrt(N) > N/39
+  assert retrieval.ivf_pq_params(1000, 4096)["nlist"] == 25                            # N // 39
+  assert retrieval.ivf_pq_params(20, 4096) == {"nlist": 1, "m": 64, "nbits": 4}
+  assert retrieval.ivf_pq_params(1000, 64)["m"] == 4                                   # <= D/16
+  assert retrieval.ivf_pq_params(1000, 96)["m"] == 6
+  assert retrieval.ivf_pq_params(1000, 4096, nlist=7, pq_m=32) == {"nlist": 7, "m": 32,
+                                                                    "nbits": 8}
+  with pytest.raises(ValueError, match="pq_m=5 must divide"):
+    retrieval.ivf_pq_params(1000, 64, pq_m=5)
+
+
+def test_ivf_pq_search_finds_well_separated_neighbours_and_misses_count():
+  rng = np.random.default_rng(0)
+  centres = rng.normal(size=(60, 64)).astype(np.float32)
+  db = np.repeat(centres, 10, axis=0) + 0.01 * rng.normal(size=(600, 64)).astype(np.float32)
+  q = centres + 0.01 * rng.normal(size=(60, 64)).astype(np.float32)
+  _, exact = retrieval.search(q, db, 5)
+  _, approx = retrieval.search(q, db, 5, index="ivf_pq", nprobe=4)
+  assert approx.shape == (60, 5) and approx.dtype == np.int64
+  # every query's nearest cluster is found: the top-5 lie in its own 10 copies
+  assert np.all(approx // 10 == np.arange(60)[:, None])
+  assert np.all(exact // 10 == np.arange(60)[:, None])
+  # the same descriptors give the same index and answers (fixed k-means seed)
+  np.testing.assert_array_equal(retrieval.search(q, db, 5, index="ivf_pq", nprobe=4)[1], approx)
+  # a -1 (fewer than k found) is a miss, never the last database image
+  utm_db = np.zeros((600, 2))
+  utm_db[-1] = [1000.0, 0.0]
+  hits = retrieval.correct_at_k(np.array([[-1, 599]]), np.array([[1000.0, 0.0]]), utm_db)
+  np.testing.assert_array_equal(hits, [[False, True]])
+  with pytest.raises(ValueError, match="eval.index='hnsw'"):
+    retrieval.search(q, db, 5, index="hnsw")

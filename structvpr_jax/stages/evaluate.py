@@ -16,15 +16,15 @@ import os
 
 from structvpr_jax import checkpoint, config_lib, files, parallel, report
 from structvpr_jax.data import layout, synthetic
-from structvpr_jax.evaluation import RecallEvaluator, pca_from_config, public
+from structvpr_jax.evaluation import RecallEvaluator, index_from_config, pca_from_config, public
 from structvpr_jax.workdir import Workdir
 
 
 def _evaluate_checkpoint(config, spec, variables, root, mesh, split) -> dict:
   pca = pca_from_config(config, spec, variables, root, mesh)
   return RecallEvaluator(spec, root, split, mesh, config.eval.batch_size,
-                         tuple(config.eval.ns), config.eval.radius,
-                         progress=True).run(variables, pca)
+                         tuple(config.eval.ns), config.eval.radius, progress=True,
+                         index=index_from_config(config)).run(variables, pca)
 
 
 def run(config, wd: Workdir, root: str, stages=("rgb", "seg", "distill")) -> dict:
