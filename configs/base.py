@@ -40,6 +40,10 @@ def get_config(arg=None):
   c.data.normalization = "tflite"     # "tflite" ([-1, 1], the TFLite ImageNet weights) | "imagenet"
   c.data.num_threads = 2              # JPEG decode threads
   c.data.prefetch = 2                 # batches assembled ahead of the step
+  # Decoded training images kept in memory (GiB, least recently used out; 0 =
+  # none). A split that fits is decoded (and checked) up front; a larger one
+  # is checked by file headers only and decoded when used.
+  c.data.cache_gb = 2.0
 
   c.model = ml_collections.ConfigDict()
   # The 3x3 depthwise kernel of both backbones: "auto" (9 shifted multiply-adds

@@ -89,6 +89,10 @@ def validate_config(config) -> None:
   if pca_dim < 0 or pca_dim > config.rgb.dim * config.rgb.num_clusters:
     raise ValueError(f"eval.pca_dim={pca_dim} must be 0 (off) or in [1, descriptor dim "
                      f"{config.rgb.dim * config.rgb.num_clusters}]")
+  cache_gb = config.data.get("cache_gb", None)
+  if cache_gb is not None and not float(cache_gb) >= 0:
+    raise ValueError(f"data.cache_gb={cache_gb} must be >= 0 (GiB of decoded training "
+                     f"images kept in memory; 0 = none)")
   if (config.train.get("dtype", "float32") or "float32") not in model_spec.DTYPES:
     raise ValueError(f"train.dtype={config.train.dtype!r}; expected one of {model_spec.DTYPES}")
   if config.get("model", {}).get("depthwise", "auto") not in mobilenet.DEPTHWISE:

@@ -234,16 +234,25 @@ MINING_SEED_OFFSET = {"rgb": 0, "seg": 1, "distill": 2}
 
 
 def make_batcher(split: layout.VprSplit, spec: dict, views, tc: dict, seed: int,
-                 num_threads: int = 2, prefetch: int = 2) -> input_pipeline.TripletBatcher:
+                 num_threads: int = 2, prefetch: int = 2,
+                 cache_gb: Optional[float] = None) -> input_pipeline.TripletBatcher:
   """Mined triplet batches of this process's share of the global batch.
 
-  Decodes every training image of `views` up front (bad files fail here,
-  naming the file, before compute) and keeps them in memory.
+  Decoded images are kept in a cache of `cache_gb` GiB (None: unbounded, 0:
+  none). When the whole split fits, every training image of `views` is
+  decoded up front (bad files fail here, naming the file, before compute);
+  otherwise only the headers are checked up front and images are decoded when
+  used (`input_pipeline.SplitImages.prepare`).
   """
-  images = input_pipeline.SplitImages(split, spec["image_size"], views=views, cache=True,
+  cache_bytes = None if cache_gb is None else int(float(cache_gb) * 2 ** 30)
+  images = input_pipeline.SplitImages(split, spec["image_size"], views=views,
+                                      cache=cache_bytes != 0,
                                       num_classes=slme.NUM_CITYSCAPES_CLASSES,
-                                      num_threads=num_threads)
-  images.load_all(progress=True)
+                                      num_threads=num_threads, cache_bytes=cache_bytes)
+  how = images.prepare(progress=True)
+  if how == "headers":
+    logging.info("training images: %.2f GB decoded > data.cache_gb=%s; headers checked, "
+                 "images decoded when used", images.decoded_bytes() / 2 ** 30, cache_gb)
   miner = mining.NegativeMiner(
       split.query_utm, split.database_utm, num_negatives=tc["num_negatives"],
       num_candidates=tc["num_candidates"], refresh_every=tc["refresh_every"],
@@ -304,7 +313,8 @@ def train_stage(config, *, stage: str, spec: dict, split: layout.VprSplit, root:
   tc = config_lib.stage_train_config(config, stage)
   batcher = make_batcher(split, spec, views, tc, config.seed + MINING_SEED_OFFSET[stage],
                          num_threads=int(config.data.get("num_threads", 2)),
-                         prefetch=int(config.data.get("prefetch", 2)))
+                         prefetch=int(config.data.get("prefetch", 2)),
+                         cache_gb=config.data.get("cache_gb", None))
   extractor = Extractor(spec, mesh, config.eval.batch_size)
   val = RecallEvaluator(spec, root, "val", mesh, config.eval.batch_size, tuple(config.eval.ns),
                         config.eval.radius, extractor=extractor)

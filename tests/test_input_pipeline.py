@@ -125,3 +125,67 @@ def test_bad_inputs_name_the_file(tmp_path):
   files.save_image(str(rgb), np.zeros((4, 4, 3), np.uint8))
   with pytest.raises(ValueError, match="single-channel"):
     input_pipeline.read_labels(str(rgb), (4, 4))
+
+
+def test_lru_cache_stays_under_its_budget_least_recent_out():
+  cache = input_pipeline.LruCache(max_bytes=300)
+  a, b, c = (np.zeros(100, np.uint8) + i for i in range(3))
+  for k, v in (("a", a), ("b", b), ("c", c)):
+    cache.put(k, v)
+  assert cache.bytes == 300 and len(cache) == 3
+  cache.get("a")                                     # a is now the most recent
+  cache.put("d", np.zeros(100, np.uint8))
+  assert cache.get("b") is None and cache.get("a") is not None and cache.bytes == 300
+  assert cache.evictions == 1
+  cache.put("huge", np.zeros(301, np.uint8))         # larger than the budget: not kept
+  assert cache.get("huge") is None and cache.bytes == 300
+  unbounded = input_pipeline.LruCache()
+  for i in range(50):
+    unbounded.put(i, np.zeros(1000, np.uint8))
+  assert len(unbounded) == 50 and unbounded.evictions == 0
+  with pytest.raises(ValueError, match="budget"):
+    input_pipeline.LruCache(-1)
+
+
+@pytest.mark.parametrize("cache_bytes", [None, 2000, 0])
+def test_bounded_and_no_cache_give_the_same_batches(tmp_path, cache_bytes):
+  split = write_layout(tmp_path)
+  ref_batcher, ref_images = make_batcher(split, seed=5)
+  ref = list(ref_batcher.epoch(0, describe_by_mean(ref_images)))
+  images = input_pipeline.SplitImages(split, (16, 16), views=("rgb", "seg"), num_classes=19,
+                                      cache=cache_bytes != 0, cache_bytes=cache_bytes)
+  how = images.prepare()
+  assert how == ("decoded" if cache_bytes is None else "headers")
+  miner = mining.NegativeMiner(split.query_utm, split.database_utm, num_negatives=2,
+                               refresh_every=4, seed=5)
+  batcher = input_pipeline.TripletBatcher(miner, images, batch_size=2)
+  got = list(batcher.epoch(0, describe_by_mean(images)))
+  assert len(got) == len(ref)
+  for x, y in zip(ref, got):
+    for k in x:
+      np.testing.assert_array_equal(x[k], y[k])
+  if cache_bytes:
+    assert images.cache.bytes <= cache_bytes and images.cache.evictions > 0
+  assert images.decoded_bytes() == 18 * 16 * 16 * 4
+
+
+def test_header_check_names_bad_files_and_a_bad_body_is_named_when_used(tmp_path):
+  split = write_layout(tmp_path)
+  images = input_pipeline.SplitImages(split, (16, 16), views=("rgb", "seg"), num_classes=19,
+                                      cache_bytes=1)
+  # a file that is not an image at all fails the up-front header check
+  not_image = split.database_paths[3]
+  original = open(not_image, "rb").read()
+  with open(not_image, "wb") as f:
+    f.write(b"not a jpeg")
+  with pytest.raises(ValueError, match=os.path.basename(not_image) + ": cannot decode"):
+    images.prepare()
+  # a JPEG cut short keeps a valid header: it passes, and is named when decoded
+  with open(not_image, "wb") as f:
+    f.write(original[:len(original) - 120])
+  assert images.prepare() == "headers"
+  with pytest.raises(ValueError, match=os.path.basename(not_image) + ": cannot decode"):
+    images.get("database", [3])
+  os.remove(split.database_seg_paths[0])
+  with pytest.raises(ValueError, match="missing label map"):
+    images.prepare()

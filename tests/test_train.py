@@ -60,6 +60,7 @@ def test_validate_config_names_the_field():
   with pytest.raises(ValueError, match="seg.slme"):
     config_lib.validate_config(c)
   for field, value in (("train.dtype", "float16"), ("model.depthwise", "fast"),
+                       ("data.cache_gb", -1.0), ("eval.index", "hnsw"),
                        ("distill.partition", "halves")):
     c = distill.get_config("smoke")
     section, key = field.split(".")

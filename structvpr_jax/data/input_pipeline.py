@@ -3,9 +3,11 @@
 Images travel to the device as uint8 (3-4x less host->device traffic than
 float32); RGB normalisation (`models.spec.normalize_rgb`) and SLME encoding
 (`structvpr_jax.slme.encode`) run inside the jitted step. Decoded, resized
-images are cached in host memory (uint8) so JPEG decoding happens once per
-image; decoding runs on a thread pool (PIL releases the GIL) and a background
-thread assembles the next batches while the device trains on the current one.
+images are cached in host memory (uint8) up to a byte budget (`LruCache`,
+`data.cache_gb`; least recently used out first), so memory does not grow
+with the number of images; decoding runs on a thread pool (PIL releases the
+GIL) and a background thread assembles the next batches while the device
+trains on the current one.
 
 Triplet batches (one per step, `TripletBatcher`), all numpy:
   query_index    int64 [B]
@@ -17,6 +19,7 @@ Triplet batches (one per step, `TripletBatcher`), all numpy:
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import queue
 import sys
@@ -72,6 +75,63 @@ def read_labels(path: str, image_size, num_classes: Optional[int] = None) -> np.
   return labels.astype(np.uint8)
 
 
+def check_header(path: str, label_map: bool = False) -> None:
+  """Reads only the file's header: raises ValueError naming the file when it
+  is missing, not an image PIL can open, or (label maps) not single-channel.
+  Milliseconds per file, so a split is checked before compute without
+  decoding it; the pixels are decoded (and checked) when first used."""
+  try:
+    with Image.open(path) as img:
+      mode = img.mode
+  except FileNotFoundError:
+    raise ValueError(f"{path}: missing {'label map' if label_map else 'image'}") from None
+  except (OSError, ValueError, SyntaxError) as e:
+    raise ValueError(f"{path}: cannot {'read label map' if label_map else 'decode image'} "
+                     f"({e})") from None
+  if label_map and mode not in ("L", "P", "I", "I;16"):
+    raise ValueError(f"{path}: cannot read label map (mode {mode}, expected a "
+                     f"single-channel label map)")
+
+
+class LruCache:
+  """Decoded arrays under a byte budget, least recently used evicted first.
+
+  Thread-safe; shared by the sources of a split. `max_bytes=None` keeps
+  everything (no eviction).
+  """
+
+  def __init__(self, max_bytes: Optional[int] = None):
+    if max_bytes is not None and max_bytes < 0:
+      raise ValueError(f"cache budget must be >= 0 bytes, got {max_bytes}")
+    self.max_bytes = max_bytes
+    self.bytes = 0
+    self.evictions = 0
+    self._items: collections.OrderedDict = collections.OrderedDict()
+    self._lock = threading.Lock()
+
+  def __len__(self) -> int:
+    return len(self._items)
+
+  def get(self, key):
+    with self._lock:
+      value = self._items.get(key)
+      if value is not None:
+        self._items.move_to_end(key)
+      return value
+
+  def put(self, key, value: np.ndarray) -> None:
+    size = int(value.nbytes)
+    with self._lock:
+      if key in self._items or (self.max_bytes is not None and size > self.max_bytes):
+        return
+      self._items[key] = value
+      self.bytes += size
+      while self.max_bytes is not None and self.bytes > self.max_bytes:
+        _, old = self._items.popitem(last=False)
+        self.bytes -= int(old.nbytes)
+        self.evictions += 1
+
+
 class ImageSource:
   """Resized uint8 images (and label maps) of one list of paths, cached.
 
@@ -79,32 +139,34 @@ class ImageSource:
     paths: image paths.
     seg_paths: label-map paths in the same order, or None.
     image_size: (H, W).
-    cache: keep decoded images in memory (uint8).
+    cache: keep decoded images in memory (uint8): True (in `lru`, or an own
+      unbounded cache), False (decode on every use).
     num_classes: label ids must be < this (None: unchecked).
     pool: shared thread pool for decoding.
+    lru: a shared `LruCache` (its byte budget bounds the memory).
   """
 
   def __init__(self, paths: Sequence[str], seg_paths: Optional[Sequence[str]], image_size,
                cache: bool = True, num_classes: Optional[int] = None,
-               pool: Optional[concurrent.futures.Executor] = None):
+               pool: Optional[concurrent.futures.Executor] = None,
+               lru: Optional[LruCache] = None):
     self.paths = list(paths)
     self.seg_paths = None if seg_paths is None else list(seg_paths)
     self.image_size = (int(image_size[0]), int(image_size[1]))
     self.cache = cache
     self.num_classes = num_classes
     self._pool = pool
-    self._rgb: dict = {}
-    self._seg: dict = {}
-    self._lock = threading.Lock()
+    self._lru = (lru if lru is not None else LruCache()) if cache else None
 
   def __len__(self) -> int:
     return len(self.paths)
 
   def _load(self, view: str, index: int) -> np.ndarray:
-    store = self._rgb if view == "rgb" else self._seg
-    hit = store.get(index)
-    if hit is not None:
-      return hit
+    key = (id(self), view, index)
+    if self._lru is not None:
+      hit = self._lru.get(key)
+      if hit is not None:
+        return hit
     if view == "rgb":
       arr = read_rgb(self.paths[index], self.image_size)
     else:
@@ -112,10 +174,21 @@ class ImageSource:
         raise ValueError(f"{self.paths[index]}: the seg branch needs label maps, but this "
                          "split has no segmentations/ tree (run the segment config)")
       arr = read_labels(self.seg_paths[index], self.image_size, self.num_classes)
-    if self.cache:
-      with self._lock:
-        store[index] = arr
+    if self._lru is not None:
+      self._lru.put(key, arr)
     return arr
+
+  def check_headers(self, view: str) -> None:
+    """`check_header` of every image ("rgb") or label map ("seg")."""
+    if view == "seg" and self.seg_paths is None:
+      raise ValueError(f"{self.paths[0] if self.paths else '?'}: the seg branch needs label "
+                       "maps, but this split has no segmentations/ tree (run the segment config)")
+    paths = self.paths if view == "rgb" else self.seg_paths
+    if self._pool is not None:
+      list(self._pool.map(lambda p: check_header(p, view == "seg"), paths))
+    else:
+      for p in paths:
+        check_header(p, view == "seg")
 
   def get(self, view: str, indices) -> np.ndarray:
     """uint8 [n, H, W, 3] ("rgb") or [n, H, W] ("seg") for `indices`."""
@@ -136,7 +209,8 @@ class SplitImages:
   """The database and query `ImageSource`s of a `layout.VprSplit`."""
 
   def __init__(self, split, image_size, views: Sequence[str] = ("rgb",), cache: bool = True,
-               num_classes: Optional[int] = None, num_threads: int = 2):
+               num_classes: Optional[int] = None, num_threads: int = 2,
+               cache_bytes: Optional[int] = None):
     for v in views:
       if v not in VIEWS:
         raise ValueError(f"unknown view {v!r}; expected one of {VIEWS}")
@@ -144,13 +218,36 @@ class SplitImages:
       raise ValueError(f"{split.root}: the seg branch needs label maps but "
                        f"segmentations/{split.split} is missing (run the segment config)")
     self.views = tuple(views)
+    self.image_size = (int(image_size[0]), int(image_size[1]))
     self.pool = concurrent.futures.ThreadPoolExecutor(max(1, num_threads))
+    self.cache = LruCache(cache_bytes) if cache else None
     self.sources = {
         "database": ImageSource(split.database_paths, split.database_seg_paths, image_size,
-                                cache, num_classes, self.pool),
+                                cache, num_classes, self.pool, self.cache),
         "queries": ImageSource(split.query_paths, split.query_seg_paths, image_size,
-                               cache, num_classes, self.pool),
+                               cache, num_classes, self.pool, self.cache),
     }
+
+  def decoded_bytes(self) -> int:
+    """Bytes of every view of every image, decoded and resized (uint8)."""
+    h, w = self.image_size
+    per = {"rgb": h * w * 3, "seg": h * w}
+    return sum(len(src) for src in self.sources.values()) * sum(per[v] for v in self.views)
+
+  def prepare(self, progress: bool = False) -> str:
+    """Checks every file before compute: decodes them all into the cache when
+    they fit its budget ("decoded", today's behaviour for small datasets, and
+    every pixel is checked), else reads only their headers ("headers", time
+    proportional to the file count; a file that fails to decode later stops
+    the run naming it). Returns which of the two it did."""
+    if self.cache is not None and (self.cache.max_bytes is None
+                                   or self.decoded_bytes() <= self.cache.max_bytes):
+      self.load_all(progress)
+      return "decoded"
+    for src in self.sources.values():
+      for v in self.views:
+        src.check_headers(v)
+    return "headers"
 
   def load_all(self, progress: bool = False) -> int:
     """Decodes every image (and label map) of every view once, up front.
