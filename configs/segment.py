@@ -7,27 +7,23 @@ Command:
 `segment.images` is a layout folder (`DIR/images/<split>/<role>/*.jpg`; label
 maps go to the mirrored `DIR/segmentations/...`) or any plain image folder
 (then `segment.out` is required). Images whose label PNG already exists are
-skipped, so an interrupted run resumes. Default model: DeepLab
-MobileNet-EdgeTPU on Cityscapes (19 trainIds), from ../shared/data/models.
+skipped, so an interrupted run resumes. Default model ("auto"): DeepLab
+MobileNet-EdgeTPU on Cityscapes (19 trainIds), found or downloaded by
+`structvpr_jax.models.weights` ($STRUCTVPR_SEGMENTER_TFLITE, the cache,
+../shared/data/models, or the pinned URL with its SHA-256).
 The optional argument (e.g. `:smoke`) is accepted for uniformity and unused.
 """
-
-import os
 
 import ml_collections
 
 from configs import base
-
-MODEL = os.path.normpath(os.path.join(
-    os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data", "models",
-    "deeplab_mobilenet_edgetpu_slim_cityscapes_quant.tflite"))
 
 
 def get_config(arg=None):
   c = base.get_config(arg)
   c.mode = "segment"
   c.segment = ml_collections.ConfigDict()
-  c.segment.model = MODEL        # TFLite segmentation model (label map or scores output)
+  c.segment.model = "auto"       # TFLite segmentation model (label map or scores output)
   c.segment.images = ""          # layout root or plain image folder (required)
   c.segment.out = ""             # output folder; "" = <layout root>/segmentations
   c.segment.num_threads = 2      # TFLite CPU threads

@@ -16,7 +16,7 @@ PKG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 
 PURE = {"slme", "losses", "partition", "retrieval", "mining", "parallel", "whitening", "stats",
         "hugepages", "files"}
 LIBRARIES = {"checkpoint", "config_lib", "workdir", "train_lib", "evaluation", "report",
-             "localize"}
+             "localize", "weights"}
 
 
 def layer(module: str) -> int:

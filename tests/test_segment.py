@@ -161,7 +161,7 @@ def test_config_and_run(tmp_path):
   from configs import segment as segment_config
   c = segment_config.get_config()
   assert c.mode == "segment" and c.segment.images == "" and c.segment.num_threads == 2
-  assert os.path.basename(c.segment.model) == segment.MODEL_NAME and c.segment.out == ""
+  assert c.segment.model == "auto" and c.segment.out == ""
   with pytest.raises(ValueError, match="segment.images"):
     segment.run(c)
   if os.path.isfile(SEG_MODEL):

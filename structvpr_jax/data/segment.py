@@ -42,13 +42,30 @@ from tqdm import tqdm
 
 from structvpr_jax import files
 from structvpr_jax.data import layout
+from structvpr_jax.models import weights
 from structvpr_jax.models.pretrained import dequantize
 
-MODEL_NAME = "deeplab_mobilenet_edgetpu_slim_cityscapes_quant.tflite"
+MODEL_NAME = weights.FILES["segmenter"].name
 # <repo>/../shared/data/models (the project's shared read-only data).
 DEFAULT_MODEL = os.path.normpath(os.path.join(
     os.path.dirname(os.path.abspath(__file__)), "..", "..", "..", "shared", "data", "models",
     MODEL_NAME))
+
+
+def resolve_model(model: str) -> str:
+  """segment.model: a .tflite path, or "auto" / "" = the pinned Cityscapes
+  segmenter from `weights.find("segmenter")` (environment variable, cache,
+  ../shared/data/models, or a checked download)."""
+  if model and model.strip().lower() != "auto":
+    return model
+  path = weights.find("segmenter", download=True, progress=True)
+  if path is None:
+    raise ValueError("segment.model='auto': the Cityscapes segmenter "
+                     f"({MODEL_NAME}) is not on this machine and could not be downloaded "
+                     f"from {weights.base_url()}; set ${weights.FILES['segmenter'].env} or "
+                     f"--config.segment.model=PATH, or run `python -m structvpr_jax.weights "
+                     f"fetch` where the network is reachable")
+  return path
 
 # Pixel -> real input of the network: (pixel - INPUT_MEAN) / INPUT_STD, i.e.
 # [-1, 1) as in the TF-slim / DeepLab MobileNet training. For the reference
@@ -394,7 +411,7 @@ def run(config) -> dict:
   if not images:
     raise ValueError("segment.images is required: a layout root or an image folder "
                      "(--config.segment.images=DIR)")
-  model = cfg.get("model", "") or DEFAULT_MODEL
+  model = resolve_model(cfg.get("model", "") or "auto")
   counts = segment_folder(model, images, out_root=cfg.get("out", "") or None,
                           num_threads=int(cfg.get("num_threads", 2)),
                           progress=bool(cfg.get("progress", True)))

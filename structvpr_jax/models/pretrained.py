@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from structvpr_jax.models import mobilenet
+from structvpr_jax.models import mobilenet, weights
 
 BN_EPSILON = 1e-3            # ConvBN's BatchNorm epsilon (models/mobilenet.py)
 INPUT_SCALE = 1.0 / 128.0    # the reference file's uint8 input quantisation
@@ -325,34 +325,26 @@ def init_branch_from_tflite(branch_variables: dict, path: str) -> dict:
   return out
 
 
-IMAGENET_TFLITE_NAME = "mobilenet_v2_1.0_224_quant.tflite"
-IMAGENET_TFLITE_ENV = "STRUCTVPR_IMAGENET_TFLITE"
+IMAGENET_TFLITE_NAME = weights.FILES["imagenet"].name
+IMAGENET_TFLITE_ENV = weights.FILES["imagenet"].env
 
 
-def find_imagenet_tflite() -> Optional[str]:
-  """The ImageNet MobileNetV2 TFLite file if one is on this machine, else None.
-
-  Looked up, in order: `$STRUCTVPR_IMAGENET_TFLITE`; `../shared/data/models/`
-  from the working directory; the same beside the project checkout.
-  """
-  here = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  candidates = [os.environ.get(IMAGENET_TFLITE_ENV, ""),
-                os.path.join("..", "shared", "data", "models", IMAGENET_TFLITE_NAME),
-                os.path.join(here, "..", "shared", "data", "models", IMAGENET_TFLITE_NAME)]
-  for path in candidates:
-    if path and os.path.isfile(path):
-      return os.path.abspath(path)
-  return None
+def find_imagenet_tflite(download: bool = False) -> Optional[str]:
+  """The ImageNet MobileNetV2 TFLite file if one is on this machine (or, with
+  `download`, once fetched into the cache), else None (`weights.find`)."""
+  return weights.find("imagenet", download=download)
 
 
 def resolve_init(spec: Optional[str], backbone: str, width: float,
                  field: str = "rgb.init") -> str:
   """Turns `"auto"` into a concrete init spec; other specs pass through.
 
-  "auto" = ImageNet weights (`imagenet_tflite:<found file>`) when the branch
-  can take them (MobileNetV2, width 1.0) and `find_imagenet_tflite()` finds
-  the file, else "" (random init). Setting `$STRUCTVPR_IMAGENET_TFLITE` to a
-  path that does not exist is an error naming the variable.
+  "auto" = ImageNet weights (`imagenet_tflite:<file>`) when the branch can
+  take them (MobileNetV2, width 1.0), the TFLite runtime is installed and
+  `weights.find("imagenet")` finds the file (environment variable, cache,
+  ../shared/data/models, or a checked download), else "" (random init).
+  Setting `$STRUCTVPR_IMAGENET_TFLITE` to a path that does not exist, or a
+  download with the wrong checksum, is an error naming the variable / URL.
   """
   spec = (spec or "").strip()
   if spec.lower() != "auto":
@@ -362,14 +354,15 @@ def resolve_init(spec: Optional[str], backbone: str, width: float,
     raise ValueError(f"{field}='auto': ${IMAGENET_TFLITE_ENV}={env!r} is not a file")
   if backbone != "mobilenet_v2" or float(width) != 1.0:
     return ""
-  path = find_imagenet_tflite()
-  if path is None:
-    return ""
   try:
     import ai_edge_litert  # noqa: F401  optional runtime that reads the .tflite file
   except ImportError:
     return ""
-  return f"imagenet_tflite:{path}"
+  try:
+    path = find_imagenet_tflite(download=True)
+  except ValueError as e:
+    raise ValueError(f"{field}='auto': {e}") from None
+  return "" if path is None else f"imagenet_tflite:{path}"
 
 
 def parse_init(spec: Optional[str], field: str = "rgb.init") -> tuple[Optional[str], Optional[str]]:
