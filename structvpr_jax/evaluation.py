@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from typing import Optional, Sequence
@@ -145,21 +146,23 @@ class RecallEvaluator:
   def __init__(self, spec: dict, root: str, split: str, mesh, batch_size: int = 32,
                ns=(1, 5, 10, 20), radius: float = 25.0, progress: bool = False,
                extractor: Optional[Extractor] = None, cache: bool = False,
-               index: Optional[dict] = None):
+               index: Optional[dict] = None, vs: Optional[layout.VprSplit] = None):
     self.spec, self.root, self.split, self.mesh = spec, root, split, mesh
     self.index = index
     self.batch_size, self.ns, self.radius = batch_size, tuple(ns), float(radius)
     self.progress, self.cache = progress, cache
     self.extractor = extractor or Extractor(spec, mesh, batch_size)
-    self.vs = layout.read_split(root, split, require_segmentations=spec["view"] == "seg")
+    self.vs = vs if vs is not None else layout.read_split(
+        root, split, require_segmentations=spec["view"] == "seg")
+    where = f"{root}/images/{split}" if vs is None else os.path.dirname(vs.query_paths[0])
     without = layout.queries_without_positives(self.vs, radius)
     if len(without) == len(self.vs.query_utm):
-      raise ValueError(f"{root}/images/{split}: none of the {len(without)} queries has a "
+      raise ValueError(f"{where}: none of the {len(without)} queries has a "
                        f"database image within {radius} m (eval.radius); check the UTM in "
                        f"the file names")
     if len(without):
-      logging.warning("%s/images/%s: %d of %d queries have no database image within %.0f m; "
-                      "they count as misses", root, split, len(without),
+      logging.warning("%s: %d of %d queries have no database image within %.0f m; "
+                      "they count as misses", where, len(without),
                       len(self.vs.query_utm), radius)
     self.num_without_positive = int(len(without))
 
@@ -179,6 +182,7 @@ class RecallEvaluator:
     report["split"] = self.split
     report["num_queries_without_positive"] = self.num_without_positive
     report["descriptor_dim"] = int(q.shape[1])
+    report["_descriptors"] = {"queries": q, "database": db}
     return report
 
 

@@ -25,7 +25,7 @@ import numpy as np
 matplotlib.use("Agg")  # headless: before pyplot is imported
 import matplotlib.pyplot as plt  # noqa: E402
 
-from structvpr_jax import files, partition  # noqa: E402
+from structvpr_jax import files, partition, retrieval  # noqa: E402
 from structvpr_jax.data import input_pipeline, layout  # noqa: E402
 from structvpr_jax.workdir import Workdir  # noqa: E402
 
@@ -146,6 +146,49 @@ def examples_for_split(root: str, split: str, predictions: np.ndarray, image_siz
   notes = np.asarray(vs.query_notes())[picks]
   return plot_examples(q_img, db_img, preds, dists <= radius, [str(n) for n in notes], path,
                        k=k, title=title)
+
+
+def save_predictions(out_dir: str, vs: layout.VprSplit, predictions: np.ndarray, k: int,
+                     image_size, radius: float, labelled: bool = True,
+                     only_wrong: bool = False) -> int:
+  """preds/NNN.jpg (the query, then its top-k, framed green when within
+  `radius` of the query, red when not, grey without labels) and preds/NNN.txt
+  (query path, prediction paths, positive paths) per query, NNN = the query's
+  index in name order; `only_wrong`: only queries whose top-1 is wrong (as
+  VPR-methods-evaluation's save_only_wrong_preds). Returns the count written."""
+  preds = np.asarray(predictions)[:, :k]
+  q_count = len(vs.query_paths)
+  correct = (retrieval.correct_at_k(preds, vs.query_utm, vs.database_utm, radius)
+             if labelled else np.zeros(preds.shape, bool))
+  positives = (retrieval.positives_within(vs.query_utm, vs.database_utm, radius)
+               if labelled else [np.zeros(0, np.int64)] * q_count)
+  width = max(3, len(str(q_count - 1)))
+  h, w = int(image_size[0]), int(image_size[1])
+  border = 4
+  written = 0
+  for i in range(q_count):
+    if only_wrong and labelled and correct[i, 0]:
+      continue
+    tiles = [np.pad(input_pipeline.read_rgb(vs.query_paths[i], (h, w)),
+                    ((border, border), (border, border), (0, 0)), constant_values=255)]
+    for j, d in enumerate(preds[i]):
+      if d < 0:
+        continue
+      color = ((0, 170, 0) if correct[i, j] else (200, 0, 0)) if labelled else (128, 128, 128)
+      tile = np.empty((h + 2 * border, w + 2 * border, 3), np.uint8)
+      tile[:] = color
+      tile[border:-border, border:-border] = input_pipeline.read_rgb(vs.database_paths[d], (h, w))
+      tiles.append(tile)
+    name = f"{i:0{width}d}"
+    files.save_image(os.path.join(out_dir, name + ".jpg"), np.concatenate(tiles, axis=1),
+                     quality=90)
+    lines = ["query:", vs.query_paths[i], "", "predictions (nearest first):"]
+    lines += [vs.database_paths[d] for d in preds[i] if d >= 0]
+    lines += ["", "positives (within %g m):" % radius if labelled else "positives: unknown"]
+    lines += [vs.database_paths[d] for d in positives[i]]
+    files.write_text(os.path.join(out_dir, name + ".txt"), "\n".join(lines) + "\n")
+    written += 1
+  return written
 
 
 def plot_training_curves(metrics_path: str, path: str) -> Optional[str]:

@@ -185,6 +185,67 @@ def test_eval_from_checkpoint_alone_reproduces_recall(run1, tmp_path, cache):
   assert 0.0 <= whitened["R@1"] <= whitened["R@5"] <= whitened["R@10"] <= 100.0
 
 
+def test_two_folder_evaluation_as_vpr_users_type_it(run1, tmp_path, cache):
+  """configs/eval.py on two plain folders: the count and recall lines, the same
+  recalls as the layout form on the same images, preds/ and descriptors; and
+  predictions only for unlabelled queries."""
+  workdir, _ = run1
+  test = os.path.join(workdir, "data", "images", "test")
+  folders = {}
+  for role in ("database", "queries"):      # plain folders (links), outside any layout
+    folders[role] = str(tmp_path / f"{role}_plain")
+    os.makedirs(folders[role])
+    for name in os.listdir(os.path.join(test, role)):
+      os.symlink(os.path.join(test, role, name), os.path.join(folders[role], name))
+  out = str(tmp_path / "two_folders")
+  log = main("configs/eval.py", out, f"--config.checkpoint={workdir}/distill/checkpoints",
+             f"--config.eval.database_folder={folders['database']}",
+             f"--config.eval.queries_folder={folders['queries']}",
+             "--config.eval.num_preds_to_save=2", "--config.eval.save_descriptors=True",
+             cache=cache)
+  with open(os.path.join(workdir, "eval", "test", "recalls.json")) as f:
+    recorded = json.load(f)
+  q, n = recorded["num_queries"], recorded["num_database"]
+  assert f"< #queries: {q}; #database: {n} >" in log
+  line = ", ".join(f"R@{k}: {recorded[f'R@{k}']:.1f}" for k in (1, 5, 10, 20))
+  assert line in log
+  with open(os.path.join(out, "eval", "folders", "recalls.json")) as f:
+    rec = json.load(f)
+  assert rec["R@1"] == recorded["R@1"] and rec["radius"] == 25.0
+  assert rec["image_size"] == rec["trained_image_size"] and len(rec["files_sha256"]) == 64
+  preds = os.path.join(out, "eval", "folders", "preds")
+  assert sorted(os.listdir(preds))[:2] == ["000.jpg", "000.txt"]
+  assert len(os.listdir(preds)) == 2 * q
+  img = np.asarray(Image.open(os.path.join(preds, "000.jpg")))
+  h, w = rec["image_size"]
+  assert img.shape == (h + 8, 3 * (w + 8), 3)                     # query + top-2, framed
+  txt = open(os.path.join(preds, "000.txt")).read().splitlines()
+  assert txt[0] == "query:" and txt[1].startswith(folders["queries"])
+  assert len(txt[txt.index("predictions (nearest first):") + 1:][:2]) == 2
+  db = np.load(os.path.join(out, "eval", "folders", "database_descriptors.npy"))
+  assert db.shape == (n, rec["descriptor_dim"]) and db.dtype == np.float32
+  # queries without UTM: predictions only
+  nolabel = str(tmp_path / "nolabel_q")
+  os.makedirs(nolabel)
+  os.symlink(os.path.join(folders["queries"], sorted(os.listdir(folders["queries"]))[0]),
+             os.path.join(nolabel, "photo.jpg"))
+  log = main("configs/eval.py", str(tmp_path / "nolabels"),
+             f"--config.checkpoint={workdir}/distill/checkpoints",
+             f"--config.eval.database_folder={folders['database']}",
+             f"--config.eval.queries_folder={nolabel}", "--config.eval.no_labels=True",
+             "--config.eval.num_preds_to_save=3", cache=cache)
+  assert f"< #queries: 1; #database: {n} >" in log and "predictions only" in log
+  assert os.path.isfile(str(tmp_path / "nolabels" / "eval" / "folders" / "preds" / "000.txt"))
+  # one folder alone is refused naming both fields
+  proc = subprocess.run([sys.executable, "-m", "structvpr_jax.main", "--config=configs/eval.py",
+                         f"--workdir={tmp_path / 'bad'}",
+                         f"--config.checkpoint={workdir}/distill/checkpoints",
+                         f"--config.eval.database_folder={folders['database']}"],
+                        cwd=REPO, capture_output=True, text=True, timeout=600,
+                        env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert proc.returncode == 2 and "eval.queries_folder" in proc.stderr
+
+
 def test_rerun_skips_every_stage(run1, cache):
   workdir, _ = run1
   lines = sum(1 for _ in open(os.path.join(workdir, "metrics.jsonl")))

@@ -17,6 +17,7 @@ this layout with synthetic UTM by `structvpr_jax.data.convert`.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 from typing import Optional
 
@@ -237,6 +238,48 @@ def queries_without_positives(split: VprSplit,
   return np.asarray([i for i, p in enumerate(positives) if len(p) == 0], np.int64)
 
 
+def folder_split(database_folder: str, queries_folder: str, labelled: bool = True) -> VprSplit:
+  """A split from two plain image folders (what VPR-methods-evaluation users
+  pass): database and queries named with UTM (`@east@north@...`).
+
+  Args:
+    database_folder, queries_folder: folders of images (not recursive).
+    labelled: False for queries without UTM in their names (no recalls then:
+      their UTM is NaN).
+
+  Raises:
+    ValueError naming the folder when it holds no images, or the file whose
+    name has no UTM.
+  """
+  paths = {}
+  for role, folder in (("database", database_folder), ("queries", queries_folder)):
+    if not os.path.isdir(folder):
+      raise ValueError(f"eval.{role}_folder={folder!r}: not a folder")
+    paths[role] = list_images(folder)
+    if not paths[role]:
+      raise ValueError(f"{folder}: no images ({', '.join(IMAGE_EXTENSIONS)})")
+  db_utm = np.array([parse_utm(p) for p in paths["database"]], np.float64).reshape(-1, 2)
+  if labelled:
+    q_utm = np.array([parse_utm(p) for p in paths["queries"]], np.float64).reshape(-1, 2)
+  else:
+    q_utm = np.full((len(paths["queries"]), 2), np.nan)
+  return VprSplit(root=os.path.abspath(queries_folder), split="folders",
+                  database_paths=paths["database"], query_paths=paths["queries"],
+                  database_utm=db_utm, query_utm=q_utm, database_seg_paths=None,
+                  query_seg_paths=None)
+
+
+def files_sha256(split: VprSplit) -> str:
+  """SHA-256 of the split's database and query file names (in order): two
+  results on "the same" dataset can be told apart by it."""
+  h = hashlib.sha256()
+  for role, names in (("database", split.database_paths), ("queries", split.query_paths)):
+    h.update(role.encode())
+    for p in names:
+      h.update(b"\0" + os.path.basename(p).encode())
+  return h.hexdigest()
+
+
 def write_subset(split: VprSplit, dest: str, query_keep, database_keep) -> str:
   """A layout at `dest` whose `split.split` holds only the kept images.
 
@@ -293,7 +336,7 @@ def write_subset(split: VprSplit, dest: str, query_keep, database_keep) -> str:
   return dest
 
 
-__all__ = ["write_subset", "SPLITS", "ROLES", "FIELDS", "IMAGE_EXTENSIONS", "VprSplit", "format_name",
+__all__ = ["write_subset", "folder_split", "files_sha256", "SPLITS", "ROLES", "FIELDS", "IMAGE_EXTENSIONS", "VprSplit", "format_name",
            "parse_name", "parse_utm", "read_split", "seg_path_for", "is_image_name",
            "training_ground_truth", "split_folders", "TRAIN_POSITIVE_RADIUS",
            "NEGATIVE_RADIUS", "TEST_POSITIVE_RADIUS", "list_role",

@@ -14,9 +14,13 @@ from __future__ import annotations
 
 import os
 
-from structvpr_jax import checkpoint, config_lib, files, parallel, report
+import numpy as np
+from absl import logging
+
+from structvpr_jax import checkpoint, config_lib, files, parallel, report, retrieval
 from structvpr_jax.data import layout, synthetic
-from structvpr_jax.evaluation import RecallEvaluator, index_from_config, pca_from_config, public
+from structvpr_jax.evaluation import (RecallEvaluator, describe_split, index_from_config,
+                                      pca_from_config, public)
 from structvpr_jax.workdir import Workdir
 
 
@@ -88,19 +92,82 @@ def write_figures_and_report(config, wd: Workdir, root: str, split: str,
 
 
 def run_checkpoint(config, wd: Workdir) -> dict:
-  """Eval mode: restore `config.checkpoint`, evaluate it on `data.root`'s
-  `eval_split`, write <workdir>/eval/<split>/recalls.json."""
+  """Eval mode: restore `config.checkpoint` and evaluate it on a layout root's
+  `eval_split` (`data.root`) or on two plain folders (`eval.database_folder`,
+  `eval.queries_folder`; `eval.no_labels` for queries without UTM). Prints
+  `< #queries: Q; #database: N >` and the recall line; writes
+  <workdir>/eval/<split>/recalls.json (recalls, counts, radius, image size, a
+  hash of both file lists), optional preds/ (`eval.num_preds_to_save`,
+  `eval.save_only_wrong`) and descriptors (`eval.save_descriptors`)."""
   if not config.get("checkpoint"):
     raise ValueError("checkpoint: set --config.checkpoint=DIR (an Orbax checkpoint directory)")
-  if config.data.name == "folder" and not config.data.root:
-    raise ValueError("data.root is not set: give the layout folder to evaluate on with "
-                     "--config.data.root=DIR")
-  root = config.data.root or wd.data
+  ev = config.eval
+  db_folder, q_folder = ev.get("database_folder", ""), ev.get("queries_folder", "")
+  if bool(db_folder) != bool(q_folder):
+    raise ValueError("eval.database_folder and eval.queries_folder go together: set both "
+                     "(two plain image folders) or neither (data.root, a layout folder)")
+  labelled = not bool(ev.get("no_labels", False))
+  if not db_folder and not labelled:
+    raise ValueError("eval.no_labels needs eval.database_folder / eval.queries_folder")
   spec, variables, step, _ = checkpoint.restore_variables(config.checkpoint)
-  split = config.get("eval_split", "test")
+  trained_size = tuple(int(x) for x in spec["image_size"])
+  size = tuple(int(x) for x in (ev.get("image_size", ()) or ()))
+  size = trained_size if not size or not all(size) else size
+  if size != trained_size:
+    logging.warning("evaluating at %dx%d, the checkpoint trained at %dx%d (eval.image_size): "
+                    "recalls are not comparable with its training-size results",
+                    *size, *trained_size)
+    print(f"warning: eval.image_size {size[0]}x{size[1]} differs from the checkpoint's "
+          f"training size {trained_size[0]}x{trained_size[1]}")
+  spec = dict(spec, image_size=list(size))
+  if db_folder:
+    vs, split, root = layout.folder_split(db_folder, q_folder, labelled), "folders", None
+  else:
+    if config.data.name == "folder" and not config.data.root:
+      raise ValueError("data.root is not set: give the layout folder to evaluate on with "
+                       "--config.data.root=DIR, or two folders with "
+                       "--config.eval.database_folder=DIR --config.eval.queries_folder=DIR")
+    root = config.data.root or wd.data
+    split = config.get("eval_split", "test")
+    vs = layout.read_split(root, split, require_segmentations=spec["view"] == "seg")
+  if spec["view"] == "seg" and db_folder:
+    raise ValueError("two-folder evaluation takes RGB checkpoints (rgb or distill); a seg "
+                     "checkpoint needs label maps: evaluate it on a layout folder")
+  print(f"< #queries: {vs.num_queries}; #database: {vs.num_database} >", flush=True)
   mesh = parallel.make_mesh()
-  out = public(_evaluate_checkpoint(config, spec, variables, root, mesh, split))
-  out.update(branch=spec["branch"], checkpoint=os.path.abspath(config.checkpoint), step=step)
+  k = max(tuple(ev.ns))
+  if labelled:
+    pca = pca_from_config(config, spec, variables, root, mesh) if root else None
+    if pca is None and int(ev.get("pca_dim", 0) or 0):
+      raise ValueError("eval.pca_dim needs a layout folder (data.root) with a train split")
+    rep = RecallEvaluator(spec, root, split, mesh, ev.batch_size, tuple(ev.ns), ev.radius,
+                          progress=True, index=index_from_config(config), vs=vs
+                          ).run(variables, pca)
+    predictions, descs = rep["_predictions"], rep["_descriptors"]
+    print(", ".join(f"R@{n}: {rep[f'R@{n}']:.1f}" for n in ev.ns), flush=True)
+    out = public(rep)
+  else:
+    descs = describe_split(spec, variables, vs, mesh, ev.batch_size, progress=True)
+    _, predictions = retrieval.search(descs["queries"], descs["database"], k,
+                                      **index_from_config(config))
+    out = {"num_queries": vs.num_queries, "num_database": vs.num_database,
+           "descriptor_dim": int(descs["queries"].shape[1]), "labels": False}
+    print("no labels (eval.no_labels): predictions only", flush=True)
+  out.update(branch=spec["branch"], checkpoint=os.path.abspath(config.checkpoint), step=step,
+             radius=float(ev.radius), image_size=list(size), trained_image_size=list(trained_size),
+             files_sha256=layout.files_sha256(vs), split=split,
+             database=os.path.dirname(vs.database_paths[0]),
+             queries=os.path.dirname(vs.query_paths[0]))
   if parallel.is_main_process():
     files.write_json(wd.recalls_json(split), out)
+    num_preds = int(ev.get("num_preds_to_save", 0) or 0)
+    if num_preds:
+      n = report.save_predictions(os.path.join(wd.eval_split_dir(split), "preds"), vs,
+                                  predictions, num_preds, size, float(ev.radius), labelled,
+                                  bool(ev.get("save_only_wrong", False)))
+      print(f"preds: {n} queries -> {os.path.join(wd.eval_split_dir(split), 'preds')}")
+    if ev.get("save_descriptors", False):
+      for role in ("database", "queries"):
+        files.save_npy(os.path.join(wd.eval_split_dir(split), f"{role}_descriptors.npy"),
+                       np.asarray(descs[role], np.float32))
   return out
