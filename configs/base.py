@@ -19,6 +19,9 @@ def get_config(arg=None):
   c = ml_collections.ConfigDict()
   c.mode = "structvpr"      # a key of structvpr_jax.main.MODES
   c.seed = 0
+  # TensorBoard scalars (loss, lr, val recalls per stage) in event files beside
+  # <workdir>/metrics.jsonl: `tensorboard --logdir runs/` (no TensorFlow needed).
+  c.tensorboard = True
   c.workdir = ""            # default: runs/<config name>
   c.distributed = False     # jax.distributed.initialize() when True
   c.smoke = smoke

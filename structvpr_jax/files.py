@@ -19,6 +19,8 @@ from typing import Any, Callable, Iterator
 import numpy as np
 from PIL import Image
 
+from structvpr_jax import events
+
 
 def _tmp_name(path: str) -> str:
   """A temporary name beside `path` keeping its extension (PIL, numpy and
@@ -124,15 +126,20 @@ def atomic_dir(path: str) -> Iterator[str]:
 
 
 class MetricsWriter:
-  """Appends one JSON object per line to a metrics.jsonl file.
+  """Appends one JSON object per line to a metrics.jsonl file, and (with
+  `tensorboard`) the record's numbers as TensorBoard scalars "<stage>/<key>"
+  at its "step", in an event file beside it (`events.EventWriter`), so that
+  `tensorboard --logdir runs/` shows every run.
 
   Disabled (writes nothing) when `enabled` is False: pass
   `parallel.is_main_process()` so only process 0 writes.
   """
 
-  def __init__(self, path: str, enabled: bool = True):
+  def __init__(self, path: str, enabled: bool = True, tensorboard: bool = False):
     self.path = path
     self.enabled = enabled
+    self.tensorboard = tensorboard
+    self._events = None
 
   def write(self, record: dict) -> None:
     if not self.enabled:
@@ -141,6 +148,14 @@ class MetricsWriter:
     os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
     with open(self.path, "a") as f:
       f.write(json.dumps(clean, sort_keys=True) + "\n")
+    if self.tensorboard and "step" in clean:
+      if self._events is None:
+        self._events = events.EventWriter(os.path.dirname(os.path.abspath(self.path)))
+      stage = clean.get("stage", "run")
+      self._events.scalars(int(clean["step"]), {
+          f"{stage}/{k}": v for k, v in clean.items()
+          if k not in ("step", "stage") and isinstance(v, (int, float))
+          and not isinstance(v, bool)})
 
 
 def _is_number_like(v) -> bool:

@@ -322,7 +322,8 @@ def train_stage(config, *, stage: str, spec: dict, split: layout.VprSplit, root:
              checkpoint_dir=checkpoint_dir,
              init_variables=lambda: init_variables(batcher.images.sources["database"], tc),
              extractor=extractor, validate=val.run,
-             metrics=files.MetricsWriter(metrics_path, parallel.is_main_process()),
+             metrics=files.MetricsWriter(metrics_path, parallel.is_main_process(),
+                                         tensorboard=bool(config.get("tensorboard", True))),
              seed=config.seed, teacher=teacher)
 
 
