@@ -429,7 +429,8 @@ def fit(*, stage: str, spec: dict, tc: dict, mesh, batcher: input_pipeline.Tripl
     best = validate_and_checkpoint(0, best)
 
   def describe_for_mining(role, indices):
-    return extractor(state_variables(), batcher.images.sources[role], indices)
+    return extractor(state_variables(), batcher.images.sources[role], indices, progress=True,
+                     desc=f"[{stage}] mining {role}")
 
   root_rng = jax.random.PRNGKey(seed)
   inject_nan_at = int(tc.get("inject_nan_at_step", 0) or 0)
