@@ -12,13 +12,16 @@ in the ``note`` field)::
     python -m structvpr_jax.data.convert convert-frames --database A \
         --queries B [--queries C] [--seg-root S] --out DIR \
         --split-places train:0-59,val:60-69,test:70-99
+    python -m structvpr_jax.data.convert convert-csv --csv images.csv --out DIR
 
-See `convert_frames`, `convert_preset` and `PRESETS`.
+See `convert_frames`, `convert_preset`, `PRESETS` and `convert_csv` (images
+with WGS84 lat/lon -> UTM names, `structvpr_jax.data.geo`).
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import os
 import re
 import shutil
@@ -31,6 +34,7 @@ import numpy as np
 from PIL import Image
 
 from structvpr_jax import files
+from structvpr_jax.data import geo
 from structvpr_jax.data.layout import (
     IMAGE_EXTENSIONS, ROLES, SPLITS, list_images, format_name, split_folders)
 
@@ -321,6 +325,109 @@ def convert_frames(out: str, database: str, queries, split_places: str, *,
   return marker
 
 
+CSV_COLUMNS = ("path", "lat", "lon", "split", "role")
+
+
+def convert_csv(csv_path: str, out: str, *, max_side: Optional[int] = None,
+                workers: Optional[int] = None, verbose: bool = True) -> dict:
+  """Converts images listed with GPS in a CSV file into the layout.
+
+  Columns: ``path`` (relative to the CSV's folder, or absolute), ``lat``,
+  ``lon`` (WGS84 degrees), ``split`` (train / val / test), ``role``
+  (database / queries); optional ``note`` (e.g. the condition) and
+  ``segmentation`` (a label map for the image). UTM comes from
+  `geo.latlon_to_utm`; when the rows span several UTM zones, all are
+  projected into the most common one (distances stay consistent; recorded
+  in the marker as ``utm_zone``). Names: ``format_name(east, north,
+  utm_zone_number, utm_zone_letter, lat, lon, pano_id=<row>, note)``.
+
+  Returns the marker (``params``, ``counts``, ``utm_zone``, ``seconds``).
+  Raises ValueError naming the CSV line for a missing column or file, a bad
+  number, split or role; `out` is written atomically like `convert_frames`.
+  """
+  start_time = time.time()
+  csv_path = os.path.abspath(csv_path)
+  root = os.path.abspath(out)
+  params = {"version": CONVERT_VERSION, "csv": csv_path,
+            "max_side": int(max_side) if max_side else None}
+  existing = _check_existing_conversion(root, params)
+  if existing is not None:
+    if verbose:
+      print(f"convert-csv: {root} already converted with these parameters "
+            f"({_format_counts(existing['counts'])}); nothing to do")
+    return existing
+  base = os.path.dirname(csv_path)
+  with open(csv_path, newline="") as f:
+    reader = csv.DictReader(f)
+    missing = [c for c in CSV_COLUMNS if c not in (reader.fieldnames or [])]
+    if missing:
+      raise ValueError(f"{csv_path}: missing column(s) {missing}; expected {list(CSV_COLUMNS)} "
+                       f"(+ optional note, segmentation)")
+    rows = list(reader)
+  if not rows:
+    raise ValueError(f"{csv_path}: no rows")
+  parsed = []
+  for line, row in enumerate(rows, start=2):
+    where = f"{csv_path}:{line}"
+    try:
+      lat, lon = float(row["lat"]), float(row["lon"])
+    except ValueError:
+      raise ValueError(f"{where}: lat/lon {row['lat']!r}, {row['lon']!r} are not numbers") from None
+    if row["split"] not in SPLITS or row["role"] not in ROLES:
+      raise ValueError(f"{where}: split {row['split']!r} / role {row['role']!r}; expected "
+                       f"{SPLITS} / {ROLES}")
+    src = row["path"] if os.path.isabs(row["path"]) else os.path.join(base, row["path"])
+    if not os.path.isfile(src):
+      raise ValueError(f"{where}: no such image {src}")
+    seg = (row.get("segmentation") or "").strip()
+    seg = None if not seg else (seg if os.path.isabs(seg) else os.path.join(base, seg))
+    if seg is not None and not os.path.isfile(seg):
+      raise ValueError(f"{where}: no such label map {seg}")
+    if "@" in (row.get("note") or ""):
+      raise ValueError(f"{where}: note must not contain '@'")
+    parsed.append((src, seg, lat, lon, row))
+  try:
+    zones = [geo.zone_number(lat, lon) for _, _, lat, lon, _ in parsed]
+    letters = [geo.zone_letter(lat) for _, _, lat, _, _ in parsed]
+  except ValueError as e:
+    raise ValueError(f"{csv_path}: {e}") from None
+  zone = max(set(zones), key=zones.count)
+  if len(set(zones)) > 1 and verbose:
+    print(f"convert-csv: rows span UTM zones {sorted(set(zones))}; all projected into zone "
+          f"{zone} so distances stay consistent")
+  jobs, counts = [], {}
+  for i, ((src, seg, lat, lon, row), letter) in enumerate(zip(parsed, letters)):
+    east, north, _, _ = geo.latlon_to_utm(lat, lon, force_zone=zone)
+    ext = os.path.splitext(src)[1].lower()
+    if max_side and ext not in (".jpg", ".jpeg", ".png"):
+      ext = ".png"
+    fname = format_name(east, north, ext=ext, utm_zone_number=zone, utm_zone_letter=letter,
+                        lat=row["lat"].strip(), lon=row["lon"].strip(), pano_id=i,
+                        note=(row.get("note") or "").strip() or None)
+    img_dir, seg_dir = split_folders("", row["split"], row["role"])
+    seg_dst = None if seg is None else os.path.join(seg_dir, os.path.splitext(fname)[0] + ".png")
+    jobs.append((src, os.path.join(img_dir, fname), seg, seg_dst, max_side))
+    counts.setdefault(row["split"], {"database": 0, "queries": 0})[row["role"]] += 1
+  with files.atomic_dir(root) as tmp:
+    in_tmp = [(src, os.path.join(tmp, dst), seg_src,
+               None if seg_dst is None else os.path.join(tmp, seg_dst), side)
+              for src, dst, seg_src, seg_dst, side in jobs]
+    for _, dst, _, seg_dst, _ in in_tmp:
+      os.makedirs(os.path.dirname(dst), exist_ok=True)
+      if seg_dst is not None:
+        os.makedirs(os.path.dirname(seg_dst), exist_ok=True)
+    with ThreadPoolExecutor(max_workers=workers or min(4, os.cpu_count() or 1)) as pool:
+      for _ in pool.map(_convert_one, in_tmp):
+        pass
+    marker = {"params": params, "counts": counts, "utm_zone": zone,
+              "seconds": round(time.time() - start_time, 3)}
+    files.write_json(os.path.join(tmp, CONVERT_MARKER), marker, indent=1, sort_keys=False)
+  if verbose:
+    print(f"convert-csv: {root}: {_format_counts(counts)}; UTM zone {zone}; "
+          f"{marker['seconds']:.1f} s")
+  return marker
+
+
 def _format_counts(counts: dict) -> str:
   return ", ".join(f"{s} {c['database']} db/{c['queries']} q" for s, c in counts.items())
 
@@ -369,8 +476,17 @@ def main(argv=None) -> int:
                     help="resize so the longer side is at most N pixels (default: keep)")
   conv.add_argument("--frame-spacing", type=float, default=FRAME_SPACING_M)
   conv.add_argument("--workers", type=int, default=None)
+  conv_csv = sub.add_parser("convert-csv", help="images with lat/lon in a CSV -> layout folder")
+  conv_csv.add_argument("--csv", required=True,
+                        help="columns path, lat, lon, split, role (+ note, segmentation)")
+  conv_csv.add_argument("--out", required=True)
+  conv_csv.add_argument("--max-side", type=int, default=None)
+  conv_csv.add_argument("--workers", type=int, default=None)
   args = parser.parse_args(argv)
   try:
+    if args.command == "convert-csv":
+      convert_csv(args.csv, args.out, max_side=args.max_side, workers=args.workers)
+      return 0
     if args.preset:
       if not args.src or args.database or args.queries:
         parser.error("--preset takes --src (and not --database/--queries)")
@@ -388,13 +504,14 @@ def main(argv=None) -> int:
                      seg_root=args.seg_root, max_side=args.max_side,
                      frame_spacing=args.frame_spacing, workers=args.workers)
   except ValueError as err:
-    print(f"convert-frames: error: {err}", file=sys.stderr)
+    print(f"{args.command}: error: {err}", file=sys.stderr)
     return 2
   return 0
 
 
 __all__ = ["FRAME_SPACING_M", "CONVERT_MARKER", "CONVERT_VERSION", "PRESETS",
-           "parse_split_places", "list_frames", "convert_frames", "convert_preset", "main"]
+           "parse_split_places", "list_frames", "convert_frames", "convert_preset", "convert_csv",
+           "CSV_COLUMNS", "main"]
 
 
 if __name__ == "__main__":
