@@ -28,6 +28,7 @@ def get_config(arg=None):
   c.eval.database_folder = ""     # two-folder form (with eval.queries_folder)
   c.eval.queries_folder = ""
   c.eval.no_labels = False        # queries without UTM: predictions only, no recalls
+  c.eval.ground_truth = ""        # Patch-NetVLAD .npz (utmQ, utmDb in sorted-name order)
   c.eval.num_preds_to_save = 0    # K > 0: preds/NNN.jpg (query + top-K) and NNN.txt
   c.eval.save_only_wrong = False  # preds only for queries whose top-1 is wrong
   c.eval.save_descriptors = False

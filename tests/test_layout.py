@@ -295,3 +295,36 @@ def test_write_subset_links_kept_images_and_other_splits(small, tmp_path):
   with pytest.raises(ValueError, match="queries mask has shape"):
     L.write_subset(sp, str(tmp_path / "other"), q_keep[:2], db_keep)
   assert not os.path.exists(tmp_path / "other")
+
+
+def test_patchnetvlad_ground_truth_round_trip_and_two_folder_split(small, tmp_path, capsys):
+  _write_layout(small, "test", "database", DB_UTM)
+  _write_layout(small, "test", "queries", Q_UTM)
+  gt = str(tmp_path / "gt.npz")
+  assert C.main(["export-gt", "--root", small, "--split", "test", "--out", gt]) == 0
+  assert "utmQ (3, 2)" in capsys.readouterr().out
+  utm_q, utm_db, radius = L.read_patchnetvlad_gt(gt)
+  sp = L.read_split(small, "test")
+  np.testing.assert_array_equal(utm_q, sp.query_utm)
+  np.testing.assert_array_equal(utm_db, sp.database_utm)
+  assert radius == 25.0
+  with np.load(gt) as z:
+    assert sorted(z.files) == ["posDistThr", "utmDb", "utmQ"]
+  # two plain folders whose names carry no UTM, positions from the .npz
+  folders = {}
+  for role, paths in (("database", sp.database_paths), ("queries", sp.query_paths)):
+    folders[role] = tmp_path / role
+    os.makedirs(folders[role])
+    for k, p in enumerate(paths):
+      os.symlink(p, folders[role] / f"img{k:03d}.jpg")
+  vs = L.folder_split(str(folders["database"]), str(folders["queries"]), ground_truth=gt)
+  np.testing.assert_array_equal(vs.query_utm, sp.query_utm)
+  with pytest.raises(ValueError, match="img000.jpg: not a datasets_vg name"):
+    L.folder_split(str(folders["database"]), str(folders["queries"]))
+  os.remove(folders["queries"] / "img000.jpg")
+  with pytest.raises(ValueError, match="3 queries positions for 2 images"):
+    L.folder_split(str(folders["database"]), str(folders["queries"]), ground_truth=gt)
+  bad = str(tmp_path / "bad.npz")
+  np.savez(bad, utmQ=utm_q)
+  with pytest.raises(ValueError, match=r"bad.npz: missing \['utmDb', 'posDistThr'\]"):
+    L.read_patchnetvlad_gt(bad)

@@ -36,7 +36,8 @@ from PIL import Image
 from structvpr_jax import files
 from structvpr_jax.data import geo
 from structvpr_jax.data.layout import (
-    IMAGE_EXTENSIONS, ROLES, SPLITS, list_images, format_name, split_folders)
+    IMAGE_EXTENSIONS, ROLES, SPLITS, TEST_POSITIVE_RADIUS, format_name, list_images,
+    read_split, split_folders, write_patchnetvlad_gt)
 
 FRAME_SPACING_M = 10.0   # synthetic UTM: north = 10 m * frame index, east = 0
 CONVERT_MARKER = "convert.json"
@@ -482,8 +483,19 @@ def main(argv=None) -> int:
   conv_csv.add_argument("--out", required=True)
   conv_csv.add_argument("--max-side", type=int, default=None)
   conv_csv.add_argument("--workers", type=int, default=None)
+  export = sub.add_parser("export-gt", help="a split's ground truth as a Patch-NetVLAD .npz")
+  export.add_argument("--root", required=True, help="layout folder")
+  export.add_argument("--split", default="test", choices=SPLITS)
+  export.add_argument("--out", required=True, help="the .npz to write")
+  export.add_argument("--radius", type=float, default=TEST_POSITIVE_RADIUS)
   args = parser.parse_args(argv)
   try:
+    if args.command == "export-gt":
+      split = read_split(args.root, args.split)
+      write_patchnetvlad_gt(split, args.out, args.radius)
+      print(f"export-gt: {args.out}: utmQ {split.query_utm.shape}, utmDb "
+            f"{split.database_utm.shape}, posDistThr {args.radius:g} (sorted-name order)")
+      return 0
     if args.command == "convert-csv":
       convert_csv(args.csv, args.out, max_side=args.max_side, workers=args.workers)
       return 0

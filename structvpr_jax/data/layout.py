@@ -238,7 +238,8 @@ def queries_without_positives(split: VprSplit,
   return np.asarray([i for i, p in enumerate(positives) if len(p) == 0], np.int64)
 
 
-def folder_split(database_folder: str, queries_folder: str, labelled: bool = True) -> VprSplit:
+def folder_split(database_folder: str, queries_folder: str, labelled: bool = True,
+                 ground_truth: str = "") -> VprSplit:
   """A split from two plain image folders (what VPR-methods-evaluation users
   pass): database and queries named with UTM (`@east@north@...`).
 
@@ -246,6 +247,9 @@ def folder_split(database_folder: str, queries_folder: str, labelled: bool = Tru
     database_folder, queries_folder: folders of images (not recursive).
     labelled: False for queries without UTM in their names (no recalls then:
       their UTM is NaN).
+    ground_truth: optional Patch-NetVLAD `.npz` (`read_patchnetvlad_gt`)
+      giving the UTM of the database and queries in sorted-name order,
+      instead of the names.
 
   Raises:
     ValueError naming the folder when it holds no images, or the file whose
@@ -258,6 +262,16 @@ def folder_split(database_folder: str, queries_folder: str, labelled: bool = Tru
     paths[role] = list_images(folder)
     if not paths[role]:
       raise ValueError(f"{folder}: no images ({', '.join(IMAGE_EXTENSIONS)})")
+  if ground_truth:
+    q_utm, db_utm, _ = read_patchnetvlad_gt(ground_truth)
+    for role, utm in (("queries", q_utm), ("database", db_utm)):
+      if len(utm) != len(paths[role]):
+        raise ValueError(f"{ground_truth}: {len(utm)} {role} positions for "
+                         f"{len(paths[role])} images in the {role} folder")
+    return VprSplit(root=os.path.abspath(queries_folder), split="folders",
+                    database_paths=paths["database"], query_paths=paths["queries"],
+                    database_utm=db_utm, query_utm=q_utm, database_seg_paths=None,
+                    query_seg_paths=None)
   db_utm = np.array([parse_utm(p) for p in paths["database"]], np.float64).reshape(-1, 2)
   if labelled:
     q_utm = np.array([parse_utm(p) for p in paths["queries"]], np.float64).reshape(-1, 2)
@@ -267,6 +281,33 @@ def folder_split(database_folder: str, queries_folder: str, labelled: bool = Tru
                   database_paths=paths["database"], query_paths=paths["queries"],
                   database_utm=db_utm, query_utm=q_utm, database_seg_paths=None,
                   query_seg_paths=None)
+
+
+def write_patchnetvlad_gt(split: VprSplit, path: str,
+                          radius: float = TEST_POSITIVE_RADIUS) -> str:
+  """The split's ground truth as a Patch-NetVLAD `.npz`: ``utmQ`` [Q, 2],
+  ``utmDb`` [N, 2] (float64, in this split's order: sorted file names) and
+  ``posDistThr`` (the positive radius, metres). Written atomically."""
+  return files.save_npz(path, utmQ=np.asarray(split.query_utm, np.float64),
+                        utmDb=np.asarray(split.database_utm, np.float64),
+                        posDistThr=np.float64(radius))
+
+
+def read_patchnetvlad_gt(path: str) -> tuple[np.ndarray, np.ndarray, float]:
+  """(utmQ [Q, 2], utmDb [N, 2], posDistThr) from a Patch-NetVLAD ground-truth
+  `.npz`; ValueError naming the file when a key is missing or malformed."""
+  try:
+    with np.load(path) as gt:
+      missing = [k for k in ("utmQ", "utmDb", "posDistThr") if k not in gt.files]
+      if missing:
+        raise ValueError(f"{path}: missing {missing} (a Patch-NetVLAD ground-truth .npz has "
+                         f"utmQ, utmDb, posDistThr)")
+      utm_q = np.asarray(gt["utmQ"], np.float64).reshape(-1, 2)
+      utm_db = np.asarray(gt["utmDb"], np.float64).reshape(-1, 2)
+      radius = float(gt["posDistThr"])
+  except (OSError, EOFError) as e:
+    raise ValueError(f"{path}: cannot read the ground-truth .npz ({e})") from None
+  return utm_q, utm_db, radius
 
 
 def files_sha256(split: VprSplit) -> str:
@@ -336,7 +377,8 @@ def write_subset(split: VprSplit, dest: str, query_keep, database_keep) -> str:
   return dest
 
 
-__all__ = ["write_subset", "folder_split", "files_sha256", "SPLITS", "ROLES", "FIELDS", "IMAGE_EXTENSIONS", "VprSplit", "format_name",
+__all__ = ["write_subset", "folder_split", "files_sha256", "write_patchnetvlad_gt",
+           "read_patchnetvlad_gt", "SPLITS", "ROLES", "FIELDS", "IMAGE_EXTENSIONS", "VprSplit", "format_name",
            "parse_name", "parse_utm", "read_split", "seg_path_for", "is_image_name",
            "training_ground_truth", "split_folders", "TRAIN_POSITIVE_RADIUS",
            "NEGATIVE_RADIUS", "TEST_POSITIVE_RADIUS", "list_role",

@@ -121,7 +121,8 @@ def run_checkpoint(config, wd: Workdir) -> dict:
           f"training size {trained_size[0]}x{trained_size[1]}")
   spec = dict(spec, image_size=list(size))
   if db_folder:
-    vs, split, root = layout.folder_split(db_folder, q_folder, labelled), "folders", None
+    vs = layout.folder_split(db_folder, q_folder, labelled, ev.get("ground_truth", "") or "")
+    split, root = "folders", None
   else:
     if config.data.name == "folder" and not config.data.root:
       raise ValueError("data.root is not set: give the layout folder to evaluate on with "
