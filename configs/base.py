@@ -134,6 +134,12 @@ def get_config(arg=None):
   # TPU: parameters, optimizer state, BN statistics and losses stay float32;
   # extraction and evaluation run in float32).
   c.train.dtype = "float32"
+  # Augmentation inside the jitted step, training only: "" (off) or a comma list
+  # of "crop" (random resized crop, the same box for an image's RGB and label
+  # map) and "color" (brightness, contrast, saturation, hue jitter of RGB).
+  c.train.augment = ""
+  c.train.crop_scale = (0.6, 1.0)                 # crop area fraction range
+  c.train.color_jitter = (0.3, 0.3, 0.3, 0.05)    # brightness, contrast, saturation, hue (turns)
   # "batch": synchronised batch statistics (BN running stats updated);
   # "frozen": BN uses its running stats and never updates them (the usual
   # choice when fine-tuning a pretrained backbone). Measured on the default

@@ -17,7 +17,7 @@ import os
 
 import jax
 
-from structvpr_jax import losses, partition, retrieval, slme
+from structvpr_jax import augment, losses, partition, retrieval, slme
 from structvpr_jax.data import convert
 from structvpr_jax.models import mobilenet, pretrained, spec as model_spec
 
@@ -32,7 +32,8 @@ TRAIN_RESULT_FIELDS = ("batch_size", "num_negatives", "mining", "num_candidates"
                        "refresh_every", "num_steps", "learning_rate", "warmup_steps",
                        "final_lr_fraction", "optimizer", "grad_clip", "weight_decay", "margin",
                        "batchnorm", "eval_at_start", "eval_every", "kmeans_images",
-                       "kmeans_per_image", "log_term_grads", "dtype")
+                       "kmeans_per_image", "log_term_grads", "dtype", "augment", "crop_scale",
+                       "color_jitter")
 STAGE_OVERRIDES = ("num_steps", "learning_rate", "batchnorm", "mining")
 
 
@@ -89,6 +90,10 @@ def validate_config(config) -> None:
   if pca_dim < 0 or pca_dim > config.rgb.dim * config.rgb.num_clusters:
     raise ValueError(f"eval.pca_dim={pca_dim} must be 0 (off) or in [1, descriptor dim "
                      f"{config.rgb.dim * config.rgb.num_clusters}]")
+  augment.parse_ops(config.train.get("augment", "") or "")
+  scale = tuple(config.train.get("crop_scale", (0.6, 1.0)))
+  if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
+    raise ValueError(f"train.crop_scale={scale}: expected (min, max) area fractions in (0, 1]")
   cache_gb = config.data.get("cache_gb", None)
   if cache_gb is not None and not float(cache_gb) >= 0:
     raise ValueError(f"data.cache_gb={cache_gb} must be >= 0 (GiB of decoded training "

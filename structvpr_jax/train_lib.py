@@ -30,7 +30,7 @@ import optax
 from absl import logging
 from flax.training import train_state
 
-from structvpr_jax import checkpoint, config_lib, files, losses, mining, parallel, slme
+from structvpr_jax import augment, checkpoint, config_lib, files, losses, mining, parallel, slme
 from structvpr_jax.data import input_pipeline, layout
 from structvpr_jax.evaluation import Extractor, RecallEvaluator
 from structvpr_jax.models import netvlad
@@ -128,11 +128,23 @@ def make_train_step(spec: dict, tc: dict, mesh, teacher_spec: Optional[dict] = N
   if batchnorm not in BATCHNORM_MODES:
     raise ValueError(f"train.batchnorm={batchnorm!r}; expected one of {BATCHNORM_MODES}")
 
+  ops = augment.parse_ops(tc.get("augment", "") or "")
+  crop_scale = tuple(float(v) for v in tc.get("crop_scale", (0.6, 1.0)))
+  jitter = tuple(float(v) for v in tc.get("color_jitter", (0.3, 0.3, 0.3, 0.05)))
+
+  def augmented(x, keys, view):
+    """[N, ...] images of one view, augmented when train.augment asks."""
+    if not ops:
+      return x
+    return augment.augment_images(keys, x, view, ops, crop_scale, jitter)
+
   def loss_fn(params, batch_stats, batch, rng, *extra):
     del rng
     x = batch[spec["view"]]
     b, k = x.shape[:2]
-    inputs = model_spec.model_input(spec, x.reshape((b * k,) + x.shape[2:]))
+    keys = augment.image_keys(batch["augment_seed"], k) if ops else None
+    inputs = model_spec.model_input(
+        spec, augmented(x.reshape((b * k,) + x.shape[2:]), keys, spec["view"]))
     variables = {"params": params, "batch_stats": batch_stats}
     if batchnorm == "batch":   # synchronised batch statistics, running averages updated
       desc, updates = model.apply(variables, inputs, train=True, mutable=["batch_stats"])
@@ -149,8 +161,11 @@ def make_train_step(spec: dict, tc: dict, mesh, teacher_spec: Optional[dict] = N
     if teacher is not None:
       (teacher_vars,) = extra
       views = k if kd == "relational" else 2             # all images, or query + positive
-      seg = batch["seg"][:, :views]
-      t_in = model_spec.model_input(teacher_spec, seg.reshape((b * views,) + seg.shape[2:]))
+      seg = batch["seg"][:, :views].reshape((b * views,) + batch["seg"].shape[2:])
+      t_keys = None if keys is None else keys.reshape((b, k) + keys.shape[1:])[:, :views]
+      t_keys = None if t_keys is None else t_keys.reshape((b * views,) + keys.shape[1:])
+      # the teacher's label maps get the same crop boxes as the student's images
+      t_in = model_spec.model_input(teacher_spec, augmented(seg, t_keys, "seg"))
       t_desc = teacher.apply(teacher_vars, t_in, train=False).reshape(b, views, -1)
 
       def kd_of(d):
@@ -289,6 +304,16 @@ class Teacher:
 def format_eta(seconds: float) -> str:
   seconds = int(max(seconds, 0))
   return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def augment_seeds(seed: int, step: int, query_index) -> np.ndarray:
+  """uint32 [B]: one augmentation seed per query of a step, from the config
+  seed, the step and the query (device-count independent; a resumed run
+  draws the same)."""
+  q = np.asarray(query_index, np.uint64)
+  mixed = (q * np.uint64(0x9E3779B1) + np.uint64(step) * np.uint64(0x85EBCA77)
+           + np.uint64(seed) * np.uint64(0xC2B2AE3D))
+  return (mixed % np.uint64(2 ** 32)).astype(np.uint32)
 
 
 def train_stage(config, *, stage: str, spec: dict, split: layout.VprSplit, root: str, views,
@@ -441,6 +466,8 @@ def fit(*, stage: str, spec: dict, tc: dict, mesh, batcher: input_pipeline.Tripl
       device_batch = {v: batch[v] for v in views}
       if teacher is not None:
         device_batch["weight"] = teacher.weights[batch["query_index"]]
+      if tc.get("augment"):
+        device_batch["augment_seed"] = augment_seeds(seed, step, batch["query_index"])
       device_batch = parallel.shard_batch(device_batch, mesh)
       rng = jax.random.fold_in(root_rng, step)
       args = (teacher.variables,) if teacher is not None else ()
