@@ -328,3 +328,22 @@ def test_patchnetvlad_ground_truth_round_trip_and_two_folder_split(small, tmp_pa
   np.savez(bad, utmQ=utm_q)
   with pytest.raises(ValueError, match=r"bad.npz: missing \['utmDb', 'posDistThr'\]"):
     L.read_patchnetvlad_gt(bad)
+
+
+NORDLAND = os.path.join(REPO, "..", "shared", "data", "nordland_64x32")
+
+
+@pytest.mark.skipif(not os.path.isdir(NORDLAND), reason="needs ../shared/data/nordland_64x32")
+@pytest.mark.parametrize("preset,frames", [("nordland_pm1", 1), ("nordland_pm10", 10)])
+def test_nordland_variants_have_their_frame_tolerance(tmp_path, preset, frames):
+  C.convert_preset(preset, NORDLAND, str(tmp_path / preset), verbose=False)
+  sp = L.read_split(str(tmp_path / preset), "test")
+  positives = L.retrieval.positives_within(sp.query_utm, sp.database_utm,
+                                           L.TEST_POSITIVE_RADIUS)
+  db_frame = {float(u[1]): int(L.parse_name(p)["pano_id"])
+              for u, p in zip(sp.database_utm, sp.database_paths)}
+  for q in range(0, sp.num_queries, 97):
+    frame = int(L.parse_name(sp.query_paths[q])["pano_id"])
+    got = sorted(db_frame[float(sp.database_utm[j, 1])] for j in positives[q])
+    want = [f for f in range(frame - frames, frame + frames + 1) if f in db_frame.values()]
+    assert got == want, (q, frame)

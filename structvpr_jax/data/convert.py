@@ -62,6 +62,16 @@ PRESETS = {
         seg_root=None,
         split_places="train:0%-60%,val:60%-70%,test:70%-100%"),
 }
+# Nordland under the two ground-truth conventions of the literature, applied
+# to this copy's frames (every 10th frame of the ride) through the synthetic
+# frame spacing; the test radius stays 25 m:
+#   nordland_pm1   a query is right within +-1 frame (VPR-Bench / SALAD style):
+#                  25 m per frame; training positives are the same frame only.
+#   nordland_pm10  within +-10 frames (the VPR-datasets-downloader's 25 m):
+#                  2.5 m per frame; training positives +-4 frames.
+# ("nordland" itself: 10 m per frame, +-2 frames at test.)
+PRESETS["nordland_pm1"] = dict(PRESETS["nordland"], frame_spacing=25.0)
+PRESETS["nordland_pm10"] = dict(PRESETS["nordland"], frame_spacing=2.5)
 
 
 def parse_split_places(spec: str, num_frames: int) -> dict:
@@ -444,6 +454,8 @@ def convert_preset(preset: str, src: str, out: str, max_side: Optional[int] = No
   seg_root = os.path.join(src, p["seg_root"]) if p["seg_root"] else None
   if seg_root and not os.path.isdir(seg_root):
     seg_root = None  # label maps are optional
+  if "frame_spacing" in p:
+    kwargs["frame_spacing"] = p["frame_spacing"]    # the preset's convention wins
   return convert_frames(out, os.path.join(src, p["database"]),
                         [os.path.join(src, q) for q in p["queries"]],
                         kwargs.pop("split_places", p["split_places"]),
