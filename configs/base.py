@@ -138,6 +138,10 @@ def get_config(arg=None):
   # of "crop" (random resized crop, the same box for an image's RGB and label
   # map) and "color" (brightness, contrast, saturation, hue jitter of RGB).
   c.train.augment = ""
+  # First backbone block that trains (0 = all): the stem and earlier blocks get
+  # no gradient (their backward pass is skipped) and no update, the usual VPR
+  # fine-tuning of the last blocks. MobileNetV2 has blocks 0-16.
+  c.train.trainable_from = 0
   c.train.crop_scale = (0.6, 1.0)                 # crop area fraction range
   c.train.color_jitter = (0.3, 0.3, 0.3, 0.05)    # brightness, contrast, saturation, hue (turns)
   # "batch": synchronised batch statistics (BN running stats updated);

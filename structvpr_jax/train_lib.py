@@ -78,6 +78,22 @@ def make_optimizer(tc: dict, trainable_mask: Optional[Any] = None):
   return tx, schedule
 
 
+def frozen_below(trainable_from: int):
+  """`make_optimizer`'s trainable mask for `train.trainable_from`: False for
+  the backbone's stem and blocks before `trainable_from`, True elsewhere
+  (None when 0: everything trains)."""
+  if not trainable_from:
+    return None
+  frozen = {"stem"} | {f"block{i}" for i in range(int(trainable_from))}
+
+  def mask(params):
+    def leaf_mask(path, _):
+      keys = [getattr(k, "key", None) for k in path]
+      return not (len(keys) > 1 and keys[0] == "encoder" and keys[1] in frozen)
+    return jax.tree_util.tree_map_with_path(leaf_mask, params)
+  return mask
+
+
 def new_state(variables: dict, tx) -> TrainState:
   """A step-0 TrainState of host variables {"params", "batch_stats"}."""
   return TrainState(step=0, apply_fn=None, params=variables["params"], tx=tx,
@@ -120,7 +136,8 @@ def make_train_step(spec: dict, tc: dict, mesh, teacher_spec: Optional[dict] = N
   if kd not in losses.KD_FORMS:
     raise ValueError(f"distill.kd={kd!r}; expected one of {losses.KD_FORMS}")
   dtype = tc.get("dtype", "float32") or "float32"   # compute dtype; params stay float32
-  model = model_spec.build_model(spec, bn_axis_name=parallel.DATA_AXIS, dtype=dtype)
+  model = model_spec.build_model(spec, bn_axis_name=parallel.DATA_AXIS, dtype=dtype,
+                                 trainable_from=int(tc.get("trainable_from", 0) or 0))
   teacher = model_spec.build_model(teacher_spec, dtype=dtype) if teacher_spec else None
   margin = float(tc["margin"])
   term_grads = bool(tc.get("log_term_grads", False))
@@ -382,7 +399,7 @@ def fit(*, stage: str, spec: dict, tc: dict, mesh, batcher: input_pipeline.Tripl
   if steps_per_epoch == 0:
     raise ValueError(f"train.batch_size={tc['batch_size']} is larger than the "
                      f"{len(miner.train_queries)} usable training queries")
-  tx, schedule = make_optimizer(tc)
+  tx, schedule = make_optimizer(tc, frozen_below(int(tc.get("trainable_from", 0) or 0)))
   mngr = checkpoint.manager(checkpoint_dir)
   abstract_vars = model_spec.abstract_variables(spec)
   heads = dict(teacher.loss_heads) if teacher is not None else {}

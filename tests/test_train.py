@@ -218,3 +218,28 @@ def test_bfloat16_step_keeps_float32_state_and_follows_float32():
   assert big.sum() > 100 and np.mean(np.sign(d16[big]) == np.sign(d32[big])) > 0.8
   with pytest.raises(ValueError, match="dtype='float16'"):
     model_spec.build_model(SPEC, dtype="float16")
+
+
+@pytest.mark.parametrize("trainable_from", [1, 2])
+def test_trainable_from_leaves_the_frozen_blocks_bitwise_unchanged(trainable_from):
+  mesh = parallel.make_mesh(jax.devices()[:1])
+  variables = model_spec.init_variables(SPEC, 0)
+  tc = dict(TC, batchnorm="frozen", trainable_from=trainable_from)
+  tx, _ = train_lib.make_optimizer(tc, train_lib.frozen_below(trainable_from))
+  state = parallel.replicate(train_lib.new_state(variables, tx), mesh)
+  step = train_lib.make_train_step(SPEC, tc, mesh)
+  rng = np.random.default_rng(0)
+  for i in range(2):
+    labels = rng.integers(0, 19, (2, 3, 32, 32)).astype(np.uint8)
+    state, metrics = step(state, parallel.shard_batch({"seg": labels}, mesh),
+                          jax.random.PRNGKey(i))
+  new = jax.device_get(state.params)
+  frozen = {"stem"} | {f"block{i}" for i in range(trainable_from)}
+  for name, sub in variables["params"]["encoder"].items():
+    same = jax.tree.leaves(jax.tree.map(lambda a, b: bool(np.array_equal(a, b)),
+                                        sub, new["encoder"][name]))
+    assert all(same) == (name in frozen), name
+  for head in ("netvlad", "projection"):
+    assert not all(jax.tree.leaves(jax.tree.map(lambda a, b: bool(np.array_equal(a, b)),
+                                                variables["params"][head], new[head])))
+  assert train_lib.frozen_below(0) is None

@@ -31,6 +31,7 @@ class Branch(nn.Module):
     output_stride: the backbone's, 32 (default), 16 or 8.
     depthwise: the backbone's 3x3 depthwise kernel ("auto" | "shifted" |
       "grouped", `mobilenet.resolve_depthwise`; equal results).
+    trainable_from: first backbone block that gets gradients (0: all).
     bn_axis_name: mesh axis for synchronised BatchNorm (inside shard_map).
     dtype: compute dtype.
     param_dtype: parameter dtype.
@@ -45,6 +46,7 @@ class Branch(nn.Module):
   norm: str = "batch"
   output_stride: int = 32
   depthwise: str = "auto"
+  trainable_from: int = 0
   bn_axis_name: Optional[str] = None
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
@@ -55,7 +57,7 @@ class Branch(nn.Module):
   def setup(self):
     self.encoder = mobilenet.get_backbone(
         self.backbone, width=self.width, norm=self.norm, output_stride=self.output_stride,
-        depthwise=self.depthwise, bn_axis_name=self.bn_axis_name, dtype=self.dtype,
+        depthwise=self.depthwise, trainable_from=self.trainable_from, bn_axis_name=self.bn_axis_name, dtype=self.dtype,
         param_dtype=self.param_dtype, last_activation=False, **self._backbone_kwargs())
     self.projection = (nn.Dense(self.dim, dtype=self.dtype, param_dtype=self.param_dtype,
                                 name="projection") if self.dim else None)

@@ -250,6 +250,10 @@ class MobileNetV2(nn.Module):
       96x128, for NetVLAD on a small input).
     depthwise: the 3x3 depthwise kernel, "auto" | "shifted" | "grouped"
       (`resolve_depthwise`; equal results).
+    trainable_from: index of the first block gradients reach (0: all); the
+      stem and blocks before it get none (`lax.stop_gradient` on their
+      output), so their backward pass is not computed at all (the usual VPR
+      fine-tuning of the last blocks only; `train.trainable_from`).
     bn_axis_name: mesh axis for synchronised BatchNorm statistics (set when
       the model runs inside `shard_map`, e.g. "data").
     dtype: compute dtype.
@@ -267,6 +271,7 @@ class MobileNetV2(nn.Module):
   norm: str = "batch"
   output_stride: int = 32
   depthwise: str = "auto"
+  trainable_from: int = 0
   bn_axis_name: Optional[str] = None
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
@@ -293,9 +298,13 @@ class MobileNetV2(nn.Module):
         if s == 2 and total_stride >= self.output_stride:
           s = 1                                   # keep the finer feature map
         total_stride *= s
+        if index == self.trainable_from and index > 0:
+          x = lax.stop_gradient(x)               # nothing below this block trains
         x = InvertedResidual(make_divisible(channels * self.width), expansion, s,
                              depthwise=self.depthwise, name=f"block{index}", **common)(x, train)
         index += 1
+    if self.trainable_from and self.trainable_from >= index:
+      x = lax.stop_gradient(x)                   # every block frozen: the head trains
     if self.last_features:
       x = ConvBN(self.output_features, "pointwise", activation=self.last_activation,
                  name="last", **common)(x, train)

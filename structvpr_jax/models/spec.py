@@ -81,11 +81,13 @@ def resolve_branch_init(config, name: str) -> str:
 DTYPES = ("float32", "bfloat16")
 
 
-def build_model(spec: dict, bn_axis_name: Optional[str] = None, dtype: str = "float32") -> Branch:
+def build_model(spec: dict, bn_axis_name: Optional[str] = None, dtype: str = "float32",
+                trainable_from: int = 0) -> Branch:
   """The flax module of a spec; `bn_axis_name` synchronises BatchNorm over a mesh axis.
 
   `dtype` is the compute dtype ("float32" or "bfloat16": mixed precision, with
   float32 parameters, BatchNorm statistics, NetVLAD softmax and normalisation).
+  `trainable_from`: the first backbone block gradients reach (training only).
   """
   if dtype not in DTYPES:
     raise ValueError(f"dtype={dtype!r}; expected one of {DTYPES}")
@@ -95,7 +97,7 @@ def build_model(spec: dict, bn_axis_name: Optional[str] = None, dtype: str = "fl
                 blocks=None if not blocks else tuple(tuple(b) for b in blocks),
                 norm=spec.get("norm", "batch"), output_stride=int(spec.get("output_stride", 32)),
                 depthwise=spec.get("depthwise", "auto"), bn_axis_name=bn_axis_name,
-                dtype=jnp.dtype(dtype))
+                dtype=jnp.dtype(dtype), trainable_from=int(trainable_from))
 
 
 def normalize_rgb(x, kind: str = "imagenet"):
