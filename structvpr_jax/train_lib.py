@@ -323,6 +323,16 @@ def format_eta(seconds: float) -> str:
   return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
+def _start_label(stage: str, spec: dict, latest) -> str:
+  """Where a stage's weights start, for its first log line."""
+  if latest is not None:
+    return f"its checkpoint at step {latest} (resumed)"
+  if stage == "distill":
+    return "the stage-1 RGB branch (distill.init_from_rgb, the default) or a fresh init"
+  init = spec.get("init") or ""
+  return f"ImageNet ({init.partition(':')[2]})" if init else "random weights"
+
+
 def augment_seeds(seed: int, step: int, query_index) -> np.ndarray:
   """uint32 [B]: one augmentation seed per query of a step, from the config
   seed, the step and the query (device-count independent; a resumed run
@@ -439,7 +449,8 @@ def fit(*, stage: str, spec: dict, tc: dict, mesh, batcher: input_pipeline.Tripl
   print(f"[{stage}] {spec['backbone']} x{spec['width']} + NetVLAD-{spec['num_clusters']} "
         f"({n_params / 1e6:.2f}M params, descriptor {spec['num_clusters'] * spec['dim']}-d) on "
         f"{mesh.size} device(s) [{jax.devices()[0].platform}], {num_steps} steps, "
-        f"{steps_per_epoch} steps/epoch, global batch {tc['batch_size']} triplets")
+        f"{steps_per_epoch} steps/epoch, global batch {tc['batch_size']} triplets; starts "
+        f"from {_start_label(stage, spec, latest)}")
 
   def state_variables():
     """The branch's variables (the loss heads stripped: not part of the model)."""
