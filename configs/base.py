@@ -53,6 +53,9 @@ def get_config(arg=None):
   # on the CPU, one grouped convolution on GPU/TPU) | "shifted" | "grouped".
   # Equal results (tests/test_mobilenet.py); stored in the checkpoint's spec.
   c.model.depthwise = "auto"
+  # Fold frozen BatchNorm (evaluation, and train.batchnorm="frozen") into the
+  # preceding convolution: same parameters, equal up to float rounding.
+  c.model.fold_bn = False
 
   c.rgb = ml_collections.ConfigDict()
   c.rgb.backbone = "mobilenet_v2"

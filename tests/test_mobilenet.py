@@ -166,3 +166,44 @@ def test_depthwise_kinds_give_the_same_network_values_and_gradients(output_strid
     np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4)
   for a, b in zip(jax.tree.leaves(results["auto"]), jax.tree.leaves(results["shifted"])):
     np.testing.assert_array_equal(a, b)                       # auto is shifted on the CPU
+
+
+def test_folded_batchnorm_equals_the_unfolded_frozen_branch_in_float64():
+  """model.fold_bn: the same parameter tree, and (train=False, i.e. frozen BN)
+  the same descriptors and gradients for every parameter, incl. BN scale/bias."""
+  from structvpr_jax.models.branch import Branch
+  blocks = ((1, 8, 1, 1), (4, 16, 2, 2), (4, 24, 1, 2))
+  with jax.enable_x64(True):
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 40, 56, 3), jnp.float64)
+    kw = dict(backbone="mobilenet_light", width=0.5, dim=8, num_clusters=4, blocks=blocks,
+              dtype=jnp.float64, param_dtype=jnp.float64)
+    plain, folded = Branch(**kw), Branch(fold_bn=True, **kw)
+    v = plain.init(jax.random.PRNGKey(1), x)
+    assert jax.tree.structure(folded.init(jax.random.PRNGKey(1), x)) == jax.tree.structure(v)
+    # non-trivial BN statistics and affine parameters
+    keys = iter(jax.random.split(jax.random.PRNGKey(2), 4 * len(jax.tree.leaves(v))))
+    v = {"params": jax.tree_util.tree_map_with_path(
+             lambda p, a: a * jax.random.uniform(next(keys), a.shape, a.dtype, 0.5, 1.5)
+             + (0.1 * jax.random.normal(next(keys), a.shape, a.dtype)
+                if getattr(p[-1], "key", "") == "bias" else 0), v["params"]),
+         "batch_stats": jax.tree_util.tree_map_with_path(
+             lambda p, a: (jax.random.uniform(next(keys), a.shape, a.dtype, 0.5, 2.0)
+                           if getattr(p[-1], "key", "") == "var"
+                           else 0.3 * jax.random.normal(next(keys), a.shape, a.dtype)),
+             v["batch_stats"])}
+    cot = jax.random.normal(jax.random.PRNGKey(3), (2, plain.descriptor_dim), jnp.float64)
+
+    def loss(params, net):
+      out = net.apply({**v, "params": params}, x, train=False)
+      return jnp.sum(out * cot), out
+
+    (g_p, out_p) = jax.grad(loss, has_aux=True)(v["params"], plain)
+    (g_f, out_f) = jax.grad(loss, has_aux=True)(v["params"], folded)
+    np.testing.assert_allclose(out_f, out_p, rtol=1e-10, atol=1e-12)
+    for a, b in zip(jax.tree.leaves(g_f), jax.tree.leaves(g_p)):
+      np.testing.assert_allclose(a, b, rtol=1e-8, atol=1e-10)
+    assert float(jnp.abs(jax.tree.leaves(g_p["encoder"]["stem"]["bn"])[0]).max()) > 0
+    # in training mode (batch statistics) nothing is folded: identical programs
+    out_t, _ = folded.apply(v, x, train=True, mutable=["batch_stats"])
+    ref_t, _ = plain.apply(v, x, train=True, mutable=["batch_stats"])
+    np.testing.assert_array_equal(out_t, ref_t)

@@ -157,6 +157,35 @@ def group_count(channels: int, max_groups: int = 8) -> int:
   return g
 
 
+class _Kernel(nn.Module):
+  """A convolution's weight alone, under the same name and with the same
+  initialiser as the layer it stands for (param "kernel")."""
+  shape: tuple
+  init: Callable
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self):
+    return self.param("kernel", self.init, self.shape, self.param_dtype)
+
+
+class _FrozenBN(nn.Module):
+  """nn.BatchNorm's variables (params scale, bias; batch_stats mean, var; same
+  names and initial values) returned as its frozen affine map (mul, add):
+  BN(y) = y * mul + add with mul = scale / sqrt(var + eps), add = bias - mean * mul."""
+  epsilon: float = 1e-3
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, features: int):
+    scale = self.param("scale", nn.initializers.ones, (features,), self.param_dtype)
+    bias = self.param("bias", nn.initializers.zeros, (features,), self.param_dtype)
+    mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((features,), jnp.float32))
+    var = self.variable("batch_stats", "var", lambda: jnp.ones((features,), jnp.float32))
+    mul = scale * lax.rsqrt(var.value + self.epsilon)
+    return mul, bias - mean.value * mul
+
+
 class ConvBN(nn.Module):
   """(1x1 matmul | 3x3 depthwise | kxk conv) -> BatchNorm or GroupNorm -> optional ReLU6.
 
@@ -171,6 +200,7 @@ class ConvBN(nn.Module):
   activation: bool = True
   norm: str = "batch"
   depthwise: str = "auto"
+  fold_bn: bool = False
   bn_axis_name: Optional[str] = None
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
@@ -178,6 +208,9 @@ class ConvBN(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool):
     dtypes = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    if self.fold_bn and self.norm == "batch" and not train:
+      x = self._folded(x)
+      return jnp.clip(x, 0.0, 6.0) if self.activation else x
     if self.kind == "pointwise":
       x = nn.Dense(self.features, use_bias=False, kernel_init=_conv_init, name="conv",
                    **dtypes)(x)
@@ -199,6 +232,36 @@ class ConvBN(nn.Module):
       raise ValueError(f"unknown norm {self.norm!r}; expected one of {NORMS}")
     return jnp.clip(x, 0.0, 6.0) if self.activation else x
 
+  def _folded(self, x):
+    """Frozen BatchNorm folded into the convolution: one pass over the
+    activations instead of two, forward and backward; the parameters are the
+    unfolded layer's (same tree), and scale / bias still get gradients
+    through the folded weights."""
+    c_in = x.shape[-1]
+    out = c_in if self.kind == "depthwise" else self.features
+    if self.kind == "pointwise":
+      shape, init = (c_in, out), _conv_init
+    elif self.kind == "depthwise":
+      shape, init = (3, 3, c_in), DepthwiseConv3x3.kernel_init
+    elif self.kind == "full":
+      shape, init = (self.kernel_size, self.kernel_size, c_in, out), _conv_init
+    else:
+      raise ValueError(f"unknown conv kind {self.kind!r}")
+    kernel = _Kernel(shape, init, self.param_dtype, name="conv")()
+    mul, add = _FrozenBN(epsilon=1e-3, param_dtype=self.param_dtype, name="bn")(out)
+    kernel = (kernel * mul).astype(self.dtype)
+    x = x.astype(self.dtype)
+    if self.kind == "pointwise":
+      y = x @ kernel
+    elif self.kind == "depthwise":
+      conv = (grouped_depthwise_conv3x3 if resolve_depthwise(self.depthwise) == "grouped"
+              else depthwise_conv3x3)
+      y = conv(x, kernel, self.stride)
+    else:
+      y = lax.conv_general_dilated(x, kernel, (self.stride, self.stride), "SAME",
+                                   dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return y + add.astype(y.dtype)
+
 
 class InvertedResidual(nn.Module):
   """MobileNetV2 block: expand 1x1 -> depthwise 3x3 -> linear project 1x1."""
@@ -207,6 +270,7 @@ class InvertedResidual(nn.Module):
   stride: int
   norm: str = "batch"
   depthwise: str = "auto"
+  fold_bn: bool = False
   bn_axis_name: Optional[str] = None
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
@@ -215,7 +279,7 @@ class InvertedResidual(nn.Module):
   def __call__(self, x, train: bool):
     in_features = x.shape[-1]
     common = dict(norm=self.norm, bn_axis_name=self.bn_axis_name, dtype=self.dtype,
-                  param_dtype=self.param_dtype)
+                  param_dtype=self.param_dtype, fold_bn=self.fold_bn)
     y = x
     if self.expansion != 1:
       y = ConvBN(in_features * self.expansion, "pointwise", name="expand", **common)(y, train)
@@ -250,6 +314,10 @@ class MobileNetV2(nn.Module):
       96x128, for NetVLAD on a small input).
     depthwise: the 3x3 depthwise kernel, "auto" | "shifted" | "grouped"
       (`resolve_depthwise`; equal results).
+    fold_bn: with BatchNorm in its frozen form (train=False: evaluation, and
+      training with `train.batchnorm="frozen"`), fold it into the preceding
+      convolution (`ConvBN._folded`; equal up to float rounding, same
+      parameters; `model.fold_bn`).
     trainable_from: index of the first block gradients reach (0: all); the
       stem and blocks before it get none (`lax.stop_gradient` on their
       output), so their backward pass is not computed at all (the usual VPR
@@ -272,6 +340,7 @@ class MobileNetV2(nn.Module):
   output_stride: int = 32
   depthwise: str = "auto"
   trainable_from: int = 0
+  fold_bn: bool = False
   bn_axis_name: Optional[str] = None
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
@@ -285,7 +354,7 @@ class MobileNetV2(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool = False):
     common = dict(norm=self.norm, bn_axis_name=self.bn_axis_name, dtype=self.dtype,
-                  param_dtype=self.param_dtype)
+                  param_dtype=self.param_dtype, fold_bn=self.fold_bn)
     x = jnp.asarray(x, self.dtype)
     if self.output_stride not in (8, 16, 32):
       raise ValueError(f"output_stride={self.output_stride}; expected 8, 16 or 32")

@@ -55,6 +55,7 @@ def branch_spec(config, stage: str) -> dict:
           "norm": b.get("norm", "batch") or "batch",
           "output_stride": int(b.get("output_stride", 32) or 32),
           "depthwise": config.get("model", {}).get("depthwise", "auto") or "auto",
+          "fold_bn": bool(config.get("model", {}).get("fold_bn", False)),
           "slme": config.seg.slme, "normalization": config.data.normalization,
           "image_size": [int(s) for s in config.data.image_size], "init": init}
 
@@ -97,7 +98,8 @@ def build_model(spec: dict, bn_axis_name: Optional[str] = None, dtype: str = "fl
                 blocks=None if not blocks else tuple(tuple(b) for b in blocks),
                 norm=spec.get("norm", "batch"), output_stride=int(spec.get("output_stride", 32)),
                 depthwise=spec.get("depthwise", "auto"), bn_axis_name=bn_axis_name,
-                dtype=jnp.dtype(dtype), trainable_from=int(trainable_from))
+                dtype=jnp.dtype(dtype), trainable_from=int(trainable_from),
+                fold_bn=bool(spec.get("fold_bn", False)))
 
 
 def normalize_rgb(x, kind: str = "imagenet"):
