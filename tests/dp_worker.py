@@ -10,10 +10,14 @@ any mismatch is a bug, not rounding) and in float32; plus the sharded
 partition pass and the padded data-parallel apply against unsharded runs.
 """
 
+import os
 import sys
 from typing import Any
 
-import jax
+# the checkout under test, also when it is not pip-installed
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
 
 jax.config.update("jax_enable_x64", True)
 

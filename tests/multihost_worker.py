@@ -10,6 +10,9 @@ import sys
 
 import numpy as np
 
+# the checkout under test, also when it is not pip-installed
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 
 def main(out, process_id, num_processes, port):
   import jax
