@@ -109,6 +109,10 @@ def run_checkpoint(config, wd: Workdir) -> dict:
   labelled = not bool(ev.get("no_labels", False))
   if not db_folder and not labelled:
     raise ValueError("eval.no_labels needs eval.database_folder / eval.queries_folder")
+  if not db_folder and config.data.name == "folder" and not config.data.root:
+    raise ValueError("data.root is not set: give the layout folder to evaluate on with "
+                     "--config.data.root=DIR, or two folders with "
+                     "--config.eval.database_folder=DIR --config.eval.queries_folder=DIR")
   spec, variables, step, _ = checkpoint.restore_variables(config.checkpoint)
   trained_size = tuple(int(x) for x in spec["image_size"])
   size = tuple(int(x) for x in (ev.get("image_size", ()) or ()))
@@ -124,10 +128,6 @@ def run_checkpoint(config, wd: Workdir) -> dict:
     vs = layout.folder_split(db_folder, q_folder, labelled, ev.get("ground_truth", "") or "")
     split, root = "folders", None
   else:
-    if config.data.name == "folder" and not config.data.root:
-      raise ValueError("data.root is not set: give the layout folder to evaluate on with "
-                       "--config.data.root=DIR, or two folders with "
-                       "--config.eval.database_folder=DIR --config.eval.queries_folder=DIR")
     root = config.data.root or wd.data
     split = config.get("eval_split", "test")
     vs = layout.read_split(root, split, require_segmentations=spec["view"] == "seg")
