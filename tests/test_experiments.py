@@ -65,3 +65,10 @@ def test_synthetic_structure_smoke_writes_per_query_hits(tmp_path):
   assert proc.stdout.count("evaluated with these settings already; read as is") == 3
   with open(out + ".json") as f:
     assert json.load(f)["per_query"] == res["per_query"]
+  # experiments/paired.py recomputes a comparison from the saved hits alone
+  proc = subprocess.run([sys.executable, "experiments/paired.py", out + ".json:triplet_only",
+                         out + ".json:sigmoid", "--resamples", "200"], cwd=REPO,
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  again = json.loads(proc.stdout)
+  assert again["diff"] == pytest.approx(pair["diff"]) and again["num_queries"] == n
