@@ -104,6 +104,10 @@ class EventWriter:
     """Appends one event with `values` {tag: float} at `step`."""
     if not self.enabled or not values:
       return
+    if not os.path.exists(self.path):       # removed meanwhile: start it again
+      os.makedirs(os.path.dirname(self.path), exist_ok=True)
+      with open(self.path, "ab") as f:
+        f.write(frame_record(encode_event(time.time(), 0, file_version="brain.Event:2")))
     with open(self.path, "ab") as f:
       f.write(frame_record(encode_event(time.time(), step, scalars=values)))
 

@@ -125,6 +125,9 @@ def atomic_dir(path: str) -> Iterator[str]:
     raise
 
 
+_EVENT_WRITERS: dict = {}     # logdir -> the process's events.EventWriter there
+
+
 class MetricsWriter:
   """Appends one JSON object per line to a metrics.jsonl file, and (with
   `tensorboard`) the record's numbers as TensorBoard scalars "<stage>/<key>"
@@ -149,8 +152,11 @@ class MetricsWriter:
     with open(self.path, "a") as f:
       f.write(json.dumps(clean, sort_keys=True) + "\n")
     if self.tensorboard and "step" in clean:
-      if self._events is None:
-        self._events = events.EventWriter(os.path.dirname(os.path.abspath(self.path)))
+      if self._events is None:     # one event file per workdir and process
+        logdir = os.path.dirname(os.path.abspath(self.path))
+        if logdir not in _EVENT_WRITERS:
+          _EVENT_WRITERS[logdir] = events.EventWriter(logdir)
+        self._events = _EVENT_WRITERS[logdir]
       stage = clean.get("stage", "run")
       self._events.scalars(int(clean["step"]), {
           f"{stage}/{k}": v for k, v in clean.items()

@@ -43,12 +43,15 @@ def test_metrics_writer_writes_scalars_tensorboard_can_read(tmp_path):
   metrics.write({"stage": "rgb", "step": 10, "loss": 0.25, "lr": 1e-4, "event": "train"})
   metrics.write({"stage": "rgb", "step": 20, "val_R@5": 87.5, "event": "val"})
   metrics.write({"stage": "distill", "note": "no step: not a scalar"})
+  # a second writer of the same workdir (the next stage) appends to the same file
+  files.MetricsWriter(str(tmp_path / "metrics.jsonl"), tensorboard=True).write(
+      {"stage": "seg", "step": 5, "loss": 0.5})
   (path,) = glob.glob(str(tmp_path / "events.out.tfevents.*"))
   records = [Event.FromString(r) for r in events.read_records(path)]
   assert records[0].file_version == "brain.Event:2"
   scalars = {(e.step, v.tag): v.simple_value for e in records[1:] for v in e.summary.value}
   assert scalars == {(10, "rgb/loss"): pytest.approx(0.25), (10, "rgb/lr"): pytest.approx(1e-4),
-                     (20, "rgb/val_R@5"): pytest.approx(87.5)}
+                     (20, "rgb/val_R@5"): pytest.approx(87.5), (5, "seg/loss"): pytest.approx(0.5)}
   assert all(e.wall_time > 1.6e9 for e in records)
   # a flipped byte is caught by the CRC
   blob = bytearray(open(path, "rb").read())
