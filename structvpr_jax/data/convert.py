@@ -202,8 +202,9 @@ def _frame_params(database, queries, split_places, seg_root, max_side, frame_spa
           "frame_spacing_m": float(frame_spacing)}
 
 
-def _check_existing_conversion(root: str, params: dict) -> Optional[dict]:
-  """The marker of a matching conversion at `root`, None when root is free."""
+def _check_existing_conversion(root: str, params: dict, say: str = "") -> Optional[dict]:
+  """The marker of a matching conversion at `root` (announced as `say`: ...
+  when set), None when root is free."""
   marker = os.path.join(root, CONVERT_MARKER)
   if os.path.isfile(marker):
     old = files.read_json(marker)
@@ -213,6 +214,9 @@ def _check_existing_conversion(root: str, params: dict) -> Optional[dict]:
       detail = "; ".join(f"{k}: {a!r} != {b!r}" for k, (a, b) in diff.items())
       raise ValueError(f"{marker}: existing conversion was made with other parameters "
                        f"({detail}); use another --out or delete it")
+    if say:
+      print(f"{say}: {root} already converted with these parameters "
+            f"({_format_counts(old['counts'])}); nothing to do")
     return old
   if os.path.exists(root) and (not os.path.isdir(root) or os.listdir(root)):
     raise ValueError(f"{root}: exists, is not empty and has no {CONVERT_MARKER}; "
@@ -269,11 +273,8 @@ def convert_frames(out: str, database: str, queries, split_places: str, *,
     raise ValueError("convert_frames: at least one query traverse is needed")
   root = os.path.abspath(out)
   params = _frame_params(database, queries, split_places, seg_root, max_side, frame_spacing, preset)
-  existing = _check_existing_conversion(root, params)
+  existing = _check_existing_conversion(root, params, "convert-frames" if verbose else "")
   if existing is not None:
-    if verbose:
-      print(f"convert-frames: {root} already converted with these parameters "
-            f"({_format_counts(existing['counts'])}); nothing to do")
     return existing
 
   folders = [params["database"]] + params["queries"]
@@ -311,25 +312,10 @@ def convert_frames(out: str, database: str, queries, split_places: str, *,
           seg_dst = os.path.join(seg_dir, os.path.splitext(fname)[0] + ".png")
         jobs.append((src, os.path.join(img_dir, fname), seg_src, seg_dst, max_side))
         counts[split][role] += 1
-  with files.atomic_dir(root) as tmp:
-    for split in ranges:
-      for role in ROLES:
-        img_dir, seg_dir = split_folders(tmp, split, role)
-        os.makedirs(img_dir, exist_ok=True)
-        if seg_root:
-          os.makedirs(seg_dir, exist_ok=True)
-    workers = workers or min(4, os.cpu_count() or 1)
-    in_tmp = [(src, os.path.join(tmp, dst), seg_src,
-               None if seg_dst is None else os.path.join(tmp, seg_dst), side)
-              for src, dst, seg_src, seg_dst, side in jobs]
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-      for _ in pool.map(_convert_one, in_tmp):
-        pass
-    marker = {"params": params, "counts": counts, "num_frames": num_frames,
-              "split_frames": {k: [lo, hi - 1] for k, (lo, hi) in ranges.items()},
-              "traverses": {"database": names[0], "queries": names[1:]},
-              "seconds": round(time.time() - start_time, 3)}
-    files.write_json(os.path.join(tmp, CONVERT_MARKER), marker, indent=1, sort_keys=False)
+  marker = _write_conversion(root, jobs, workers, start_time, {
+      "params": params, "counts": counts, "num_frames": num_frames,
+      "split_frames": {k: [lo, hi - 1] for k, (lo, hi) in ranges.items()},
+      "traverses": {"database": names[0], "queries": names[1:]}})
   if verbose:
     print(f"convert-frames: {root}: {_format_counts(counts)}; "
           f"{'with' if seg_root else 'no'} segmentations; {marker['seconds']:.1f} s")
@@ -361,11 +347,8 @@ def convert_csv(csv_path: str, out: str, *, max_side: Optional[int] = None,
   root = os.path.abspath(out)
   params = {"version": CONVERT_VERSION, "csv": csv_path,
             "max_side": int(max_side) if max_side else None}
-  existing = _check_existing_conversion(root, params)
+  existing = _check_existing_conversion(root, params, "convert-csv" if verbose else "")
   if existing is not None:
-    if verbose:
-      print(f"convert-csv: {root} already converted with these parameters "
-            f"({_format_counts(existing['counts'])}); nothing to do")
     return existing
   base = os.path.dirname(csv_path)
   with open(csv_path, newline="") as f:
@@ -419,6 +402,19 @@ def convert_csv(csv_path: str, out: str, *, max_side: Optional[int] = None,
     seg_dst = None if seg is None else os.path.join(seg_dir, os.path.splitext(fname)[0] + ".png")
     jobs.append((src, os.path.join(img_dir, fname), seg, seg_dst, max_side))
     counts.setdefault(row["split"], {"database": 0, "queries": 0})[row["role"]] += 1
+  marker = _write_conversion(root, jobs, workers, start_time,
+                             {"params": params, "counts": counts, "utm_zone": zone})
+  if verbose:
+    print(f"convert-csv: {root}: {_format_counts(counts)}; UTM zone {zone}; "
+          f"{marker['seconds']:.1f} s")
+  return marker
+
+
+def _write_conversion(root: str, jobs: list, workers: Optional[int], start_time: float,
+                      marker: dict) -> dict:
+  """Runs the `_convert_one` jobs (destinations relative to `root`) into a
+  temporary folder renamed to `root` when complete, with `marker` (+ its
+  "seconds") written as convert.json. Returns the marker."""
   with files.atomic_dir(root) as tmp:
     in_tmp = [(src, os.path.join(tmp, dst), seg_src,
                None if seg_dst is None else os.path.join(tmp, seg_dst), side)
@@ -430,12 +426,8 @@ def convert_csv(csv_path: str, out: str, *, max_side: Optional[int] = None,
     with ThreadPoolExecutor(max_workers=workers or min(4, os.cpu_count() or 1)) as pool:
       for _ in pool.map(_convert_one, in_tmp):
         pass
-    marker = {"params": params, "counts": counts, "utm_zone": zone,
-              "seconds": round(time.time() - start_time, 3)}
+    marker = dict(marker, seconds=round(time.time() - start_time, 3))
     files.write_json(os.path.join(tmp, CONVERT_MARKER), marker, indent=1, sort_keys=False)
-  if verbose:
-    print(f"convert-csv: {root}: {_format_counts(counts)}; UTM zone {zone}; "
-          f"{marker['seconds']:.1f} s")
   return marker
 
 
