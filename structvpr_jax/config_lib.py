@@ -160,6 +160,11 @@ def branch_fields(config, branch: str) -> dict:
                                                     "blocks", "init", "norm",
                                                     "output_stride")}
   out[f"{branch}.blocks"] = out[f"{branch}.blocks"] or None   # () = the default table
+  # Folding frozen BN changes the results' float rounding: a stage made one
+  # way is not reused for the other. (model.depthwise is not recorded: the
+  # kernels agree to rounding too, but "auto" must stay portable across
+  # backends, so a GPU-trained stage resumes on a CPU.)
+  out["model.fold_bn"] = bool(config.get("model", {}).get("fold_bn", False))
   # "auto" resolves to ImageNet weights or random init depending on the machine:
   # record what it resolved to (the kind, not the path), so a stage made with
   # one is not reused when the other applies.

@@ -35,7 +35,14 @@ def test_stage_fields_name_what_each_stage_depends_on():
   assert config_lib.stage_fields(c, "eval")["eval.ns"] == [1, 5, 10, 20]
   json.dumps(dist)     # JSON-plain: tuples became lists
   c.train.log_every = 7          # logging does not change results
+  c.data.cache_gb = 0.5          # nor does the decoded-image cache
   assert config_lib.stage_fields(c, "rgb") == rgb
+  # settings added since that do change results are recorded
+  assert rgb["model.fold_bn"] is False and rgb["train.augment"] == ""
+  assert rgb["train.trainable_from"] == 0 and rgb["train.dtype"] == "float32"
+  assert part["distill.partition"] == "stage1" and dist["distill.partition"] == "stage1"
+  c.model.fold_bn = True
+  assert config_lib.stage_fields(c, "rgb")["model.fold_bn"] is True
 
 
 def test_check_stage_statuses(tmp_path):
