@@ -17,6 +17,9 @@ setup(
         "optax",
         "orbax-checkpoint",
         "tensorflow-datasets",
+        # streaming input (Grain iterators) and pre-resized image records
+        "grain",
+        "array_record",
         "numpy",
         "scipy",
         "faiss-cpu",

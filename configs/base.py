@@ -47,6 +47,12 @@ def get_config(arg=None):
   # none). A split that fits is decoded (and checked) up front; a larger one
   # is checked by file headers only and decoded when used.
   c.data.cache_gb = 2.0
+  # Where pixels come from: "folder" (decode the layout's JPEG/PNG files) or
+  # "array_record" (pre-resized uint8 records, `data/records.py`; written by
+  # the data stage on first use, or by `python -m structvpr_jax.data.convert
+  # export-records`) into <layout root>/records/<H>x<W>. Same bytes either
+  # way, so results do not change.
+  c.data.format = "folder"
 
   c.model = ml_collections.ConfigDict()
   # The 3x3 depthwise kernel of both backbones: "auto" (9 shifted multiply-adds

@@ -13,18 +13,21 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
+from typing import Optional
 
 import jax
 
 from structvpr_jax import augment, losses, partition, retrieval, slme
-from structvpr_jax.data import convert
+from structvpr_jax.data import convert, layout, records
 from structvpr_jax.models import mobilenet, pretrained, spec as model_spec
 
 # Pipeline order; each stage's results depend on the ones before it (eval on all).
 STAGES = ("rgb", "seg", "partition", "distill", "eval")
 TRAIN_STAGES = ("rgb", "seg", "distill")
 DATA_NAMES = ("synthetic", "folder") + tuple(sorted(convert.PRESETS))
+DATA_FORMATS = ("folder", "array_record")
 
 # config.train fields that change what a training stage produces (log_every,
 # inject_nan_at_step and the like do not).
@@ -45,6 +48,23 @@ def stage_train_config(config, stage: str) -> dict:
     if config[stage].get(key):
       tc[key] = config[stage][key]
   return tc
+
+
+def records_dir(config, root: str) -> Optional[str]:
+  """The records folder this run reads (data.format="array_record"), else None."""
+  if config.data.get("format", "folder") != "array_record":
+    return None
+  return records.default_dir(root, config.data.image_size)
+
+
+def read_split(config, root: str, split: str,
+               require_segmentations: bool = False) -> layout.VprSplit:
+  """`layout.read_split` as this run reads it: with data.format="array_record"
+  the split carries its records folder, and every `SplitImages` of it reads
+  the pre-resized records instead of decoding the files."""
+  vs = layout.read_split(root, split, require_segmentations)
+  where = records_dir(config, root)
+  return dataclasses.replace(vs, records=where) if where else vs
 
 
 def validate_config(config) -> None:
@@ -94,6 +114,9 @@ def validate_config(config) -> None:
   scale = tuple(config.train.get("crop_scale", (0.6, 1.0)))
   if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
     raise ValueError(f"train.crop_scale={scale}: expected (min, max) area fractions in (0, 1]")
+  if config.data.get("format", "folder") not in DATA_FORMATS:
+    raise ValueError(f"data.format={config.data.get('format')!r}; expected one of "
+                     f"{DATA_FORMATS}")
   cache_gb = config.data.get("cache_gb", None)
   if cache_gb is not None and not float(cache_gb) >= 0:
     raise ValueError(f"data.cache_gb={cache_gb} must be >= 0 (GiB of decoded training "

@@ -19,6 +19,7 @@ import time
 from typing import Optional, Sequence
 
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 from absl import logging
 from tqdm import tqdm
@@ -49,34 +50,52 @@ class Extractor:
     self._apply = parallel.data_parallel_apply(embed, mesh)
 
   def __call__(self, variables, source: input_pipeline.ImageSource, indices=None,
-               progress: bool = False, desc: str = "extract") -> np.ndarray:
+               progress: bool = False, desc: str = "extract", out=None) -> np.ndarray:
     """float32 [n, D] for `indices` (default all) of `source`.
 
     `variables` should be replicated on the mesh (`parallel.replicate`).
+    Images stream through a Grain iterator (`input_pipeline.stream`), two
+    batches read ahead; on several hosts each process reads only its rows of
+    every global batch and the descriptors are gathered to all processes.
+    `out`: an array to write into instead (e.g. a float16 `np.memmap` of
+    [n, D]: descriptors stream to disk, host memory stays one batch); then
+    `out` is returned.
     """
     indices = np.arange(len(source)) if indices is None else np.asarray(indices, np.int64)
     view = self.spec["view"]
     bs = self.batch_size
+    rows = input_pipeline.local_rows(bs, jax.process_index(), jax.process_count())
     starts = list(range(0, len(indices), bs))
+    shape = tuple(self.spec["image_size"]) + ((3,) if view == "rgb" else ())
 
     def load(i):
-      idx = indices[starts[i]:starts[i] + bs]
-      x = source.get(view, idx)
-      padded, mask = parallel.pad_to_multiple(x, bs)
-      return padded, int(mask.sum())
+      idx = indices[starts[i]:starts[i] + bs][rows]
+      x = source.get(view, idx) if len(idx) else np.zeros((0,) + shape, np.uint8)
+      padded, _ = parallel.pad_to_multiple(x, rows.stop - rows.start)
+      return padded, min(bs, len(indices) - starts[i])
 
     bar = progress_bar(len(indices), desc) if progress else None
-    out = []
-    for padded, n in input_pipeline.prefetch(load, len(starts), 2):
+    chunks = []
+    done = 0
+    for padded, n in input_pipeline.stream(load, len(starts), 2):
       desc_b = self._apply(variables, parallel.shard_batch(padded, self.mesh))
-      out.append(np.asarray(jax.device_get(desc_b))[:n])
+      if jax.process_count() > 1:
+        desc_b = multihost_utils.process_allgather(desc_b, tiled=True)
+      desc_b = np.asarray(jax.device_get(desc_b))[:n]
+      if out is not None:
+        out[done:done + n] = desc_b
+      else:
+        chunks.append(desc_b)
+      done += n
       if bar is not None:
         bar.update(n)
     if bar is not None:
       bar.close()
-    if not out:
+    if out is not None:
+      return out
+    if not chunks:
       return np.zeros((0, 0), np.float32)
-    return np.concatenate(out).astype(np.float32)
+    return np.concatenate(chunks).astype(np.float32)
 
 
 def progress_bar(total: int, desc: str):

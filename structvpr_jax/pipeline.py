@@ -53,7 +53,7 @@ def crossfit_stage1(config, wd: Workdir, root: str) -> None:
   the partition judges every query by branches that never trained on it."""
   if config.distill.get("partition", "stage1") != "crossfit":
     return
-  for k, fold_root in enumerate(data.crossfit_layouts(wd, root)):
+  for k, fold_root in enumerate(data.crossfit_layouts(config, wd, root)):
     for branch in ("rgb", "seg"):
       print(f"[crossfit] fold {k}: stage 1 {branch}", flush=True)
       train.run(config, wd.crossfit_fold(k), branch, fold_root)

@@ -294,8 +294,10 @@ def make_batcher(split: layout.VprSplit, spec: dict, views, tc: dict, seed: int,
     logging.warning("%d of %d training queries have no database image within %.0f m; "
                     "they are skipped", miner.num_without_positive, len(split.query_utm),
                     layout.TRAIN_POSITIVE_RADIUS)
-  local_batch = tc["batch_size"] // jax.process_count()
-  return input_pipeline.TripletBatcher(miner, images, local_batch, prefetch=prefetch)
+  return input_pipeline.TripletBatcher(miner, images, tc["batch_size"], prefetch=prefetch,
+                                       num_threads=num_threads,
+                                       process_index=jax.process_index(),
+                                       process_count=jax.process_count())
 
 
 # --------------------------------------------------------------------------
@@ -369,7 +371,8 @@ def train_stage(config, *, stage: str, spec: dict, split: layout.VprSplit, root:
                          cache_gb=config.data.get("cache_gb", None))
   extractor = Extractor(spec, mesh, config.eval.batch_size)
   val = RecallEvaluator(spec, root, "val", mesh, config.eval.batch_size, tuple(config.eval.ns),
-                        config.eval.radius, extractor=extractor)
+                        config.eval.radius, extractor=extractor,
+                        vs=config_lib.read_split(config, root, "val", spec["view"] == "seg"))
   return fit(stage=stage, spec=spec, tc=tc, mesh=mesh, batcher=batcher, views=views,
              checkpoint_dir=checkpoint_dir,
              init_variables=lambda: init_variables(batcher.images.sources["database"], tc),
@@ -426,6 +429,12 @@ def fit(*, stage: str, spec: dict, tc: dict, mesh, batcher: input_pipeline.Tripl
     variables, opt = restored["variables"], restored["opt"]
     if "mining" in restored:
       miner.load_state_dict(restored["mining"])
+    saved_input = restored["meta"].get("input")
+    if saved_input is not None and saved_input != batcher.position_of(int(latest)):
+      raise ValueError(
+          f"{mngr.directory}/{latest}: the checkpoint's input position {saved_input} is not "
+          f"where step {latest} is on this training split ({batcher.position_of(int(latest))}): "
+          "the training images or batch settings changed since it was written")
     best = restored["meta"].get("best_val_R@5", -1.0)
     print(f"[{stage}] resuming from step {latest} ({mngr.directory})")
     opt_state, step = opt["opt_state"], int(latest)
@@ -469,7 +478,8 @@ def fit(*, stage: str, spec: dict, tc: dict, mesh, batcher: input_pipeline.Tripl
     s = current["state"]
     checkpoint.save(mngr, step, state_variables(),
                     {"spec": spec, "stage": stage, "step": step, "metrics": val,
-                     "best_val_R@5": best, "seed": seed, **(meta or {})},
+                     "best_val_R@5": best, "seed": seed,
+                     "input": batcher.state() or batcher.position_of(step), **(meta or {})},
                     opt={"opt_state": s.opt_state, "step": s.step,
                          **({"loss_heads": {k: s.params[k] for k in heads}} if heads else {})},
                     mining=miner.state_dict(), metrics=val)

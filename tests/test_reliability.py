@@ -99,6 +99,21 @@ def test_truncated_jpeg(data, tmp_path):
   assert_clean_failure(proc, os.path.basename(path), "cannot decode", workdir=work, stage="rgb")
 
 
+def test_truncated_jpeg_found_mid_run_is_named(data, tmp_path):
+  """With data.cache_gb=0 only headers are checked up front (a large dataset):
+  a file whose header is fine but whose pixels are cut off stops the run when
+  it is first decoded, naming it, with nothing of the stage left behind."""
+  path = first(data, "train", "database")
+  with open(path, "rb") as f:
+    head = f.read(os.path.getsize(path) // 2)
+  with open(path, "wb") as f:
+    f.write(head)
+  work = str(tmp_path / "w")
+  proc = cli("configs/rgb.py:smoke", work, *folder(data), "--config.data.cache_gb=0",
+             "--config.rgb.init=")
+  assert_clean_failure(proc, os.path.basename(path), "cannot decode", workdir=work, stage="rgb")
+
+
 def test_missing_label_map(data, tmp_path):
   path = first(data, "train", "queries", ".png")
   os.remove(path)
@@ -246,10 +261,24 @@ def test_same_seed_same_metrics(reference, dataset, tmp_path, cache):
 
 
 @pytest.mark.slow
-def test_kill_and_resume_matches_uninterrupted(reference, dataset, tmp_path, cache):
+@pytest.mark.parametrize("data_format", ["folder", "array_record"])
+def test_kill_and_resume_matches_uninterrupted(reference, dataset, tmp_path, cache, data_format):
+  """SIGKILL after the step-4 checkpoint, rerun: the same parameters as the
+  uninterrupted run, bitwise. With data.format=array_record the killed run
+  and its resumption read pre-resized records (exported into a copy of the
+  layout by the data stage) and still end equal to the folder reference:
+  records hold the same bytes, and the checkpointed input position resumes
+  the Grain iterator mid-chunk."""
   work = str(tmp_path / "killed")
+  root = dataset
+  extra = []
+  if data_format == "array_record":
+    root = str(tmp_path / "data")
+    shutil.copytree(dataset, root)
+    extra = ["--config.data.format=array_record"]
   cmd = [sys.executable, "-m", "structvpr_jax.main", "--config=configs/rgb.py:smoke",
-         f"--workdir={work}", *folder(dataset), *RUN, f"--config.compilation_cache={cache}"]
+         f"--workdir={work}", *folder(root), *RUN, *extra,
+         f"--config.compilation_cache={cache}"]
   proc = subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=subprocess.PIPE,
                           stderr=subprocess.DEVNULL, text=True)
   killed_after = None
@@ -261,8 +290,13 @@ def test_kill_and_resume_matches_uninterrupted(reference, dataset, tmp_path, cac
   proc.wait(timeout=120)
   assert killed_after is not None and proc.returncode == -signal.SIGKILL
   assert not os.path.exists(os.path.join(work, "rgb", "done.json"))
-  out = cli("configs/rgb.py:smoke", work, *folder(dataset), *RUN, cache=cache, check=0)
+  out = cli("configs/rgb.py:smoke", work, *folder(root), *RUN, *extra, cache=cache, check=0)
   assert "resuming from step 4" in out.stdout
+  from structvpr_jax import checkpoint
+  meta = checkpoint.restore_variables(os.path.join(work, "rgb", "checkpoints"), step=8)[3]
+  assert sorted(meta["input"]) == ["chunk", "epoch", "next_index"], meta
+  if data_format == "array_record":
+    assert os.path.isfile(os.path.join(root, "records", "64x80", "manifest.json"))
   ref, got = params_at(reference, 8), params_at(work, 8)
   import jax
   for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(got)):

@@ -34,7 +34,7 @@ import numpy as np
 from PIL import Image
 
 from structvpr_jax import files
-from structvpr_jax.data import geo
+from structvpr_jax.data import geo, records
 from structvpr_jax.data.layout import (
     IMAGE_EXTENSIONS, ROLES, SPLITS, TEST_POSITIVE_RADIUS, format_name, list_images,
     read_split, split_folders, write_patchnetvlad_gt)
@@ -462,6 +462,7 @@ def main(argv=None) -> int:
         --src ../shared/data/gardens_point --out data/gardens_point_320 --max-side 320
     python -m structvpr_jax.data.convert convert-frames --preset nordland \\
         --src ../shared/data/nordland_64x32 --out data/nordland
+    python -m structvpr_jax.data.convert export-records --root data/gp --image-size 480,640
     python -m structvpr_jax.data.convert convert-frames --database A --queries B \\
         [--queries C ...] [--seg-root S] --out DIR \\
         --split-places train:0-59,val:60-69,test:70-99
@@ -492,8 +493,26 @@ def main(argv=None) -> int:
   export.add_argument("--split", default="test", choices=SPLITS)
   export.add_argument("--out", required=True, help="the .npz to write")
   export.add_argument("--radius", type=float, default=TEST_POSITIVE_RADIUS)
+  rec = sub.add_parser("export-records", help="pre-resized uint8 ArrayRecord files of a layout "
+                       "(data.format=array_record)")
+  rec.add_argument("--root", required=True, help="layout folder")
+  rec.add_argument("--image-size", required=True, help="H,W of the records (data.image_size)")
+  rec.add_argument("--out", default=None,
+                   help="records folder (default <root>/records/<H>x<W>, where runs look)")
+  rec.add_argument("--splits", default=",".join(SPLITS), help="comma-separated")
+  rec.add_argument("--workers", type=int, default=4)
   args = parser.parse_args(argv)
   try:
+    if args.command == "export-records":
+      try:
+        size = tuple(int(v) for v in args.image_size.split(","))
+      except ValueError:
+        size = ()
+      if len(size) != 2 or min(size) < 1:
+        parser.error(f"--image-size must be H,W (positive integers), got {args.image_size!r}")
+      records.export(args.root, size, args.out, splits=args.splits.split(","),
+                     num_threads=args.workers)
+      return 0
     if args.command == "export-gt":
       split = read_split(args.root, args.split)
       write_patchnetvlad_gt(split, args.out, args.radius)

@@ -6,8 +6,14 @@ float32); RGB normalisation (`models.spec.normalize_rgb`) and SLME encoding
 images are cached in host memory (uint8) up to a byte budget (`LruCache`,
 `data.cache_gb`; least recently used out first), so memory does not grow
 with the number of images; decoding runs on a thread pool (PIL releases the
-GIL) and a background thread assembles the next batches while the device
-trains on the current one.
+GIL) and Grain iterators (`stream`) assemble the next batches on threads
+while the device trains on the current one; their state goes into the
+checkpoint. With `data.format="array_record"` the pixels come from
+pre-resized records (`records.py`) instead of the files: same bytes.
+
+Multi-host: every process mines the same triplets (the extractor gathers
+descriptors to all processes) and assembles only its rows of each global
+batch (`local_rows`).
 
 Triplet batches (one per step, `TripletBatcher`), all numpy:
   query_index    int64 [B]
@@ -21,76 +27,18 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
-import queue
 import sys
 import threading
 from typing import Callable, Iterator, Optional, Sequence
 
+import grain
 import numpy as np
-from PIL import Image
 from tqdm import tqdm
 
+from structvpr_jax.data import records
+from structvpr_jax.data.decode import check_header, read_labels, read_rgb  # noqa: F401  (re-exported)
+
 VIEWS = ("rgb", "seg")
-
-
-def read_rgb(path: str, image_size) -> np.ndarray:
-  """uint8 [H, W, 3], bilinear resize to `image_size` (H, W).
-
-  Raises ValueError naming the file when it cannot be decoded.
-  """
-  h, w = int(image_size[0]), int(image_size[1])
-  try:
-    with Image.open(path) as img:
-      img = img.convert("RGB")
-      if img.size != (w, h):
-        img = img.resize((w, h), Image.BILINEAR)
-      return np.asarray(img, np.uint8)
-  except (OSError, ValueError, SyntaxError) as e:
-    raise ValueError(f"{path}: cannot decode image ({e})") from None
-
-
-def read_labels(path: str, image_size, num_classes: Optional[int] = None) -> np.ndarray:
-  """uint8 [H, W] class ids, nearest-neighbour resize to `image_size`.
-
-  Raises ValueError naming the file when it is missing, not a single-channel
-  label map, or holds an id >= num_classes (255 = ignore is allowed).
-  """
-  h, w = int(image_size[0]), int(image_size[1])
-  try:
-    with Image.open(path) as img:
-      if img.mode not in ("L", "P", "I", "I;16"):
-        raise ValueError(f"mode {img.mode}, expected a single-channel label map")
-      if img.size != (w, h):
-        img = img.resize((w, h), Image.NEAREST)
-      labels = np.asarray(img)
-  except FileNotFoundError:
-    raise ValueError(f"{path}: missing label map") from None
-  except (OSError, ValueError, SyntaxError) as e:
-    raise ValueError(f"{path}: cannot read label map ({e})") from None
-  if num_classes is not None:
-    bad = (labels >= num_classes) & (labels != 255)
-    if bad.any():
-      raise ValueError(f"{path}: label id {int(labels[bad].max())} >= number of "
-                       f"classes {num_classes}")
-  return labels.astype(np.uint8)
-
-
-def check_header(path: str, label_map: bool = False) -> None:
-  """Reads only the file's header: raises ValueError naming the file when it
-  is missing, not an image PIL can open, or (label maps) not single-channel.
-  Milliseconds per file, so a split is checked before compute without
-  decoding it; the pixels are decoded (and checked) when first used."""
-  try:
-    with Image.open(path) as img:
-      mode = img.mode
-  except FileNotFoundError:
-    raise ValueError(f"{path}: missing {'label map' if label_map else 'image'}") from None
-  except (OSError, ValueError, SyntaxError) as e:
-    raise ValueError(f"{path}: cannot {'read label map' if label_map else 'decode image'} "
-                     f"({e})") from None
-  if label_map and mode not in ("L", "P", "I", "I;16"):
-    raise ValueError(f"{path}: cannot read label map (mode {mode}, expected a "
-                     f"single-channel label map)")
 
 
 class LruCache:
@@ -144,13 +92,18 @@ class ImageSource:
     num_classes: label ids must be < this (None: unchecked).
     pool: shared thread pool for decoding.
     lru: a shared `LruCache` (its byte budget bounds the memory).
+    records: a `records.RoleRecords` holding these images pre-resized: read
+      from it instead of decoding the files (same bytes).
   """
 
   def __init__(self, paths: Sequence[str], seg_paths: Optional[Sequence[str]], image_size,
                cache: bool = True, num_classes: Optional[int] = None,
                pool: Optional[concurrent.futures.Executor] = None,
-               lru: Optional[LruCache] = None):
+               lru: Optional[LruCache] = None, records=None):
     self.paths = list(paths)
+    self.records = records
+    if records is not None and len(records) != len(self.paths):
+      raise ValueError(f"{records.path}: {len(records)} records for {len(self.paths)} images")
     self.seg_paths = None if seg_paths is None else list(seg_paths)
     self.image_size = (int(image_size[0]), int(image_size[1]))
     self.cache = cache
@@ -167,7 +120,13 @@ class ImageSource:
       hit = self._lru.get(key)
       if hit is not None:
         return hit
-    if view == "rgb":
+    if self.records is not None:
+      rgb, seg = self.records.read(index)
+      if view == "seg" and seg is None:
+        raise ValueError(f"{self.records.path}: the seg branch needs label maps, but these "
+                         "records hold none (export them after running the segment config)")
+      arr = rgb if view == "rgb" else seg
+    elif view == "rgb":
       arr = read_rgb(self.paths[index], self.image_size)
     else:
       if self.seg_paths is None:
@@ -221,11 +180,14 @@ class SplitImages:
     self.image_size = (int(image_size[0]), int(image_size[1]))
     self.pool = concurrent.futures.ThreadPoolExecutor(max(1, num_threads))
     self.cache = LruCache(cache_bytes) if cache else None
+    recs = (records.open_split(split, split.records, self.image_size)
+            if getattr(split, "records", None) else {"database": None, "queries": None})
+    self.format = "array_record" if getattr(split, "records", None) else "folder"
     self.sources = {
         "database": ImageSource(split.database_paths, split.database_seg_paths, image_size,
-                                cache, num_classes, self.pool, self.cache),
+                                cache, num_classes, self.pool, self.cache, recs["database"]),
         "queries": ImageSource(split.query_paths, split.query_seg_paths, image_size,
-                               cache, num_classes, self.pool, self.cache),
+                               cache, num_classes, self.pool, self.cache, recs["queries"]),
     }
 
   def decoded_bytes(self) -> int:
@@ -239,11 +201,20 @@ class SplitImages:
     they fit its budget ("decoded", today's behaviour for small datasets, and
     every pixel is checked), else reads only their headers ("headers", time
     proportional to the file count; a file that fails to decode later stops
-    the run naming it). Returns which of the two it did."""
+    the run naming it), or, reading records, nothing more (their manifest was
+    checked against the file list when opened; pixels were checked at export):
+    "records". Returns which it did."""
     if self.cache is not None and (self.cache.max_bytes is None
                                    or self.decoded_bytes() <= self.cache.max_bytes):
       self.load_all(progress)
       return "decoded"
+    if self.format == "array_record":
+      if "seg" in self.views:
+        for src in self.sources.values():
+          if not src.records.has_seg:
+            raise ValueError(f"{src.records.path}: the seg branch needs label maps, but these "
+                             "records hold none (export them after the segment config)")
+      return "records"
     for src in self.sources.values():
       for v in self.views:
         src.check_headers(v)
@@ -297,43 +268,41 @@ def triplet_arrays(images: SplitImages, query_index, positive_index, negative_in
   return batch
 
 
-def prefetch(make: Callable[[int], dict], count: int, depth: int) -> Iterator[dict]:
-  """Yields make(0..count-1), computed `depth` ahead on a background thread."""
-  if depth <= 0:
-    for i in range(count):
-      yield make(i)
-    return
-  q: queue.Queue = queue.Queue(maxsize=depth)
-  stop = threading.Event()
-  _done = object()
+def stream(make: Callable[[int], dict], count: int, depth: int, num_threads: int = 1,
+           start: int = 0):
+  """A Grain iterator over make(0..count-1) from index `start`, in order.
 
-  def worker():
-    try:
-      for i in range(count):
-        if stop.is_set():
-          return
-        q.put(make(i))
-      q.put(_done)
-    except BaseException as e:  # surfaced in the consumer
-      q.put(e)
+  `grain.MapDataset.range(count).map(make)`, read by `num_threads` threads
+  that compute up to `depth` items ahead (depth 0: computed when asked for,
+  no threads). Its `get_state()` is {"next_index": i}, the consumer's
+  position (not the read-ahead), and `set_state` resumes there: this is
+  the input iterator state a checkpoint stores. An exception in `make`
+  (an image that fails to decode, naming the file) is raised to the consumer.
+  """
+  ds = grain.MapDataset.range(int(count)).map(make)
+  threads = max(1, int(num_threads)) if depth > 0 else 0
+  it = iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=threads,
+                                                 prefetch_buffer_size=max(0, int(depth)))))
+  if start:
+    it.set_state({"next_index": int(start)})
+  return it
 
-  thread = threading.Thread(target=worker, daemon=True)
-  thread.start()
-  try:
-    while True:
-      item = q.get()
-      if item is _done:
-        return
-      if isinstance(item, BaseException):
-        raise item
-      yield item
-  finally:
-    stop.set()
-    while thread.is_alive():  # drain so the worker can exit
-      try:
-        q.get_nowait()
-      except queue.Empty:
-        thread.join(timeout=0.05)
+
+def prefetch(make: Callable[[int], dict], count: int, depth: int,
+             num_threads: int = 1) -> Iterator[dict]:
+  """Yields make(0..count-1), computed `depth` ahead (`stream`)."""
+  yield from stream(make, count, depth, num_threads)
+
+
+def local_rows(global_batch: int, process_index: int, process_count: int) -> slice:
+  """This process's contiguous rows of a global batch (multi-host input: each
+  process reads only its share; `parallel.shard_batch` puts the shares
+  together in process order)."""
+  if global_batch % process_count:
+    raise ValueError(f"global batch {global_batch} does not divide by the "
+                     f"{process_count} processes")
+  n = global_batch // process_count
+  return slice(process_index * n, (process_index + 1) * n)
 
 
 class TripletBatcher:
@@ -341,11 +310,18 @@ class TripletBatcher:
 
   For every chunk of `miner.refresh_every` queries (seeded order), the miner
   refreshes its cache with `describe` (current parameters), then the chunk's
-  queries are cut into batches of `batch_size` (remainder dropped: static
-  shapes, no recompilation) and assembled on a background thread.
+  queries are cut into global batches of `batch_size` (remainder dropped:
+  static shapes, no recompilation). This process assembles only its rows of
+  each global batch (`local_rows`), through a Grain iterator (`stream`) whose
+  threads read and decode ahead while the device trains.
+
+  `state()` is the input position to store with a checkpoint: {"epoch",
+  "chunk", "next_index"} (the Grain iterator's state inside the chunk);
+  `epoch(..., resume=state)` continues exactly there.
   """
 
-  def __init__(self, miner, images: SplitImages, batch_size: int, prefetch: int = 2):
+  def __init__(self, miner, images: SplitImages, batch_size: int, prefetch: int = 2,
+               num_threads: int = 1, process_index: int = 0, process_count: int = 1):
     if batch_size < 1:
       raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if miner.refresh_every < batch_size:
@@ -354,14 +330,38 @@ class TripletBatcher:
     self.miner = miner
     self.images = images
     self.batch_size = int(batch_size)
+    self.rows = local_rows(self.batch_size, process_index, process_count)
     self.prefetch = int(prefetch)
+    self.num_threads = int(num_threads)
+    self._position = None      # (epoch, chunk, grain iterator) being read
 
   def steps_per_epoch(self) -> int:
     sizes = [len(c) for c in self.miner.chunks(0)]
     return int(sum(s // self.batch_size for s in sizes))
 
+  def state(self) -> Optional[dict]:
+    """{"epoch", "chunk", "next_index"} of the next batch, None before the first."""
+    if self._position is None:
+      return None
+    epoch, chunk, it, num_batches, chunk_start = self._position
+    next_index = int(it.get_state()["next_index"])
+    if next_index >= num_batches:   # chunk finished: the next one's first batch
+      return self.position_of(epoch * self.steps_per_epoch() + chunk_start + num_batches)
+    return {"epoch": epoch, "chunk": chunk, "next_index": next_index}
+
+  def position_of(self, step: int) -> dict:
+    """The `state()` a run that has taken `step` steps is at."""
+    per_epoch = self.steps_per_epoch()
+    epoch, within = divmod(int(step), per_epoch)
+    for chunk_index, chunk in enumerate(self.miner.chunks(epoch)):
+      num_batches = len(chunk) // self.batch_size
+      if within < num_batches:
+        return {"epoch": epoch, "chunk": chunk_index, "next_index": within}
+      within -= num_batches
+    raise AssertionError("unreachable")
+
   def epoch(self, epoch: int, describe: Callable, start_step: int = 0) -> Iterator[dict]:
-    """Yields the batches of `epoch` from step `start_step` (resume)."""
+    """Yields this process's batches of `epoch` from step `start_step` (resume)."""
     step = 0
     for chunk_index, chunk in enumerate(self.miner.chunks(epoch)):
       num_batches = len(chunk) // self.batch_size
@@ -373,11 +373,13 @@ class TripletBatcher:
       chunk = chunk[:num_batches * self.batch_size]
       positive, negatives = self.miner.mine(chunk, epoch, chunk_index, describe)
       first = max(0, start_step - step)
-      bs = self.batch_size
+      bs, rows = self.batch_size, self.rows
 
-      def make(i, chunk=chunk, positive=positive, negatives=negatives, first=first):
-        sl = slice((first + i) * bs, (first + i + 1) * bs)
+      def make(i, chunk=chunk, positive=positive, negatives=negatives):
+        sl = slice(i * bs + rows.start, i * bs + rows.stop)
         return triplet_arrays(self.images, chunk[sl], positive[sl], negatives[sl])
 
-      yield from prefetch(make, num_batches - first, self.prefetch)
+      it = stream(make, num_batches, self.prefetch, self.num_threads, start=first)
+      self._position = (epoch, chunk_index, it, num_batches, step)
+      yield from it
       step += num_batches

@@ -101,6 +101,8 @@ class VprSplit:
     query_utm: [Q, 2] float64.
     database_seg_paths, query_seg_paths: label-map paths (same order), or None
       when the `segmentations/` tree is absent for this split.
+    records: a records folder (`data.records`) holding these images pre-resized
+      (`data.format="array_record"`), or None to decode the files.
   """
   root: str
   split: str
@@ -110,6 +112,7 @@ class VprSplit:
   query_utm: np.ndarray
   database_seg_paths: Optional[list]
   query_seg_paths: Optional[list]
+  records: Optional[str] = None
 
   @property
   def num_database(self) -> int:

@@ -12,13 +12,32 @@ import sys
 
 import numpy as np
 
-from structvpr_jax import parallel, partition
-from structvpr_jax.data import convert, layout, synthetic
+from structvpr_jax import config_lib, parallel, partition
+from structvpr_jax.data import convert, layout, records, synthetic
 from structvpr_jax.workdir import Workdir
 
 
 def prepare(config, wd: Workdir) -> str:
-  """The layout root of this run (generated / converted on process 0)."""
+  """The layout root of this run (generated / converted on process 0), with
+  its records exported when data.format="array_record"."""
+  root = _layout_root(config, wd)
+  ensure_records(config, root)
+  return root
+
+
+def ensure_records(config, root: str) -> None:
+  """data.format="array_record": writes <root>/records/<H>x<W> once (process
+  0; a finished export of the same files is reused)."""
+  where = config_lib.records_dir(config, root)
+  if where is None:
+    return
+  if parallel.is_main_process():
+    records.export(root, tuple(config.data.image_size), where,
+                   num_threads=int(config.data.get("num_threads", 2)))
+  parallel.sync("records export")
+
+
+def _layout_root(config, wd: Workdir) -> str:
   if config.data.name == "synthetic":
     if parallel.is_main_process():
       synthetic.generate(wd.data, seed=config.seed, image_size=tuple(config.data.image_size),
@@ -40,7 +59,7 @@ def prepare(config, wd: Workdir) -> str:
   return config.data.root
 
 
-def crossfit_layouts(wd: Workdir, root: str) -> list:
+def crossfit_layouts(config, wd: Workdir, root: str) -> list:
   """The two fold layouts of the cross-fitted partition (distill.partition =
   "crossfit"): <workdir>/crossfit/fold<k>/data holds fold k's training
   queries and database (`partition.crossfit_folds`, links to `root`'s files)
@@ -55,4 +74,6 @@ def crossfit_layouts(wd: Workdir, root: str) -> list:
       print(f"[crossfit] fold {k}: {int(np.sum(q_fold == k))} training queries, "
             f"{int(np.sum(db_fold == k))} database images -> {fold_root}", flush=True)
   parallel.sync("crossfit layouts")
+  for fold_root in roots:
+    ensure_records(config, fold_root)
   return roots

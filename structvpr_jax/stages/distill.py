@@ -33,7 +33,7 @@ def run(config, wd: Workdir, root: str) -> dict:
     return done
   spec = model_spec.branch_spec(config, stage)
   mesh = parallel.make_mesh()
-  split = layout.read_split(root, "train", require_segmentations=True)
+  split = config_lib.read_split(config, root, "train", require_segmentations=True)
   teacher_spec, teacher_host, _, _ = checkpoint.restore_variables(wd.checkpoints("seg"))
   weights = np.load(wd.partition_npz)["weights"].astype(np.float32)
   if len(weights) != len(split.query_paths):

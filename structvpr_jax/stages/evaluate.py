@@ -28,7 +28,9 @@ def _evaluate_checkpoint(config, spec, variables, root, mesh, split) -> dict:
   pca = pca_from_config(config, spec, variables, root, mesh)
   return RecallEvaluator(spec, root, split, mesh, config.eval.batch_size,
                          tuple(config.eval.ns), config.eval.radius, progress=True,
-                         index=index_from_config(config)).run(variables, pca)
+                         index=index_from_config(config),
+                         vs=config_lib.read_split(config, root, split,
+                                                  spec["view"] == "seg")).run(variables, pca)
 
 
 def run(config, wd: Workdir, root: str, stages=("rgb", "seg", "distill")) -> dict:

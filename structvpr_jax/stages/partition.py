@@ -44,7 +44,7 @@ def run(config, wd: Workdir, root: str) -> dict:
     return wd.record("partition")
   t0 = time.time()
   mesh = parallel.make_mesh()
-  split = layout.read_split(root, "train", require_segmentations=True)
+  split = config_lib.read_split(config, root, "train", require_segmentations=True)
   print(f"[partition] describing {split.num_queries} queries + {split.num_database} database "
         f"training images with both frozen branches on {mesh.size} device(s) "
         f"[{jax.devices()[0].platform}]; weighting {config.distill.weighting}"

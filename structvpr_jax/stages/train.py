@@ -37,7 +37,7 @@ def run(config, wd: Workdir, branch: str, root: str) -> dict:
     return done
   spec = model_spec.branch_spec(config, branch)
   mesh = parallel.make_mesh()
-  split = layout.read_split(root, "train", require_segmentations=branch == "seg")
+  split = config_lib.read_split(config, root, "train", require_segmentations=branch == "seg")
 
   def init_variables(database, tc):
     return train_lib.fresh_variables(spec, config.seed, database, mesh, tc,
