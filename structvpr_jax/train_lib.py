@@ -283,8 +283,11 @@ def make_batcher(split: layout.VprSplit, spec: dict, views, tc: dict, seed: int,
                                       num_threads=num_threads, cache_bytes=cache_bytes)
   how = images.prepare(progress=True)
   if how == "headers":
-    logging.info("training images: %.2f GB decoded > data.cache_gb=%s; headers checked, "
-                 "images decoded when used", images.decoded_bytes() / 2 ** 30, cache_gb)
+    print(f"training images: {images.decoded_bytes() / 2 ** 30:.2f} GB decoded > "
+          f"data.cache_gb={cache_gb}; headers checked, images decoded when used", flush=True)
+  elif how == "records":
+    print(f"training images: read from {split.records} "
+          f"({images.decoded_bytes() / 2 ** 30:.2f} GB > data.cache_gb={cache_gb})", flush=True)
   miner = mining.NegativeMiner(
       split.query_utm, split.database_utm, num_negatives=tc["num_negatives"],
       num_candidates=tc["num_candidates"], refresh_every=tc["refresh_every"],
