@@ -186,6 +186,14 @@ def get_config(arg=None):
   c.eval.ivf_nlist = 0
   c.eval.pq_m = 0
   c.eval.nprobe = 16
+  # Descriptors of the evaluated split: "memory" (float32 arrays) or "disk"
+  # (streamed to <workdir>/eval/<split>/descriptors/<branch>/{database,queries}.npy
+  # in eval.descriptor_dtype, then memory-mapped: host memory holds one batch).
+  # eval.search_block_rows > 0: exact search reads the database that many rows
+  # at a time (memory O(queries x k) + one block; same results).
+  c.eval.descriptors = "memory"
+  c.eval.descriptor_dtype = "float32"
+  c.eval.search_block_rows = 0
   c.eval.pca_dim = 0
   c.eval.pca_whiten = True
   c.eval_split = "test"

@@ -58,6 +58,15 @@ Keys (stable; later versions add keys, never rename):
                           from JPEG/PNG on disk, cold (first epoch, decoding)
   input_pipeline_cached_batches_s   the same from the in-memory cache
   synthetic_generate_img_s  synthetic city generation (render + write), 96x128
+  input_folder_t{1,2,4}_img_s, input_array_record_t{1,2,4}_img_s   images/s of
+                          the training input at 480x640 with nothing cached
+                          (data.cache_gb=0): mined batches of 2 x (q, p, 4
+                          negatives) through the Grain stream with 1/2/4 threads,
+                          from 960x540 Gardens Point JPEGs (decode + resize) or
+                          from pre-resized ArrayRecord files (data/records.py)
+  records_export_img_s    the one-off records export of those images at 480x640
+  input_vs_train_step_480x640   the best input_* figure / train_step_480x640_frozen_img_s
+                          (how many times faster the input is than the step eats)
   *_compile_s             JAX first-call time (trace + compile + one run)
   torch_*_first_s         PyTorch first-call time
   peak_rss_mb             largest peak resident memory of the JAX workers
@@ -75,6 +84,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import importlib.util
 import json
 import os
@@ -312,6 +322,59 @@ def bench_input_pipeline(quick: bool) -> dict:
           "synthetic_generate_img_s": n_images / gen_s}
 
 
+INPUT_THREADS = (1, 2, 4)
+
+
+def bench_input_streaming(quick: bool) -> dict:
+  """Images/s the training input delivers at 480x640 (`input_<format>_t<threads>_img_s`),
+  nothing cached (`data.cache_gb=0`: every image read on every use, the
+  large-dataset path), mined triplet batches of 2 x (q, p, 4 negatives) through
+  the Grain stream with 1/2/4 threads; "folder" decodes and resizes the
+  960x540 Gardens Point JPEGs, "array_record" reads pre-resized records
+  (`records_export_img_s`: the one-off export). --quick: 96x128, fewer images."""
+  import glob
+  import numpy as np
+  from structvpr_jax import mining
+  from structvpr_jax.data import input_pipeline, layout, records
+  hw = (96, 128) if quick else (480, 640)
+  n_places = 24 if quick else 96
+  source = os.path.join(REPO, "..", "shared", "data", "gardens_point", "images")
+  frames = sorted(glob.glob(os.path.join(source, "day_left", "*.jpg")))
+  out, info = {}, {}
+  with tempfile.TemporaryDirectory() as tmp:
+    root = os.path.join(tmp, "layout")
+    rng = np.random.default_rng(0)
+    for role in layout.ROLES:
+      folder = os.path.join(root, "images", "train", role)
+      os.makedirs(folder)
+      for i in range(n_places):
+        name = os.path.join(folder, layout.format_name(30.0 * i + (role == "queries"), 0.0))
+        if frames:
+          os.symlink(os.path.abspath(frames[(2 * i + (role == "queries")) % len(frames)]), name)
+        else:   # no ../shared: smooth 960x540 frames
+          from PIL import Image
+          base = rng.integers(0, 255, (9, 16, 3), dtype=np.uint8)
+          Image.fromarray(base).resize((960, 540), Image.BILINEAR).save(name, quality=90)
+    info["input_frames"] = "gardens_point" if frames else "generated"
+    split = layout.read_split(root, "train")
+    t0 = time.perf_counter()
+    rec_dir = records.export(root, hw, progress=False, verbose=False)
+    out["records_export_img_s"] = 2 * n_places / (time.perf_counter() - t0)
+    for fmt in ("folder", "array_record"):
+      vs = split if fmt == "folder" else dataclasses.replace(split, records=rec_dir)
+      for threads in INPUT_THREADS:
+        images = input_pipeline.SplitImages(vs, hw, views=("rgb",), cache=False,
+                                            num_threads=threads)
+        miner = mining.NegativeMiner(split.query_utm, split.database_utm, num_negatives=4,
+                                     refresh_every=n_places, seed=0, strategy="random")
+        batcher = input_pipeline.TripletBatcher(miner, images, batch_size=2, prefetch=4,
+                                                num_threads=threads)
+        t0 = time.perf_counter()
+        count = sum(b["rgb"].shape[0] * b["rgb"].shape[1] for b in batcher.epoch(0, None))
+        out[f"input_{fmt}_t{threads}_img_s"] = count / (time.perf_counter() - t0)
+  return {"figures": out, "info": info}
+
+
 def other_worker(quick: bool, repeats: int) -> dict:
   """The JAX-only figures: seg branch, partition, evaluation, input pipeline."""
   import jax
@@ -326,6 +389,9 @@ def other_worker(quick: bool, repeats: int) -> dict:
   info = {"eval_descriptor_dim": evaluation.pop("eval_descriptor_dim")}
   figures.update(evaluation)
   figures.update(bench_input_pipeline(quick))
+  streaming = bench_input_streaming(quick)
+  figures.update(streaming["figures"])
+  info.update(streaming["info"])
   return {"figures": figures, "info": info}
 
 
@@ -404,6 +470,8 @@ def run_all(quick: bool, rounds: int, repeats: int, with_torch: bool) -> dict:
       for suffix in SETTINGS.values():
         out[f"ratio_{figure}{suffix}"] = (out[f"{figure}{suffix}_img_s"] /
                                           out[f"torch_{figure}{suffix}_img_s"])
+  inputs = [v for k, v in out.items() if k.startswith("input_") and k.endswith("_img_s")]
+  out["input_vs_train_step_480x640"] = max(inputs) / out["train_step_480x640_frozen_img_s"]
   out["peak_rss_mb"] = peak["jax"]
   if with_torch:
     out["torch_peak_rss_mb"] = peak["torch"]

@@ -128,6 +128,15 @@ def validate_config(config) -> None:
                      f"{mobilenet.DEPTHWISE}")
   if (config.eval.get("index", "flat") or "flat") not in retrieval.INDEXES:
     raise ValueError(f"eval.index={config.eval.index!r}; expected one of {retrieval.INDEXES}")
+  if config.eval.get("descriptors", "memory") not in ("memory", "disk"):
+    raise ValueError(f"eval.descriptors={config.eval.get('descriptors')!r}; expected 'memory' "
+                     "or 'disk'")
+  if config.eval.get("descriptor_dtype", "float32") not in ("float32", "float16"):
+    raise ValueError(f"eval.descriptor_dtype={config.eval.get('descriptor_dtype')!r}; "
+                     "expected 'float32' or 'float16'")
+  if int(config.eval.get("search_block_rows", 0) or 0) < 0:
+    raise ValueError(f"eval.search_block_rows={config.eval.get('search_block_rows')} must be "
+                     ">= 0 (0: the whole database at once)")
   if config.distill.get("partition", "stage1") not in partition.PARTITIONS:
     raise ValueError(f"distill.partition={config.distill.partition!r}; expected one of "
                      f"{partition.PARTITIONS}")
@@ -231,7 +240,7 @@ def stage_fields(config, stage: str) -> dict:
   elif stage == "eval":
     out.update({f"eval.{k}": config.eval.get(k, None)
                 for k in ("ns", "radius", "pca_dim", "pca_whiten", "index", "ivf_nlist",
-                          "pq_m", "nprobe")})
+                          "pq_m", "nprobe", "descriptor_dtype")})
     out["eval_split"] = config.get("eval_split", "test")
   else:
     raise ValueError(f"unknown stage {stage!r}; expected one of {STAGES}")

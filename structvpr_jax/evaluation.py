@@ -24,9 +24,12 @@ import numpy as np
 from absl import logging
 from tqdm import tqdm
 
-from structvpr_jax import parallel, retrieval, slme, whitening
+from structvpr_jax import files, parallel, retrieval, slme, whitening
 from structvpr_jax.data import input_pipeline, layout
 from structvpr_jax.models import spec as model_spec
+
+
+DESCRIPTOR_DTYPES = ("float32", "float16")
 
 
 class Extractor:
@@ -57,9 +60,9 @@ class Extractor:
     Images stream through a Grain iterator (`input_pipeline.stream`), two
     batches read ahead; on several hosts each process reads only its rows of
     every global batch and the descriptors are gathered to all processes.
-    `out`: an array to write into instead (e.g. a float16 `np.memmap` of
-    [n, D]: descriptors stream to disk, host memory stays one batch); then
-    `out` is returned.
+    `out`: (n, D) -> an array to write into instead (e.g. a float16
+    `np.lib.format.open_memmap`: descriptors stream to disk, host memory
+    stays one batch), called at the first batch; that array is returned.
     """
     indices = np.arange(len(source)) if indices is None else np.asarray(indices, np.int64)
     view = self.spec["view"]
@@ -83,6 +86,8 @@ class Extractor:
         desc_b = multihost_utils.process_allgather(desc_b, tiled=True)
       desc_b = np.asarray(jax.device_get(desc_b))[:n]
       if out is not None:
+        if done == 0:
+          out = out(len(indices), desc_b.shape[1])
         out[done:done + n] = desc_b
       else:
         chunks.append(desc_b)
@@ -91,7 +96,7 @@ class Extractor:
         bar.update(n)
     if bar is not None:
       bar.close()
-    if out is not None:
+    if out is not None and not callable(out):
       return out
     if not chunks:
       return np.zeros((0, 0), np.float32)
@@ -142,15 +147,42 @@ def recall_report(q_desc, db_desc, query_utm, db_utm, notes: Optional[Sequence[s
 
 def describe_split(spec: dict, variables, vs: layout.VprSplit, mesh, batch_size: int = 32,
                    progress: bool = False, extractor: Optional[Extractor] = None,
-                   cache: bool = False, label: str = "") -> dict:
-  """{"database": [N, D], "queries": [Q, D]} float32 descriptors of one split."""
+                   cache: bool = False, label: str = "", store: Optional[str] = None,
+                   dtype: str = "float32") -> dict:
+  """{"database": [N, D], "queries": [Q, D]} descriptors of one split.
+
+  In memory (float32) by default. With `store` (a folder) each role streams
+  to `<store>/<role>.npy` as `dtype` ("float32" or "float16"; written under a
+  temporary name, renamed when complete) and is returned memory-mapped, so
+  host memory holds one batch of descriptors, not the database's.
+  """
   images = input_pipeline.SplitImages(vs, spec["image_size"], views=(spec["view"],),
                                       cache=cache, num_classes=slme.NUM_CITYSCAPES_CLASSES)
   extractor = extractor or Extractor(spec, mesh, batch_size)
   replicated = parallel.replicate(variables, mesh)
-  return {role: extractor(replicated, images.sources[role], progress=progress,
-                          desc=f"{label} {role}".strip())
-          for role in ("database", "queries")}
+  if dtype not in DESCRIPTOR_DTYPES:
+    raise ValueError(f"eval.descriptor_dtype={dtype!r}; expected one of {DESCRIPTOR_DTYPES}")
+  out = {}
+  for role in ("database", "queries"):
+    desc = f"{label} {role}".strip()
+    if store is None:
+      out[role] = extractor(replicated, images.sources[role], progress=progress, desc=desc)
+      continue
+    path = os.path.join(store, f"{role}.npy")
+
+    def write(tmp, role=role, desc=desc):
+      arr = extractor(replicated, images.sources[role], progress=progress, desc=desc,
+                      out=lambda n, d: np.lib.format.open_memmap(tmp, "w+", dtype, (n, d)))
+      arr.flush()
+      del arr
+
+    if parallel.is_main_process():
+      files.atomic_write(path, write)
+    else:   # every process takes part in the extraction; process 0 writes
+      extractor(replicated, images.sources[role], desc=desc)
+    parallel.sync(f"descriptors {desc}")
+    out[role] = np.load(path, mmap_mode="r")
+  return out
 
 
 class RecallEvaluator:
@@ -165,8 +197,10 @@ class RecallEvaluator:
   def __init__(self, spec: dict, root: str, split: str, mesh, batch_size: int = 32,
                ns=(1, 5, 10, 20), radius: float = 25.0, progress: bool = False,
                extractor: Optional[Extractor] = None, cache: bool = False,
-               index: Optional[dict] = None, vs: Optional[layout.VprSplit] = None):
+               index: Optional[dict] = None, vs: Optional[layout.VprSplit] = None,
+               store: Optional[str] = None, dtype: str = "float32"):
     self.spec, self.root, self.split, self.mesh = spec, root, split, mesh
+    self.store, self.dtype = store, dtype
     self.index = index
     self.batch_size, self.ns, self.radius = batch_size, tuple(ns), float(radius)
     self.progress, self.cache = progress, cache
@@ -190,7 +224,8 @@ class RecallEvaluator:
     applied to queries and database before the search."""
     t0 = time.perf_counter()
     descs = describe_split(self.spec, variables, self.vs, self.mesh, self.batch_size,
-                           self.progress, self.extractor, self.cache, label=self.split)
+                           self.progress, self.extractor, self.cache, label=self.split,
+                           store=self.store, dtype=self.dtype)
     extract_s = time.perf_counter() - t0
     q, db = descs["queries"], descs["database"]
     if pca is not None:
@@ -220,7 +255,8 @@ def index_from_config(config) -> dict:
   return {"index": config.eval.get("index", "flat") or "flat",
           "nlist": int(config.eval.get("ivf_nlist", 0) or 0),
           "pq_m": int(config.eval.get("pq_m", 0) or 0),
-          "nprobe": int(config.eval.get("nprobe", 16) or 16)}
+          "nprobe": int(config.eval.get("nprobe", 16) or 16),
+          "block_rows": int(config.eval.get("search_block_rows", 0) or 0)}
 
 
 def pca_from_config(config, spec: dict, variables, root: str, mesh,

@@ -83,27 +83,69 @@ def make_index(db_desc, index: str = "flat", nlist: int = 0, pq_m: int = 0, npro
 
 
 def search(query_desc, db_desc, k: int, index: str = "flat", nlist: int = 0, pq_m: int = 0,
-           nprobe: int = 16) -> tuple[np.ndarray, np.ndarray]:
+           nprobe: int = 16, block_rows: int = 0) -> tuple[np.ndarray, np.ndarray]:
   """L2 search: exact (`faiss.IndexFlatL2`, index="flat") or approximate
   (index="ivf_pq", see `make_index`).
 
   Args:
     query_desc: [Q, D] float32.
-    db_desc: [N, D] float32.
+    db_desc: [N, D] float32, or any array-like sliceable by rows (e.g. a
+      float16 `np.memmap` of descriptors on disk).
     k: neighbours per query (clipped to N).
     index, nlist, pq_m, nprobe: the index (`make_index`).
+    block_rows: > 0 (flat only): read the database `block_rows` rows at a
+      time, as float32, and keep the running top k (`search_blocked`): memory
+      O(Q x k + block_rows x D) instead of a float32 copy of the database.
 
   Returns:
     (squared distances [Q, k] float32, indices [Q, k] int64), nearest first
     (IVF-PQ: approximate distances; index -1 where the visited lists held
     fewer than k vectors, counted as a miss by `correct_at_k`).
   """
+  if block_rows and index == "flat":
+    return search_blocked(query_desc, db_desc, k, block_rows)
   q = np.ascontiguousarray(np.asarray(query_desc, np.float32))
   db = np.ascontiguousarray(np.asarray(db_desc, np.float32))
   if q.ndim != 2 or db.ndim != 2 or q.shape[1] != db.shape[1]:
     raise ValueError(f"descriptor shapes must be [Q, D] and [N, D], got {q.shape}, {db.shape}")
   searcher = make_index(db, index, nlist, pq_m, nprobe)
   return searcher.search(q, int(min(k, db.shape[0])))
+
+
+def search_blocked(query_desc, db_desc, k: int,
+                   block_rows: int = 65536) -> tuple[np.ndarray, np.ndarray]:
+  """Exact L2 search over database blocks of `block_rows` rows, merging each
+  block's top k into the running top k (ties: the lower database index
+  first, as one exact search). Same results as `search(..., "flat")`; the
+  database is never held whole (a memmap on disk is read block by block)."""
+  q = np.ascontiguousarray(np.asarray(query_desc, np.float32))
+  n = int(db_desc.shape[0])
+  if q.ndim != 2 or len(db_desc.shape) != 2 or q.shape[1] != db_desc.shape[1]:
+    raise ValueError(f"descriptor shapes must be [Q, D] and [N, D], got {q.shape}, "
+                     f"{tuple(db_desc.shape)}")
+  if block_rows < 1:
+    raise ValueError(f"block_rows must be >= 1, got {block_rows}")
+  k = int(min(k, n))
+  best_d = np.full((len(q), 0), np.inf, np.float32)
+  best_i = np.zeros((len(q), 0), np.int64)
+  for start in range(0, n, int(block_rows)):
+    block = np.ascontiguousarray(np.asarray(db_desc[start:start + block_rows], np.float32))
+    flat = faiss.IndexFlatL2(block.shape[1])
+    flat.add(block)
+    d, i = flat.search(q, int(min(k, len(block))))
+    cat_d = np.concatenate([best_d, d], axis=1)
+    cat_i = np.concatenate([best_i, i + start], axis=1)
+    order = _topk_order(cat_d, cat_i, k)
+    best_d = np.take_along_axis(cat_d, order, axis=1)
+    best_i = np.take_along_axis(cat_i, order, axis=1)
+  return best_d, best_i
+
+
+def _topk_order(dist: np.ndarray, idx: np.ndarray, k: int) -> np.ndarray:
+  """int [Q, k]: per row, the positions of the k smallest distances, ties by index."""
+  order = np.argsort(idx, axis=1, kind="stable")
+  by_dist = np.argsort(np.take_along_axis(dist, order, axis=1), axis=1, kind="stable")
+  return np.take_along_axis(order, by_dist, axis=1)[:, :k]
 
 
 def correct_at_k(predictions, query_utm, db_utm, radius: float = 25.0) -> np.ndarray:

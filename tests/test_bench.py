@@ -25,7 +25,9 @@ JAX_KEYS = PAIRED_JAX + [
     "partition_s", "faiss_search_s", "partition_compile_s", "partition_vs_two_faiss",
     "eval_extract_s", "eval_extract_img_s", "eval_search_recall_s", "eval_bare_faiss_s",
     "eval_overhead_vs_faiss", "input_pipeline_batches_s", "input_pipeline_cached_batches_s",
-    "synthetic_generate_img_s", "peak_rss_mb"]
+    "synthetic_generate_img_s", "peak_rss_mb", "records_export_img_s",
+    "input_vs_train_step_480x640"] + [
+    f"input_{fmt}_t{t}_img_s" for fmt in ("folder", "array_record") for t in bench.INPUT_THREADS]
 TORCH_KEYS = [f"torch_{name}{s}_{unit}" for name in bench.PAIRED for s in ("", "_nohuge")
               for unit in ("img_s", "first_s")] + [
     f"ratio_{name}{s}" for name in bench.PAIRED for s in ("", "_nohuge")] + [

@@ -185,6 +185,33 @@ def test_eval_from_checkpoint_alone_reproduces_recall(run1, tmp_path, cache):
   assert 0.0 <= whitened["R@1"] <= whitened["R@5"] <= whitened["R@10"] <= 100.0
 
 
+def test_eval_streams_descriptors_to_disk_and_searches_in_blocks(run1, tmp_path, cache):
+  """eval.descriptors=disk: descriptors stream to .npy files (float32: the
+  recalls of the in-memory evaluation exactly, with the database searched 5
+  rows at a time; float16: half the bytes, recalls still reported)."""
+  workdir, _ = run1
+  with open(os.path.join(workdir, "eval", "test", "recalls.json")) as f:
+    recorded = json.load(f)
+  for dtype in ("float32", "float16"):
+    out = str(tmp_path / dtype)
+    main("configs/eval.py", out, f"--config.checkpoint={workdir}/distill/checkpoints",
+         f"--config.data.root={workdir}/data", "--config.eval.descriptors=disk",
+         f"--config.eval.descriptor_dtype={dtype}", "--config.eval.search_block_rows=5",
+         cache=cache)
+    with open(os.path.join(out, "eval", "test", "recalls.json")) as f:
+      again = json.load(f)
+    store = os.path.join(out, "eval", "test", "descriptors", "distill")
+    assert sorted(os.listdir(store)) == ["database.npy", "queries.npy"]   # no temporaries
+    db = np.load(os.path.join(store, "database.npy"), mmap_mode="r")
+    assert db.dtype == np.dtype(dtype) and db.shape == (recorded["num_database"], 64)
+    assert again["num_queries"] == recorded["num_queries"]
+    if dtype == "float32":
+      for k in ("R@1", "R@5", "R@10", "R@20"):
+        assert again[k] == recorded[k], k
+    else:
+      assert abs(again["R@5"] - recorded["R@5"]) <= 100.0 / recorded["num_queries"] + 1e-9
+
+
 def test_two_folder_evaluation_as_vpr_users_type_it(run1, tmp_path, cache):
   """configs/eval.py on two plain folders: the count and recall lines, the same
   recalls as the layout form on the same images, preds/ and descriptors; and

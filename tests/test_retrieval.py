@@ -107,3 +107,31 @@ def test_ivf_pq_search_finds_well_separated_neighbours_and_misses_count():
   np.testing.assert_array_equal(hits, [[False, True]])
   with pytest.raises(ValueError, match="eval.index='hnsw'"):
     retrieval.search(q, db, 5, index="hnsw")
+
+
+def test_blocked_search_equals_one_exact_search(tmp_path):
+  """search_blocked / search(block_rows=...) over any block size, a float16
+  memmap included, returns the exact search's neighbours; ties go to the
+  lower database index as in one search."""
+  rng = np.random.default_rng(3)
+  q = rng.normal(size=(40, 16)).astype(np.float32)
+  db = rng.normal(size=(300, 16)).astype(np.float32)
+  db[200] = db[10]                                   # an exact tie across blocks
+  q[0] = db[10]
+  d0, i0 = retrieval.search(q, db, 12)
+  for block in (1, 7, 64, 299, 1000):
+    d1, i1 = retrieval.search(q, db, 12, block_rows=block)
+    np.testing.assert_array_equal(i1, i0)
+    np.testing.assert_allclose(d1, d0, rtol=1e-6, atol=1e-6)
+  assert i0[0, 0] == 10 and i0[0, 1] == 200
+  path = str(tmp_path / "db.npy")
+  mm = np.lib.format.open_memmap(path, "w+", np.float16, db.shape)
+  mm[:] = db
+  mm.flush()
+  on_disk = np.load(path, mmap_mode="r")
+  d2, i2 = retrieval.search_blocked(q, on_disk, 5, block_rows=50)
+  d3, i3 = retrieval.search(q, db.astype(np.float16).astype(np.float32), 5)
+  np.testing.assert_array_equal(i2, i3)
+  np.testing.assert_allclose(d2, d3, rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match="block_rows"):
+    retrieval.search_blocked(q, db, 5, block_rows=0)

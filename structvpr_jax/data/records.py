@@ -72,7 +72,7 @@ def read_manifest(records_dir: str) -> dict:
 
 def export(layout_root: str, image_size, out: Optional[str] = None,
            splits: Sequence[str] = layout.SPLITS, num_threads: int = 4,
-           progress: bool = True) -> str:
+           progress: bool = True, verbose: bool = True) -> str:
   """Writes the records of `splits` (those present) of `layout_root`.
 
   Args:
@@ -82,6 +82,7 @@ def export(layout_root: str, image_size, out: Optional[str] = None,
       finished export of the same size and file lists (then it is reused).
     splits: which splits to export (those without images are skipped).
     num_threads: decoding threads (PIL releases the GIL).
+    progress, verbose: a progress bar (on a terminal); a summary line.
 
   Returns:
     The records folder. Written under a temporary name and renamed when
@@ -106,7 +107,8 @@ def export(layout_root: str, image_size, out: Optional[str] = None,
           name in manifest["splits"] and manifest["splits"][name]["names_sha256"]
           == names_digest(paths) for name, (paths, _) in todo.items()))
       if same:
-        print(f"export-records: {out} already holds these images at {h}x{w}; reused")
+        if verbose:
+          print(f"export-records: {out} already holds these images at {h}x{w}; reused")
         return out
     raise ValueError(f"{out}: exists and is not an export of {layout_root} at {h}x{w} "
                      "(remove it or choose another --out)")
@@ -145,7 +147,8 @@ def export(layout_root: str, image_size, out: Optional[str] = None,
     pool.shutdown()
     bar.close()
   size = sum(os.path.getsize(os.path.join(out, s["file"])) for s in manifest["splits"].values())
-  print(f"export-records: {total} images at {h}x{w} -> {out} ({size / 2 ** 30:.2f} GiB)")
+  if verbose:
+    print(f"export-records: {total} images at {h}x{w} -> {out} ({size / 2 ** 30:.2f} GiB)")
   return out
 
 

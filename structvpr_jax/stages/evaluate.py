@@ -24,13 +24,22 @@ from structvpr_jax.evaluation import (RecallEvaluator, describe_split, index_fro
 from structvpr_jax.workdir import Workdir
 
 
-def _evaluate_checkpoint(config, spec, variables, root, mesh, split) -> dict:
+def descriptor_store(config, wd: Workdir, split: str, branch: str) -> dict:
+  """`describe_split`'s store/dtype keywords: eval.descriptors="disk" streams
+  them to <workdir>/eval/<split>/descriptors/<branch>/ as eval.descriptor_dtype."""
+  if config.eval.get("descriptors", "memory") != "disk":
+    return {}
+  return {"store": os.path.join(wd.eval_split_dir(split), "descriptors", branch),
+          "dtype": config.eval.get("descriptor_dtype", "float32")}
+
+
+def _evaluate_checkpoint(config, spec, variables, root, mesh, split, store: dict) -> dict:
   pca = pca_from_config(config, spec, variables, root, mesh)
   return RecallEvaluator(spec, root, split, mesh, config.eval.batch_size,
                          tuple(config.eval.ns), config.eval.radius, progress=True,
                          index=index_from_config(config),
-                         vs=config_lib.read_split(config, root, split,
-                                                  spec["view"] == "seg")).run(variables, pca)
+                         vs=config_lib.read_split(config, root, split, spec["view"] == "seg"),
+                         **store).run(variables, pca)
 
 
 def run(config, wd: Workdir, root: str, stages=("rgb", "seg", "distill")) -> dict:
@@ -44,7 +53,8 @@ def run(config, wd: Workdir, root: str, stages=("rgb", "seg", "distill")) -> dic
     if stage not in stages:
       continue
     spec, variables, step, _ = checkpoint.restore_variables(wd.checkpoints(stage))
-    rep = _evaluate_checkpoint(config, spec, variables, root, mesh, split)
+    rep = _evaluate_checkpoint(config, spec, variables, root, mesh, split,
+                               descriptor_store(config, wd, split, stage))
     predictions[stage] = (spec, rep["_predictions"])
     record = public(rep)
     record.update(branch=stage, label=label, step=step,
@@ -144,13 +154,15 @@ def run_checkpoint(config, wd: Workdir) -> dict:
     if pca is None and int(ev.get("pca_dim", 0) or 0):
       raise ValueError("eval.pca_dim needs a layout folder (data.root) with a train split")
     rep = RecallEvaluator(spec, root, split, mesh, ev.batch_size, tuple(ev.ns), ev.radius,
-                          progress=True, index=index_from_config(config), vs=vs
+                          progress=True, index=index_from_config(config), vs=vs,
+                          **descriptor_store(config, wd, split, spec["branch"])
                           ).run(variables, pca)
     predictions, descs = rep["_predictions"], rep["_descriptors"]
     print(", ".join(f"R@{n}: {rep[f'R@{n}']:.1f}" for n in ev.ns), flush=True)
     out = public(rep)
   else:
-    descs = describe_split(spec, variables, vs, mesh, ev.batch_size, progress=True)
+    descs = describe_split(spec, variables, vs, mesh, ev.batch_size, progress=True,
+                           **descriptor_store(config, wd, split, spec["branch"]))
     _, predictions = retrieval.search(descs["queries"], descs["database"], k,
                                       **index_from_config(config))
     out = {"num_queries": vs.num_queries, "num_database": vs.num_database,
