@@ -18,7 +18,7 @@ the same for every N (2 steps of 2 triplets x 6 images, mining refreshes of
 64 queries against 64 candidates, k-means on 32 images, validation on the
 same val split), so what differs is only what grows with the data.
 
-Writes experiments/results/scale.{json,md}.
+Writes experiments/results/scale_<format>.{json,md}.
 """
 
 from __future__ import annotations
@@ -107,9 +107,11 @@ def main(argv=None) -> int:
   parser.add_argument("--workdir", default="/tmp/scale")
   parser.add_argument("--format", default="folder", choices=["folder", "array_record"])
   parser.add_argument("--image-size", default="480,640")
-  parser.add_argument("--out", default=os.path.join(REPO, "experiments", "results", "scale"))
+  parser.add_argument("--out", default=None,
+                      help="output stem (default experiments/results/scale_<format>)")
   args = parser.parse_args(argv)
   size = tuple(int(v) for v in args.image_size.split(","))
+  args.out = args.out or os.path.join(REPO, "experiments", "results", f"scale_{args.format}")
   results = {}
   for n in args.sizes:
     root = build_layout(os.path.join(args.workdir, f"layout_{n}"), n)

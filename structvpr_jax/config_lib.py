@@ -61,10 +61,17 @@ def read_split(config, root: str, split: str,
                require_segmentations: bool = False) -> layout.VprSplit:
   """`layout.read_split` as this run reads it: with data.format="array_record"
   the split carries its records folder, and every `SplitImages` of it reads
-  the pre-resized records instead of decoding the files."""
+  the pre-resized records instead of decoding the files (splits left out of
+  the export, e.g. `--splits train`, decode their files)."""
   vs = layout.read_split(root, split, require_segmentations)
   where = records_dir(config, root)
-  return dataclasses.replace(vs, records=where) if where else vs
+  if where is None:
+    return vs
+  manifest = records.read_manifest(where)
+  if f"{split}_database" not in manifest["splits"]:
+    # `export-records --splits train`: the splits not exported decode their files
+    return vs
+  return dataclasses.replace(vs, records=where)
 
 
 def validate_config(config) -> None:

@@ -8,6 +8,7 @@ into <workdir>/data; "folder" uses `data.root` as it is.
 
 from __future__ import annotations
 
+import os
 import sys
 
 import numpy as np
@@ -27,12 +28,17 @@ def prepare(config, wd: Workdir) -> str:
 
 def ensure_records(config, root: str) -> None:
   """data.format="array_record": writes <root>/records/<H>x<W> once (process
-  0; a finished export of the same files is reused)."""
+  0). A finished export of the same files is reused, also one of only some
+  splits (`export-records --splits train`: the others decode their files);
+  one of other files stops the run naming the folder."""
   where = config_lib.records_dir(config, root)
   if where is None:
     return
+  splits = layout.SPLITS
+  if os.path.isfile(os.path.join(where, records.MANIFEST)):   # e.g. `--splits train` only
+    splits = sorted({name.rsplit("_", 1)[0] for name in records.read_manifest(where)["splits"]})
   if parallel.is_main_process():
-    records.export(root, tuple(config.data.image_size), where,
+    records.export(root, tuple(config.data.image_size), where, splits=splits,
                    num_threads=int(config.data.get("num_threads", 2)))
   parallel.sync("records export")
 
