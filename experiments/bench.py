@@ -64,6 +64,13 @@ Keys (stable; later versions add keys, never rename):
                           negatives) through the Grain stream with 1/2/4 threads,
                           from 960x540 Gardens Point JPEGs (decode + resize) or
                           from pre-resized ArrayRecord files (data/records.py)
+  forward_224_fold_bn_img_s, train_step_224_frozen_fold_bn_img_s   RGB branch with
+                          model.fold_bn (frozen BN folded into the convolutions)
+  train_step_224_frozen_from14_img_s   the frozen-BN step with train.trainable_from=14
+                          (stem and blocks 0-13 get no gradient); both sets also
+                          *_nohuge and *_compile_s, measured in the RGB workers
+  round_min_max           {key: [min, max]} over the rounds of every measured key
+                          (the spread behind the median; JAX-only keys: one round)
   records_export_img_s    the one-off records export of those images at 480x640
   input_vs_train_step_480x640   the best input_* figure / train_step_480x640_frozen_img_s
                           (how many times faster the input is than the step eats)
@@ -188,15 +195,15 @@ def bench_forward(spec: dict, variables, mesh, repeats: int, batch: int = 16) ->
 
 
 def bench_train_step(spec: dict, variables: dict, mesh, batchnorm: str, triplets: int,
-                     repeats: int) -> dict:
+                     repeats: int, trainable_from: int = 0) -> dict:
   """{"img_s", "compile_s"} of `train_lib.make_train_step` (Adam, lr 1e-4, grad
   clip 1.0, margin 0.1, BatchNorm `batchnorm`) from host `variables` on a
   batch of `triplets` x (q, p, 1 negative) inputs at spec["image_size"]."""
   import jax
   from structvpr_jax import parallel, train_lib
   tc = {"num_steps": 1000, "learning_rate": 1e-4, "warmup_steps": 0, "margin": 0.1,
-        "grad_clip": 1.0, "batchnorm": batchnorm}
-  tx, _ = train_lib.make_optimizer(tc)
+        "grad_clip": 1.0, "batchnorm": batchnorm, "trainable_from": trainable_from}
+  tx, _ = train_lib.make_optimizer(tc, train_lib.frozen_below(trainable_from))
   step = train_lib.make_train_step(spec, tc, mesh)
   # uint8 [triplets, 2 + M, H, W(, 3)], M = 1
   batch = parallel.shard_batch({spec["view"]: random_inputs(spec, (triplets, 3), seed=1)}, mesh)
@@ -231,15 +238,49 @@ def branch_figures(spec: dict, mesh, quick: bool, repeats: int, prefix: str = ""
   return out
 
 
+# JAX-only levers of the RGB branch at 224 (issue 18), measured in the same
+# fresh RGB workers as the paired figures: key suffix -> (spec changes,
+# trainable_from). "fold_bn": frozen BatchNorm folded into the convolutions
+# (model.fold_bn); "from14": train.trainable_from=14 (blocks 14-16 and the
+# head train, the usual VPR fine-tuning of the last blocks; --quick: from 1).
+LEVERS = {"fold_bn": ({"fold_bn": True}, 0), "from14": ({}, 14)}
+
+
+def lever_figures(spec: dict, mesh, quick: bool, repeats: int) -> dict:
+  """`forward_224_fold_bn_*`, `train_step_224_frozen_fold_bn_*` and
+  `train_step_224_frozen_from14_*` ({img_s, compile_s})."""
+  from structvpr_jax import parallel
+  from structvpr_jax.models import spec as model_spec
+  variables = model_spec.init_variables(spec, seed=0)
+  sized = dict(spec, image_size=list(image_sizes(quick)["224"]))
+  out = {}
+  for name, (changes, trainable_from) in LEVERS.items():
+    lever = dict(sized, **changes)
+    if quick and trainable_from:
+      trainable_from = 1
+    if changes:
+      forward = bench_forward(lever, parallel.replicate(variables, mesh), mesh, repeats)
+      for unit, value in forward.items():
+        out[f"forward_224_{name}_{unit}"] = value
+    step = bench_train_step(lever, variables, mesh, "frozen", TRAIN_TRIPLETS["224"], repeats,
+                            trainable_from=trainable_from)
+    for unit, value in step.items():
+      out[f"train_step_224_frozen_{name}_{unit}"] = value
+  return out
+
+
 def rgb_worker(quick: bool, repeats: int) -> dict:
-  """The RGB branch figures (those PyTorch also measures)."""
+  """The RGB branch figures (those PyTorch also measures), then the JAX-only
+  levers (`lever_figures`)."""
   import jax
   from structvpr_jax import parallel
   from structvpr_jax.models import spec as model_spec
   mesh = parallel.make_mesh(jax.devices()[:1])
   spec = make_spec("rgb", image_sizes(quick)["224"], quick, dim=0,
                    num_clusters=8 if quick else 64)
-  return {"figures": branch_figures(spec, mesh, quick, repeats),
+  figures = branch_figures(spec, mesh, quick, repeats)
+  figures.update(lever_figures(spec, mesh, quick, repeats))
+  return {"figures": figures,
           "info": {"jax": jax.__version__, "devices": [str(d) for d in jax.devices()],
                    "descriptor_dim": model_spec.build_model(spec).descriptor_dim}}
 
@@ -465,6 +506,8 @@ def run_all(quick: bool, rounds: int, repeats: int, with_torch: bool) -> dict:
              "thp_mode": hugepages.thp_mode()}}
   out.update(info)
   out.update({key: statistics.median(values) for key, values in samples.items()})
+  # The spread behind each median: {key: [min, max]} over the rounds.
+  out["round_min_max"] = {key: [min(values), max(values)] for key, values in samples.items()}
   if with_torch:
     for figure in PAIRED:
       for suffix in SETTINGS.values():

@@ -20,7 +20,10 @@ import bench  # noqa: E402
 # Figures the RGB and PyTorch workers measure under both allocator settings.
 PAIRED_JAX = [f"{name}{s}_{unit}" for name in bench.PAIRED for s in ("", "_nohuge")
               for unit in ("img_s", "compile_s")]
-JAX_KEYS = PAIRED_JAX + [
+LEVER_KEYS = [f"{name}{s}_{unit}" for name in ("forward_224_fold_bn", "train_step_224_frozen_fold_bn",
+                                               "train_step_224_frozen_from14")
+              for s in ("", "_nohuge") for unit in ("img_s", "compile_s")]
+JAX_KEYS = PAIRED_JAX + LEVER_KEYS + [
     f"seg_{name}_{unit}" for name in bench.PAIRED for unit in ("img_s", "compile_s")] + [
     "partition_s", "faiss_search_s", "partition_compile_s", "partition_vs_two_faiss",
     "eval_extract_s", "eval_extract_img_s", "eval_search_recall_s", "eval_bare_faiss_s",
@@ -61,6 +64,9 @@ def test_quick_bench_prints_every_key(tmp_path):
   assert "glibc.malloc.hugetlb" not in settings["nohuge"]
   assert printed["glibc_tunables"] == settings["hugepages"]
   assert printed["rounds"] == 1 and printed["repeats"] == 1
+  for key in ("forward_224_img_s", "train_step_224_frozen_fold_bn_img_s"):
+    low, high = printed["round_min_max"][key]
+    assert low * (1 - 1e-6) <= printed[key] <= high * (1 + 1e-6), key   # printed rounded
   # The README table of this result: every figure filled in.
   table = bench.markdown_table(printed)
   for row in table.splitlines()[2:]:
