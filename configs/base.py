@@ -151,6 +151,10 @@ def get_config(arg=None):
   # no gradient (their backward pass is skipped) and no update, the usual VPR
   # fine-tuning of the last blocks. MobileNetV2 has blocks 0-16.
   c.train.trainable_from = 0
+  # Recompute each backbone block's activations in the backward pass instead of
+  # keeping them (memory of a 480x640 step is mostly those activations);
+  # about one more forward pass of compute, same values.
+  c.train.remat = False
   c.train.crop_scale = (0.6, 1.0)                 # crop area fraction range
   c.train.color_jitter = (0.3, 0.3, 0.3, 0.05)    # brightness, contrast, saturation, hue (turns)
   # "batch": synchronised batch statistics (BN running stats updated);

@@ -36,7 +36,7 @@ TRAIN_RESULT_FIELDS = ("batch_size", "num_negatives", "mining", "num_candidates"
                        "final_lr_fraction", "optimizer", "grad_clip", "weight_decay", "margin",
                        "batchnorm", "eval_at_start", "eval_every", "kmeans_images",
                        "kmeans_per_image", "log_term_grads", "dtype", "augment", "crop_scale",
-                       "color_jitter", "trainable_from")
+                       "color_jitter", "trainable_from", "remat")
 STAGE_OVERRIDES = ("num_steps", "learning_rate", "batchnorm", "mining")
 
 

@@ -137,7 +137,8 @@ def make_train_step(spec: dict, tc: dict, mesh, teacher_spec: Optional[dict] = N
     raise ValueError(f"distill.kd={kd!r}; expected one of {losses.KD_FORMS}")
   dtype = tc.get("dtype", "float32") or "float32"   # compute dtype; params stay float32
   model = model_spec.build_model(spec, bn_axis_name=parallel.DATA_AXIS, dtype=dtype,
-                                 trainable_from=int(tc.get("trainable_from", 0) or 0))
+                                 trainable_from=int(tc.get("trainable_from", 0) or 0),
+                                 remat=bool(tc.get("remat", False)))
   teacher = model_spec.build_model(teacher_spec, dtype=dtype) if teacher_spec else None
   margin = float(tc["margin"])
   term_grads = bool(tc.get("log_term_grads", False))

@@ -1,6 +1,7 @@
 """Train-step options on a tiny branch: BatchNorm modes, config validation."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -243,3 +244,42 @@ def test_trainable_from_leaves_the_frozen_blocks_bitwise_unchanged(trainable_fro
     assert not all(jax.tree.leaves(jax.tree.map(lambda a, b: bool(np.array_equal(a, b)),
                                                 variables["params"][head], new[head])))
   assert train_lib.frozen_below(0) is None
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_remat_gives_the_plain_values_and_gradients(train):
+  """train.remat recomputes block activations in the backward pass: the same
+  parameter tree, outputs, BatchNorm statistics and gradients as the plain
+  model (BatchNorm with batch statistics, and frozen), and the step runs."""
+  variables = model_spec.init_variables(SPEC, 0)
+  x = jnp.asarray(np.random.default_rng(1).normal(size=(2, 32, 32, 5)), jnp.float32)
+  w = jnp.asarray(np.random.default_rng(2).normal(size=(2, 32)), jnp.float32)
+
+  def loss(params, model):
+    out = model.apply({"params": params, "batch_stats": variables["batch_stats"]}, x,
+                      train=train, mutable=["batch_stats"] if train else False)
+    desc, stats = out if train else (out, {})
+    return jnp.sum(desc * w), stats
+
+  res = {}
+  for remat in (False, True):
+    model = model_spec.build_model(SPEC, remat=remat)
+    (value, stats), grads = jax.value_and_grad(loss, has_aux=True)(variables["params"], model)
+    res[remat] = jax.device_get((value, stats, grads))
+  assert jax.tree.structure(res[False]) == jax.tree.structure(res[True])
+  for a, b in zip(jax.tree.leaves(res[False]), jax.tree.leaves(res[True])):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+  text = jax.jit(jax.grad(lambda p: loss(p, model_spec.build_model(SPEC, remat=True))[0])
+                 ).lower(variables["params"]).as_text()
+  assert "optimization_barrier" in text                   # it does recompute (remat's fence)
+  plain = jax.jit(jax.grad(lambda p: loss(p, model_spec.build_model(SPEC))[0])
+                  ).lower(variables["params"]).as_text()
+  assert "optimization_barrier" not in plain
+  mesh = parallel.make_mesh(jax.devices()[:1])
+  tx, _ = train_lib.make_optimizer(TC)
+  state = parallel.replicate(train_lib.new_state(variables, tx), mesh)
+  step = train_lib.make_train_step(SPEC, dict(TC, batchnorm="batch" if train else "frozen",
+                                              remat=True), mesh)
+  labels = np.random.default_rng(1).integers(0, 19, (2, 3, 32, 32)).astype(np.uint8)
+  _, metrics = step(state, parallel.shard_batch({"seg": labels}, mesh), jax.random.PRNGKey(0))
+  assert np.isfinite(float(metrics["loss"]))

@@ -36,10 +36,15 @@ def test_stage_fields_name_what_each_stage_depends_on():
   json.dumps(dist)     # JSON-plain: tuples became lists
   c.train.log_every = 7          # logging does not change results
   c.data.cache_gb = 0.5          # nor does the decoded-image cache
+  c.data.format = "array_record"  # nor where the same pixels are read from
+  c.eval.descriptors = "disk"     # nor where the descriptors are kept
+  c.eval.search_block_rows = 100  # nor a blocked exact search
   assert config_lib.stage_fields(c, "rgb") == rgb
+  assert config_lib.stage_fields(c, "eval")["eval.descriptor_dtype"] == "float32"
   # settings added since that do change results are recorded
   assert rgb["model.fold_bn"] is False and rgb["train.augment"] == ""
   assert rgb["train.trainable_from"] == 0 and rgb["train.dtype"] == "float32"
+  assert rgb["train.remat"] is False          # same values, other float rounding
   assert part["distill.partition"] == "stage1" and dist["distill.partition"] == "stage1"
   c.model.fold_bn = True
   assert config_lib.stage_fields(c, "rgb")["model.fold_bn"] is True

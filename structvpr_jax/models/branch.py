@@ -32,6 +32,7 @@ class Branch(nn.Module):
     depthwise: the backbone's 3x3 depthwise kernel ("auto" | "shifted" |
       "grouped", `mobilenet.resolve_depthwise`; equal results).
     trainable_from: first backbone block that gets gradients (0: all).
+    remat: recompute block activations in the backward pass (training memory).
     fold_bn: fold frozen BatchNorm into the convolutions (`mobilenet.ConvBN`).
     bn_axis_name: mesh axis for synchronised BatchNorm (inside shard_map).
     dtype: compute dtype.
@@ -48,6 +49,7 @@ class Branch(nn.Module):
   output_stride: int = 32
   depthwise: str = "auto"
   trainable_from: int = 0
+  remat: bool = False
   fold_bn: bool = False
   bn_axis_name: Optional[str] = None
   dtype: Any = jnp.float32
@@ -60,6 +62,7 @@ class Branch(nn.Module):
     self.encoder = mobilenet.get_backbone(
         self.backbone, width=self.width, norm=self.norm, output_stride=self.output_stride,
         depthwise=self.depthwise, trainable_from=self.trainable_from, fold_bn=self.fold_bn,
+        remat=self.remat,
         bn_axis_name=self.bn_axis_name, dtype=self.dtype,
         param_dtype=self.param_dtype, last_activation=False, **self._backbone_kwargs())
     self.projection = (nn.Dense(self.dim, dtype=self.dtype, param_dtype=self.param_dtype,

@@ -318,6 +318,10 @@ class MobileNetV2(nn.Module):
       training with `train.batchnorm="frozen"`), fold it into the preceding
       convolution (`ConvBN._folded`; equal up to float rounding, same
       parameters; `model.fold_bn`).
+    remat: recompute each block's activations in the backward pass instead of
+      keeping them (`nn.remat`; `train.remat`): training memory falls to
+      about the block inputs, for roughly one more forward pass of compute.
+      Same parameters and values.
     trainable_from: index of the first block gradients reach (0: all); the
       stem and blocks before it get none (`lax.stop_gradient` on their
       output), so their backward pass is not computed at all (the usual VPR
@@ -341,6 +345,7 @@ class MobileNetV2(nn.Module):
   depthwise: str = "auto"
   trainable_from: int = 0
   fold_bn: bool = False
+  remat: bool = False
   bn_axis_name: Optional[str] = None
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
@@ -361,6 +366,8 @@ class MobileNetV2(nn.Module):
     x = ConvBN(make_divisible(self.stem_features * self.width), "full", stride=2,
                name="stem", **common)(x, train)
     index, total_stride = 0, 2
+    # `train` (argument 2, counting the module) is a Python bool: static.
+    block = nn.remat(InvertedResidual, static_argnums=(2,)) if self.remat else InvertedResidual
     for expansion, channels, repeats, stride in self.blocks:
       for r in range(repeats):
         s = stride if r == 0 else 1
@@ -369,8 +376,8 @@ class MobileNetV2(nn.Module):
         total_stride *= s
         if index == self.trainable_from and index > 0:
           x = lax.stop_gradient(x)               # nothing below this block trains
-        x = InvertedResidual(make_divisible(channels * self.width), expansion, s,
-                             depthwise=self.depthwise, name=f"block{index}", **common)(x, train)
+        x = block(make_divisible(channels * self.width), expansion, s,
+                  depthwise=self.depthwise, name=f"block{index}", **common)(x, train)
         index += 1
     if self.trainable_from and self.trainable_from >= index:
       x = lax.stop_gradient(x)                   # every block frozen: the head trains

@@ -83,12 +83,13 @@ DTYPES = ("float32", "bfloat16")
 
 
 def build_model(spec: dict, bn_axis_name: Optional[str] = None, dtype: str = "float32",
-                trainable_from: int = 0) -> Branch:
+                trainable_from: int = 0, remat: bool = False) -> Branch:
   """The flax module of a spec; `bn_axis_name` synchronises BatchNorm over a mesh axis.
 
   `dtype` is the compute dtype ("float32" or "bfloat16": mixed precision, with
   float32 parameters, BatchNorm statistics, NetVLAD softmax and normalisation).
   `trainable_from`: the first backbone block gradients reach (training only).
+  `remat`: recompute block activations in the backward pass (training only).
   """
   if dtype not in DTYPES:
     raise ValueError(f"dtype={dtype!r}; expected one of {DTYPES}")
@@ -99,7 +100,7 @@ def build_model(spec: dict, bn_axis_name: Optional[str] = None, dtype: str = "fl
                 norm=spec.get("norm", "batch"), output_stride=int(spec.get("output_stride", 32)),
                 depthwise=spec.get("depthwise", "auto"), bn_axis_name=bn_axis_name,
                 dtype=jnp.dtype(dtype), trainable_from=int(trainable_from),
-                fold_bn=bool(spec.get("fold_bn", False)))
+                fold_bn=bool(spec.get("fold_bn", False)), remat=bool(remat))
 
 
 def normalize_rgb(x, kind: str = "imagenet"):
