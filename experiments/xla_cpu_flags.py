@@ -2,6 +2,9 @@
 
   python experiments/xla_cpu_flags.py [--rounds 3] [--repeats 5] [--quick]
 
+Run it as the main program runs (huge pages: GLIBC_TUNABLES=glibc.malloc.hugetlb=1,
+structvpr_jax/hugepages.py); the workers inherit the environment.
+
 Each candidate XLA_FLAGS setting (names and values from the XLA flag
 reference of this jaxlib, `xla/debug_options_flags.cc`; none guessed) runs
 in a fresh process, interleaved over `--rounds` rounds, measuring what
@@ -37,6 +40,8 @@ CANDIDATES = {
     "no_xnnpack": "--xla_cpu_use_xnnpack=false",
     "onednn": "--xla_cpu_use_onednn=true",
     "fast_math": "--xla_cpu_enable_fast_math=true",
+    "no_concurrency_scheduler": "--xla_cpu_enable_concurrency_optimized_scheduler=false",
+    "memory_scheduler": "--xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED",
     "vector_width_512": "--xla_cpu_prefer_vector_width=512",
 }
 
