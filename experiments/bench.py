@@ -79,6 +79,7 @@ Keys (stable; later versions add keys, never rename):
   peak_rss_mb             largest peak resident memory of the JAX workers
   torch_peak_rss_mb       the same of the PyTorch workers
   glibc_tunables          GLIBC_TUNABLES of the unsuffixed keys' workers
+  xla_flags               XLA_FLAGS of every JAX worker (structvpr_jax/xla_flags.py defaults)
   allocator_settings      {"hugepages", "nohuge": GLIBC_TUNABLES of the workers,
                           "thp_mode": the kernel's transparent huge page mode}
   jax, devices, descriptor_dim, eval_descriptor_dim, torch, torch_threads,
@@ -107,7 +108,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 sys.path.insert(0, REPO)
 
-from structvpr_jax import hugepages  # noqa: E402  (stdlib only: no JAX in this process)
+from structvpr_jax import hugepages, xla_flags  # noqa: E402  (stdlib only: no JAX here)
 
 TORCH_REFERENCE = os.path.join(HERE, "torch_reference.py")
 
@@ -445,9 +446,11 @@ WORKERS = {"rgb": rgb_worker, "other": other_worker}
 def allocator_environments() -> dict:
   """{setting: environment of its workers}: "hugepages" adds
   glibc.malloc.hugetlb=1 to GLIBC_TUNABLES (hugepages.environ_with_hugepages),
-  "nohuge" drops it; other tunables and variables are passed through."""
+  "nohuge" drops it; other tunables and variables are passed through. Both
+  carry the XLA_FLAGS defaults of `python -m structvpr_jax.main`
+  (`xla_flags.with_defaults`): the workers time what the program runs."""
   name = hugepages.TUNABLE.split("=")[0] + "="
-  base = dict(os.environ)
+  base = xla_flags.with_defaults(dict(os.environ))
   kept = [t for t in base.pop("GLIBC_TUNABLES", "").split(":") if t and not t.startswith(name)]
   if kept:
     base["GLIBC_TUNABLES"] = ":".join(kept)
@@ -501,6 +504,7 @@ def run_all(quick: bool, rounds: int, repeats: int, with_torch: bool) -> dict:
 
   out = {"cpu_count": os.cpu_count(), "machine": platform.machine(), "rounds": rounds,
          "repeats": repeats, "glibc_tunables": envs["hugepages"].get("GLIBC_TUNABLES", ""),
+         "xla_flags": envs["hugepages"].get("XLA_FLAGS", ""),
          "allocator_settings": {
              **{s: envs[s].get("GLIBC_TUNABLES", "") for s in SETTINGS},
              "thp_mode": hugepages.thp_mode()}}

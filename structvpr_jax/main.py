@@ -15,8 +15,10 @@ if __name__ == "__main__":
   # glibc reads its tunables at process start: re-execute once with
   # transparent huge pages for malloc (XLA:CPU temporaries), measured 1.5x
   # on forward and train steps here; see structvpr_jax/hugepages.py.
-  from structvpr_jax import hugepages
+  from structvpr_jax import hugepages, xla_flags
   hugepages.reexec_with_hugepages()
+  # XLA:CPU options read when the backend starts (structvpr_jax/xla_flags.py).
+  xla_flags.apply()
 
 import flax  # noqa: E402
 import jax  # noqa: E402
