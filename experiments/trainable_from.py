@@ -86,7 +86,7 @@ def main(argv=None) -> int:
     for key, r in rows.items():
       seed = key.split("_")[0].replace("seed", "") if key.startswith("seed") else "0"
       value = key.rsplit("from", 1)[1]
-      lines.append(f"| {data} | {seed} | {value} | {r['val_R@1']} | {r['val_R@5']} | "
+      lines.append(f"| {data} | {seed} | {value} | {r['val_R@1']:.1f} | {r['val_R@5']:.1f} | "
                    f"{r['best_step']} | {r['train_img_s']:.1f} | {r['stage_s']} |")
   files.write_text(args.out + ".md", "\n".join(lines) + "\n")
   print("\n".join(lines))
