@@ -79,6 +79,19 @@ def test_records_that_no_longer_match_the_layout_are_refused(tmp_path):
   out = records.export(root, SIZE, progress=False)
   with pytest.raises(ValueError, match="16x16 but data.image_size is 8x8"):
     records.open_split(split, out, (8, 8))
+  # a label map rewritten under the same name (e.g. the segmenter run again)
+  seg = split.database_seg_paths[3]
+  files.save_image(seg, np.full((20, 24), 7, np.uint8))
+  st = os.stat(seg)
+  os.utime(seg, ns=(st.st_atime_ns, st.st_mtime_ns + 10 ** 9))
+  with pytest.raises(ValueError, match="or its files changed"):
+    records.open_split(split, out, SIZE)
+  with pytest.raises(ValueError, match="exists and is not an export"):
+    records.export(root, SIZE, progress=False)
+  import shutil
+  shutil.rmtree(out)
+  out = records.export(root, SIZE, progress=False)           # exported again: accepted
+  records.open_split(split, out, SIZE)
   extra = layout.format_name(0.0, 500.0)
   files.save_image(os.path.join(root, "images", "train", "database", extra),
                    np.zeros((20, 24, 3), np.uint8))

@@ -17,7 +17,8 @@ miner's random database candidates and the triplets cost one record each.
 
 The default folder is ``<layout root>/records/<H>x<W>`` (`default_dir`).
 `open_role` checks that the records match the layout's current file list
-(count and a SHA-256 of the names) and stops naming both when they do not:
+(count and a SHA-256 of the names, sizes and modification times of the
+images and label maps) and stops naming both when they do not:
 a records folder never silently serves another dataset's pixels.
 
 Because the bytes are exactly what the folder path would decode, training on
@@ -41,7 +42,7 @@ from structvpr_jax import files
 from structvpr_jax.data import decode, layout
 
 FORMAT = "structvpr_jax-records"
-VERSION = 1
+VERSION = 2          # 2: files_sha256 (names, sizes, times) replaces names_sha256
 MANIFEST = "manifest.json"
 NUM_CLASSES = 19          # Cityscapes ids (slme.NUM_CITYSCAPES_CLASSES); 255 = ignore
 
@@ -52,9 +53,18 @@ def default_dir(layout_root: str, image_size) -> str:
   return os.path.join(os.path.abspath(layout_root), "records", f"{h}x{w}")
 
 
-def names_digest(paths: Sequence[str]) -> str:
-  """SHA-256 of the file names (no folders), one per line, in order."""
-  return hashlib.sha256("\n".join(os.path.basename(p) for p in paths).encode()).hexdigest()
+def files_digest(paths: Sequence[str], seg_paths: Optional[Sequence[str]] = None) -> str:
+  """SHA-256 of each image's (and label map's) name, size and modification
+  time, in order: a records folder made from other files, or from files
+  rewritten since under the same names (a re-conversion, new label maps), is
+  told apart without reading any pixels."""
+  h = hashlib.sha256()
+  for group in (paths, seg_paths or ()):
+    for p in group:
+      st = os.stat(p)
+      h.update(f"{os.path.basename(p)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    h.update(b"--\n")
+  return h.hexdigest()
 
 
 def read_manifest(records_dir: str) -> dict:
@@ -104,8 +114,8 @@ def export(layout_root: str, image_size, out: Optional[str] = None,
     if os.path.isfile(os.path.join(out, MANIFEST)):
       manifest = read_manifest(out)
       same = (list(manifest["image_size"]) == [h, w] and all(
-          name in manifest["splits"] and manifest["splits"][name]["names_sha256"]
-          == names_digest(paths) for name, (paths, _) in todo.items()))
+          name in manifest["splits"] and manifest["splits"][name]["files_sha256"]
+          == files_digest(paths, segs) for name, (paths, segs) in todo.items()))
       if same:
         if verbose:
           print(f"export-records: {out} already holds these images at {h}x{w}; reused")
@@ -140,7 +150,7 @@ def export(layout_root: str, image_size, out: Optional[str] = None,
           writer.close()
         manifest["splits"][name] = {
             "file": fname, "count": len(paths), "seg": seg_paths is not None,
-            "names_sha256": names_digest(paths),
+            "files_sha256": files_digest(paths, seg_paths),
             "record_bytes": h * w * (3 + (seg_paths is not None))}
       files.write_json(os.path.join(tmp, MANIFEST), manifest)
   finally:
@@ -160,7 +170,7 @@ class RoleRecords:
   """
 
   def __init__(self, records_dir: str, split: str, role: str, paths: Sequence[str],
-               image_size):
+               image_size, seg_paths: Optional[Sequence[str]] = None):
     manifest = read_manifest(records_dir)
     h, w = int(image_size[0]), int(image_size[1])
     if list(manifest["image_size"]) != [h, w]:
@@ -172,10 +182,12 @@ class RoleRecords:
       raise ValueError(f"{records_dir}: no records of {split}/{role} (exported: "
                        f"{sorted(manifest['splits'])})")
     entry = manifest["splits"][name]
-    if entry["count"] != len(paths) or entry["names_sha256"] != names_digest(paths):
+    if entry["count"] != len(paths) or entry["files_sha256"] != files_digest(
+        paths, seg_paths if entry["seg"] else None):
       raise ValueError(f"{records_dir}: records of {split}/{role} hold {entry['count']} images "
-                       f"but the layout folder now lists {len(paths)} (or other names): export "
-                       f"them again")
+                       f"but the layout folder now lists {len(paths)}, or its files changed "
+                       f"(names, sizes or times) since the export: remove the folder and "
+                       f"export them again")
     self.path = os.path.join(records_dir, entry["file"])
     self.image_size = (h, w)
     self.has_seg = bool(entry["seg"])
@@ -203,10 +215,10 @@ class RoleRecords:
 def open_split(vs: layout.VprSplit, records_dir: str, image_size) -> dict:
   """{"database": RoleRecords, "queries": RoleRecords} of a layout split."""
   return {"database": RoleRecords(records_dir, vs.split, "database", vs.database_paths,
-                                  image_size),
+                                  image_size, vs.database_seg_paths),
           "queries": RoleRecords(records_dir, vs.split, "queries", vs.query_paths,
-                                 image_size)}
+                                 image_size, vs.query_seg_paths)}
 
 
-__all__ = ["FORMAT", "VERSION", "default_dir", "names_digest", "read_manifest", "export",
+__all__ = ["FORMAT", "VERSION", "default_dir", "files_digest", "read_manifest", "export",
            "RoleRecords", "open_split"]
