@@ -19,7 +19,7 @@ from typing import Optional
 
 import jax
 
-from structvpr_jax import augment, losses, partition, retrieval, slme
+from structvpr_jax import augment, evaluation, losses, partition, retrieval, slme
 from structvpr_jax.data import convert, layout, records
 from structvpr_jax.models import mobilenet, pretrained, spec as model_spec
 
@@ -135,12 +135,12 @@ def validate_config(config) -> None:
                      f"{mobilenet.DEPTHWISE}")
   if (config.eval.get("index", "flat") or "flat") not in retrieval.INDEXES:
     raise ValueError(f"eval.index={config.eval.index!r}; expected one of {retrieval.INDEXES}")
-  if config.eval.get("descriptors", "memory") not in ("memory", "disk"):
-    raise ValueError(f"eval.descriptors={config.eval.get('descriptors')!r}; expected 'memory' "
-                     "or 'disk'")
-  if config.eval.get("descriptor_dtype", "float32") not in ("float32", "float16"):
+  if config.eval.get("descriptors", "memory") not in evaluation.DESCRIPTOR_STORES:
+    raise ValueError(f"eval.descriptors={config.eval.get('descriptors')!r}; expected one of "
+                     f"{evaluation.DESCRIPTOR_STORES}")
+  if config.eval.get("descriptor_dtype", "float32") not in evaluation.DESCRIPTOR_DTYPES:
     raise ValueError(f"eval.descriptor_dtype={config.eval.get('descriptor_dtype')!r}; "
-                     "expected 'float32' or 'float16'")
+                     f"expected one of {evaluation.DESCRIPTOR_DTYPES}")
   if int(config.eval.get("search_block_rows", 0) or 0) < 0:
     raise ValueError(f"eval.search_block_rows={config.eval.get('search_block_rows')} must be "
                      ">= 0 (0: the whole database at once)")

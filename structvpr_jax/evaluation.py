@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import sys
 import time
-from typing import Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import jax
 from jax.experimental import multihost_utils
@@ -29,7 +29,8 @@ from structvpr_jax.data import input_pipeline, layout
 from structvpr_jax.models import spec as model_spec
 
 
-DESCRIPTOR_DTYPES = ("float32", "float16")
+DESCRIPTOR_STORES = ("memory", "disk")          # eval.descriptors
+DESCRIPTOR_DTYPES = ("float32", "float16")       # eval.descriptor_dtype
 
 
 class Extractor:
@@ -53,14 +54,15 @@ class Extractor:
     self._apply = parallel.data_parallel_apply(embed, mesh)
 
   def __call__(self, variables, source: input_pipeline.ImageSource, indices=None,
-               progress: bool = False, desc: str = "extract", out=None) -> np.ndarray:
+               progress: bool = False, desc: str = "extract",
+               allocate: Optional[Callable[[int, int], Any]] = None) -> np.ndarray:
     """float32 [n, D] for `indices` (default all) of `source`.
 
     `variables` should be replicated on the mesh (`parallel.replicate`).
     Images stream through a Grain iterator (`input_pipeline.stream`), two
     batches read ahead; on several hosts each process reads only its rows of
     every global batch and the descriptors are gathered to all processes.
-    `out`: (n, D) -> an array to write into instead (e.g. a float16
+    `allocate`: (n, D) -> an array to write into instead (e.g. a float16
     `np.lib.format.open_memmap`: descriptors stream to disk, host memory
     stays one batch), called at the first batch; that array is returned.
     """
@@ -78,16 +80,16 @@ class Extractor:
       return padded, min(bs, len(indices) - starts[i])
 
     bar = progress_bar(len(indices), desc) if progress else None
-    chunks = []
+    chunks, out = [], None
     done = 0
     for padded, n in input_pipeline.stream(load, len(starts), 2):
       desc_b = self._apply(variables, parallel.shard_batch(padded, self.mesh))
       if jax.process_count() > 1:
         desc_b = multihost_utils.process_allgather(desc_b, tiled=True)
       desc_b = np.asarray(jax.device_get(desc_b))[:n]
-      if out is not None:
-        if done == 0:
-          out = out(len(indices), desc_b.shape[1])
+      if allocate is not None:
+        if out is None:
+          out = allocate(len(indices), desc_b.shape[1])
         out[done:done + n] = desc_b
       else:
         chunks.append(desc_b)
@@ -96,7 +98,7 @@ class Extractor:
         bar.update(n)
     if bar is not None:
       bar.close()
-    if out is not None and not callable(out):
+    if out is not None:
       return out
     if not chunks:
       return np.zeros((0, 0), np.float32)
@@ -172,7 +174,7 @@ def describe_split(spec: dict, variables, vs: layout.VprSplit, mesh, batch_size:
 
     def write(tmp, role=role, desc=desc):
       arr = extractor(replicated, images.sources[role], progress=progress, desc=desc,
-                      out=lambda n, d: np.lib.format.open_memmap(tmp, "w+", dtype, (n, d)))
+                      allocate=lambda n, d: np.lib.format.open_memmap(tmp, "w+", dtype, (n, d)))
       arr.flush()
       del arr
 

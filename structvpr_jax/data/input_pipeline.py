@@ -180,9 +180,9 @@ class SplitImages:
     self.image_size = (int(image_size[0]), int(image_size[1]))
     self.pool = concurrent.futures.ThreadPoolExecutor(max(1, num_threads))
     self.cache = LruCache(cache_bytes) if cache else None
-    recs = (records.open_split(split, split.records, self.image_size)
-            if getattr(split, "records", None) else {"database": None, "queries": None})
-    self.format = "array_record" if getattr(split, "records", None) else "folder"
+    self.format = "array_record" if split.records else "folder"
+    recs = (records.open_split(split, split.records, self.image_size) if split.records
+            else {"database": None, "queries": None})
     self.sources = {
         "database": ImageSource(split.database_paths, split.database_seg_paths, image_size,
                                 cache, num_classes, self.pool, self.cache, recs["database"]),
@@ -288,12 +288,6 @@ def stream(make: Callable[[int], dict], count: int, depth: int, num_threads: int
   return it
 
 
-def prefetch(make: Callable[[int], dict], count: int, depth: int,
-             num_threads: int = 1) -> Iterator[dict]:
-  """Yields make(0..count-1), computed `depth` ahead (`stream`)."""
-  yield from stream(make, count, depth, num_threads)
-
-
 def local_rows(global_batch: int, process_index: int, process_count: int) -> slice:
   """This process's contiguous rows of a global batch (multi-host input: each
   process reads only its share; `parallel.shard_batch` puts the shares
@@ -317,7 +311,8 @@ class TripletBatcher:
 
   `state()` is the input position to store with a checkpoint: {"epoch",
   "chunk", "next_index"} (the Grain iterator's state inside the chunk);
-  `epoch(..., resume=state)` continues exactly there.
+  `epoch(epoch, describe, start_step)` continues there (the iterator is set
+  to `next_index` with Grain's `set_state`).
   """
 
   def __init__(self, miner, images: SplitImages, batch_size: int, prefetch: int = 2,
@@ -333,7 +328,7 @@ class TripletBatcher:
     self.rows = local_rows(self.batch_size, process_index, process_count)
     self.prefetch = int(prefetch)
     self.num_threads = int(num_threads)
-    self._position = None      # (epoch, chunk, grain iterator) being read
+    self._position = None   # (epoch, chunk, grain iterator, its batches, first step)
 
   def steps_per_epoch(self) -> int:
     sizes = [len(c) for c in self.miner.chunks(0)]
