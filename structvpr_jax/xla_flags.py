@@ -4,13 +4,12 @@
 scheduler orders a program for concurrency, which keeps more temporaries
 alive at once. Measured on this project's 2-core machine:
 - the compiled RGB train step of 2 triplets x 6 images at 480x640 needs
-  5.1 GB of temporaries instead of 10.5 GB (XLA's memory analysis); a
-  process timing 6 images at 480x640 peaks at 4.2 instead of 7.0 GB RSS;
+  5.1 GB of temporaries instead of 10.5 GB (experiments/step_memory.py); a
+  short 480x640 RGB stage peaks at 7.9 instead of 13.1 GB RSS
+  (experiments/scale.py);
 - with huge pages (what the entry points run with) speed is unchanged within
   noise (frozen step at 224: 27.4 vs 28.2 img/s, 2 rounds of fresh
-  processes, experiments/results/xla_cpu_flags.md; at 480x640 3.5 / 3.4 vs
-  3.4 / 3.9 img/s); without huge pages, where temporaries cost page faults,
-  the step at 224 went from 13.3 to 20.6 img/s;
+  processes, experiments/results/xla_cpu_flags.md);
 - descriptors are bitwise equal (scheduling does not change what is computed).
 It was found with experiments/xla_cpu_flags.py among the options of this
 jaxlib's flag reference; none of the others (XNNPACK / oneDNN fusion, fast
