@@ -207,3 +207,88 @@ def test_folded_batchnorm_equals_the_unfolded_frozen_branch_in_float64():
     out_t, _ = folded.apply(v, x, train=True, mutable=["batch_stats"])
     ref_t, _ = plain.apply(v, x, train=True, mutable=["batch_stats"])
     np.testing.assert_array_equal(out_t, ref_t)
+
+
+def shifted_autodiff_reference(x, kernel, stride):
+  """The shifted multiply-adds with no custom VJP (plain autodiff)."""
+  b, h, w, c = x.shape
+  ho, top, bottom = mobilenet._same_padding(h, stride)
+  wo, left, right = mobilenet._same_padding(w, stride)
+  xp = jnp.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)))
+  out = 0.0
+  for i in range(3):
+    for j in range(3):
+      out = out + lax.slice(xp, (0, i, j, 0),
+                            (b, i + (ho - 1) * stride + 1, j + (wo - 1) * stride + 1, c),
+                            (1, stride, stride, 1)) * kernel[i, j]
+  return out
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("hw", [(8, 8), (7, 9), (1, 2), (2, 1), (5, 6), (33, 32), (64, 64)])
+def test_depthwise_custom_vjp_equals_autodiff_in_float64(stride, hw):
+  # (33, 32) at stride 1 and (64, 64) at stride 2 have >= 1024 output pixels:
+  # the one-pass kernel gradient; the others the 9 reductions.
+  with jax.enable_x64():
+    rng = np.random.default_rng(stride * 100 + hw[0] * 10 + hw[1])
+    x = jnp.asarray(rng.normal(size=(2,) + hw + (3,)))
+    kernel = jnp.asarray(rng.normal(size=(3, 3, 3)))
+    y, vjp = jax.vjp(lambda x, k: mobilenet.depthwise_conv3x3(x, k, stride), x, kernel)
+    y_ref, vjp_ref = jax.vjp(lambda x, k: shifted_autodiff_reference(x, k, stride), x, kernel)
+    assert y.dtype == jnp.float64
+    np.testing.assert_allclose(y, y_ref, rtol=1e-13, atol=1e-13)
+    cot = jnp.asarray(rng.normal(size=y.shape))
+    for a, b in zip(vjp(cot), vjp_ref(cot)):
+      assert a.dtype == jnp.float64 and a.shape == b.shape
+      np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_depthwise_vjp_hand_case():
+  # 1 channel, 3x3 image, stride 1, kernel of ones, cotangent 1 at the centre
+  # output only: the centre output reads all 9 inputs once (dx = 1
+  # everywhere) and tap (i, j) of it reads x[i, j] (dk = x).
+  x = jnp.arange(9.0).reshape(1, 3, 3, 1)
+  cot = jnp.zeros((1, 3, 3, 1)).at[0, 1, 1, 0].set(1.0)
+  _, vjp = jax.vjp(lambda x, k: mobilenet.depthwise_conv3x3(x, k, 1), x, jnp.ones((3, 3, 1)))
+  dx, dk = vjp(cot)
+  np.testing.assert_array_equal(dx[0, :, :, 0], np.ones((3, 3)))
+  np.testing.assert_array_equal(dk[:, :, 0], np.arange(9.0).reshape(3, 3))
+  # stride 2 on 4x4 (pads 0 before, 1 after): output (1, 1) reads rows/cols
+  # 2..4, of which 4 is padding; cotangent 1 there.
+  x = jnp.arange(16.0).reshape(1, 4, 4, 1)
+  cot = jnp.zeros((1, 2, 2, 1)).at[0, 1, 1, 0].set(1.0)
+  _, vjp = jax.vjp(lambda x, k: mobilenet.depthwise_conv3x3(x, k, 2), x, jnp.ones((3, 3, 1)))
+  dx, dk = vjp(cot)
+  expect_dx = np.zeros((4, 4))
+  expect_dx[2:, 2:] = 1.0
+  np.testing.assert_array_equal(dx[0, :, :, 0], expect_dx)
+  np.testing.assert_array_equal(dk[:, :, 0], [[10, 11, 0], [14, 15, 0], [0, 0, 0]])
+
+
+def test_pointwise_custom_vjp_equals_autodiff_in_float64():
+  with jax.enable_x64():
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(2, 5, 3, 4)))
+    kernel = jnp.asarray(rng.normal(size=(4, 6)))
+    y, vjp = jax.vjp(mobilenet.pointwise, x, kernel)
+    cot = jnp.asarray(rng.normal(size=y.shape))
+    dx, dk = vjp(cot)
+    # numpy from the definitions: y = x @ K, dx = g K^T, dK = sum over rows x^T g
+    xn, kn, gn = np.asarray(x), np.asarray(kernel), np.asarray(cot)
+    np.testing.assert_allclose(y, xn @ kn, rtol=1e-13)
+    np.testing.assert_allclose(dx, gn @ kn.T, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(dk, xn.reshape(-1, 4).T @ gn.reshape(-1, 6), rtol=1e-12,
+                               atol=1e-12)
+    assert dx.dtype == dk.dtype == jnp.float64
+
+
+def test_relu6_values_and_derivative_with_ties():
+  x = jnp.array([-1.0, 0.0, 0.5, 3.0, 6.0, 7.5])
+  np.testing.assert_array_equal(mobilenet.relu6(x), [0.0, 0.0, 0.5, 3.0, 6.0, 6.0])
+  # derivative 1 strictly inside (0, 6), 0 at the ties and outside (PyTorch's)
+  np.testing.assert_array_equal(jax.grad(lambda x: jnp.sum(mobilenet.relu6(x)))(x),
+                                [0.0, 0.0, 1.0, 1.0, 0.0, 0.0])
+  # the same as jnp.clip's derivative away from the ties
+  inside = jnp.array([-2.0, 0.25, 5.0, 9.0])
+  np.testing.assert_array_equal(jax.grad(lambda x: jnp.sum(mobilenet.relu6(x) * x))(inside),
+                                jax.grad(lambda x: jnp.sum(jnp.clip(x, 0, 6) * x))(inside))
