@@ -174,6 +174,13 @@ def test_eval_from_checkpoint_alone_reproduces_recall(run1, tmp_path, cache):
   for k in ("R@1", "R@5", "R@10", "num_queries", "num_database"):
     assert again[k] == recorded[k], k
   assert again["descriptor_dim"] == recorded["descriptor_dim"] == 64   # 4 clusters x 16
+  # per-query hits of the checkpoint: the pipeline's own file for the branch
+  with open(os.path.join(out, "eval", "test", "per_query_distill.json")) as f:
+    hits_again = json.load(f)
+  with open(os.path.join(workdir, "eval", "test", "per_query_distill.json")) as f:
+    hits_recorded = json.load(f)
+  assert hits_again == hits_recorded
+  assert 100 * np.mean(hits_again["hits"]["R@1"]) == pytest.approx(again["R@1"])
   # the same evaluation with PCA-whitening to 8 dims, fitted on the train split
   pca = str(tmp_path / "eval_pca")
   main("configs/eval.py", pca, f"--config.checkpoint={workdir}/distill/checkpoints",

@@ -271,10 +271,11 @@ def test_remat_gives_the_plain_values_and_gradients(train):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
   text = jax.jit(jax.grad(lambda p: loss(p, model_spec.build_model(SPEC, remat=True))[0])
                  ).lower(variables["params"]).as_text()
-  assert "optimization_barrier" in text                   # it does recompute (remat's fence)
   plain = jax.jit(jax.grad(lambda p: loss(p, model_spec.build_model(SPEC))[0])
                   ).lower(variables["params"]).as_text()
-  assert "optimization_barrier" not in plain
+  # it does recompute: remat's fences come on top of the 1x1 kernel
+  # gradients' own barriers (mobilenet.pointwise)
+  assert text.count("optimization_barrier") > plain.count("optimization_barrier")
   mesh = parallel.make_mesh(jax.devices()[:1])
   tx, _ = train_lib.make_optimizer(TC)
   state = parallel.replicate(train_lib.new_state(variables, tx), mesh)

@@ -74,11 +74,12 @@ def run(config, wd: Workdir, root: str, stages=("rgb", "seg", "distill")) -> dic
   return table
 
 
-def per_query(report: dict, root: str, split: str) -> dict:
+def per_query(report: dict, root: str, split: str, vs=None) -> dict:
   """{"queries": [file names], "conditions": [note], "hits": {"R@n": [0/1]}} in the
   split's query order (sorted names): what paired comparisons of two branches
-  or runs on the same queries need."""
-  vs = layout.read_split(root, split)
+  or runs on the same queries need. `vs`: the split already read (else
+  `layout.read_split(root, split)`)."""
+  vs = layout.read_split(root, split) if vs is None else vs
   return {"queries": [os.path.basename(p) for p in vs.query_paths],
           "conditions": vs.query_notes(),
           "hits": {f"R@{n}": [int(h) for h in hits] for n, hits in report["_hits"].items()}}
@@ -109,7 +110,8 @@ def run_checkpoint(config, wd: Workdir) -> dict:
   `eval.queries_folder`; `eval.no_labels` for queries without UTM). Prints
   `< #queries: Q; #database: N >` and the recall line; writes
   <workdir>/eval/<split>/recalls.json (recalls, counts, radius, image size, a
-  hash of both file lists), optional preds/ (`eval.num_preds_to_save`,
+  hash of both file lists), with labels per_query_<branch>.json (hits per
+  query, for paired comparisons of checkpoints), optional preds/ (`eval.num_preds_to_save`,
   `eval.save_only_wrong`) and descriptors (`eval.save_descriptors`)."""
   if not config.get("checkpoint"):
     raise ValueError("checkpoint: set --config.checkpoint=DIR (an Orbax checkpoint directory)")
@@ -175,6 +177,9 @@ def run_checkpoint(config, wd: Workdir) -> dict:
              queries=os.path.dirname(vs.query_paths[0]))
   if parallel.is_main_process():
     files.write_json(wd.recalls_json(split), out)
+    if labelled:
+      files.write_json(wd.per_query_json(split, spec["branch"]),
+                       per_query(rep, root, split, vs))
     num_preds = int(ev.get("num_preds_to_save", 0) or 0)
     if num_preds:
       n = report.save_predictions(os.path.join(wd.eval_split_dir(split), "preds"), vs,
