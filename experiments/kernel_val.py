@@ -56,8 +56,10 @@ def run(cmd: list, cwd: str) -> None:
 
 
 def run_variant(repo: str, workdir: str, seed: int, extra: list) -> dict:
-  """RGB stage then val evaluation of its selected checkpoint; returns the
-  val hits per query and the stage's record."""
+  """RGB stage (the code in `repo`) then val evaluation of its selected
+  checkpoint (this checkout's eval mode, which writes per-query hits; the
+  checkpoint carries its spec); returns the val hits per query and the
+  stage's record."""
   t0 = time.time()
   if not os.path.isfile(os.path.join(workdir, "rgb", "done.json")):
     run([sys.executable, "-m", "structvpr_jax.main", "--config=configs/rgb.py",
@@ -68,14 +70,10 @@ def run_variant(repo: str, workdir: str, seed: int, extra: list) -> dict:
   if not os.path.isfile(per_query):
     run([sys.executable, "-m", "structvpr_jax.main", "--config=configs/eval.py",
          f"--workdir={eval_dir}", f"--config.checkpoint={os.path.join(workdir, 'rgb', 'checkpoints')}",
-         f"--config.data.root={os.path.join(workdir, 'data')}", "--config.eval_split=val",
-         *extra], repo)
+         f"--config.data.root={os.path.join(workdir, 'data')}", "--config.eval_split=val"],
+        REPO)
   if not os.path.isfile(per_query):
-    found = [os.path.join(d, f) for d, _, fs in os.walk(eval_dir) for f in fs
-             if f.startswith("per_query")]
-    if len(found) != 1:
-      raise SystemExit(f"{eval_dir}: expected one per-query file, found {found}")
-    per_query = found[0]
+    raise SystemExit(f"{per_query}: not written by the evaluation")
   hits = files.read_json(per_query)
   record = files.read_json(os.path.join(workdir, "rgb", "done.json"))
   metrics = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]

@@ -1,0 +1,154 @@
+"""Where the RGB train step's time goes on XLA:CPU: a per-operation profile.
+
+  python experiments/profile_step.py [--fold-bn] [--size 224] [--steps 3] [--top 25]
+      [--out experiments/results/profile_step]
+
+Builds the step `experiments/bench.py` times (train_lib.make_train_step,
+frozen BatchNorm, 4 triplets x (q, p, 1 negative) at 224, Adam, one device),
+runs it 3 times to warm up, then `--steps` times under `jax.profiler.trace`
+(with a Perfetto trace), and joins every executed XLA operation of the trace
+with the compiled module's text (its fusion names and the `op_name` of the
+JAX code it came from). Prints and writes (<out>[_fold_bn].md / .json):
+  - milliseconds per step by (pass, layer kind): pass "bwd" when the JAX op
+    is under `transpose(...)` (the backward pass, custom VJPs' rules
+    included), else "fwd" (an operation XLA shares between the passes, e.g.
+    a slice both need, counts as fwd); layer kind from the module path
+    (stem, depthwise, expand, project, last, netvlad, other);
+  - the `--top` most expensive operations with their shapes.
+Run it as the main program runs (huge pages: GLIBC_TUNABLES=glibc.malloc.hugetlb=1,
+and the XLA:CPU defaults of structvpr_jax/xla_flags.py, which this script
+applies itself). Times include the profiler's own overhead (a few %).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import gzip
+import json
+import os
+import re
+import sys
+import tempfile
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+sys.path.insert(0, REPO)
+sys.path.insert(0, HERE)
+
+from structvpr_jax import files, xla_flags  # noqa: E402  (stdlib only: no JAX yet)
+
+LAYER_KINDS = (("/stem/", "stem"), ("depthwise", "depthwise"), ("/expand/", "expand"),
+               ("/project/", "project"), ("/last/", "last"), ("netvlad", "netvlad"))
+_INSTRUCTION = re.compile(r"\s*(?:ROOT )?%([\w.\-]+) = (\S+) .*?op_name=\"([^\"]+)\"")
+
+
+def op_metadata(module_text: str) -> dict:
+  """{instruction name: (shape, op_name)} of an optimised HLO module's text."""
+  out = {}
+  for line in module_text.splitlines():
+    m = _INSTRUCTION.match(line)
+    if m:
+      out.setdefault(m.group(1), (m.group(2), m.group(3)))
+  return out
+
+
+def classify(op_name: str) -> tuple[str, str]:
+  """(pass, layer kind) of an operation from its JAX op_name."""
+  backward = "transpose(" in op_name
+  lowered = op_name.lower()
+  kind = next((k for pattern, k in LAYER_KINDS if pattern in lowered), "other")
+  return ("bwd" if backward else "fwd"), kind
+
+
+def trace_durations(trace_dir: str, names) -> collections.Counter:
+  """Total microseconds per operation name over the Perfetto trace."""
+  found = glob.glob(os.path.join(trace_dir, "**", "*perfetto_trace.json.gz"), recursive=True)
+  if not found:
+    raise SystemExit(f"{trace_dir}: no perfetto_trace.json.gz written by jax.profiler")
+  with gzip.open(found[0]) as f:
+    trace = json.load(f)
+  events = trace["traceEvents"] if isinstance(trace, dict) else trace
+  total = collections.Counter()
+  for e in events:
+    if e.get("ph") == "X" and e.get("name") in names:
+      total[e["name"]] += e.get("dur", 0)
+  return total
+
+
+def profile(fold_bn: bool, size: int, steps: int) -> dict:
+  import jax
+  import bench
+  from structvpr_jax import parallel, train_lib
+  from structvpr_jax.models import spec as model_spec
+  mesh = parallel.make_mesh(jax.devices()[:1])
+  spec = dict(bench.make_spec("rgb", (size, size), False, dim=0, num_clusters=64),
+              fold_bn=fold_bn)
+  variables = model_spec.init_variables(spec, seed=0)
+  tc = {"num_steps": 1000, "learning_rate": 1e-4, "warmup_steps": 0, "margin": 0.1,
+        "grad_clip": 1.0, "batchnorm": "frozen", "trainable_from": 0}
+  tx, _ = train_lib.make_optimizer(tc, train_lib.frozen_below(0))
+  step = train_lib.make_train_step(spec, tc, mesh)
+  triplets = bench.TRAIN_TRIPLETS["224"]
+  batch = parallel.shard_batch({"rgb": bench.random_inputs(spec, (triplets, 3), seed=1)}, mesh)
+  rng = jax.random.PRNGKey(0)
+  state = parallel.replicate(train_lib.new_state(variables, tx), mesh)
+  meta = op_metadata(step.lower(state, batch, rng).compile().as_text())
+  for _ in range(3):
+    state, _ = step(state, batch, rng)
+  jax.block_until_ready(state)
+  with tempfile.TemporaryDirectory() as trace_dir:
+    with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+      for _ in range(steps):
+        state, _ = step(state, batch, rng)
+      jax.block_until_ready(state)
+    per_op = trace_durations(trace_dir, meta)
+  by_kind = collections.Counter()
+  for name, us in per_op.items():
+    by_kind["/".join(classify(meta[name][1]))] += us
+  ms = lambda us: round(us / steps / 1000.0, 2)
+  return {"fold_bn": fold_bn, "size": size, "images_per_step": 3 * triplets, "steps": steps,
+          "total_ms_per_step": ms(sum(per_op.values())),
+          "by_pass_and_layer_ms": {k: ms(v) for k, v in by_kind.most_common()},
+          "ops_ms": [{"name": n, "ms": ms(us), "shape": meta[n][0], "op_name": meta[n][1]}
+                     for n, us in per_op.most_common()]}
+
+
+def markdown(res: dict, top: int, command: str) -> str:
+  total = res["total_ms_per_step"]
+  lines = [f"# Profile of the RGB train step (frozen BN{', fold_bn' if res['fold_bn'] else ''}, "
+           f"{res['images_per_step']} images at {res['size']})", "", f"`{command}`", "",
+           f"Executed XLA operations: {total:.1f} ms per step.", "",
+           "| pass / layer | ms per step | share |", "|---|---|---|"]
+  for k, v in res["by_pass_and_layer_ms"].items():
+    lines.append(f"| {k} | {v:.1f} | {100 * v / total:.1f} % |")
+  lines += ["", f"Top {top} operations:", "", "| ms | operation | shape | JAX op |",
+            "|---|---|---|---|"]
+  for op in res["ops_ms"][:top]:
+    lines.append(f"| {op['ms']:.2f} | {op['name']} | `{op['shape']}` | `{op['op_name'][-90:]}` |")
+  return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--fold-bn", action="store_true")
+  parser.add_argument("--size", type=int, default=224)
+  parser.add_argument("--steps", type=int, default=3)
+  parser.add_argument("--top", type=int, default=25)
+  parser.add_argument("--out", default=os.path.join(REPO, "experiments", "results",
+                                                    "profile_step"))
+  args = parser.parse_args(argv)
+  xla_flags.apply()
+  res = profile(args.fold_bn, args.size, args.steps)
+  out = args.out + ("_fold_bn" if args.fold_bn else "")
+  command = "python experiments/profile_step.py" + (" --fold-bn" if args.fold_bn else "")
+  text = markdown(res, args.top, command)
+  files.write_json(out + ".json", res)
+  files.write_text(out + ".md", text)
+  print(text)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
