@@ -60,8 +60,11 @@ def get_config(arg=None):
   # Equal results (tests/test_mobilenet.py); stored in the checkpoint's spec.
   c.model.depthwise = "auto"
   # Fold frozen BatchNorm (evaluation, and train.batchnorm="frozen") into the
-  # preceding convolution: same parameters, equal up to float rounding.
-  c.model.fold_bn = False
+  # preceding convolution: same parameters, equal up to float rounding (one
+  # forward and gradient: float64 test). On by default: the frozen train
+  # step runs 1.2-1.6x faster on the CPU, and over 6 seeds the RGB stage's
+  # val recall is no worse than unfolded (experiments/results/kernel_val.md).
+  c.model.fold_bn = True
 
   c.rgb = ml_collections.ConfigDict()
   c.rgb.backbone = "mobilenet_v2"

@@ -42,12 +42,12 @@ def test_stage_fields_name_what_each_stage_depends_on():
   assert config_lib.stage_fields(c, "rgb") == rgb
   assert config_lib.stage_fields(c, "eval")["eval.descriptor_dtype"] == "float32"
   # settings added since that do change results are recorded
-  assert rgb["model.fold_bn"] is False and rgb["train.augment"] == ""
+  assert rgb["model.fold_bn"] is True and rgb["train.augment"] == ""   # the default
   assert rgb["train.trainable_from"] == 0 and rgb["train.dtype"] == "float32"
   assert rgb["train.remat"] is False          # same values, other float rounding
   assert part["distill.partition"] == "stage1" and dist["distill.partition"] == "stage1"
-  c.model.fold_bn = True
-  assert config_lib.stage_fields(c, "rgb")["model.fold_bn"] is True
+  c.model.fold_bn = False
+  assert config_lib.stage_fields(c, "rgb")["model.fold_bn"] is False
 
 
 def test_check_stage_statuses(tmp_path):
