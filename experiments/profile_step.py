@@ -41,6 +41,7 @@ from structvpr_jax import files, xla_flags  # noqa: E402  (stdlib only: no JAX y
 
 LAYER_KINDS = (("/stem/", "stem"), ("depthwise", "depthwise"), ("/expand/", "expand"),
                ("/project/", "project"), ("/last/", "last"), ("netvlad", "netvlad"))
+TOP_OPS_SAVED = 200   # the JSON keeps the most expensive operations only
 _INSTRUCTION = re.compile(r"\s*(?:ROOT )?%([\w.\-]+) = (\S+) .*?op_name=\"([^\"]+)\"")
 
 
@@ -112,7 +113,7 @@ def profile(fold_bn: bool, size: int, steps: int) -> dict:
           "total_ms_per_step": ms(sum(per_op.values())),
           "by_pass_and_layer_ms": {k: ms(v) for k, v in by_kind.most_common()},
           "ops_ms": [{"name": n, "ms": ms(us), "shape": meta[n][0], "op_name": meta[n][1]}
-                     for n, us in per_op.most_common()]}
+                     for n, us in per_op.most_common(TOP_OPS_SAVED)]}
 
 
 def markdown(res: dict, top: int, command: str) -> str:
