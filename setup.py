@@ -8,6 +8,8 @@ setup(
     description=("StructVPR (Shen et al., CVPR 2023): structural knowledge "
                  "distillation for visual place recognition, in JAX/Flax."),
     packages=find_packages(include=["structvpr_jax", "structvpr_jax.*"]),
+    # the C++ source of the native CPU kernels, compiled on first use
+    package_data={"structvpr_jax.models.native": ["*.cc"]},
     python_requires=">=3.11",
     install_requires=[
         # jax is deliberately not pinned: on Python 3.11 the resolver picks

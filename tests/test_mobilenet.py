@@ -128,12 +128,17 @@ def test_output_stride_16_doubles_the_feature_map_with_the_same_parameters():
 
 
 def test_resolve_depthwise():
-  assert mobilenet.resolve_depthwise("auto", "cpu") == "shifted"
+  # this machine builds the native kernels (a C++ compiler is part of it)
+  assert mobilenet.native.load(), mobilenet.native.status()
+  assert mobilenet.resolve_depthwise("auto", "cpu") == "native"
   assert mobilenet.resolve_depthwise("auto", "gpu") == "grouped"
   assert mobilenet.resolve_depthwise("auto", "tpu") == "grouped"
   assert mobilenet.resolve_depthwise("grouped", "cpu") == "grouped"
   assert mobilenet.resolve_depthwise("shifted", "gpu") == "shifted"
-  assert mobilenet.resolve_depthwise("auto") == "shifted"        # this machine: CPU
+  assert mobilenet.resolve_depthwise("native", "cpu") == "native"
+  assert mobilenet.resolve_depthwise("auto") == "native"         # this machine: CPU
+  with pytest.raises(ValueError, match="CPU backend only"):
+    mobilenet.resolve_depthwise("native", "gpu")
   with pytest.raises(ValueError, match="depthwise='fast'"):
     mobilenet.resolve_depthwise("fast")
 
@@ -147,7 +152,7 @@ def test_depthwise_kinds_give_the_same_network_values_and_gradients(output_strid
   x = jax.random.normal(jax.random.PRNGKey(0), (2, 40, 56, 3))
   nets = {k: Branch(backbone="mobilenet_light", width=0.5, dim=8, num_clusters=4, blocks=blocks,
                     output_stride=output_stride, depthwise=k)
-          for k in ("shifted", "grouped", "auto")}
+          for k in ("shifted", "grouped", "native", "auto")}
   variables = {k: n.init(jax.random.PRNGKey(1), x) for k, n in nets.items()}
   assert jax.tree.structure(variables["shifted"]) == jax.tree.structure(variables["grouped"])
   for a, b in zip(jax.tree.leaves(variables["shifted"]), jax.tree.leaves(variables["grouped"])):
@@ -161,11 +166,12 @@ def test_depthwise_kinds_give_the_same_network_values_and_gradients(output_strid
 
   results = {k: jax.jit(jax.grad(loss, has_aux=True), static_argnums=1)(v["params"], n)
              for k, n in nets.items()}
-  np.testing.assert_allclose(results["grouped"][1], results["shifted"][1], rtol=1e-4, atol=1e-5)
-  for a, b in zip(jax.tree.leaves(results["grouped"][0]), jax.tree.leaves(results["shifted"][0])):
-    np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4)
-  for a, b in zip(jax.tree.leaves(results["auto"]), jax.tree.leaves(results["shifted"])):
-    np.testing.assert_array_equal(a, b)                       # auto is shifted on the CPU
+  for kind in ("grouped", "native"):
+    np.testing.assert_allclose(results[kind][1], results["shifted"][1], rtol=1e-4, atol=1e-5)
+    for a, b in zip(jax.tree.leaves(results[kind][0]), jax.tree.leaves(results["shifted"][0])):
+      np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4)
+  for a, b in zip(jax.tree.leaves(results["auto"]), jax.tree.leaves(results["native"])):
+    np.testing.assert_array_equal(a, b)                       # auto is native on this CPU
 
 
 def test_folded_batchnorm_equals_the_unfolded_frozen_branch_in_float64():

@@ -29,8 +29,9 @@ class Branch(nn.Module):
       stride) replacing the backbone's default (tiny models for tests).
     norm: backbone normalisation, "batch" or "group" (`mobilenet.NORMS`).
     output_stride: the backbone's, 32 (default), 16 or 8.
-    depthwise: the backbone's 3x3 depthwise kernel ("auto" | "shifted" |
-      "grouped", `mobilenet.resolve_depthwise`; equal results).
+    depthwise: the backbone's 3x3 depthwise kernel ("auto" | "native" |
+      "shifted" | "grouped", `mobilenet.resolve_depthwise`; equal results up
+      to float rounding).
     trainable_from: first backbone block that gets gradients (0: all).
     remat: recompute block activations in the backward pass (training memory).
     fold_bn: fold frozen BatchNorm into the convolutions (`mobilenet.ConvBN`).

@@ -7,12 +7,15 @@
   expansion 4) for SLME-encoded label maps; the paper uses "a lighter
   MobileNet" without giving its table, so this table is **ours**.
 
-The 3x3 depthwise convolution has two equal implementations (`DEPTHWISE`):
-"shifted", 9 shifted multiply-adds (`depthwise_conv3x3`), because on XLA:CPU
-the grouped conv was measured ~25x slower and single-threaded; and "grouped",
-`lax.conv_general_dilated(..., feature_group_count=C)`
-(`grouped_depthwise_conv3x3`), the native kernel of cuDNN and the TPU.
-"auto" (the default) picks shifted on the CPU and grouped elsewhere. 1x1 convolutions are plain matmuls on the channel axis
+The 3x3 depthwise convolution has three equal implementations (`DEPTHWISE`):
+"native", a C++ kernel and its gradients called through XLA FFI
+(`native_depthwise_conv3x3`, `models/native/`; float32, built on first
+use); "shifted", 9 shifted multiply-adds in XLA (`depthwise_conv3x3`),
+because on XLA:CPU the grouped conv was measured ~25x slower and
+single-threaded; and "grouped", `lax.conv_general_dilated(...,
+feature_group_count=C)` (`grouped_depthwise_conv3x3`), the native kernel of
+cuDNN and the TPU. "auto" (the default) picks native on the CPU when it
+builds (else shifted) and grouped elsewhere. 1x1 convolutions are plain matmuls on the channel axis
 (`pointwise`). Padding is TF/XLA "SAME" everywhere (so TFLite weights
 load unchanged).
 """
@@ -27,6 +30,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+from structvpr_jax.models import native
 
 # (expansion t, output channels c, repeats n, first stride s) per stage.
 MOBILENET_V2_BLOCKS = (
@@ -171,6 +176,47 @@ def depthwise_conv3x3(x: jax.Array, kernel: jax.Array, stride: int = 1) -> jax.A
   return _depthwise_shifted(x.astype(dtype), kernel.astype(dtype), int(stride))
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _depthwise_native(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
+  return native.depthwise_forward(x, kernel, stride)
+
+
+def _depthwise_native_fwd(x, kernel, stride):
+  return native.depthwise_forward(x, kernel, stride), (x, kernel)
+
+
+def _depthwise_native_bwd(stride, residuals, g):
+  x, kernel = residuals
+  return native.depthwise_backward(x, kernel, g, stride)
+
+
+_depthwise_native.defvjp(_depthwise_native_fwd, _depthwise_native_bwd)
+
+
+def native_depthwise_conv3x3(x: jax.Array, kernel: jax.Array, stride: int = 1) -> jax.Array:
+  """The same 3x3 depthwise convolution by the C++ kernels of
+  `models/native/depthwise.cc` (XLA FFI custom calls, CPU only): one pass
+  over each output row's channels in registers for the forward, one for
+  the input gradient and one for the kernel gradient, split over XLA's
+  intra-op threads (the kernel gradient in a fixed chunk order, so it is
+  the same bit for bit on every run).
+
+  float32 only: other dtypes (float64 in the exactness tests, bfloat16)
+  take `depthwise_conv3x3`. Requires `native.load()` (checked by
+  `resolve_depthwise`). Values and gradients equal `depthwise_conv3x3`'s up
+  to float32 rounding (the sums are in a different order).
+
+  Args / Returns: as `depthwise_conv3x3`.
+  """
+  c = x.shape[-1]
+  if kernel.shape != (3, 3, c):
+    raise ValueError(f"kernel shape {kernel.shape} != (3, 3, {c})")
+  dtype = jnp.result_type(x, kernel)
+  if dtype != jnp.float32 or int(stride) not in (1, 2):
+    return depthwise_conv3x3(x, kernel, stride)
+  return _depthwise_native(x.astype(dtype), kernel.astype(dtype), int(stride))
+
+
 def grouped_depthwise_conv3x3(x: jax.Array, kernel: jax.Array, stride: int = 1) -> jax.Array:
   """The same 3x3 depthwise convolution as one grouped convolution
   (`feature_group_count=C`): the native kernel on GPUs and TPUs.
@@ -237,24 +283,37 @@ def _pointwise_bwd(residuals, g):
 pointwise.defvjp(_pointwise_fwd, _pointwise_bwd)
 
 
-DEPTHWISE = ("auto", "shifted", "grouped")
+DEPTHWISE = ("auto", "native", "shifted", "grouped")
+_DEPTHWISE_CONV = {"native": native_depthwise_conv3x3, "shifted": depthwise_conv3x3,
+                   "grouped": grouped_depthwise_conv3x3}
 
 
 def resolve_depthwise(kind: str, backend: Optional[str] = None) -> str:
-  """"shifted" or "grouped" for `kind` ("auto": shifted on the CPU backend,
-  grouped on GPU/TPU; `backend` defaults to `jax.default_backend()`)."""
+  """"native", "shifted" or "grouped" for `kind` ("auto": native on the CPU
+  backend when its library builds, else shifted; grouped on GPU/TPU;
+  `backend` defaults to `jax.default_backend()`). An explicit "native" that
+  cannot be built or runs off the CPU is an error naming the reason."""
   if kind not in DEPTHWISE:
     raise ValueError(f"depthwise={kind!r}; expected one of {DEPTHWISE}")
+  on_cpu = (backend or jax.default_backend()) == "cpu"
+  if kind == "native":
+    if not on_cpu:
+      raise ValueError("model.depthwise='native' runs on the CPU backend only")
+    if not native.load():
+      raise ValueError(f"model.depthwise='native' is unavailable: {native.status()['reason']}")
+    return kind
   if kind != "auto":
     return kind
-  return "shifted" if (backend or jax.default_backend()) == "cpu" else "grouped"
+  if not on_cpu:
+    return "grouped"
+  return "native" if native.load() else "shifted"
 
 
 class DepthwiseConv3x3(nn.Module):
   """3x3 depthwise convolution, 'SAME' padding; param `kernel` [3, 3, C].
 
-  `impl` ("auto" | "shifted" | "grouped", `resolve_depthwise`) chooses the
-  kernel; the parameters and the results are the same for all three.
+  `impl` ("auto" | "native" | "shifted" | "grouped", `resolve_depthwise`)
+  chooses the kernel; the parameters and the results are the same for all.
   """
   stride: int = 1
   impl: str = "auto"
@@ -265,8 +324,7 @@ class DepthwiseConv3x3(nn.Module):
   @nn.compact
   def __call__(self, x):
     kernel = self.param("kernel", self.kernel_init, (3, 3, x.shape[-1]), self.param_dtype)
-    conv = (grouped_depthwise_conv3x3 if resolve_depthwise(self.impl) == "grouped"
-            else depthwise_conv3x3)
+    conv = _DEPTHWISE_CONV[resolve_depthwise(self.impl)]
     return conv(x.astype(self.dtype), kernel.astype(self.dtype), self.stride)
 
 
@@ -382,9 +440,7 @@ class ConvBN(nn.Module):
     if self.kind == "pointwise":
       y = pointwise(x, kernel)
     elif self.kind == "depthwise":
-      conv = (grouped_depthwise_conv3x3 if resolve_depthwise(self.depthwise) == "grouped"
-              else depthwise_conv3x3)
-      y = conv(x, kernel, self.stride)
+      y = _DEPTHWISE_CONV[resolve_depthwise(self.depthwise)](x, kernel, self.stride)
     else:
       y = lax.conv_general_dilated(x, kernel, (self.stride, self.stride), "SAME",
                                    dimension_numbers=("NHWC", "HWIO", "NHWC"))
@@ -440,8 +496,8 @@ class MobileNetV2(nn.Module):
     output_stride: 32, or 16 / 8: the last stride-2 blocks run at stride 1
       (a 2x / 4x finer local feature map, e.g. 6x8 instead of 3x4 at
       96x128, for NetVLAD on a small input).
-    depthwise: the 3x3 depthwise kernel, "auto" | "shifted" | "grouped"
-      (`resolve_depthwise`; equal results).
+    depthwise: the 3x3 depthwise kernel, "auto" | "native" | "shifted" |
+      "grouped" (`resolve_depthwise`; equal results up to float rounding).
     fold_bn: with BatchNorm in its frozen form (train=False: evaluation, and
       training with `train.batchnorm="frozen"`), fold it into the preceding
       convolution (`ConvBN._folded`; equal up to float rounding, same

@@ -1,0 +1,157 @@
+"""Native (C++) CPU kernels, built on first use and called through XLA FFI.
+
+`depthwise.cc` holds the 3x3 depthwise convolution and its gradients
+(float32, NHWC, stride 1 or 2, 'SAME'); `load()` compiles it with the C++
+compiler (`$CXX`, else `g++`), caches the shared library and registers its
+handlers with XLA. Nothing here is required: when there is no compiler, the
+build fails or `STRUCTVPR_NATIVE=0` is set, `load()` returns False (with one
+warning naming the reason) and the model uses the XLA implementation.
+
+Cache: `$STRUCTVPR_NATIVE_CACHE`, else `~/.cache/structvpr_jax/native`. The
+file name is a hash of the source, the FFI headers, the compiler command and
+the host CPU's feature flags (the library is built with -march=native), so a
+change to any of them builds anew and a cache shared between different CPUs
+never runs the wrong code. The library is written to a temporary name and
+renamed into place: concurrent first uses (tests, multi-process runs) never
+see a half-written file.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+from typing import Optional
+
+import jax
+import numpy as np
+
+_SOURCE = Path(__file__).with_name("depthwise.cc")
+_TARGETS = {
+    "structvpr_depthwise_forward": "StructvprDepthwiseForward",
+    "structvpr_depthwise_backward": "StructvprDepthwiseBackward",
+}
+_FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno",
+          "-w")
+
+_lock = threading.Lock()
+_state: dict = {}  # "ok": bool, "reason": str, "path": Path
+
+
+def _cpu_flags() -> str:
+  try:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+      if line.startswith("flags"):
+        return line
+  except OSError:
+    pass
+  return platform.processor()
+
+
+def cache_dir() -> Path:
+  env = os.environ.get("STRUCTVPR_NATIVE_CACHE")
+  return Path(env) if env else Path.home() / ".cache" / "structvpr_jax" / "native"
+
+
+def _compiler() -> Optional[str]:
+  return shutil.which(os.environ.get("CXX", "g++"))
+
+
+def library_path(compiler: str) -> Path:
+  """Where the library for this source, compiler, FFI version and CPU lives."""
+  include = Path(jax.ffi.include_dir())
+  digest = hashlib.sha256()
+  digest.update(_SOURCE.read_bytes())
+  for header in sorted(include.rglob("*.h")):
+    digest.update(header.read_bytes())
+  digest.update(" ".join((compiler,) + _FLAGS).encode())
+  digest.update(_cpu_flags().encode())
+  digest.update(platform.machine().encode())
+  return cache_dir() / f"depthwise-{digest.hexdigest()[:16]}.so"
+
+
+def build(compiler: str, target: Path) -> None:
+  """Compiles depthwise.cc into `target` (temporary name, then rename).
+
+  Raises RuntimeError with the compiler's message when it fails.
+  """
+  target.parent.mkdir(parents=True, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(prefix=target.stem + ".", suffix=".tmp.so", dir=target.parent)
+  os.close(fd)
+  try:
+    cmd = [compiler, *_FLAGS, f"-I{jax.ffi.include_dir()}", str(_SOURCE), "-o", tmp]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+      raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
+    os.replace(tmp, target)
+  finally:
+    if os.path.exists(tmp):
+      os.unlink(tmp)
+
+
+def load() -> bool:
+  """Builds (once per cache) and registers the native kernels; True when
+  they can be used, False (after one warning naming why) when not."""
+  with _lock:
+    if "ok" in _state:
+      return _state["ok"]
+    ok, reason, path = False, "", None
+    if os.environ.get("STRUCTVPR_NATIVE", "1") == "0":
+      reason = "disabled by STRUCTVPR_NATIVE=0"
+    elif platform.system() != "Linux":
+      reason = f"not built on {platform.system()}"
+    elif (compiler := _compiler()) is None:
+      reason = f"no C++ compiler ({os.environ.get('CXX', 'g++')} not found; set $CXX)"
+    else:
+      try:
+        path = library_path(compiler)
+        if not path.exists():
+          build(compiler, path)
+        lib = ctypes.cdll.LoadLibrary(str(path))
+        for name, symbol in _TARGETS.items():
+          jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, symbol)),
+                                      platform="cpu")
+        ok = True
+      except (OSError, RuntimeError, AttributeError) as e:
+        reason = f"{type(e).__name__}: {e}"
+    if not ok and reason != "disabled by STRUCTVPR_NATIVE=0":
+      logging.warning("native depthwise kernels unavailable, using the XLA implementation: %s",
+                      reason)
+    _state.update(ok=ok, reason=reason, path=path)
+    return ok
+
+
+def status() -> dict:
+  """{"ok": bool, "reason": str, "path": str | None} of the last `load()`."""
+  load()
+  return {"ok": _state["ok"], "reason": _state["reason"],
+          "path": str(_state["path"]) if _state["path"] else None}
+
+
+def _same_out(size: int, stride: int) -> int:
+  return -(-size // stride)
+
+
+def depthwise_forward(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
+  """y = depthwise 3x3 'SAME' conv of x [B, H, W, C] float32 with kernel
+  [3, 3, C] float32; [B, ceil(H/s), ceil(W/s), C]. Requires `load()`."""
+  b, h, w, c = x.shape
+  out = jax.ShapeDtypeStruct((b, _same_out(h, stride), _same_out(w, stride), c), x.dtype)
+  return jax.ffi.ffi_call("structvpr_depthwise_forward", out, vmap_method="sequential")(
+      x, kernel, stride=np.int64(stride))
+
+
+def depthwise_backward(x: jax.Array, kernel: jax.Array, dy: jax.Array,
+                       stride: int) -> tuple[jax.Array, jax.Array]:
+  """(dx [B, H, W, C], dkernel [3, 3, C]) of `depthwise_forward` at (x,
+  kernel) for the output cotangent dy. Requires `load()`."""
+  shapes = (jax.ShapeDtypeStruct(x.shape, x.dtype), jax.ShapeDtypeStruct(kernel.shape, kernel.dtype))
+  return jax.ffi.ffi_call("structvpr_depthwise_backward", shapes, vmap_method="sequential")(
+      x, kernel, dy, stride=np.int64(stride))

@@ -1,0 +1,344 @@
+// 3x3 depthwise convolution ('SAME' padding, stride 1 or 2, NHWC, float32)
+// and its two gradients, as XLA FFI custom calls for the CPU backend.
+//
+// Why: on XLA:CPU the depthwise layers were ~half of the MobileNetV2 train
+// step (jax.profiler, experiments/profile_step.py), as fusions of 9 shifted
+// slices that XLA does not vectorise over channels as well as it could, and
+// a kernel gradient that is a 9-output reduction. Here every output pixel is
+// one pass over its channels, kept in registers across the 9 taps, and the
+// work is split over rows on XLA's own intra-op thread pool.
+//
+// Semantics (the same as lax.conv_general_dilated(x, k[:, :, None, :],
+// (s, s), "SAME", feature_group_count=C)):
+//   y[b, p, q, c] = sum_{i, j} x[b, p*s + i - top, q*s + j - left, c] * k[i, j, c]
+// with out-of-range x read as 0 and (top, left) XLA's SAME padding.
+//
+// Built on first use by structvpr_jax/models/native/__init__.py (g++ -O3
+// -march=native); never required: the XLA implementation is the fallback.
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+struct Geometry {
+  int64_t batch, h, w, c, ho, wo, stride, top, left;
+};
+
+int64_t SamePadBefore(int64_t size, int64_t stride, int64_t out) {
+  int64_t total = std::max<int64_t>((out - 1) * stride + 3 - size, 0);
+  return total / 2;
+}
+
+Geometry MakeGeometry(const ffi::Span<const int64_t>& dims, int64_t stride) {
+  Geometry g;
+  g.batch = dims[0];
+  g.h = dims[1];
+  g.w = dims[2];
+  g.c = dims[3];
+  g.stride = stride;
+  g.ho = (g.h + stride - 1) / stride;
+  g.wo = (g.w + stride - 1) / stride;
+  g.top = SamePadBefore(g.h, stride, g.ho);
+  g.left = SamePadBefore(g.w, stride, g.wo);
+  return g;
+}
+
+// Shared state of one parallel loop; owned jointly by the caller and every
+// scheduled task (a task that starts after the caller returned finds no work
+// and only drops its reference).
+struct LoopState {
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> active{0};
+};
+
+// Runs body(begin, end) for the chunks [begin, begin + grain) of [0, n), on
+// the calling thread and on up to `helpers` tasks of XLA's intra-op pool
+// (whichever is free claims the next chunk). Which thread runs a chunk does
+// not change any result: every chunk writes its own outputs.
+template <typename Body>
+void ParallelFor(ffi::ThreadPool& pool, int64_t n, int64_t grain, int64_t helpers,
+                 const Body& body) {
+  auto state = std::make_shared<LoopState>();
+  // `body` is only touched while a chunk is claimed, and the caller returns
+  // only after every chunk was claimed (its own loop ran dry) and every
+  // claimer finished (`active` back to 0; a worker counts itself active
+  // before it claims).
+  auto work = [state, n, grain, &body]() {
+    state->active.fetch_add(1);
+    for (;;) {
+      const int64_t begin = state->next.fetch_add(grain);
+      if (begin >= n) break;
+      body(begin, std::min(begin + grain, n));
+    }
+    state->active.fetch_sub(1);
+  };
+  const int64_t chunks = (n + grain - 1) / grain;
+  helpers = std::min<int64_t>(helpers, chunks - 1);
+  for (int64_t t = 0; t < helpers; ++t) pool.Schedule([work]() { work(); });
+  work();
+  while (state->active.load() != 0) std::this_thread::yield();
+}
+
+// Tasks to schedule besides the calling thread.
+int64_t Helpers(ffi::ThreadPool& pool) {
+  return std::max<int64_t>(0, std::min<int64_t>(pool.num_threads(), 64) - 1);
+}
+
+// 16 float32 lanes: one AVX-512 register, two AVX2 registers (GCC lowers
+// the generic vector to what -march allows). aligned(4): rows of C floats
+// start anywhere.
+typedef float Vec16 __attribute__((vector_size(64), aligned(4)));
+constexpr int64_t kLanes = 16;
+
+inline Vec16 Load(const float* p) { return *reinterpret_cast<const Vec16*>(p); }
+inline void Store(float* p, Vec16 v) { *reinterpret_cast<Vec16*>(p) = v; }
+
+// out[0:n] = sum over taps t < count of rows[t][0:n] * taps[t][0:n],
+// accumulated in registers in tap order, 64 channels at a time.
+inline void DotTaps(float* __restrict out, const float* const* rows, const float* const* taps,
+                    int count, int64_t n) {
+  int64_t c = 0;
+  for (; c + 4 * kLanes <= n; c += 4 * kLanes) {
+    Vec16 a0 = {}, a1 = {}, a2 = {}, a3 = {};
+    for (int t = 0; t < count; ++t) {
+      const float* r = rows[t] + c;
+      const float* k = taps[t] + c;
+      a0 += Load(r) * Load(k);
+      a1 += Load(r + kLanes) * Load(k + kLanes);
+      a2 += Load(r + 2 * kLanes) * Load(k + 2 * kLanes);
+      a3 += Load(r + 3 * kLanes) * Load(k + 3 * kLanes);
+    }
+    Store(out + c, a0);
+    Store(out + c + kLanes, a1);
+    Store(out + c + 2 * kLanes, a2);
+    Store(out + c + 3 * kLanes, a3);
+  }
+  for (; c + kLanes <= n; c += kLanes) {
+    Vec16 a = {};
+    for (int t = 0; t < count; ++t) a += Load(rows[t] + c) * Load(taps[t] + c);
+    Store(out + c, a);
+  }
+  for (; c < n; ++c) {
+    float a = 0.0f;
+    for (int t = 0; t < count; ++t) a += rows[t][c] * taps[t][c];
+    out[c] = a;
+  }
+}
+
+// Forward: one unit = one output row (b, p).
+void ForwardRows(const Geometry& g, const float* x, const float* k, float* y, int64_t begin,
+                 int64_t end) {
+  const float* rows[9];
+  const float* taps[9];
+  for (int64_t unit = begin; unit < end; ++unit) {
+    const int64_t b = unit / g.ho, p = unit % g.ho;
+    float* yrow = y + unit * g.wo * g.c;
+    for (int64_t q = 0; q < g.wo; ++q) {
+      int count = 0;
+      for (int64_t i = 0; i < 3; ++i) {
+        const int64_t r = p * g.stride + i - g.top;
+        if (r < 0 || r >= g.h) continue;
+        const float* xrow = x + ((b * g.h + r) * g.w) * g.c;
+        for (int64_t j = 0; j < 3; ++j) {
+          const int64_t s = q * g.stride + j - g.left;
+          if (s < 0 || s >= g.w) continue;
+          rows[count] = xrow + s * g.c;
+          taps[count] = k + (i * 3 + j) * g.c;
+          ++count;
+        }
+      }
+      DotTaps(yrow + q * g.c, rows, taps, count, g.c);
+    }
+  }
+}
+
+// Input gradient: one unit = one input row (b, r).
+//   dx[b, r, s, c] = sum over (i, j) with r = p*stride + i - top and
+//   s = q*stride + j - left of dy[b, p, q, c] * k[i, j, c].
+void InputGradientRows(const Geometry& g, const float* dy, const float* k, float* dx,
+                       int64_t begin, int64_t end) {
+  const float* rows[9];
+  const float* taps[9];
+  for (int64_t unit = begin; unit < end; ++unit) {
+    const int64_t b = unit / g.h, r = unit % g.h;
+    float* dxrow = dx + unit * g.w * g.c;
+    for (int64_t s = 0; s < g.w; ++s) {
+      int count = 0;
+      // Taps in reverse order, as autodiff of the forward accumulates them.
+      for (int64_t i = 2; i >= 0; --i) {
+        const int64_t pn = r + g.top - i;
+        if (pn < 0 || pn % g.stride) continue;
+        const int64_t p = pn / g.stride;
+        if (p >= g.ho) continue;
+        const float* dyrow = dy + ((b * g.ho + p) * g.wo) * g.c;
+        for (int64_t j = 2; j >= 0; --j) {
+          const int64_t qn = s + g.left - j;
+          if (qn < 0 || qn % g.stride) continue;
+          const int64_t q = qn / g.stride;
+          if (q >= g.wo) continue;
+          rows[count] = dyrow + q * g.c;
+          taps[count] = k + (i * 3 + j) * g.c;
+          ++count;
+        }
+      }
+      DotTaps(dxrow + s * g.c, rows, taps, count, g.c);
+    }
+  }
+}
+
+// Kernel gradient, partial over output rows [begin, end):
+//   acc[i, j, c] += sum_{(b, p) in rows, q} x[b, p*s + i - top, q*s + j - left, c] * dy[b, p, q, c]
+// Each row's sum is formed in registers and then added to `acc`, so the
+// float32 accumulation error grows with rows, not pixels.
+void KernelGradientRows(const Geometry& g, const float* x, const float* dy, float* acc,
+                        int64_t begin, int64_t end) {
+  const int64_t n = g.c;
+  for (int64_t unit = begin; unit < end; ++unit) {
+    const int64_t b = unit / g.ho, p = unit % g.ho;
+    const float* dyrow = dy + unit * g.wo * n;
+    for (int64_t i = 0; i < 3; ++i) {
+      const int64_t r = p * g.stride + i - g.top;
+      if (r < 0 || r >= g.h) continue;
+      const float* xrow = x + ((b * g.h + r) * g.w) * n;
+      for (int64_t j = 0; j < 3; ++j) {
+        // Output columns q whose tap j lands inside the row: 0 <= q*s + j - left < w.
+        const int64_t shift = j - g.left;
+        const int64_t q_lo = shift >= 0 ? 0 : (-shift + g.stride - 1) / g.stride;
+        const int64_t last = g.w - 1 - shift;  // q*s <= last (may be negative: no q)
+        const int64_t q_hi = last < 0 ? 0 : std::min(g.wo, last / g.stride + 1);
+        float* out = acc + (i * 3 + j) * n;
+        const int64_t xstep = g.stride * n;
+        int64_t c = 0;
+        for (; c + 4 * kLanes <= n; c += 4 * kLanes) {
+          Vec16 a0 = {}, a1 = {}, a2 = {}, a3 = {};
+          const float* xv = xrow + (q_lo * g.stride + shift) * n + c;
+          const float* gv = dyrow + q_lo * n + c;
+          for (int64_t q = q_lo; q < q_hi; ++q, xv += xstep, gv += n) {
+            a0 += Load(xv) * Load(gv);
+            a1 += Load(xv + kLanes) * Load(gv + kLanes);
+            a2 += Load(xv + 2 * kLanes) * Load(gv + 2 * kLanes);
+            a3 += Load(xv + 3 * kLanes) * Load(gv + 3 * kLanes);
+          }
+          Store(out + c, Load(out + c) + a0);
+          Store(out + c + kLanes, Load(out + c + kLanes) + a1);
+          Store(out + c + 2 * kLanes, Load(out + c + 2 * kLanes) + a2);
+          Store(out + c + 3 * kLanes, Load(out + c + 3 * kLanes) + a3);
+        }
+        for (; c + kLanes <= n; c += kLanes) {
+          Vec16 a = {};
+          const float* xv = xrow + (q_lo * g.stride + shift) * n + c;
+          const float* gv = dyrow + q_lo * n + c;
+          for (int64_t q = q_lo; q < q_hi; ++q, xv += xstep, gv += n) a += Load(xv) * Load(gv);
+          Store(out + c, Load(out + c) + a);
+        }
+        for (; c < n; ++c) {
+          float a = 0.0f;
+          const float* xv = xrow + (q_lo * g.stride + shift) * n + c;
+          const float* gv = dyrow + q_lo * n + c;
+          for (int64_t q = q_lo; q < q_hi; ++q, xv += xstep, gv += n) a += *xv * *gv;
+          out[c] += a;
+        }
+      }
+    }
+  }
+}
+
+// Chunks of rows: about 8 per thread, for balance without much claiming traffic.
+int64_t Grain(int64_t units, int64_t helpers) {
+  return std::max<int64_t>(1, units / (8 * (helpers + 1)));
+}
+
+// The kernel gradient's rows are split into a fixed number of chunks
+// whatever the thread count, each summed on its own and then added in chunk
+// order: the result is the same bit for bit on every run and thread count.
+constexpr int64_t kKernelGradientChunks = 32;
+
+ffi::Error CheckShapes(const ffi::Span<const int64_t>& x, const ffi::Span<const int64_t>& k,
+                       int64_t stride) {
+  if (x.size() != 4) return ffi::Error::InvalidArgument("depthwise: x must be [B, H, W, C]");
+  if (k.size() != 3 || k[0] != 3 || k[1] != 3 || k[2] != x[3])
+    return ffi::Error::InvalidArgument("depthwise: kernel must be [3, 3, C]");
+  if (stride != 1 && stride != 2)
+    return ffi::Error::InvalidArgument("depthwise: stride must be 1 or 2");
+  return ffi::Error::Success();
+}
+
+ffi::Error DepthwiseForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                            ffi::Buffer<ffi::F32> kernel, ffi::ResultBuffer<ffi::F32> y,
+                            int64_t stride) {
+  if (auto e = CheckShapes(x.dimensions(), kernel.dimensions(), stride); e.failure()) return e;
+  const Geometry g = MakeGeometry(x.dimensions(), stride);
+  const float* xp = x.typed_data();
+  const float* kp = kernel.typed_data();
+  float* yp = y->typed_data();
+  const int64_t units = g.batch * g.ho;
+  const int64_t helpers = Helpers(pool);
+  ParallelFor(pool, units, Grain(units, helpers), helpers, [&](int64_t begin, int64_t end) {
+                ForwardRows(g, xp, kp, yp, begin, end);
+              });
+  return ffi::Error::Success();
+}
+
+ffi::Error DepthwiseBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                             ffi::Buffer<ffi::F32> kernel, ffi::Buffer<ffi::F32> dy,
+                             ffi::ResultBuffer<ffi::F32> dx, ffi::ResultBuffer<ffi::F32> dk,
+                             int64_t stride) {
+  if (auto e = CheckShapes(x.dimensions(), kernel.dimensions(), stride); e.failure()) return e;
+  const Geometry g = MakeGeometry(x.dimensions(), stride);
+  const auto dyd = dy.dimensions();
+  if (dyd.size() != 4 || dyd[0] != g.batch || dyd[1] != g.ho || dyd[2] != g.wo || dyd[3] != g.c)
+    return ffi::Error::InvalidArgument("depthwise: dy has the wrong shape");
+  const float* xp = x.typed_data();
+  const float* kp = kernel.typed_data();
+  const float* gp = dy.typed_data();
+  const int64_t helpers = Helpers(pool);
+
+  const int64_t out_rows = g.batch * g.ho;
+  const int64_t grain = (out_rows + kKernelGradientChunks - 1) / kKernelGradientChunks;
+  const int64_t chunks = (out_rows + grain - 1) / grain;
+  std::vector<float> partial(chunks * 9 * g.c, 0.0f);
+  ParallelFor(pool, out_rows, grain, helpers, [&](int64_t begin, int64_t end) {
+    KernelGradientRows(g, xp, gp, partial.data() + (begin / grain) * 9 * g.c, begin, end);
+  });
+  float* dkp = dk->typed_data();
+  std::fill(dkp, dkp + 9 * g.c, 0.0f);
+  for (int64_t chunk = 0; chunk < chunks; ++chunk)
+    for (int64_t v = 0; v < 9 * g.c; ++v) dkp[v] += partial[chunk * 9 * g.c + v];
+
+  float* dxp = dx->typed_data();
+  const int64_t in_rows = g.batch * g.h;
+  ParallelFor(pool, in_rows, Grain(in_rows, helpers), helpers, [&](int64_t begin, int64_t end) {
+    InputGradientRows(g, gp, kp, dxp, begin, end);
+  });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(StructvprDepthwiseForward, DepthwiseForward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("stride"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(StructvprDepthwiseBackward, DepthwiseBackward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("stride"));

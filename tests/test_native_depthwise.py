@@ -1,0 +1,208 @@
+"""The native (C++, XLA FFI) depthwise kernels: values and both gradients
+against a plain-numpy convolution written from the definition and against
+XLA's grouped convolution; hand cases; determinism; the build cache and the
+fallbacks when no library can be had."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from structvpr_jax.models import mobilenet, native
+
+pytestmark = pytest.mark.skipif(not native.load(), reason="native kernels did not build")
+
+
+def same_pad(size, stride):
+  out = -(-size // stride)
+  total = max((out - 1) * stride + 3 - size, 0)
+  return out, total // 2
+
+
+def numpy_depthwise(x, k, stride):
+  """y[b, p, q, c] = sum_ij x[b, p*s + i - top, q*s + j - left, c] k[i, j, c], x = 0 outside."""
+  b, h, w, c = x.shape
+  ho, top = same_pad(h, stride)
+  wo, left = same_pad(w, stride)
+  y = np.zeros((b, ho, wo, c), np.float64)
+  for p in range(ho):
+    for q in range(wo):
+      for i in range(3):
+        for j in range(3):
+          r, s = p * stride + i - top, q * stride + j - left
+          if 0 <= r < h and 0 <= s < w:
+            y[:, p, q, :] += x[:, r, s, :].astype(np.float64) * k[i, j].astype(np.float64)
+  return y
+
+
+def numpy_depthwise_vjp(x, k, dy, stride):
+  """(dx, dk) by scattering each output's cotangent back to its 9 reads."""
+  b, h, w, c = x.shape
+  ho, top = same_pad(h, stride)
+  wo, left = same_pad(w, stride)
+  dx = np.zeros(x.shape, np.float64)
+  dk = np.zeros(k.shape, np.float64)
+  for p in range(ho):
+    for q in range(wo):
+      for i in range(3):
+        for j in range(3):
+          r, s = p * stride + i - top, q * stride + j - left
+          if 0 <= r < h and 0 <= s < w:
+            dx[:, r, s, :] += dy[:, p, q, :] * k[i, j]
+            dk[i, j, :] += np.sum(dy[:, p, q, :] * x[:, r, s, :], axis=0)
+  return dx, dk
+
+
+def grouped(x, k, stride):
+  return lax.conv_general_dilated(x, k[:, :, None, :], (stride, stride), "SAME",
+                                  dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                  feature_group_count=x.shape[-1])
+
+
+# Channel counts cover every code path: < 16 (scalar), 16-lane vectors, the
+# 64-channel register block, and remainders after each; sizes odd and even,
+# 1-pixel rows and columns; batch x rows above the 32 kernel-gradient chunks.
+SHAPES = [(2, 7, 9, 3), (1, 1, 2, 5), (2, 2, 1, 16), (3, 8, 8, 70), (1, 5, 6, 85),
+          (2, 6, 5, 64), (40, 3, 4, 17), (1, 13, 11, 200)]
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_native_equals_numpy_definition_values_and_gradients(shape, stride):
+  rng = np.random.default_rng(sum(shape) * 10 + stride)
+  x = rng.standard_normal(shape).astype(np.float32)
+  k = rng.standard_normal((3, 3, shape[-1])).astype(np.float32)
+  y, vjp = jax.vjp(lambda a, b: mobilenet.native_depthwise_conv3x3(a, b, stride), x, k)
+  assert y.dtype == jnp.float32
+  ref = numpy_depthwise(x, k, stride)
+  assert y.shape == ref.shape
+  np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)
+  dy = rng.standard_normal(ref.shape).astype(np.float32)
+  dx, dk = vjp(dy)
+  dx_ref, dk_ref = numpy_depthwise_vjp(x, k, dy, stride)
+  np.testing.assert_allclose(dx, dx_ref, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(dk, dk_ref, rtol=1e-5, atol=2e-5 * np.sqrt(dy.size / shape[-1]))
+  # and XLA's own grouped convolution, under jit
+  y_xla, vjp_xla = jax.vjp(lambda a, b: grouped(a, b, stride), x, k)
+  np.testing.assert_allclose(jax.jit(mobilenet.native_depthwise_conv3x3, static_argnums=2)(
+      x, k, stride), y_xla, rtol=1e-5, atol=1e-5)
+  for a, b in zip((dx, dk), vjp_xla(dy)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_native_hand_cases():
+  # ones everywhere, stride 1 on 3x3: each output counts its in-image neighbours
+  ones = jnp.ones((3, 3, 1))
+  out = mobilenet.native_depthwise_conv3x3(jnp.ones((1, 3, 3, 1)), ones, 1)[0, :, :, 0]
+  np.testing.assert_array_equal(out, [[4, 6, 4], [6, 9, 6], [4, 6, 4]])
+  # stride 2 on 4x4: SAME pads 0 before / 1 after; outputs at rows/cols 0, 2
+  out = mobilenet.native_depthwise_conv3x3(jnp.ones((1, 4, 4, 1)), ones, 2)[0, :, :, 0]
+  np.testing.assert_array_equal(out, [[9, 6], [6, 4]])
+  # cotangent 1 at the centre of a 3x3 image: dx = 1 everywhere, dk = x
+  x = jnp.arange(9.0).reshape(1, 3, 3, 1)
+  cot = jnp.zeros((1, 3, 3, 1)).at[0, 1, 1, 0].set(1.0)
+  dx, dk = jax.vjp(lambda a, b: mobilenet.native_depthwise_conv3x3(a, b, 1), x, ones)[1](cot)
+  np.testing.assert_array_equal(dx[0, :, :, 0], np.ones((3, 3)))
+  np.testing.assert_array_equal(dk[:, :, 0], np.arange(9.0).reshape(3, 3))
+  # stride 2 on 4x4, cotangent 1 at output (1, 1): it reads rows/cols 2..4, 4 is padding
+  x = jnp.arange(16.0).reshape(1, 4, 4, 1)
+  cot = jnp.zeros((1, 2, 2, 1)).at[0, 1, 1, 0].set(1.0)
+  dx, dk = jax.vjp(lambda a, b: mobilenet.native_depthwise_conv3x3(a, b, 2), x, ones)[1](cot)
+  expect_dx = np.zeros((4, 4))
+  expect_dx[2:, 2:] = 1.0
+  np.testing.assert_array_equal(dx[0, :, :, 0], expect_dx)
+  np.testing.assert_array_equal(dk[:, :, 0], [[10, 11, 0], [14, 15, 0], [0, 0, 0]])
+
+
+def test_native_gradients_are_bitwise_repeatable():
+  # The kernel gradient is summed in a fixed chunk order whatever thread ran
+  # which chunk: two runs agree bit for bit (bitwise resume relies on it).
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((16, 28, 28, 96)).astype(np.float32)
+  k = rng.standard_normal((3, 3, 96)).astype(np.float32)
+  dy = rng.standard_normal((16, 14, 14, 96)).astype(np.float32)
+  grad = jax.jit(lambda a, b, g: jax.vjp(
+      lambda u, v: mobilenet.native_depthwise_conv3x3(u, v, 2), a, b)[1](g))
+  first = [np.asarray(t) for t in grad(x, k, dy)]
+  for _ in range(5):
+    for a, b in zip(first, grad(x, k, dy)):
+      np.testing.assert_array_equal(a, b)
+
+
+def test_other_dtypes_take_the_xla_kernel():
+  with jax.enable_x64():
+    x = jnp.asarray(np.random.default_rng(1).standard_normal((2, 5, 6, 4)))
+    k = jnp.asarray(np.random.default_rng(2).standard_normal((3, 3, 4)))
+    y = mobilenet.native_depthwise_conv3x3(x, k, 2)
+    assert y.dtype == jnp.float64
+    np.testing.assert_array_equal(y, mobilenet.depthwise_conv3x3(x, k, 2))
+
+
+def test_vmap_over_an_extra_axis_equals_a_loop():
+  rng = np.random.default_rng(3)
+  x = rng.standard_normal((3, 2, 6, 7, 5)).astype(np.float32)
+  k = rng.standard_normal((3, 3, 5)).astype(np.float32)
+  out = jax.vmap(lambda a: mobilenet.native_depthwise_conv3x3(a, k, 1))(x)
+  for n in range(3):
+    np.testing.assert_array_equal(out[n], mobilenet.native_depthwise_conv3x3(x[n], k, 1))
+
+
+def test_build_writes_atomically_and_reports_compiler_errors(tmp_path):
+  target = tmp_path / "lib" / "depthwise-test.so"
+  native.build(native._compiler(), target)
+  assert target.exists() and sorted(p.name for p in target.parent.iterdir()) == [target.name]
+  broken = tmp_path / "broken-cxx"
+  broken.write_text("#!/bin/sh\necho 'error: no such compiler feature' >&2\nexit 3\n")
+  broken.chmod(0o755)
+  with pytest.raises(RuntimeError, match="no such compiler feature"):
+    native.build(str(broken), tmp_path / "lib" / "other.so")
+  assert sorted(p.name for p in target.parent.iterdir()) == [target.name]   # no leftovers
+
+
+def test_library_name_follows_source_compiler_and_cpu(monkeypatch):
+  first = native.library_path("g++")
+  assert first.parent == native.cache_dir()
+  assert native.library_path("clang++") != first
+  monkeypatch.setattr(native, "_cpu_flags", lambda: "flags : sse2")
+  assert native.library_path("g++") != first
+
+
+def _run(code, **env):
+  full = {**os.environ, **env}
+  proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
+                        text=True, env=full, timeout=300)
+  assert proc.returncode == 0, proc.stderr
+  return proc
+
+
+FALLBACK = """
+  import jax.numpy as jnp, numpy as np, pytest
+  from structvpr_jax.models import mobilenet, native
+  assert not native.load()
+  print("REASON", native.status()["reason"])
+  assert mobilenet.resolve_depthwise("auto", "cpu") == "shifted"
+  with pytest.raises(ValueError, match="model.depthwise='native' is unavailable"):
+    mobilenet.resolve_depthwise("native", "cpu")
+  x = jnp.ones((1, 3, 3, 1)); k = jnp.ones((3, 3, 1))
+  layer = mobilenet.DepthwiseConv3x3()
+  y = layer.apply({"params": {"kernel": k}}, x)
+  np.testing.assert_array_equal(y[0, :, :, 0], [[4, 6, 4], [6, 9, 6], [4, 6, 4]])
+"""
+
+
+def test_disabled_native_falls_back_to_xla_silently():
+  proc = _run(FALLBACK, STRUCTVPR_NATIVE="0")
+  assert "REASON disabled by STRUCTVPR_NATIVE=0" in proc.stdout
+  assert "unavailable" not in proc.stderr
+
+
+def test_missing_compiler_falls_back_with_one_warning(tmp_path):
+  proc = _run(FALLBACK, CXX=str(tmp_path / "no-such-g++"), STRUCTVPR_NATIVE_CACHE=str(tmp_path))
+  assert "no C++ compiler" in proc.stdout
+  assert proc.stderr.count("native depthwise kernels unavailable") == 1
