@@ -174,6 +174,46 @@ def test_depthwise_kinds_give_the_same_network_values_and_gradients(output_strid
     np.testing.assert_array_equal(a, b)                       # auto is native on this CPU
 
 
+def perturbed_batchnorm(v):
+  """`v` with non-trivial BN statistics and affine parameters."""
+  keys = iter(jax.random.split(jax.random.PRNGKey(2), 4 * len(jax.tree.leaves(v))))
+  return {"params": jax.tree_util.tree_map_with_path(
+              lambda p, a: a * jax.random.uniform(next(keys), a.shape, a.dtype, 0.5, 1.5)
+              + (0.1 * jax.random.normal(next(keys), a.shape, a.dtype)
+                 if getattr(p[-1], "key", "") == "bias" else 0), v["params"]),
+          "batch_stats": jax.tree_util.tree_map_with_path(
+              lambda p, a: (jax.random.uniform(next(keys), a.shape, a.dtype, 0.5, 2.0)
+                            if getattr(p[-1], "key", "") == "var"
+                            else 0.3 * jax.random.normal(next(keys), a.shape, a.dtype)),
+              v["batch_stats"])}
+
+
+def test_folded_native_equals_the_unfolded_shifted_branch_in_float32():
+  """The default CPU model (fold_bn, native depthwise with the bias and relu6
+  fused) against the unfolded branch with XLA's shifted depthwise: the same
+  descriptors and parameter gradients to float32 rounding (frozen BN)."""
+  from structvpr_jax.models.branch import Branch
+  blocks = ((1, 8, 1, 1), (4, 16, 2, 2), (4, 24, 1, 2))
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 40, 56, 3))
+  kw = dict(backbone="mobilenet_light", width=0.5, dim=8, num_clusters=4, blocks=blocks)
+  plain = Branch(depthwise="shifted", **kw)
+  folded = Branch(fold_bn=True, depthwise="native", **kw)
+  v = perturbed_batchnorm(plain.init(jax.random.PRNGKey(1), x))
+  cot = jax.random.normal(jax.random.PRNGKey(3), (2, plain.descriptor_dim))
+
+  def loss(params, net):
+    out = net.apply({**v, "params": params}, x, train=False)
+    return jnp.sum(out * cot), out
+
+  g_p, out_p = jax.jit(jax.grad(loss, has_aux=True), static_argnums=1)(v["params"], plain)
+  g_f, out_f = jax.jit(jax.grad(loss, has_aux=True), static_argnums=1)(v["params"], folded)
+  np.testing.assert_allclose(out_f, out_p, rtol=1e-4, atol=1e-5)
+  for a, b in zip(jax.tree.leaves(g_f), jax.tree.leaves(g_p)):
+    np.testing.assert_allclose(a, b, rtol=2e-3, atol=2e-4)
+  dw_bn = g_f["encoder"]["block1"]["depthwise"]["bn"]
+  assert float(jnp.abs(dw_bn["bias"]).max()) > 0          # the fused bias gets its gradient
+
+
 def test_folded_batchnorm_equals_the_unfolded_frozen_branch_in_float64():
   """model.fold_bn: the same parameter tree, and (train=False, i.e. frozen BN)
   the same descriptors and gradients for every parameter, incl. BN scale/bias."""
@@ -186,17 +226,7 @@ def test_folded_batchnorm_equals_the_unfolded_frozen_branch_in_float64():
     plain, folded = Branch(**kw), Branch(fold_bn=True, **kw)
     v = plain.init(jax.random.PRNGKey(1), x)
     assert jax.tree.structure(folded.init(jax.random.PRNGKey(1), x)) == jax.tree.structure(v)
-    # non-trivial BN statistics and affine parameters
-    keys = iter(jax.random.split(jax.random.PRNGKey(2), 4 * len(jax.tree.leaves(v))))
-    v = {"params": jax.tree_util.tree_map_with_path(
-             lambda p, a: a * jax.random.uniform(next(keys), a.shape, a.dtype, 0.5, 1.5)
-             + (0.1 * jax.random.normal(next(keys), a.shape, a.dtype)
-                if getattr(p[-1], "key", "") == "bias" else 0), v["params"]),
-         "batch_stats": jax.tree_util.tree_map_with_path(
-             lambda p, a: (jax.random.uniform(next(keys), a.shape, a.dtype, 0.5, 2.0)
-                           if getattr(p[-1], "key", "") == "var"
-                           else 0.3 * jax.random.normal(next(keys), a.shape, a.dtype)),
-             v["batch_stats"])}
+    v = perturbed_batchnorm(v)
     cot = jax.random.normal(jax.random.PRNGKey(3), (2, plain.descriptor_dim), jnp.float64)
 
     def loss(params, net):

@@ -96,6 +96,43 @@ def test_native_equals_numpy_definition_values_and_gradients(shape, stride):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("activation", [True, False])
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("shape", [(2, 7, 9, 3), (3, 8, 8, 70), (1, 13, 11, 200), (40, 3, 4, 17)])
+def test_fused_bias_relu6_equals_numpy_definition(shape, stride, activation):
+  """z = relu6(depthwise(x, k) + bias) in one pass; its VJP passes dz where
+  0 < z < 6 (PyTorch's ReLU6 derivative) and gives the bias the sum of that."""
+  rng = np.random.default_rng(sum(shape) + 7 * stride + activation)
+  x = (3 * rng.standard_normal(shape)).astype(np.float32)   # about a fifth above 6
+  k = rng.standard_normal((3, 3, shape[-1])).astype(np.float32)
+  bias = rng.standard_normal(shape[-1]).astype(np.float32)
+  z, vjp = jax.vjp(lambda a, b, c: mobilenet.native_depthwise_bias_relu6(a, b, c, stride,
+                                                                          activation), x, k, bias)
+  pre = numpy_depthwise(x, k, stride) + bias
+  assert 0.1 < np.mean(pre > 6) and 0.3 < np.mean(pre < 0)              # both bounds bite
+  np.testing.assert_allclose(z, np.clip(pre, 0, 6) if activation else pre, rtol=1e-5, atol=1e-5)
+  dz = rng.standard_normal(pre.shape).astype(np.float32)
+  passed = dz * ((pre > 0) & (pre < 6)) if activation else dz
+  dx, dk, dbias = vjp(dz)
+  dx_ref, dk_ref = numpy_depthwise_vjp(x, k, passed, stride)
+  np.testing.assert_allclose(dx, dx_ref, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(dk, dk_ref, rtol=1e-5, atol=1e-4)
+  np.testing.assert_allclose(dbias, passed.sum(axis=(0, 1, 2)), rtol=1e-5, atol=1e-4)
+
+
+def test_fused_hand_case():
+  # 3x3 image of ones, kernel of ones, bias -5: pre-activations corners -1,
+  # edges 1, centre 4 -> relu6 0 / 1 / 4; bias 0: 4 / 6 / 9 -> 4 / 6 / 6.
+  ones = jnp.ones((1, 3, 3, 1))
+  z = mobilenet.native_depthwise_bias_relu6(ones, jnp.ones((3, 3, 1)), jnp.full((1,), -5.0))
+  np.testing.assert_array_equal(z[0, :, :, 0], [[0, 1, 0], [1, 4, 1], [0, 1, 0]])
+  z, vjp = jax.vjp(lambda b: mobilenet.native_depthwise_bias_relu6(
+      ones, jnp.ones((3, 3, 1)), b), jnp.zeros((1,)))
+  np.testing.assert_array_equal(z[0, :, :, 0], [[4, 6, 4], [6, 6, 6], [4, 6, 4]])
+  # only the 4 corners (0 < 4 < 6) pass the cotangent: dbias = 4 x 1
+  np.testing.assert_array_equal(vjp(jnp.ones_like(z))[0], [4.0])
+
+
 def test_native_hand_cases():
   # ones everywhere, stride 1 on 3x3: each output counts its in-image neighbours
   ones = jnp.ones((3, 3, 1))

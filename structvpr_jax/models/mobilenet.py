@@ -176,21 +176,29 @@ def depthwise_conv3x3(x: jax.Array, kernel: jax.Array, stride: int = 1) -> jax.A
   return _depthwise_shifted(x.astype(dtype), kernel.astype(dtype), int(stride))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _depthwise_native(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
-  return native.depthwise_forward(x, kernel, stride)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _depthwise_native(x: jax.Array, kernel: jax.Array, bias: jax.Array, stride: int,
+                      activation: bool) -> jax.Array:
+  return native.depthwise_forward(x, kernel, bias, stride, activation)
 
 
-def _depthwise_native_fwd(x, kernel, stride):
-  return native.depthwise_forward(x, kernel, stride), (x, kernel)
+def _depthwise_native_fwd(x, kernel, bias, stride, activation):
+  z = native.depthwise_forward(x, kernel, bias, stride, activation)
+  # z is the next layer's input anyway; the activation's mask is read off it.
+  return z, (x, kernel, z if activation else None)
 
 
-def _depthwise_native_bwd(stride, residuals, g):
-  x, kernel = residuals
-  return native.depthwise_backward(x, kernel, g, stride)
+def _depthwise_native_bwd(stride, activation, residuals, dz):
+  x, kernel, z = residuals
+  return native.depthwise_backward(x, kernel, z if activation else dz, dz, stride, activation)
 
 
 _depthwise_native.defvjp(_depthwise_native_fwd, _depthwise_native_bwd)
+
+
+def _native_applies(dtype, stride) -> bool:
+  """The native kernels take float32 and stride 1 or 2, once built."""
+  return dtype == jnp.float32 and int(stride) in (1, 2) and native.load()
 
 
 def native_depthwise_conv3x3(x: jax.Array, kernel: jax.Array, stride: int = 1) -> jax.Array:
@@ -202,8 +210,8 @@ def native_depthwise_conv3x3(x: jax.Array, kernel: jax.Array, stride: int = 1) -
   the same bit for bit on every run).
 
   float32 only: other dtypes (float64 in the exactness tests, bfloat16)
-  take `depthwise_conv3x3`. Requires `native.load()` (checked by
-  `resolve_depthwise`). Values and gradients equal `depthwise_conv3x3`'s up
+  take `depthwise_conv3x3`, as everything does when the library cannot be
+  built (`native.load()`). Values and gradients equal `depthwise_conv3x3`'s up
   to float32 rounding (the sums are in a different order).
 
   Args / Returns: as `depthwise_conv3x3`.
@@ -212,9 +220,36 @@ def native_depthwise_conv3x3(x: jax.Array, kernel: jax.Array, stride: int = 1) -
   if kernel.shape != (3, 3, c):
     raise ValueError(f"kernel shape {kernel.shape} != (3, 3, {c})")
   dtype = jnp.result_type(x, kernel)
-  if dtype != jnp.float32 or int(stride) not in (1, 2):
+  if not _native_applies(dtype, stride):
     return depthwise_conv3x3(x, kernel, stride)
-  return _depthwise_native(x.astype(dtype), kernel.astype(dtype), int(stride))
+  return _depthwise_native(x.astype(dtype), kernel.astype(dtype), jnp.zeros((c,), dtype),
+                           int(stride), False)
+
+
+def native_depthwise_bias_relu6(x: jax.Array, kernel: jax.Array, bias: jax.Array,
+                                stride: int = 1, activation: bool = True) -> jax.Array:
+  """relu6(depthwise_conv3x3(x, kernel, stride) + bias) (without relu6 when
+  `activation` is False) as one native pass: MobileNetV2's depthwise layer
+  with frozen BatchNorm folded in (`ConvBN._folded`). Saves a read and a
+  write of the output forward and of its gradient backward; the gradient of
+  relu6 is `relu6`'s (1 where 0 < z < 6, else 0), read off the output z.
+
+  Args:
+    x: [B, H, W, C]; kernel: [3, 3, C]; bias: [C].
+
+  Returns:
+    [B, ceil(H/stride), ceil(W/stride), C]. Non-float32 dtypes take the XLA
+    ops (`depthwise_conv3x3`, then the bias and `relu6`).
+  """
+  c = x.shape[-1]
+  if kernel.shape != (3, 3, c) or bias.shape != (c,):
+    raise ValueError(f"kernel {kernel.shape} / bias {bias.shape} != (3, 3, {c}) / ({c},)")
+  dtype = jnp.result_type(x, kernel, bias)
+  if not _native_applies(dtype, stride):
+    y = depthwise_conv3x3(x, kernel, stride) + bias.astype(dtype)
+    return relu6(y) if activation else y
+  return _depthwise_native(x.astype(dtype), kernel.astype(dtype), bias.astype(dtype),
+                           int(stride), bool(activation))
 
 
 def grouped_depthwise_conv3x3(x: jax.Array, kernel: jax.Array, stride: int = 1) -> jax.Array:
@@ -394,8 +429,7 @@ class ConvBN(nn.Module):
   def __call__(self, x, train: bool):
     dtypes = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     if self.fold_bn and self.norm == "batch" and not train:
-      x = self._folded(x)
-      return relu6(x) if self.activation else x
+      return self._folded(x)
     if self.kind == "pointwise":
       kernel = _Kernel((x.shape[-1], self.features), _conv_init, self.param_dtype,
                        name="conv")()
@@ -419,10 +453,11 @@ class ConvBN(nn.Module):
     return relu6(x) if self.activation else x
 
   def _folded(self, x):
-    """Frozen BatchNorm folded into the convolution: one pass over the
-    activations instead of two, forward and backward; the parameters are the
-    unfolded layer's (same tree), and scale / bias still get gradients
-    through the folded weights."""
+    """Frozen BatchNorm folded into the convolution (then the activation):
+    one pass over the activations instead of two, forward and backward; the
+    parameters are the unfolded layer's (same tree), and scale / bias still
+    get gradients through the folded weights. With the native depthwise
+    kernel the bias and relu6 run in the convolution's own pass."""
     c_in = x.shape[-1]
     out = c_in if self.kind == "depthwise" else self.features
     if self.kind == "pointwise":
@@ -440,11 +475,16 @@ class ConvBN(nn.Module):
     if self.kind == "pointwise":
       y = pointwise(x, kernel)
     elif self.kind == "depthwise":
-      y = _DEPTHWISE_CONV[resolve_depthwise(self.depthwise)](x, kernel, self.stride)
+      impl = resolve_depthwise(self.depthwise)
+      if impl == "native":     # the bias and activation in the same pass
+        return native_depthwise_bias_relu6(x, kernel, add.astype(self.dtype), self.stride,
+                                           self.activation)
+      y = _DEPTHWISE_CONV[impl](x, kernel, self.stride)
     else:
       y = lax.conv_general_dilated(x, kernel, (self.stride, self.stride), "SAME",
                                    dimension_numbers=("NHWC", "HWIO", "NHWC"))
-    return y + add.astype(y.dtype)
+    y = y + add.astype(y.dtype)
+    return relu6(y) if self.activation else y
 
 
 class InvertedResidual(nn.Module):

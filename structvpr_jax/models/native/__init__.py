@@ -139,19 +139,25 @@ def _same_out(size: int, stride: int) -> int:
   return -(-size // stride)
 
 
-def depthwise_forward(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
-  """y = depthwise 3x3 'SAME' conv of x [B, H, W, C] float32 with kernel
-  [3, 3, C] float32; [B, ceil(H/s), ceil(W/s), C]. Requires `load()`."""
+def depthwise_forward(x: jax.Array, kernel: jax.Array, bias: jax.Array, stride: int,
+                      relu6: bool) -> jax.Array:
+  """z = act(depthwise(x, kernel) + bias): the 3x3 'SAME' depthwise
+  convolution of x [B, H, W, C] float32 with kernel [3, 3, C] float32, plus
+  bias [C] float32, then min(max(., 0), 6) when `relu6`; [B, ceil(H/s),
+  ceil(W/s), C]. Requires `load()`."""
   b, h, w, c = x.shape
   out = jax.ShapeDtypeStruct((b, _same_out(h, stride), _same_out(w, stride), c), x.dtype)
   return jax.ffi.ffi_call("structvpr_depthwise_forward", out, vmap_method="sequential")(
-      x, kernel, stride=np.int64(stride))
+      x, kernel, bias, stride=np.int64(stride), relu6=np.int64(bool(relu6)))
 
 
-def depthwise_backward(x: jax.Array, kernel: jax.Array, dy: jax.Array,
-                       stride: int) -> tuple[jax.Array, jax.Array]:
-  """(dx [B, H, W, C], dkernel [3, 3, C]) of `depthwise_forward` at (x,
-  kernel) for the output cotangent dy. Requires `load()`."""
-  shapes = (jax.ShapeDtypeStruct(x.shape, x.dtype), jax.ShapeDtypeStruct(kernel.shape, kernel.dtype))
+def depthwise_backward(x: jax.Array, kernel: jax.Array, z: jax.Array, dz: jax.Array,
+                       stride: int, relu6: bool) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """(dx [B, H, W, C], dkernel [3, 3, C], dbias [C]) of `depthwise_forward`
+  at (x, kernel) for the output cotangent dz; z is its output (read only
+  when `relu6`: the activation passes dz where 0 < z < 6). Requires `load()`."""
+  shapes = (jax.ShapeDtypeStruct(x.shape, x.dtype),
+            jax.ShapeDtypeStruct(kernel.shape, kernel.dtype),
+            jax.ShapeDtypeStruct(kernel.shape[-1:], kernel.dtype))
   return jax.ffi.ffi_call("structvpr_depthwise_backward", shapes, vmap_method="sequential")(
-      x, kernel, dy, stride=np.int64(stride))
+      x, kernel, z, dz, stride=np.int64(stride), relu6=np.int64(bool(relu6)))

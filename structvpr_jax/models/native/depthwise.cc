@@ -8,10 +8,17 @@
 // one pass over its channels, kept in registers across the 9 taps, and the
 // work is split over rows on XLA's own intra-op thread pool.
 //
-// Semantics (the same as lax.conv_general_dilated(x, k[:, :, None, :],
-// (s, s), "SAME", feature_group_count=C)):
-//   y[b, p, q, c] = sum_{i, j} x[b, p*s + i - top, q*s + j - left, c] * k[i, j, c]
-// with out-of-range x read as 0 and (top, left) XLA's SAME padding.
+// Semantics (the convolution as lax.conv_general_dilated(x, k[:, :, None, :],
+// (s, s), "SAME", feature_group_count=C), then a per-channel bias and, when
+// `relu6` is set, min(max(., 0), 6)):
+//   y[b, p, q, c] = sum_{i, j} x[b, p*s + i - top, q*s + j - left, c] * k[i, j, c] + bias[c]
+//   z = relu6 ? min(max(y, 0), 6) : y
+// with out-of-range x read as 0 and (top, left) XLA's SAME padding. The
+// bias and the activation are where MobileNetV2 with frozen, folded
+// BatchNorm puts them; fusing them saves a read and a write of the output
+// forward, and of its gradient backward. The backward takes z itself: the
+// activation's derivative is 1 where 0 < z < 6 and 0 elsewhere (PyTorch's
+// ReLU6), and z is kept anyway as the next layer's input.
 //
 // Built on first use by structvpr_jax/models/native/__init__.py (g++ -O3
 // -march=native); never required: the XLA implementation is the fallback.
@@ -103,20 +110,58 @@ constexpr int64_t kLanes = 16;
 inline Vec16 Load(const float* p) { return *reinterpret_cast<const Vec16*>(p); }
 inline void Store(float* p, Vec16 v) { *reinterpret_cast<Vec16*>(p) = v; }
 
-// out[0:n] = sum over taps t < count of rows[t][0:n] * taps[t][0:n],
-// accumulated in registers in tap order, 64 channels at a time.
-inline void DotTaps(float* __restrict out, const float* const* rows, const float* const* taps,
-                    int count, int64_t n) {
+// The cotangent the convolution sees: dz where the activation passed it
+// (0 < z < 6), else 0; with kMasked false, dz itself.
+template <bool kMasked>
+inline Vec16 Cotangent(const float* dz, const float* z) {
+  if constexpr (kMasked) {
+    const Vec16 v = Load(z), zero = {};
+    return (v > 0.0f) & (v < 6.0f) ? Load(dz) : zero;
+  } else {
+    return Load(dz);
+  }
+}
+
+template <bool kMasked>
+inline float Cotangent(float dz, float z) {
+  if constexpr (kMasked) return (z > 0.0f && z < 6.0f) ? dz : 0.0f;
+  return dz;
+}
+
+inline Vec16 Relu6(Vec16 v) {
+  const Vec16 zero = {}, six = zero + 6.0f;
+  v = v < zero ? zero : v;
+  return v > six ? six : v;
+}
+
+inline float Relu6(float v) { return v < 0.0f ? 0.0f : (v > 6.0f ? 6.0f : v); }
+
+// Forward of one pixel: out[0:n] = act(sum over taps t < count of
+// x[rows[t] + 0:n] * taps[t][0:n] + bias[0:n]), accumulated in registers
+// in tap order, 64 channels at a time.
+template <bool kRelu6>
+inline void ForwardPixel(float* __restrict out, const float* x, const int64_t* rows,
+                         const float* const* taps, int count, const float* bias, int64_t n) {
   int64_t c = 0;
   for (; c + 4 * kLanes <= n; c += 4 * kLanes) {
     Vec16 a0 = {}, a1 = {}, a2 = {}, a3 = {};
     for (int t = 0; t < count; ++t) {
-      const float* r = rows[t] + c;
+      const float* r = x + rows[t] + c;
       const float* k = taps[t] + c;
       a0 += Load(r) * Load(k);
       a1 += Load(r + kLanes) * Load(k + kLanes);
       a2 += Load(r + 2 * kLanes) * Load(k + 2 * kLanes);
       a3 += Load(r + 3 * kLanes) * Load(k + 3 * kLanes);
+    }
+    a0 += Load(bias + c);
+    a1 += Load(bias + c + kLanes);
+    a2 += Load(bias + c + 2 * kLanes);
+    a3 += Load(bias + c + 3 * kLanes);
+    if constexpr (kRelu6) {
+      a0 = Relu6(a0);
+      a1 = Relu6(a1);
+      a2 = Relu6(a2);
+      a3 = Relu6(a3);
     }
     Store(out + c, a0);
     Store(out + c + kLanes, a1);
@@ -125,49 +170,90 @@ inline void DotTaps(float* __restrict out, const float* const* rows, const float
   }
   for (; c + kLanes <= n; c += kLanes) {
     Vec16 a = {};
-    for (int t = 0; t < count; ++t) a += Load(rows[t] + c) * Load(taps[t] + c);
+    for (int t = 0; t < count; ++t) a += Load(x + rows[t] + c) * Load(taps[t] + c);
+    a += Load(bias + c);
+    if constexpr (kRelu6) a = Relu6(a);
     Store(out + c, a);
   }
   for (; c < n; ++c) {
     float a = 0.0f;
-    for (int t = 0; t < count; ++t) a += rows[t][c] * taps[t][c];
+    for (int t = 0; t < count; ++t) a += x[rows[t] + c] * taps[t][c];
+    a += bias[c];
+    if constexpr (kRelu6) a = Relu6(a);
     out[c] = a;
   }
 }
 
 // Forward: one unit = one output row (b, p).
-void ForwardRows(const Geometry& g, const float* x, const float* k, float* y, int64_t begin,
-                 int64_t end) {
-  const float* rows[9];
+template <bool kRelu6>
+void ForwardRows(const Geometry& g, const float* x, const float* k, const float* bias, float* z,
+                 int64_t begin, int64_t end) {
+  int64_t rows[9];
   const float* taps[9];
   for (int64_t unit = begin; unit < end; ++unit) {
     const int64_t b = unit / g.ho, p = unit % g.ho;
-    float* yrow = y + unit * g.wo * g.c;
+    float* zrow = z + unit * g.wo * g.c;
     for (int64_t q = 0; q < g.wo; ++q) {
       int count = 0;
       for (int64_t i = 0; i < 3; ++i) {
         const int64_t r = p * g.stride + i - g.top;
         if (r < 0 || r >= g.h) continue;
-        const float* xrow = x + ((b * g.h + r) * g.w) * g.c;
         for (int64_t j = 0; j < 3; ++j) {
           const int64_t s = q * g.stride + j - g.left;
           if (s < 0 || s >= g.w) continue;
-          rows[count] = xrow + s * g.c;
+          rows[count] = ((b * g.h + r) * g.w + s) * g.c;
           taps[count] = k + (i * 3 + j) * g.c;
           ++count;
         }
       }
-      DotTaps(yrow + q * g.c, rows, taps, count, g.c);
+      ForwardPixel<kRelu6>(zrow + q * g.c, x, rows, taps, count, bias, g.c);
     }
+  }
+}
+
+// One pixel of the input gradient: out[0:n] = sum over taps t < count of
+// cot(rows[t] + 0:n) * taps[t][0:n] (cot: `Cotangent`).
+template <bool kMasked>
+inline void InputGradientPixel(float* __restrict out, const float* dz, const float* z,
+                               const int64_t* rows, const float* const* taps, int count,
+                               int64_t n) {
+  int64_t c = 0;
+  for (; c + 4 * kLanes <= n; c += 4 * kLanes) {
+    Vec16 a0 = {}, a1 = {}, a2 = {}, a3 = {};
+    for (int t = 0; t < count; ++t) {
+      const int64_t o = rows[t] + c;
+      const float* k = taps[t] + c;
+      a0 += Cotangent<kMasked>(dz + o, z + o) * Load(k);
+      a1 += Cotangent<kMasked>(dz + o + kLanes, z + o + kLanes) * Load(k + kLanes);
+      a2 += Cotangent<kMasked>(dz + o + 2 * kLanes, z + o + 2 * kLanes) * Load(k + 2 * kLanes);
+      a3 += Cotangent<kMasked>(dz + o + 3 * kLanes, z + o + 3 * kLanes) * Load(k + 3 * kLanes);
+    }
+    Store(out + c, a0);
+    Store(out + c + kLanes, a1);
+    Store(out + c + 2 * kLanes, a2);
+    Store(out + c + 3 * kLanes, a3);
+  }
+  for (; c + kLanes <= n; c += kLanes) {
+    Vec16 a = {};
+    for (int t = 0; t < count; ++t)
+      a += Cotangent<kMasked>(dz + rows[t] + c, z + rows[t] + c) * Load(taps[t] + c);
+    Store(out + c, a);
+  }
+  for (; c < n; ++c) {
+    float a = 0.0f;
+    for (int t = 0; t < count; ++t)
+      a += Cotangent<kMasked>(dz[rows[t] + c], z[rows[t] + c]) * taps[t][c];
+    out[c] = a;
   }
 }
 
 // Input gradient: one unit = one input row (b, r).
 //   dx[b, r, s, c] = sum over (i, j) with r = p*stride + i - top and
-//   s = q*stride + j - left of dy[b, p, q, c] * k[i, j, c].
-void InputGradientRows(const Geometry& g, const float* dy, const float* k, float* dx,
-                       int64_t begin, int64_t end) {
-  const float* rows[9];
+//   s = q*stride + j - left of cot[b, p, q, c] * k[i, j, c].
+template <bool kMasked>
+void InputGradientRows(const Geometry& g, const float* dz, const float* z, const float* k,
+                       float* dx, int64_t begin, int64_t end) {
+  int64_t rows[9];
   const float* taps[9];
   for (int64_t unit = begin; unit < end; ++unit) {
     const int64_t b = unit / g.h, r = unit % g.h;
@@ -180,32 +266,52 @@ void InputGradientRows(const Geometry& g, const float* dy, const float* k, float
         if (pn < 0 || pn % g.stride) continue;
         const int64_t p = pn / g.stride;
         if (p >= g.ho) continue;
-        const float* dyrow = dy + ((b * g.ho + p) * g.wo) * g.c;
         for (int64_t j = 2; j >= 0; --j) {
           const int64_t qn = s + g.left - j;
           if (qn < 0 || qn % g.stride) continue;
           const int64_t q = qn / g.stride;
           if (q >= g.wo) continue;
-          rows[count] = dyrow + q * g.c;
+          rows[count] = ((b * g.ho + p) * g.wo + q) * g.c;
           taps[count] = k + (i * 3 + j) * g.c;
           ++count;
         }
       }
-      DotTaps(dxrow + s * g.c, rows, taps, count, g.c);
+      InputGradientPixel<kMasked>(dxrow + s * g.c, dz, z, rows, taps, count, g.c);
     }
   }
 }
 
-// Kernel gradient, partial over output rows [begin, end):
-//   acc[i, j, c] += sum_{(b, p) in rows, q} x[b, p*s + i - top, q*s + j - left, c] * dy[b, p, q, c]
-// Each row's sum is formed in registers and then added to `acc`, so the
+// Kernel and bias gradients, partial over output rows [begin, end):
+//   acc[i, j, c] += sum_{(b, p) in rows, q} x[b, p*s + i - top, q*s + j - left, c] * cot[b, p, q, c]
+//   acc[9, c]    += sum_{(b, p) in rows, q} cot[b, p, q, c]
+// Each row's sums are formed in registers and then added to `acc`, so the
 // float32 accumulation error grows with rows, not pixels.
-void KernelGradientRows(const Geometry& g, const float* x, const float* dy, float* acc,
-                        int64_t begin, int64_t end) {
+template <bool kMasked>
+void KernelGradientRows(const Geometry& g, const float* x, const float* dz, const float* z,
+                        float* acc, int64_t begin, int64_t end) {
   const int64_t n = g.c;
   for (int64_t unit = begin; unit < end; ++unit) {
     const int64_t b = unit / g.ho, p = unit % g.ho;
-    const float* dyrow = dy + unit * g.wo * n;
+    const int64_t row = unit * g.wo * n;
+    const float* dzrow = dz + row;
+    const float* zrow = z + row;
+    // bias: the row sum of the cotangent
+    {
+      float* out = acc + 9 * n;
+      int64_t c = 0;
+      for (; c + kLanes <= n; c += kLanes) {
+        Vec16 a = {};
+        for (int64_t q = 0; q < g.wo; ++q)
+          a += Cotangent<kMasked>(dzrow + q * n + c, zrow + q * n + c);
+        Store(out + c, Load(out + c) + a);
+      }
+      for (; c < n; ++c) {
+        float a = 0.0f;
+        for (int64_t q = 0; q < g.wo; ++q)
+          a += Cotangent<kMasked>(dzrow[q * n + c], zrow[q * n + c]);
+        out[c] += a;
+      }
+    }
     for (int64_t i = 0; i < 3; ++i) {
       const int64_t r = p * g.stride + i - g.top;
       if (r < 0 || r >= g.h) continue;
@@ -222,12 +328,14 @@ void KernelGradientRows(const Geometry& g, const float* x, const float* dy, floa
         for (; c + 4 * kLanes <= n; c += 4 * kLanes) {
           Vec16 a0 = {}, a1 = {}, a2 = {}, a3 = {};
           const float* xv = xrow + (q_lo * g.stride + shift) * n + c;
-          const float* gv = dyrow + q_lo * n + c;
-          for (int64_t q = q_lo; q < q_hi; ++q, xv += xstep, gv += n) {
-            a0 += Load(xv) * Load(gv);
-            a1 += Load(xv + kLanes) * Load(gv + kLanes);
-            a2 += Load(xv + 2 * kLanes) * Load(gv + 2 * kLanes);
-            a3 += Load(xv + 3 * kLanes) * Load(gv + 3 * kLanes);
+          int64_t o = q_lo * n + c;
+          for (int64_t q = q_lo; q < q_hi; ++q, xv += xstep, o += n) {
+            a0 += Load(xv) * Cotangent<kMasked>(dzrow + o, zrow + o);
+            a1 += Load(xv + kLanes) * Cotangent<kMasked>(dzrow + o + kLanes, zrow + o + kLanes);
+            a2 += Load(xv + 2 * kLanes) *
+                  Cotangent<kMasked>(dzrow + o + 2 * kLanes, zrow + o + 2 * kLanes);
+            a3 += Load(xv + 3 * kLanes) *
+                  Cotangent<kMasked>(dzrow + o + 3 * kLanes, zrow + o + 3 * kLanes);
           }
           Store(out + c, Load(out + c) + a0);
           Store(out + c + kLanes, Load(out + c + kLanes) + a1);
@@ -237,15 +345,17 @@ void KernelGradientRows(const Geometry& g, const float* x, const float* dy, floa
         for (; c + kLanes <= n; c += kLanes) {
           Vec16 a = {};
           const float* xv = xrow + (q_lo * g.stride + shift) * n + c;
-          const float* gv = dyrow + q_lo * n + c;
-          for (int64_t q = q_lo; q < q_hi; ++q, xv += xstep, gv += n) a += Load(xv) * Load(gv);
+          int64_t o = q_lo * n + c;
+          for (int64_t q = q_lo; q < q_hi; ++q, xv += xstep, o += n)
+            a += Load(xv) * Cotangent<kMasked>(dzrow + o, zrow + o);
           Store(out + c, Load(out + c) + a);
         }
         for (; c < n; ++c) {
           float a = 0.0f;
           const float* xv = xrow + (q_lo * g.stride + shift) * n + c;
-          const float* gv = dyrow + q_lo * n + c;
-          for (int64_t q = q_lo; q < q_hi; ++q, xv += xstep, gv += n) a += *xv * *gv;
+          int64_t o = q_lo * n + c;
+          for (int64_t q = q_lo; q < q_hi; ++q, xv += xstep, o += n)
+            a += *xv * Cotangent<kMasked>(dzrow[o], zrow[o]);
           out[c] += a;
         }
       }
@@ -264,61 +374,92 @@ int64_t Grain(int64_t units, int64_t helpers) {
 constexpr int64_t kKernelGradientChunks = 32;
 
 ffi::Error CheckShapes(const ffi::Span<const int64_t>& x, const ffi::Span<const int64_t>& k,
-                       int64_t stride) {
+                       const ffi::Span<const int64_t>& bias, int64_t stride) {
   if (x.size() != 4) return ffi::Error::InvalidArgument("depthwise: x must be [B, H, W, C]");
   if (k.size() != 3 || k[0] != 3 || k[1] != 3 || k[2] != x[3])
     return ffi::Error::InvalidArgument("depthwise: kernel must be [3, 3, C]");
+  if (bias.size() != 1 || bias[0] != x[3])
+    return ffi::Error::InvalidArgument("depthwise: bias must be [C]");
   if (stride != 1 && stride != 2)
     return ffi::Error::InvalidArgument("depthwise: stride must be 1 or 2");
   return ffi::Error::Success();
 }
 
+bool SameShape(const ffi::Span<const int64_t>& d, const Geometry& g) {
+  return d.size() == 4 && d[0] == g.batch && d[1] == g.ho && d[2] == g.wo && d[3] == g.c;
+}
+
+// z = act(depthwise(x, kernel) + bias)
 ffi::Error DepthwiseForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
-                            ffi::Buffer<ffi::F32> kernel, ffi::ResultBuffer<ffi::F32> y,
-                            int64_t stride) {
-  if (auto e = CheckShapes(x.dimensions(), kernel.dimensions(), stride); e.failure()) return e;
+                            ffi::Buffer<ffi::F32> kernel, ffi::Buffer<ffi::F32> bias,
+                            ffi::ResultBuffer<ffi::F32> z, int64_t stride, int64_t relu6) {
+  if (auto e = CheckShapes(x.dimensions(), kernel.dimensions(), bias.dimensions(), stride);
+      e.failure())
+    return e;
   const Geometry g = MakeGeometry(x.dimensions(), stride);
+  if (!SameShape(z->dimensions(), g))
+    return ffi::Error::InvalidArgument("depthwise: output has the wrong shape");
   const float* xp = x.typed_data();
   const float* kp = kernel.typed_data();
-  float* yp = y->typed_data();
+  const float* bp = bias.typed_data();
+  float* zp = z->typed_data();
   const int64_t units = g.batch * g.ho;
   const int64_t helpers = Helpers(pool);
   ParallelFor(pool, units, Grain(units, helpers), helpers, [&](int64_t begin, int64_t end) {
-                ForwardRows(g, xp, kp, yp, begin, end);
-              });
+    if (relu6)
+      ForwardRows<true>(g, xp, kp, bp, zp, begin, end);
+    else
+      ForwardRows<false>(g, xp, kp, bp, zp, begin, end);
+  });
   return ffi::Error::Success();
 }
 
+// (dx, dkernel, dbias) of DepthwiseForward for the output cotangent dz; z is
+// the forward's output (read only with relu6, for the activation's mask).
 ffi::Error DepthwiseBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
-                             ffi::Buffer<ffi::F32> kernel, ffi::Buffer<ffi::F32> dy,
-                             ffi::ResultBuffer<ffi::F32> dx, ffi::ResultBuffer<ffi::F32> dk,
-                             int64_t stride) {
-  if (auto e = CheckShapes(x.dimensions(), kernel.dimensions(), stride); e.failure()) return e;
+                             ffi::Buffer<ffi::F32> kernel, ffi::Buffer<ffi::F32> z,
+                             ffi::Buffer<ffi::F32> dz, ffi::ResultBuffer<ffi::F32> dx,
+                             ffi::ResultBuffer<ffi::F32> dk, ffi::ResultBuffer<ffi::F32> dbias,
+                             int64_t stride, int64_t relu6) {
+  if (auto e = CheckShapes(x.dimensions(), kernel.dimensions(), dbias->dimensions(), stride);
+      e.failure())
+    return e;
   const Geometry g = MakeGeometry(x.dimensions(), stride);
-  const auto dyd = dy.dimensions();
-  if (dyd.size() != 4 || dyd[0] != g.batch || dyd[1] != g.ho || dyd[2] != g.wo || dyd[3] != g.c)
-    return ffi::Error::InvalidArgument("depthwise: dy has the wrong shape");
+  if (!SameShape(dz.dimensions(), g) || !SameShape(z.dimensions(), g))
+    return ffi::Error::InvalidArgument("depthwise: z or dz has the wrong shape");
   const float* xp = x.typed_data();
   const float* kp = kernel.typed_data();
-  const float* gp = dy.typed_data();
+  const float* zp = z.typed_data();
+  const float* gp = dz.typed_data();
   const int64_t helpers = Helpers(pool);
 
+  // Kernel and bias gradients: per-chunk partial sums [10, C], then their
+  // sum in chunk order.
+  const int64_t n = 10 * g.c;
   const int64_t out_rows = g.batch * g.ho;
   const int64_t grain = (out_rows + kKernelGradientChunks - 1) / kKernelGradientChunks;
   const int64_t chunks = (out_rows + grain - 1) / grain;
-  std::vector<float> partial(chunks * 9 * g.c, 0.0f);
+  std::vector<float> partial(chunks * n, 0.0f);
   ParallelFor(pool, out_rows, grain, helpers, [&](int64_t begin, int64_t end) {
-    KernelGradientRows(g, xp, gp, partial.data() + (begin / grain) * 9 * g.c, begin, end);
+    float* acc = partial.data() + (begin / grain) * n;
+    if (relu6)
+      KernelGradientRows<true>(g, xp, gp, zp, acc, begin, end);
+    else
+      KernelGradientRows<false>(g, xp, gp, zp, acc, begin, end);
   });
-  float* dkp = dk->typed_data();
-  std::fill(dkp, dkp + 9 * g.c, 0.0f);
+  std::vector<float> total(n, 0.0f);
   for (int64_t chunk = 0; chunk < chunks; ++chunk)
-    for (int64_t v = 0; v < 9 * g.c; ++v) dkp[v] += partial[chunk * 9 * g.c + v];
+    for (int64_t v = 0; v < n; ++v) total[v] += partial[chunk * n + v];
+  std::copy(total.begin(), total.begin() + 9 * g.c, dk->typed_data());
+  std::copy(total.begin() + 9 * g.c, total.end(), dbias->typed_data());
 
   float* dxp = dx->typed_data();
   const int64_t in_rows = g.batch * g.h;
   ParallelFor(pool, in_rows, Grain(in_rows, helpers), helpers, [&](int64_t begin, int64_t end) {
-    InputGradientRows(g, gp, kp, dxp, begin, end);
+    if (relu6)
+      InputGradientRows<true>(g, gp, zp, kp, dxp, begin, end);
+    else
+      InputGradientRows<false>(g, gp, zp, kp, dxp, begin, end);
   });
   return ffi::Error::Success();
 }
@@ -328,17 +469,22 @@ ffi::Error DepthwiseBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(StructvprDepthwiseForward, DepthwiseForward,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("stride"));
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // x [B, H, W, C]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // kernel [3, 3, C]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // bias [C]
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // z [B, Ho, Wo, C]
+                                  .Attr<int64_t>("stride")
+                                  .Attr<int64_t>("relu6"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(StructvprDepthwiseBackward, DepthwiseBackward,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("stride"));
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // x
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // kernel
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // z (forward output)
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // dz
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // dx
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // dkernel
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // dbias
+                                  .Attr<int64_t>("stride")
+                                  .Attr<int64_t>("relu6"));
