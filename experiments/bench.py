@@ -64,11 +64,21 @@ Keys (stable; later versions add keys, never rename):
                           negatives) through the Grain stream with 1/2/4 threads,
                           from 960x540 Gardens Point JPEGs (decode + resize) or
                           from pre-resized ArrayRecord files (data/records.py)
-  forward_224_fold_bn_img_s, train_step_224_frozen_fold_bn_img_s   RGB branch with
-                          model.fold_bn (frozen BN folded into the convolutions)
+                          Every JAX model figure is of the model the pipeline runs
+                          by default (configs/base.py: model.fold_bn=True,
+                          model.depthwise="auto", i.e. the native kernels on the
+                          CPU); the levers below depart from it one at a time:
+  forward_224_unfolded_img_s, train_step_224_frozen_unfolded_img_s   model.fold_bn=False
+                          (frozen BN as a separate affine pass)
+  forward_224_shifted_img_s, train_step_224_frozen_shifted_img_s   model.depthwise=
+                          "shifted" (XLA's 9 shifted multiply-adds instead of the
+                          native C++ depthwise kernels)
   train_step_224_frozen_from14_img_s   the frozen-BN step with train.trainable_from=14
-                          (stem and blocks 0-13 get no gradient); both sets also
+                          (stem and blocks 0-13 get no gradient); all also
                           *_nohuge and *_compile_s, measured in the RGB workers
+                          (before 2026-12-02 the main figures were unfolded, and
+                          forward_224_fold_bn_* / train_step_224_frozen_fold_bn_*
+                          measured folding)
   round_min_max           {key: [min, max]} over the rounds of every measured key
                           (the spread behind the median; JAX-only keys: one round)
   records_export_img_s    the one-off records export of those images at 480x640
@@ -133,6 +143,11 @@ def image_sizes(quick: bool) -> dict:
           "480x640": (96, 128) if quick else (480, 640)}
 
 
+# The model fields the pipeline runs with by default (configs/base.py's
+# model.*; tests/test_bench.py checks they agree).
+PIPELINE_MODEL = {"fold_bn": True, "depthwise": "auto"}
+
+
 def make_spec(branch: str, hw, quick: bool, *, dim: int, num_clusters: int) -> dict:
   """A models/spec.py spec: "rgb" (MobileNetV2 on [-1, 1] RGB) or "seg" (light
   MobileNet on SLME label maps); --quick: width 0.35 and two blocks."""
@@ -140,7 +155,8 @@ def make_spec(branch: str, hw, quick: bool, *, dim: int, num_clusters: int) -> d
           "backbone": "mobilenet_v2" if branch == "rgb" else "mobilenet_light",
           "width": 0.35 if quick else 1.0, "dim": dim, "num_clusters": num_clusters,
           "blocks": QUICK_BLOCKS if quick else None, "slme": "slme",
-          "normalization": "tflite", "image_size": list(hw), "init": ""}
+          "normalization": "tflite", "image_size": list(hw), "init": "",
+          **PIPELINE_MODEL}
 
 
 def random_inputs(spec: dict, shape: tuple, seed: int):
@@ -240,16 +256,20 @@ def branch_figures(spec: dict, mesh, quick: bool, repeats: int, prefix: str = ""
 
 
 # JAX-only levers of the RGB branch at 224 (issue 18), measured in the same
-# fresh RGB workers as the paired figures: key suffix -> (spec changes,
-# trainable_from). "fold_bn": frozen BatchNorm folded into the convolutions
-# (model.fold_bn); "from14": train.trainable_from=14 (blocks 14-16 and the
-# head train, the usual VPR fine-tuning of the last blocks; --quick: from 1).
-LEVERS = {"fold_bn": ({"fold_bn": True}, 0), "from14": ({}, 14)}
+# fresh RGB workers as the paired figures, each one departure from the
+# pipeline's model: key suffix -> (spec changes, trainable_from).
+# "unfolded": frozen BatchNorm as its own affine pass (model.fold_bn=False);
+# "shifted": XLA's depthwise instead of the native kernels
+# (model.depthwise="shifted"); "from14": train.trainable_from=14 (blocks
+# 14-16 and the head train, the usual VPR fine-tuning of the last blocks;
+# --quick: from 1).
+LEVERS = {"unfolded": ({"fold_bn": False}, 0), "shifted": ({"depthwise": "shifted"}, 0),
+          "from14": ({}, 14)}
 
 
 def lever_figures(spec: dict, mesh, quick: bool, repeats: int) -> dict:
-  """`forward_224_fold_bn_*`, `train_step_224_frozen_fold_bn_*` and
-  `train_step_224_frozen_from14_*` ({img_s, compile_s})."""
+  """`forward_224_<lever>_*` (levers that change the model) and
+  `train_step_224_frozen_<lever>_*` ({img_s, compile_s})."""
   from structvpr_jax import parallel
   from structvpr_jax.models import spec as model_spec
   variables = model_spec.init_variables(spec, seed=0)
@@ -281,9 +301,12 @@ def rgb_worker(quick: bool, repeats: int) -> dict:
                    num_clusters=8 if quick else 64)
   figures = branch_figures(spec, mesh, quick, repeats)
   figures.update(lever_figures(spec, mesh, quick, repeats))
+  from structvpr_jax.models import mobilenet, native
   return {"figures": figures,
           "info": {"jax": jax.__version__, "devices": [str(d) for d in jax.devices()],
-                   "descriptor_dim": model_spec.build_model(spec).descriptor_dim}}
+                   "descriptor_dim": model_spec.build_model(spec).descriptor_dim,
+                   "depthwise_resolved": mobilenet.resolve_depthwise(spec["depthwise"]),
+                   "native_kernels": native.status()}}
 
 
 def bench_partition(repeats: int, nq: int = 1000, ndb: int = 10000, dim: int = 4096) -> dict:
@@ -578,9 +601,14 @@ def markdown_table(b: dict) -> str:
       paired("RGB train step, 4 triplets at 224, BN batch statistics", "train_step_224"),
       paired("RGB train step, 4 triplets at 224, frozen BN (the pipeline's mode)",
              "train_step_224_frozen", bound=1.5),
-      levers("RGB forward 16x224x224, model.fold_bn", "forward_224_fold_bn", "forward_224"),
-      levers("RGB train step at 224, frozen BN, model.fold_bn", "train_step_224_frozen_fold_bn",
-             "train_step_224_frozen"),
+      levers("RGB forward 16x224x224, model.fold_bn=False", "forward_224_unfolded",
+             "forward_224"),
+      levers("RGB train step at 224, frozen BN, model.fold_bn=False",
+             "train_step_224_frozen_unfolded", "train_step_224_frozen"),
+      levers("RGB forward 16x224x224, model.depthwise=shifted (XLA)", "forward_224_shifted",
+             "forward_224"),
+      levers("RGB train step at 224, frozen BN, model.depthwise=shifted (XLA)",
+             "train_step_224_frozen_shifted", "train_step_224_frozen"),
       levers("RGB train step at 224, frozen BN, train.trainable_from=14 (torch: all blocks)",
              "train_step_224_frozen_from14", "train_step_224_frozen"),
       paired("RGB train step, 2 triplets at 480x640, BN batch statistics",

@@ -20,7 +20,8 @@ import bench  # noqa: E402
 # Figures the RGB and PyTorch workers measure under both allocator settings.
 PAIRED_JAX = [f"{name}{s}_{unit}" for name in bench.PAIRED for s in ("", "_nohuge")
               for unit in ("img_s", "compile_s")]
-LEVER_KEYS = [f"{name}{s}_{unit}" for name in ("forward_224_fold_bn", "train_step_224_frozen_fold_bn",
+LEVER_KEYS = [f"{name}{s}_{unit}" for name in ("forward_224_unfolded", "train_step_224_frozen_unfolded",
+                                               "forward_224_shifted", "train_step_224_frozen_shifted",
                                                "train_step_224_frozen_from14")
               for s in ("", "_nohuge") for unit in ("img_s", "compile_s")]
 JAX_KEYS = PAIRED_JAX + LEVER_KEYS + [
@@ -64,7 +65,9 @@ def test_quick_bench_prints_every_key(tmp_path):
   assert "glibc.malloc.hugetlb" not in settings["nohuge"]
   assert printed["glibc_tunables"] == settings["hugepages"]
   assert printed["rounds"] == 1 and printed["repeats"] == 1
-  for key in ("forward_224_img_s", "train_step_224_frozen_fold_bn_img_s"):
+  # the figures are of the model the pipeline runs: native depthwise here
+  assert printed["depthwise_resolved"] == "native" and printed["native_kernels"]["ok"]
+  for key in ("forward_224_img_s", "train_step_224_frozen_shifted_img_s"):
     low, high = printed["round_min_max"][key]
     assert low * (1 - 1e-6) <= printed[key] <= high * (1 + 1e-6), key   # printed rounded
   # The README table of this result: every figure filled in.
@@ -146,3 +149,12 @@ def test_readme_performance_table_is_generated_from_the_saved_result():
   assert table.count("\n") >= 10 and re.search(r"\b(met|missed)\b", table)
   with open(os.path.join(REPO, "README.md")) as f:
     assert table in f.read()
+
+
+def test_bench_measures_the_pipelines_default_model():
+  from configs import distill
+  model = distill.get_config().model
+  assert bench.PIPELINE_MODEL == {"fold_bn": model.fold_bn, "depthwise": model.depthwise}
+  spec = bench.make_spec("rgb", (224, 224), False, dim=0, num_clusters=64)
+  assert spec["fold_bn"] is True and spec["depthwise"] == "auto"
+

@@ -173,7 +173,10 @@ def depthwise_conv3x3(x: jax.Array, kernel: jax.Array, stride: int = 1) -> jax.A
   if kernel.shape != (3, 3, c):
     raise ValueError(f"kernel shape {kernel.shape} != (3, 3, {c})")
   dtype = jnp.result_type(x, kernel)
-  return _depthwise_shifted(x.astype(dtype), kernel.astype(dtype), int(stride))
+  # inside shard_map a replicated kernel is cast to per-device before the
+  # custom VJP, whose kernel gradient is per-device (its transpose sums it)
+  x, kernel = native.match_varying(x.astype(dtype), kernel.astype(dtype))
+  return _depthwise_shifted(x, kernel, int(stride))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
@@ -222,8 +225,9 @@ def native_depthwise_conv3x3(x: jax.Array, kernel: jax.Array, stride: int = 1) -
   dtype = jnp.result_type(x, kernel)
   if not _native_applies(dtype, stride):
     return depthwise_conv3x3(x, kernel, stride)
-  return _depthwise_native(x.astype(dtype), kernel.astype(dtype), jnp.zeros((c,), dtype),
-                           int(stride), False)
+  x, kernel, bias = native.match_varying(x.astype(dtype), kernel.astype(dtype),
+                                         jnp.zeros((c,), dtype))
+  return _depthwise_native(x, kernel, bias, int(stride), False)
 
 
 def native_depthwise_bias_relu6(x: jax.Array, kernel: jax.Array, bias: jax.Array,
@@ -248,8 +252,9 @@ def native_depthwise_bias_relu6(x: jax.Array, kernel: jax.Array, bias: jax.Array
   if not _native_applies(dtype, stride):
     y = depthwise_conv3x3(x, kernel, stride) + bias.astype(dtype)
     return relu6(y) if activation else y
-  return _depthwise_native(x.astype(dtype), kernel.astype(dtype), bias.astype(dtype),
-                           int(stride), bool(activation))
+  x, kernel, bias = native.match_varying(x.astype(dtype), kernel.astype(dtype),
+                                         bias.astype(dtype))
+  return _depthwise_native(x, kernel, bias, int(stride), bool(activation))
 
 
 def grouped_depthwise_conv3x3(x: jax.Array, kernel: jax.Array, stride: int = 1) -> jax.Array:

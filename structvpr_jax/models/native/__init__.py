@@ -135,6 +135,43 @@ def status() -> dict:
           "path": str(_state["path"]) if _state["path"] else None}
 
 
+def _varying_axes(a) -> frozenset:
+  """The manual mesh axes `a` varies over inside shard_map (empty outside)."""
+  t = jax.typeof(a)
+  if hasattr(t, "vma"):
+    return frozenset(t.vma)
+  mat = getattr(t, "mat", None)                      # jax 0.10: manual_axis_type
+  return frozenset(getattr(mat, "varying", ()) or ())
+
+
+def match_varying(*arrays):
+  """`arrays`, each marked varying over the union of their manual axes.
+
+  An FFI call's outputs carry the type its caller declares, so inside
+  shard_map every input must agree on the axes it varies over (and the
+  outputs get the same): a replicated kernel applied to a per-device batch
+  is cast to per-device first (`lax.pcast`; no data moves), and autodiff
+  turns that cast into the sum over devices its transpose is.
+  """
+  from jax import lax
+  axes = frozenset().union(*(_varying_axes(a) for a in arrays))
+  if not axes:
+    return arrays
+  out = []
+  for a in arrays:
+    missing = tuple(sorted(axes - _varying_axes(a)))
+    if missing:
+      a = (lax.pcast(a, missing, to="varying") if hasattr(lax, "pcast")
+           else lax.pvary(a, missing))
+    out.append(a)
+  return tuple(out)
+
+
+def _result(like, shape) -> "jax.core.ShapedArray":
+  """float32 result type of `shape` varying over the same mesh axes as `like`."""
+  return jax.typeof(like).update(shape=tuple(shape), dtype=np.dtype(np.float32))
+
+
 def _same_out(size: int, stride: int) -> int:
   return -(-size // stride)
 
@@ -144,9 +181,10 @@ def depthwise_forward(x: jax.Array, kernel: jax.Array, bias: jax.Array, stride: 
   """z = act(depthwise(x, kernel) + bias): the 3x3 'SAME' depthwise
   convolution of x [B, H, W, C] float32 with kernel [3, 3, C] float32, plus
   bias [C] float32, then min(max(., 0), 6) when `relu6`; [B, ceil(H/s),
-  ceil(W/s), C]. Requires `load()`."""
+  ceil(W/s), C]. Requires `load()`; inside shard_map the three must vary
+  over the same mesh axes (`match_varying`)."""
   b, h, w, c = x.shape
-  out = jax.ShapeDtypeStruct((b, _same_out(h, stride), _same_out(w, stride), c), x.dtype)
+  out = _result(x, (b, _same_out(h, stride), _same_out(w, stride), c))
   return jax.ffi.ffi_call("structvpr_depthwise_forward", out, vmap_method="sequential")(
       x, kernel, bias, stride=np.int64(stride), relu6=np.int64(bool(relu6)))
 
@@ -156,8 +194,6 @@ def depthwise_backward(x: jax.Array, kernel: jax.Array, z: jax.Array, dz: jax.Ar
   """(dx [B, H, W, C], dkernel [3, 3, C], dbias [C]) of `depthwise_forward`
   at (x, kernel) for the output cotangent dz; z is its output (read only
   when `relu6`: the activation passes dz where 0 < z < 6). Requires `load()`."""
-  shapes = (jax.ShapeDtypeStruct(x.shape, x.dtype),
-            jax.ShapeDtypeStruct(kernel.shape, kernel.dtype),
-            jax.ShapeDtypeStruct(kernel.shape[-1:], kernel.dtype))
+  shapes = (_result(x, x.shape), _result(x, kernel.shape), _result(x, kernel.shape[-1:]))
   return jax.ffi.ffi_call("structvpr_depthwise_backward", shapes, vmap_method="sequential")(
       x, kernel, z, dz, stride=np.int64(stride), relu6=np.int64(bool(relu6)))
