@@ -1,14 +1,18 @@
 """Where the RGB train step's time goes on XLA:CPU: a per-operation profile.
 
-  python experiments/profile_step.py [--fold-bn] [--size 224] [--steps 3] [--top 25]
-      [--out experiments/results/profile_step]
+  python experiments/profile_step.py [--unfolded] [--depthwise shifted] [--size 224]
+      [--steps 3] [--top 25] [--out experiments/results/profile_step]
 
 Builds the step `experiments/bench.py` times (train_lib.make_train_step,
-frozen BatchNorm, 4 triplets x (q, p, 1 negative) at 224, Adam, one device),
+frozen BatchNorm, 4 triplets x (q, p, 1 negative) at 224, Adam, one device)
+for the pipeline's default model (model.fold_bn, model.depthwise="auto": the
+native kernels on the CPU) or, with --unfolded / --depthwise, a departure
+from it,
 runs it 3 times to warm up, then `--steps` times under `jax.profiler.trace`
 (with a Perfetto trace), and joins every executed XLA operation of the trace
 with the compiled module's text (its fusion names and the `op_name` of the
-JAX code it came from). Prints and writes (<out>[_fold_bn].md / .json):
+JAX code it came from). Prints and writes (<out>[_unfolded][_<depthwise>].md
+/ .json):
   - milliseconds per step by (pass, layer kind): pass "bwd" when the JAX op
     is under `transpose(...)` (the backward pass, custom VJPs' rules
     included), else "fwd" (an operation XLA shares between the passes, e.g.
@@ -78,14 +82,14 @@ def trace_durations(trace_dir: str, names) -> collections.Counter:
   return total
 
 
-def profile(fold_bn: bool, size: int, steps: int) -> dict:
+def profile(fold_bn: bool, size: int, steps: int, depthwise: str = "auto") -> dict:
   import jax
   import bench
   from structvpr_jax import parallel, train_lib
   from structvpr_jax.models import spec as model_spec
   mesh = parallel.make_mesh(jax.devices()[:1])
   spec = dict(bench.make_spec("rgb", (size, size), False, dim=0, num_clusters=64),
-              fold_bn=fold_bn)
+              fold_bn=fold_bn, depthwise=depthwise)
   variables = model_spec.init_variables(spec, seed=0)
   tc = {"num_steps": 1000, "learning_rate": 1e-4, "warmup_steps": 0, "margin": 0.1,
         "grad_clip": 1.0, "batchnorm": "frozen", "trainable_from": 0}
@@ -109,7 +113,8 @@ def profile(fold_bn: bool, size: int, steps: int) -> dict:
   for name, us in per_op.items():
     by_kind["/".join(classify(meta[name][1]))] += us
   ms = lambda us: round(us / steps / 1000.0, 2)
-  return {"fold_bn": fold_bn, "size": size, "images_per_step": 3 * triplets, "steps": steps,
+  from structvpr_jax.models import mobilenet
+  return {"fold_bn": fold_bn, "depthwise": mobilenet.resolve_depthwise(depthwise), "size": size, "images_per_step": 3 * triplets, "steps": steps,
           "total_ms_per_step": ms(sum(per_op.values())),
           "by_pass_and_layer_ms": {k: ms(v) for k, v in by_kind.most_common()},
           "ops_ms": [{"name": n, "ms": ms(us), "shape": meta[n][0], "op_name": meta[n][1]}
@@ -118,7 +123,8 @@ def profile(fold_bn: bool, size: int, steps: int) -> dict:
 
 def markdown(res: dict, top: int, command: str) -> str:
   total = res["total_ms_per_step"]
-  lines = [f"# Profile of the RGB train step (frozen BN{', fold_bn' if res['fold_bn'] else ''}, "
+  model = ("fold_bn" if res["fold_bn"] else "unfolded") + f", {res.get('depthwise', '?')} depthwise"
+  lines = [f"# Profile of the RGB train step (frozen BN, {model}, "
            f"{res['images_per_step']} images at {res['size']})", "", f"`{command}`", "",
            f"Executed XLA operations: {total:.1f} ms per step.", "",
            "| pass / layer | ms per step | share |", "|---|---|---|"]
@@ -133,7 +139,11 @@ def markdown(res: dict, top: int, command: str) -> str:
 
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--fold-bn", action="store_true")
+  parser.add_argument("--unfolded", action="store_true",
+                      help="model.fold_bn=False (frozen BN as its own affine pass)")
+  parser.add_argument("--depthwise", default="auto",
+                      choices=("auto", "native", "shifted", "grouped"),
+                      help="model.depthwise (default auto: native on the CPU)")
   parser.add_argument("--size", type=int, default=224)
   parser.add_argument("--steps", type=int, default=3)
   parser.add_argument("--top", type=int, default=25)
@@ -141,9 +151,12 @@ def main(argv=None) -> int:
                                                     "profile_step"))
   args = parser.parse_args(argv)
   xla_flags.apply()
-  res = profile(args.fold_bn, args.size, args.steps)
-  out = args.out + ("_fold_bn" if args.fold_bn else "")
-  command = "python experiments/profile_step.py" + (" --fold-bn" if args.fold_bn else "")
+  res = profile(not args.unfolded, args.size, args.steps, args.depthwise)
+  suffix = ("_unfolded" if args.unfolded else "") + (
+      f"_{args.depthwise}" if args.depthwise != "auto" else "")
+  out = args.out + suffix
+  command = "python experiments/profile_step.py" + (" --unfolded" if args.unfolded else "") + (
+      f" --depthwise {args.depthwise}" if args.depthwise != "auto" else "")
   text = markdown(res, args.top, command)
   files.write_json(out + ".json", res)
   files.write_text(out + ".md", text)
