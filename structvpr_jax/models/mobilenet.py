@@ -257,6 +257,61 @@ def native_depthwise_bias_relu6(x: jax.Array, kernel: jax.Array, bias: jax.Array
   return _depthwise_native(x, kernel, bias, int(stride), bool(activation))
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _conv3x3_native(x, kernel, bias, stride: int, activation: bool):
+  return native.conv3x3_forward(x, kernel, bias, stride, activation)
+
+
+def _conv3x3_native_fwd(x, kernel, bias, stride, activation):
+  z = native.conv3x3_forward(x, kernel, bias, stride, activation)
+  return z, (x, kernel, z)
+
+
+def _conv3x3_native_bwd(stride, activation, residuals, dz):
+  x, kernel, z = residuals
+  dkernel, dbias = native.conv3x3_kernel_gradient(x, z, dz, stride, activation)
+  # The input gradient (of the image, for the stem) is XLA's transposed
+  # convolution; XLA drops it when nothing uses it, as in training.
+  cot = jnp.where((z > 0) & (z < 6), dz, jnp.zeros_like(dz)) if activation else dz
+  _, conv_vjp = jax.vjp(lambda a: _full_conv(a, kernel, stride), x)
+  return conv_vjp(cot)[0], dkernel, dbias
+
+
+_conv3x3_native.defvjp(_conv3x3_native_fwd, _conv3x3_native_bwd)
+
+
+def _full_conv(x, kernel, stride):
+  return lax.conv_general_dilated(x, kernel, (stride, stride), "SAME",
+                                  dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def native_conv3x3_bias_relu6(x: jax.Array, kernel: jax.Array, bias: jax.Array,
+                              stride: int = 1, activation: bool = True) -> jax.Array:
+  """relu6(conv(x, kernel) + bias) for a full 3x3 'SAME' convolution (the
+  stem: few input channels) by the native kernels, without relu6 when
+  `activation` is False. XLA:CPU ran the stem at ~25 GFLOP/s; the native
+  forward keeps each output pixel's channels in registers, and its kernel
+  gradient keeps all 27 kernel rows of 16 output channels in registers (RGB
+  input). The input gradient is XLA's transposed convolution.
+
+  Args:
+    x: [B, H, W, Cin]; kernel: [3, 3, Cin, Cout] (HWIO); bias: [Cout].
+
+  Returns:
+    [B, ceil(H/stride), ceil(W/stride), Cout]. Non-float32 dtypes, or no
+    native library, take XLA's convolution (then the bias and `relu6`).
+  """
+  if kernel.shape[:3] != (3, 3, x.shape[-1]) or bias.shape != kernel.shape[-1:]:
+    raise ValueError(f"kernel {kernel.shape} / bias {bias.shape} do not fit x {x.shape}")
+  dtype = jnp.result_type(x, kernel, bias)
+  if not _native_applies(dtype, stride):
+    y = _full_conv(x, kernel.astype(dtype), int(stride)) + bias.astype(dtype)
+    return relu6(y) if activation else y
+  x, kernel, bias = native.match_varying(x.astype(dtype), kernel.astype(dtype),
+                                         bias.astype(dtype))
+  return _conv3x3_native(x, kernel, bias, int(stride), bool(activation))
+
+
 def grouped_depthwise_conv3x3(x: jax.Array, kernel: jax.Array, stride: int = 1) -> jax.Array:
   """The same 3x3 depthwise convolution as one grouped convolution
   (`feature_group_count=C`): the native kernel on GPUs and TPUs.
@@ -485,9 +540,11 @@ class ConvBN(nn.Module):
         return native_depthwise_bias_relu6(x, kernel, add.astype(self.dtype), self.stride,
                                            self.activation)
       y = _DEPTHWISE_CONV[impl](x, kernel, self.stride)
+    elif self.kernel_size == 3 and resolve_depthwise(self.depthwise) == "native":
+      return native_conv3x3_bias_relu6(x, kernel, add.astype(self.dtype), self.stride,
+                                       self.activation)
     else:
-      y = lax.conv_general_dilated(x, kernel, (self.stride, self.stride), "SAME",
-                                   dimension_numbers=("NHWC", "HWIO", "NHWC"))
+      y = _full_conv(x, kernel, self.stride)
     y = y + add.astype(y.dtype)
     return relu6(y) if self.activation else y
 
@@ -593,7 +650,7 @@ class MobileNetV2(nn.Module):
     if self.output_stride not in (8, 16, 32):
       raise ValueError(f"output_stride={self.output_stride}; expected 8, 16 or 32")
     x = ConvBN(make_divisible(self.stem_features * self.width), "full", stride=2,
-               name="stem", **common)(x, train)
+               depthwise=self.depthwise, name="stem", **common)(x, train)
     index, total_stride = 0, 2
     # `train` (argument 2, counting the module) is a Python bool: static.
     block = nn.remat(InvertedResidual, static_argnums=(2,)) if self.remat else InvertedResidual

@@ -1,7 +1,9 @@
 """Native (C++) CPU kernels, built on first use and called through XLA FFI.
 
-`depthwise.cc` holds the 3x3 depthwise convolution and its gradients
-(float32, NHWC, stride 1 or 2, 'SAME'); `load()` compiles it with the C++
+`kernels.cc` holds the 3x3 depthwise convolution and its gradients, and the
+full 3x3 convolution of few input channels (the stem) with its kernel
+gradient (float32, NHWC, stride 1 or 2, 'SAME', with a fused bias and
+optional relu6); `load()` compiles it with the C++
 compiler (`$CXX`, else `g++`), caches the shared library and registers its
 handlers with XLA. Nothing here is required: when there is no compiler, the
 build fails or `STRUCTVPR_NATIVE=0` is set, `load()` returns False (with one
@@ -33,10 +35,12 @@ from typing import Optional
 import jax
 import numpy as np
 
-_SOURCE = Path(__file__).with_name("depthwise.cc")
+_SOURCE = Path(__file__).with_name("kernels.cc")
 _TARGETS = {
     "structvpr_depthwise_forward": "StructvprDepthwiseForward",
     "structvpr_depthwise_backward": "StructvprDepthwiseBackward",
+    "structvpr_conv3x3_forward": "StructvprConv3x3Forward",
+    "structvpr_conv3x3_kernel_gradient": "StructvprConv3x3KernelGradient",
 }
 _FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno",
           "-w")
@@ -74,11 +78,11 @@ def library_path(compiler: str) -> Path:
   digest.update(" ".join((compiler,) + _FLAGS).encode())
   digest.update(_cpu_flags().encode())
   digest.update(platform.machine().encode())
-  return cache_dir() / f"depthwise-{digest.hexdigest()[:16]}.so"
+  return cache_dir() / f"kernels-{digest.hexdigest()[:16]}.so"
 
 
 def build(compiler: str, target: Path) -> None:
-  """Compiles depthwise.cc into `target` (temporary name, then rename).
+  """Compiles kernels.cc into `target` (temporary name, then rename).
 
   Raises RuntimeError with the compiler's message when it fails.
   """
@@ -122,7 +126,7 @@ def load() -> bool:
       except (OSError, RuntimeError, AttributeError) as e:
         reason = f"{type(e).__name__}: {e}"
     if not ok and reason != "disabled by STRUCTVPR_NATIVE=0":
-      logging.warning("native depthwise kernels unavailable, using the XLA implementation: %s",
+      logging.warning("native CPU kernels unavailable, using the XLA implementation: %s",
                       reason)
     _state.update(ok=ok, reason=reason, path=path)
     return ok
@@ -197,3 +201,27 @@ def depthwise_backward(x: jax.Array, kernel: jax.Array, z: jax.Array, dz: jax.Ar
   shapes = (_result(x, x.shape), _result(x, kernel.shape), _result(x, kernel.shape[-1:]))
   return jax.ffi.ffi_call("structvpr_depthwise_backward", shapes, vmap_method="sequential")(
       x, kernel, z, dz, stride=np.int64(stride), relu6=np.int64(bool(relu6)))
+
+
+def conv3x3_forward(x: jax.Array, kernel: jax.Array, bias: jax.Array, stride: int,
+                    relu6: bool) -> jax.Array:
+  """z = act(conv(x, kernel) + bias): the full 3x3 'SAME' convolution of x
+  [B, H, W, Cin] float32 with kernel [3, 3, Cin, Cout] (HWIO) float32, plus
+  bias [Cout], then min(max(., 0), 6) when `relu6`; [B, ceil(H/s),
+  ceil(W/s), Cout]. Requires `load()` and one varying type (`match_varying`)."""
+  b, h, w, _ = x.shape
+  out = _result(x, (b, _same_out(h, stride), _same_out(w, stride), kernel.shape[-1]))
+  return jax.ffi.ffi_call("structvpr_conv3x3_forward", out, vmap_method="sequential")(
+      x, kernel, bias, stride=np.int64(stride), relu6=np.int64(bool(relu6)))
+
+
+def conv3x3_kernel_gradient(x: jax.Array, z: jax.Array, dz: jax.Array, stride: int,
+                            relu6: bool) -> tuple[jax.Array, jax.Array]:
+  """(dkernel [3, 3, Cin, Cout], dbias [Cout]) of `conv3x3_forward` at x for
+  the output cotangent dz; z is its output (read only when `relu6`)."""
+  cin, cout = x.shape[-1], z.shape[-1]
+  shapes = (_result(x, (3, 3, cin, cout)), _result(x, (cout,)))
+  return jax.ffi.ffi_call("structvpr_conv3x3_kernel_gradient", shapes,
+                          vmap_method="sequential")(
+      x, z, dz, stride=np.int64(stride), relu6=np.int64(bool(relu6)))
+

@@ -1,7 +1,8 @@
-"""The native (C++, XLA FFI) depthwise kernels: values and both gradients
-against a plain-numpy convolution written from the definition and against
-XLA's grouped convolution; hand cases; determinism; the build cache and the
-fallbacks when no library can be had."""
+"""The native (C++, XLA FFI) kernels: the depthwise convolution and the
+stem's full 3x3 convolution, values and gradients against plain-numpy
+convolutions written from the definition and against XLA's convolutions;
+hand cases; determinism; the build cache and the fallbacks when no library
+can be had."""
 
 import os
 import subprocess
@@ -133,6 +134,74 @@ def test_fused_hand_case():
   np.testing.assert_array_equal(vjp(jnp.ones_like(z))[0], [4.0])
 
 
+def numpy_conv(x, w, stride):
+  """z[b, p, q, o] = sum_ijc x[b, p*s + i - top, q*s + j - left, c] w[i, j, c, o], x = 0 outside."""
+  b, h, wd, _ = x.shape
+  ho, top = same_pad(h, stride)
+  wo, left = same_pad(wd, stride)
+  y = np.zeros((b, ho, wo, w.shape[-1]), np.float64)
+  for p in range(ho):
+    for q in range(wo):
+      for i in range(3):
+        for j in range(3):
+          r, s = p * stride + i - top, q * stride + j - left
+          if 0 <= r < h and 0 <= s < wd:
+            y[:, p, q, :] += x[:, r, s, :].astype(np.float64) @ w[i, j].astype(np.float64)
+  return y
+
+
+def numpy_conv_kernel_gradient(x, dy, stride):
+  b, h, wd, cin = x.shape
+  ho, top = same_pad(h, stride)
+  wo, left = same_pad(wd, stride)
+  dw = np.zeros((3, 3, cin, dy.shape[-1]), np.float64)
+  for p in range(ho):
+    for q in range(wo):
+      for i in range(3):
+        for j in range(3):
+          r, s = p * stride + i - top, q * stride + j - left
+          if 0 <= r < h and 0 <= s < wd:
+            dw[i, j] += x[:, r, s, :].astype(np.float64).T @ dy[:, p, q, :]
+  return dw
+
+
+# RGB (the registers path) and other input channel counts; output channels
+# in 16-lane blocks, pairs of them, and remainders.
+@pytest.mark.parametrize("activation", [True, False])
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("shape,cout", [((2, 7, 9, 3), 32), ((3, 8, 8, 3), 20), ((1, 13, 11, 5), 16),
+                                        ((2, 6, 5, 3), 37), ((1, 2, 1, 1), 8), ((33, 4, 5, 3), 48)])
+def test_native_stem_conv_equals_numpy_definition(shape, cout, stride, activation):
+  rng = np.random.default_rng(sum(shape) + cout + 7 * stride + activation)
+  x = (3 * rng.standard_normal(shape)).astype(np.float32)
+  w = rng.standard_normal((3, 3, shape[-1], cout)).astype(np.float32)
+  bias = rng.standard_normal(cout).astype(np.float32)
+  z, vjp = jax.vjp(lambda a, b, c: mobilenet.native_conv3x3_bias_relu6(a, b, c, stride,
+                                                                        activation), x, w, bias)
+  pre = numpy_conv(x, w, stride) + bias
+  np.testing.assert_allclose(z, np.clip(pre, 0, 6) if activation else pre, rtol=1e-5, atol=2e-5)
+  dz = rng.standard_normal(pre.shape).astype(np.float32)
+  passed = dz * ((pre > 0) & (pre < 6)) if activation else dz
+  dx, dw, dbias = vjp(dz)
+  np.testing.assert_allclose(dw, numpy_conv_kernel_gradient(x, passed, stride), rtol=1e-5,
+                             atol=1e-3)
+  np.testing.assert_allclose(dbias, passed.sum(axis=(0, 1, 2)), rtol=1e-5, atol=1e-4)
+  # the input gradient is XLA's transposed convolution of the passed cotangent
+  _, conv_vjp = jax.vjp(lambda a: lax.conv_general_dilated(
+      a, w, (stride, stride), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")), x)
+  np.testing.assert_allclose(dx, conv_vjp(passed.astype(np.float32))[0], rtol=1e-5, atol=1e-4)
+
+
+def test_native_stem_hand_case():
+  # 1 input channel of ones on 3x3, two output channels with kernels of ones
+  # and of twos, bias (0, -10), stride 1: counts of in-image neighbours
+  # (4 / 6 / 9), doubled and shifted by -10 in the second channel, relu6.
+  w = jnp.stack([jnp.ones((3, 3, 1)), 2 * jnp.ones((3, 3, 1))], axis=-1)
+  z = mobilenet.native_conv3x3_bias_relu6(jnp.ones((1, 3, 3, 1)), w, jnp.array([0.0, -10.0]))
+  np.testing.assert_array_equal(z[0, :, :, 0], [[4, 6, 4], [6, 6, 6], [4, 6, 4]])
+  np.testing.assert_array_equal(z[0, :, :, 1], [[0, 2, 0], [2, 6, 2], [0, 2, 0]])
+
+
 def test_native_hand_cases():
   # ones everywhere, stride 1 on 3x3: each output counts its in-image neighbours
   ones = jnp.ones((3, 3, 1))
@@ -242,7 +311,7 @@ def test_disabled_native_falls_back_to_xla_silently():
 def test_missing_compiler_falls_back_with_one_warning(tmp_path):
   proc = _run(FALLBACK, CXX=str(tmp_path / "no-such-g++"), STRUCTVPR_NATIVE_CACHE=str(tmp_path))
   assert "no C++ compiler" in proc.stdout
-  assert proc.stderr.count("native depthwise kernels unavailable") == 1
+  assert proc.stderr.count("native CPU kernels unavailable") == 1
 
 
 SHARD_MAP = """
