@@ -550,54 +550,58 @@ void ConvForwardRows(const ConvGeometry& cg, const float* x, const float* w, con
   }
 }
 
+alignas(64) const float kZeros[16] = {};
+
 // Kernel and bias gradients over output rows [begin, end), added to
 // acc [9*Cin + 1, Cout] (the last row: bias), 16 output channels at a time.
 // kCin > 0: the input channel count known at compile time, every loop over
 // (i, j, c) unrolled so the 9*kCin kernel rows of the block stay in
-// registers (27 for RGB); kCin == 0: any count, accumulated in memory.
+// registers along a row (27 for RGB); kCin == 0: any count, in memory.
 template <bool kMasked, int kCin>
 void ConvKernelGradientRows(const ConvGeometry& cg, const float* x, const float* dz,
                             const float* z, float* acc, int64_t begin, int64_t end) {
   const Geometry& g = cg.g;
   const int64_t cout = cg.cout, cin = g.c, taps = 9 * cin;
   float* bias_acc = acc + taps * cout;
-  for (int64_t o = 0; o < cout; o += kLanes) {
-    const int64_t lanes = std::min(kLanes, cout - o);
-    if constexpr (kCin > 0) {
-      if (lanes == kLanes) {
-        Vec16 a[9 * kCin];
-        for (int t = 0; t < 9 * kCin; ++t) a[t] = Vec16{};
-        Vec16 ab = {};
-        for (int64_t unit = begin; unit < end; ++unit) {
-          const int64_t b = unit / g.ho, p = unit % g.ho;
+  // One output row at a time, every 16-channel block of it in turn: the
+  // row's dz and z (a few tens of KB) are read from memory once and from
+  // cache for the other blocks.
+  for (int64_t unit = begin; unit < end; ++unit) {
+    const int64_t b = unit / g.ho, p = unit % g.ho;
+    for (int64_t o = 0; o < cout; o += kLanes) {
+      const int64_t lanes = std::min(kLanes, cout - o);
+      if constexpr (kCin > 0) {
+        if (lanes == kLanes) {
+          Vec16 a[9 * kCin];
+          for (int t = 0; t < 9 * kCin; ++t) a[t] = Load(acc + t * cout + o);
+          Vec16 ab = Load(bias_acc + o);
           for (int64_t q = 0; q < g.wo; ++q) {
             const int64_t off = (unit * g.wo + q) * cout + o;
             const Vec16 d = Cotangent<kMasked>(dz + off, z + off);
             ab += d;
-#pragma GCC unroll 3
+            // Taps outside the image read zeros: no branches in the
+            // unrolled body, so the accumulators stay in registers.
+            const float* xv[9];
             for (int i = 0; i < 3; ++i) {
               const int64_t r = p * g.stride + i - g.top;
-              if (r < 0 || r >= g.h) continue;
-#pragma GCC unroll 3
               for (int j = 0; j < 3; ++j) {
                 const int64_t s = q * g.stride + j - g.left;
-                if (s < 0 || s >= g.w) continue;
-                const float* xv = x + ((b * g.h + r) * g.w + s) * kCin;
-#pragma GCC unroll 8
-                for (int c = 0; c < kCin; ++c) a[(i * 3 + j) * kCin + c] += xv[c] * d;
+                xv[i * 3 + j] = (r < 0 || r >= g.h || s < 0 || s >= g.w)
+                                    ? kZeros : x + ((b * g.h + r) * g.w + s) * kCin;
               }
             }
+#pragma GCC unroll 9
+            for (int t = 0; t < 9; ++t) {
+#pragma GCC unroll 8
+              for (int c = 0; c < kCin; ++c) a[t * kCin + c] += xv[t][c] * d;
+            }
           }
+          for (int t = 0; t < 9 * kCin; ++t) Store(acc + t * cout + o, a[t]);
+          Store(bias_acc + o, ab);
+          continue;
         }
-        for (int t = 0; t < 9 * kCin; ++t)
-          Store(acc + t * cout + o, Load(acc + t * cout + o) + a[t]);
-        Store(bias_acc + o, Load(bias_acc + o) + ab);
-        continue;
       }
-    }
-    int64_t xoff[9], woff[9];
-    for (int64_t unit = begin; unit < end; ++unit) {
-      const int64_t b = unit / g.ho, p = unit % g.ho;
+      int64_t xoff[9], woff[9];
       for (int64_t q = 0; q < g.wo; ++q) {
         const int64_t off = (unit * g.wo + q) * cout + o;
         const int count = ConvTaps(g, cout, b, p, q, xoff, woff);
