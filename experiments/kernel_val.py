@@ -2,7 +2,8 @@
 the RGB stage learns? Validation only (issue 18).
 
   python experiments/kernel_val.py --baseline-repo /path/to/checkout/of/the/old/code
-      [--workdir /tmp/kernel_val] [--seeds 0 1 2] [--out experiments/results/kernel_val]
+      [--other NAME=FLAGS ...] [--workdir /tmp/kernel_val] [--seeds 0 1 2]
+      [--out experiments/results/kernel_val]
 
 A faster kernel that computes the same function in another order (a custom
 VJP, BatchNorm folded into the convolution) gives the same values to float
@@ -17,7 +18,9 @@ checkpoint on the **val** split with per-query hits (`configs/eval.py
 Variants:
   baseline   the code in --baseline-repo (e.g. `git worktree add /tmp/old REV`)
   kernels    this checkout, default config
-  fold_bn    this checkout, --config.model.fold_bn=True
+  NAME       each --other NAME=FLAGS: this checkout with those config flags
+             (space-separated), e.g. --other "fold_bn=--config.model.fold_bn=True"
+Pairs: kernels - baseline, and for each other NAME: NAME - kernels, NAME - baseline.
 
 Reported per pair (other - base, val R@1 and R@5 points): the per-seed
 differences, their mean, the seed-to-seed standard deviation of each
@@ -45,7 +48,22 @@ sys.path.insert(0, REPO)
 
 from structvpr_jax import files, stats  # noqa: E402
 
-PAIRS = (("baseline", "kernels"), ("kernels", "fold_bn"), ("baseline", "fold_bn"))
+
+def parse_other(text: str) -> tuple[str, list]:
+  """"NAME=FLAGS" -> (NAME, [flags]); NAME must not be a built-in variant."""
+  name, sep, flags = text.partition("=")
+  if not sep or not name or name in ("baseline", "kernels"):
+    raise SystemExit(f"--other {text!r}: expected NAME=FLAGS with NAME not baseline/kernels")
+  return name, flags.split()
+
+
+def pairs(others) -> list:
+  """(base, other) pairs compared: kernels vs baseline, then each other
+  variant vs kernels and vs baseline."""
+  out = [("baseline", "kernels")]
+  for name in others:
+    out += [("kernels", name), ("baseline", name)]
+  return out
 
 
 def run(cmd: list, cwd: str) -> None:
@@ -93,6 +111,8 @@ def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--baseline-repo", required=True,
                       help="a checkout of the code to compare against")
+  parser.add_argument("--other", action="append", default=[], metavar="NAME=FLAGS",
+                      help="another variant of this checkout with these config flags")
   parser.add_argument("--workdir", default="/tmp/kernel_val")
   parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
   parser.add_argument("--out", default=os.path.join(REPO, "experiments", "results",
@@ -103,8 +123,9 @@ def main(argv=None) -> int:
     raise SystemExit(f"--baseline-repo {baseline}: no structvpr_jax/main.py there")
   revision = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=baseline,
                             capture_output=True, text=True).stdout.strip()
+  others = dict(parse_other(text) for text in args.other)
   variants = {"baseline": (baseline, []), "kernels": (REPO, []),
-              "fold_bn": (REPO, ["--config.model.fold_bn=True"])}
+              **{name: (REPO, flags) for name, flags in others.items()}}
   results = {name: {} for name in variants}
   for seed in args.seeds:
     for name, (repo, extra) in variants.items():
@@ -119,7 +140,7 @@ def main(argv=None) -> int:
       if results[name][s]["queries"] != results["baseline"][s]["queries"]:
         raise SystemExit(f"seed {s}: {name} was evaluated on other val queries than baseline")
   comparisons = {}
-  for base, other in PAIRS:
+  for base, other in pairs(others):
     comparisons[f"{other} - {base}"] = {}
     for metric in ("R@1", "R@5"):
       per_seed = [pct(results[other][s][metric]) - pct(results[base][s][metric]) for s in seeds]

@@ -72,3 +72,17 @@ def test_synthetic_structure_smoke_writes_per_query_hits(tmp_path):
   assert proc.returncode == 0, proc.stderr[-2000:]
   again = json.loads(proc.stdout)
   assert again["diff"] == pytest.approx(pair["diff"]) and again["num_queries"] == n
+
+
+def test_kernel_val_variants_and_pairs():
+  sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                  "experiments"))
+  import kernel_val
+  assert kernel_val.parse_other("shifted=--config.model.depthwise=shifted --config.x=1") == (
+      "shifted", ["--config.model.depthwise=shifted", "--config.x=1"])
+  for bad in ("noflags", "=--a", "kernels=--a", "baseline=--a"):
+    with pytest.raises(SystemExit, match="NAME=FLAGS"):
+      kernel_val.parse_other(bad)
+  assert kernel_val.pairs([]) == [("baseline", "kernels")]
+  assert kernel_val.pairs(["a", "b"]) == [("baseline", "kernels"), ("kernels", "a"),
+                                          ("baseline", "a"), ("kernels", "b"), ("baseline", "b")]
