@@ -121,6 +121,35 @@ def test_fused_bias_relu6_equals_numpy_definition(shape, stride, activation):
   np.testing.assert_allclose(dbias, passed.sum(axis=(0, 1, 2)), rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("shape", [(2, 7, 9, 3), (3, 8, 8, 70), (1, 13, 11, 200), (40, 3, 4, 17)])
+def test_fused_prologue_equals_numpy_definition(shape, stride):
+  """The expand layer's bias and relu6 inside the depthwise kernel: the input
+  read is relu6(m + pbias); the VJP gives m the gradient passed where
+  0 < m + pbias < 6 and pbias its sum."""
+  rng = np.random.default_rng(sum(shape) + 11 * stride)
+  m = (6 * rng.standard_normal(shape)).astype(np.float32)
+  pbias = rng.standard_normal(shape[-1]).astype(np.float32)
+  k = rng.standard_normal((3, 3, shape[-1])).astype(np.float32)
+  bias = rng.standard_normal(shape[-1]).astype(np.float32)
+  z, vjp = jax.vjp(lambda a, b, c, d: mobilenet.native_depthwise_bias_relu6(
+      a, b, c, stride, True, d), m, k, bias, pbias)
+  a_in = np.clip(m.astype(np.float64) + pbias, 0, 6)
+  gate_in = (m.astype(np.float64) + pbias > 0) & (m.astype(np.float64) + pbias < 6)
+  assert 0.05 < np.mean(a_in == 6) and 0.2 < np.mean(a_in == 0)         # both bounds bite
+  pre = numpy_depthwise(a_in, k, stride) + bias
+  np.testing.assert_allclose(z, np.clip(pre, 0, 6), rtol=1e-5, atol=2e-5)
+  dz = rng.standard_normal(pre.shape).astype(np.float32)
+  passed = dz * ((pre > 0) & (pre < 6))
+  dm, dk, dbias, dpbias = vjp(dz)
+  da_ref, dk_ref = numpy_depthwise_vjp(a_in, k, passed, stride)
+  np.testing.assert_allclose(dm, da_ref * gate_in, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(dk, dk_ref, rtol=1e-5, atol=1e-4)
+  np.testing.assert_allclose(dbias, passed.sum(axis=(0, 1, 2)), rtol=1e-5, atol=1e-4)
+  np.testing.assert_allclose(dpbias, (da_ref * gate_in).sum(axis=(0, 1, 2)), rtol=1e-5,
+                             atol=1e-4)
+
+
 def test_fused_hand_case():
   # 3x3 image of ones, kernel of ones, bias -5: pre-activations corners -1,
   # edges 1, centre 4 -> relu6 0 / 1 / 4; bias 0: 4 / 6 / 9 -> 4 / 6 / 6.

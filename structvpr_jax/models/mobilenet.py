@@ -179,21 +179,24 @@ def depthwise_conv3x3(x: jax.Array, kernel: jax.Array, stride: int = 1) -> jax.A
   return _depthwise_shifted(x, kernel, int(stride))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _depthwise_native(x: jax.Array, kernel: jax.Array, bias: jax.Array, stride: int,
-                      activation: bool) -> jax.Array:
-  return native.depthwise_forward(x, kernel, bias, stride, activation)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _depthwise_native(x: jax.Array, kernel: jax.Array, bias: jax.Array, pbias: jax.Array,
+                      stride: int, activation: bool, prologue: bool) -> jax.Array:
+  return native.depthwise_forward(x, kernel, bias, stride, activation,
+                                  pbias if prologue else None)
 
 
-def _depthwise_native_fwd(x, kernel, bias, stride, activation):
-  z = native.depthwise_forward(x, kernel, bias, stride, activation)
+def _depthwise_native_fwd(x, kernel, bias, pbias, stride, activation, prologue):
+  z = native.depthwise_forward(x, kernel, bias, stride, activation, pbias if prologue else None)
   # z is the next layer's input anyway; the activation's mask is read off it.
-  return z, (x, kernel, z if activation else None)
+  return z, (x, kernel, pbias, z if activation else None)
 
 
-def _depthwise_native_bwd(stride, activation, residuals, dz):
-  x, kernel, z = residuals
-  return native.depthwise_backward(x, kernel, z if activation else dz, dz, stride, activation)
+def _depthwise_native_bwd(stride, activation, prologue, residuals, dz):
+  x, kernel, pbias, z = residuals
+  dx, dkernel, dbias, dpbias = native.depthwise_backward(
+      x, kernel, z if activation else dz, dz, stride, activation, pbias if prologue else None)
+  return dx, dkernel, dbias, dpbias
 
 
 _depthwise_native.defvjp(_depthwise_native_fwd, _depthwise_native_bwd)
@@ -227,19 +230,25 @@ def native_depthwise_conv3x3(x: jax.Array, kernel: jax.Array, stride: int = 1) -
     return depthwise_conv3x3(x, kernel, stride)
   x, kernel, bias = native.match_varying(x.astype(dtype), kernel.astype(dtype),
                                          jnp.zeros((c,), dtype))
-  return _depthwise_native(x, kernel, bias, int(stride), False)
+  return _depthwise_native(x, kernel, bias, bias, int(stride), False, False)
 
 
 def native_depthwise_bias_relu6(x: jax.Array, kernel: jax.Array, bias: jax.Array,
-                                stride: int = 1, activation: bool = True) -> jax.Array:
-  """relu6(depthwise_conv3x3(x, kernel, stride) + bias) (without relu6 when
-  `activation` is False) as one native pass: MobileNetV2's depthwise layer
-  with frozen BatchNorm folded in (`ConvBN._folded`). Saves a read and a
-  write of the output forward and of its gradient backward; the gradient of
-  relu6 is `relu6`'s (1 where 0 < z < 6, else 0), read off the output z.
+                                stride: int = 1, activation: bool = True,
+                                prologue_bias: Optional[jax.Array] = None) -> jax.Array:
+  """relu6(depthwise_conv3x3(in(x), kernel, stride) + bias) (without relu6
+  when `activation` is False) as one native pass: MobileNetV2's depthwise
+  layer with frozen BatchNorm folded in (`ConvBN._folded`). Saves a read and
+  a write of the output forward and of its gradient backward; the gradient
+  of relu6 is `relu6`'s (1 where 0 < z < 6, else 0), read off the output z.
+
+  in(x) = x, or with `prologue_bias` [C] given, relu6(x + prologue_bias):
+  x is then the expand 1x1's pre-activation and that layer's bias and
+  activation run inside this kernel, forward and backward, instead of as
+  passes of their own over the block's largest tensor.
 
   Args:
-    x: [B, H, W, C]; kernel: [3, 3, C]; bias: [C].
+    x: [B, H, W, C]; kernel: [3, 3, C]; bias: [C]; prologue_bias: [C] or None.
 
   Returns:
     [B, ceil(H/stride), ceil(W/stride), C]. Non-float32 dtypes take the XLA
@@ -248,13 +257,19 @@ def native_depthwise_bias_relu6(x: jax.Array, kernel: jax.Array, bias: jax.Array
   c = x.shape[-1]
   if kernel.shape != (3, 3, c) or bias.shape != (c,):
     raise ValueError(f"kernel {kernel.shape} / bias {bias.shape} != (3, 3, {c}) / ({c},)")
+  if prologue_bias is not None and prologue_bias.shape != (c,):
+    raise ValueError(f"prologue_bias {prologue_bias.shape} != ({c},)")
   dtype = jnp.result_type(x, kernel, bias)
   if not _native_applies(dtype, stride):
+    if prologue_bias is not None:
+      x = relu6(x + prologue_bias.astype(x.dtype))
     y = depthwise_conv3x3(x, kernel, stride) + bias.astype(dtype)
     return relu6(y) if activation else y
-  x, kernel, bias = native.match_varying(x.astype(dtype), kernel.astype(dtype),
-                                         bias.astype(dtype))
-  return _depthwise_native(x, kernel, bias, int(stride), bool(activation))
+  prologue = prologue_bias is not None
+  x, kernel, bias, pbias = native.match_varying(
+      x.astype(dtype), kernel.astype(dtype), bias.astype(dtype),
+      (prologue_bias if prologue else bias).astype(dtype))
+  return _depthwise_native(x, kernel, bias, pbias, int(stride), bool(activation), prologue)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
@@ -486,10 +501,17 @@ class ConvBN(nn.Module):
   param_dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x, train: bool):
+  def __call__(self, x, train: bool, *, defer_bias: bool = False,
+               prologue_bias: Optional[jax.Array] = None):
+    """`defer_bias` (folded pointwise only): return (x @ kernel, bias)
+    without adding the bias or the activation, for the next depthwise layer
+    to apply as its `prologue_bias` (folded native depthwise only): its
+    input is then relu6(x + prologue_bias)."""
     dtypes = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     if self.fold_bn and self.norm == "batch" and not train:
-      return self._folded(x)
+      return self._folded(x, defer_bias, prologue_bias)
+    if defer_bias or prologue_bias is not None:
+      raise ValueError("defer_bias / prologue_bias need folded frozen BatchNorm")
     if self.kind == "pointwise":
       kernel = _Kernel((x.shape[-1], self.features), _conv_init, self.param_dtype,
                        name="conv")()
@@ -512,7 +534,7 @@ class ConvBN(nn.Module):
       raise ValueError(f"unknown norm {self.norm!r}; expected one of {NORMS}")
     return relu6(x) if self.activation else x
 
-  def _folded(self, x):
+  def _folded(self, x, defer_bias: bool = False, prologue_bias: Optional[jax.Array] = None):
     """Frozen BatchNorm folded into the convolution (then the activation):
     one pass over the activations instead of two, forward and backward; the
     parameters are the unfolded layer's (same tree), and scale / bias still
@@ -532,13 +554,21 @@ class ConvBN(nn.Module):
     mul, add = _FrozenBN(epsilon=1e-3, param_dtype=self.param_dtype, name="bn")(out)
     kernel = (kernel * mul).astype(self.dtype)
     x = x.astype(self.dtype)
+    if (defer_bias and (self.kind != "pointwise" or not self.activation)) or (
+        prologue_bias is not None and self.kind != "depthwise"):
+      raise ValueError(f"{self.kind} layer: defer_bias is for pointwise layers with an "
+                       "activation, prologue_bias for depthwise ones")
     if self.kind == "pointwise":
       y = pointwise(x, kernel)
+      if defer_bias:
+        return y, add.astype(y.dtype)
     elif self.kind == "depthwise":
       impl = resolve_depthwise(self.depthwise)
-      if impl == "native":     # the bias and activation in the same pass
+      if impl == "native":     # the biases and activations in the same pass
         return native_depthwise_bias_relu6(x, kernel, add.astype(self.dtype), self.stride,
-                                           self.activation)
+                                           self.activation, prologue_bias)
+      if prologue_bias is not None:
+        x = relu6(x + prologue_bias.astype(x.dtype))
       y = _DEPTHWISE_CONV[impl](x, kernel, self.stride)
     elif self.kernel_size == 3 and resolve_depthwise(self.depthwise) == "native":
       return native_conv3x3_bias_relu6(x, kernel, add.astype(self.dtype), self.stride,
@@ -566,11 +596,20 @@ class InvertedResidual(nn.Module):
     in_features = x.shape[-1]
     common = dict(norm=self.norm, bn_axis_name=self.bn_axis_name, dtype=self.dtype,
                   param_dtype=self.param_dtype, fold_bn=self.fold_bn)
-    y = x
+    y, prologue_bias = x, None
+    # Frozen BN folded and the native depthwise kernel: the expand layer's
+    # bias and relu6 run inside the depthwise kernel (forward and backward)
+    # instead of as passes over the block's largest tensor.
+    fuse = (self.fold_bn and self.norm == "batch" and not train
+            and resolve_depthwise(self.depthwise) == "native")
     if self.expansion != 1:
-      y = ConvBN(in_features * self.expansion, "pointwise", name="expand", **common)(y, train)
+      expand = ConvBN(in_features * self.expansion, "pointwise", name="expand", **common)
+      if fuse:
+        y, prologue_bias = expand(y, train, defer_bias=True)
+      else:
+        y = expand(y, train)
     y = ConvBN(y.shape[-1], "depthwise", stride=self.stride, depthwise=self.depthwise,
-               name="depthwise", **common)(y, train)
+               name="depthwise", **common)(y, train, prologue_bias=prologue_bias)
     y = ConvBN(self.features, "pointwise", activation=False, name="project", **common)(y, train)
     if self.stride == 1 and in_features == self.features:
       y = y + x

@@ -181,26 +181,37 @@ def _same_out(size: int, stride: int) -> int:
 
 
 def depthwise_forward(x: jax.Array, kernel: jax.Array, bias: jax.Array, stride: int,
-                      relu6: bool) -> jax.Array:
-  """z = act(depthwise(x, kernel) + bias): the 3x3 'SAME' depthwise
+                      relu6: bool, prologue_bias: Optional[jax.Array] = None) -> jax.Array:
+  """z = act(depthwise(in(x), kernel) + bias): the 3x3 'SAME' depthwise
   convolution of x [B, H, W, C] float32 with kernel [3, 3, C] float32, plus
   bias [C] float32, then min(max(., 0), 6) when `relu6`; [B, ceil(H/s),
-  ceil(W/s), C]. Requires `load()`; inside shard_map the three must vary
-  over the same mesh axes (`match_varying`)."""
+  ceil(W/s), C]. in(x) = x, or relu6(x + prologue_bias) when that [C] is
+  given (x then is the previous layer's pre-activation). Requires `load()`;
+  inside shard_map all inputs must vary over the same mesh axes
+  (`match_varying`)."""
   b, h, w, c = x.shape
   out = _result(x, (b, _same_out(h, stride), _same_out(w, stride), c))
+  prologue = prologue_bias is not None
   return jax.ffi.ffi_call("structvpr_depthwise_forward", out, vmap_method="sequential")(
-      x, kernel, bias, stride=np.int64(stride), relu6=np.int64(bool(relu6)))
+      x, kernel, bias, prologue_bias if prologue else bias, stride=np.int64(stride),
+      relu6=np.int64(bool(relu6)), prologue=np.int64(prologue))
 
 
 def depthwise_backward(x: jax.Array, kernel: jax.Array, z: jax.Array, dz: jax.Array,
-                       stride: int, relu6: bool) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """(dx [B, H, W, C], dkernel [3, 3, C], dbias [C]) of `depthwise_forward`
-  at (x, kernel) for the output cotangent dz; z is its output (read only
-  when `relu6`: the activation passes dz where 0 < z < 6). Requires `load()`."""
-  shapes = (_result(x, x.shape), _result(x, kernel.shape), _result(x, kernel.shape[-1:]))
+                       stride: int, relu6: bool, prologue_bias: Optional[jax.Array] = None
+                       ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+  """(dx [B, H, W, C], dkernel [3, 3, C], dbias [C], dprologue_bias [C]) of
+  `depthwise_forward` at (x, kernel, prologue_bias) for the output
+  cotangent dz; z is its output (read only when `relu6`: the activation
+  passes dz where 0 < z < 6). With a prologue, dx is the gradient of the
+  pre-activation x (passed where 0 < x + prologue_bias < 6); without,
+  dprologue_bias is 0. Requires `load()`."""
+  c = kernel.shape[-1]
+  prologue = prologue_bias is not None
+  shapes = (_result(x, x.shape), _result(x, kernel.shape), _result(x, (c,)), _result(x, (c,)))
   return jax.ffi.ffi_call("structvpr_depthwise_backward", shapes, vmap_method="sequential")(
-      x, kernel, z, dz, stride=np.int64(stride), relu6=np.int64(bool(relu6)))
+      x, kernel, prologue_bias if prologue else kernel[0, 0], z, dz, stride=np.int64(stride),
+      relu6=np.int64(bool(relu6)), prologue=np.int64(prologue))
 
 
 def conv3x3_forward(x: jax.Array, kernel: jax.Array, bias: jax.Array, stride: int,

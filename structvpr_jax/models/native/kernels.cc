@@ -19,6 +19,10 @@
 // forward, and of its gradient backward. The backward takes z itself: the
 // activation's derivative is 1 where 0 < z < 6 and 0 elsewhere (PyTorch's
 // ReLU6), and z is kept anyway as the next layer's input.
+// With `prologue` set, the input is the previous layer's pre-activation m
+// and the kernel reads relu6(m + pbias) (MobileNetV2's expand 1x1 with
+// folded BN, whose bias and activation are then never written); the
+// backward returns the gradient of m and of pbias.
 //
 // Built on first use by structvpr_jax/models/native/__init__.py (g++ -O3
 // -march=native); never required: the XLA implementation is the fallback.
@@ -136,22 +140,39 @@ inline Vec16 Relu6(Vec16 v) {
 
 inline float Relu6(float v) { return v < 0.0f ? 0.0f : (v > 6.0f ? 6.0f : v); }
 
+// The depthwise layer's input as read: x itself, or with kPrologue the
+// previous layer's pre-activation m made into relu6(m + pbias) on the fly
+// (MobileNetV2's expand 1x1 with folded BN: its bias and activation are
+// never written out).
+template <bool kPrologue>
+inline Vec16 Input(const float* x, const float* pbias) {
+  if constexpr (kPrologue) return Relu6(Load(x) + Load(pbias));
+  return Load(x);
+}
+
+template <bool kPrologue>
+inline float Input(float x, float pbias) {
+  if constexpr (kPrologue) return Relu6(x + pbias);
+  return x;
+}
+
 // Forward of one pixel: out[0:n] = act(sum over taps t < count of
-// x[rows[t] + 0:n] * taps[t][0:n] + bias[0:n]), accumulated in registers
-// in tap order, 64 channels at a time.
-template <bool kRelu6>
+// in(rows[t] + 0:n) * taps[t][0:n] + bias[0:n]) (in: `Input`),
+// accumulated in registers in tap order, 64 channels at a time.
+template <bool kRelu6, bool kPrologue>
 inline void ForwardPixel(float* __restrict out, const float* x, const int64_t* rows,
-                         const float* const* taps, int count, const float* bias, int64_t n) {
+                         const float* const* taps, int count, const float* bias,
+                         const float* pb, int64_t n) {
   int64_t c = 0;
   for (; c + 4 * kLanes <= n; c += 4 * kLanes) {
     Vec16 a0 = {}, a1 = {}, a2 = {}, a3 = {};
     for (int t = 0; t < count; ++t) {
       const float* r = x + rows[t] + c;
       const float* k = taps[t] + c;
-      a0 += Load(r) * Load(k);
-      a1 += Load(r + kLanes) * Load(k + kLanes);
-      a2 += Load(r + 2 * kLanes) * Load(k + 2 * kLanes);
-      a3 += Load(r + 3 * kLanes) * Load(k + 3 * kLanes);
+      a0 += Input<kPrologue>(r, pb + c) * Load(k);
+      a1 += Input<kPrologue>(r + kLanes, pb + c + kLanes) * Load(k + kLanes);
+      a2 += Input<kPrologue>(r + 2 * kLanes, pb + c + 2 * kLanes) * Load(k + 2 * kLanes);
+      a3 += Input<kPrologue>(r + 3 * kLanes, pb + c + 3 * kLanes) * Load(k + 3 * kLanes);
     }
     a0 += Load(bias + c);
     a1 += Load(bias + c + kLanes);
@@ -170,14 +191,15 @@ inline void ForwardPixel(float* __restrict out, const float* x, const int64_t* r
   }
   for (; c + kLanes <= n; c += kLanes) {
     Vec16 a = {};
-    for (int t = 0; t < count; ++t) a += Load(x + rows[t] + c) * Load(taps[t] + c);
+    for (int t = 0; t < count; ++t)
+      a += Input<kPrologue>(x + rows[t] + c, pb + c) * Load(taps[t] + c);
     a += Load(bias + c);
     if constexpr (kRelu6) a = Relu6(a);
     Store(out + c, a);
   }
   for (; c < n; ++c) {
     float a = 0.0f;
-    for (int t = 0; t < count; ++t) a += x[rows[t] + c] * taps[t][c];
+    for (int t = 0; t < count; ++t) a += Input<kPrologue>(x[rows[t] + c], pb[c]) * taps[t][c];
     a += bias[c];
     if constexpr (kRelu6) a = Relu6(a);
     out[c] = a;
@@ -185,9 +207,9 @@ inline void ForwardPixel(float* __restrict out, const float* x, const int64_t* r
 }
 
 // Forward: one unit = one output row (b, p).
-template <bool kRelu6>
-void ForwardRows(const Geometry& g, const float* x, const float* k, const float* bias, float* z,
-                 int64_t begin, int64_t end) {
+template <bool kRelu6, bool kPrologue>
+void ForwardRows(const Geometry& g, const float* x, const float* k, const float* bias,
+                 const float* pb, float* z, int64_t begin, int64_t end) {
   int64_t rows[9];
   const float* taps[9];
   for (int64_t unit = begin; unit < end; ++unit) {
@@ -206,17 +228,39 @@ void ForwardRows(const Geometry& g, const float* x, const float* k, const float*
           ++count;
         }
       }
-      ForwardPixel<kRelu6>(zrow + q * g.c, x, rows, taps, count, bias, g.c);
+      ForwardPixel<kRelu6, kPrologue>(zrow + q * g.c, x, rows, taps, count, bias, pb, g.c);
     }
   }
 }
 
+// With kPrologue, the gradient reaching the previous layer's
+// pre-activation m: da where 0 < m + pbias < 6 (relu6's derivative), else
+// 0; and that is what the prologue bias's gradient sums.
+inline Vec16 PrologueGradient(Vec16 da, const float* m, const float* pbias) {
+  const Vec16 v = Load(m) + Load(pbias), zero = {};
+  return (v > 0.0f) & (v < 6.0f) ? da : zero;
+}
+
+inline float PrologueGradient(float da, float m, float pbias) {
+  const float v = m + pbias;
+  return (v > 0.0f && v < 6.0f) ? da : 0.0f;
+}
+
 // One pixel of the input gradient: out[0:n] = sum over taps t < count of
-// cot(rows[t] + 0:n) * taps[t][0:n] (cot: `Cotangent`).
-template <bool kMasked>
+// cot(rows[t] + 0:n) * taps[t][0:n] (cot: `Cotangent`); with kPrologue,
+// masked by `PrologueGradient` at this pixel (m: its input, xpix) and
+// added to pacc[0:n].
+template <bool kMasked, bool kPrologue>
 inline void InputGradientPixel(float* __restrict out, const float* dz, const float* z,
                                const int64_t* rows, const float* const* taps, int count,
-                               int64_t n) {
+                               int64_t n, const float* xpix, const float* pb, float* pacc) {
+  auto finish = [&](int64_t c, Vec16 a) {
+    if constexpr (kPrologue) {
+      a = PrologueGradient(a, xpix + c, pb + c);
+      Store(pacc + c, Load(pacc + c) + a);
+    }
+    Store(out + c, a);
+  };
   int64_t c = 0;
   for (; c + 4 * kLanes <= n; c += 4 * kLanes) {
     Vec16 a0 = {}, a1 = {}, a2 = {}, a3 = {};
@@ -228,21 +272,25 @@ inline void InputGradientPixel(float* __restrict out, const float* dz, const flo
       a2 += Cotangent<kMasked>(dz + o + 2 * kLanes, z + o + 2 * kLanes) * Load(k + 2 * kLanes);
       a3 += Cotangent<kMasked>(dz + o + 3 * kLanes, z + o + 3 * kLanes) * Load(k + 3 * kLanes);
     }
-    Store(out + c, a0);
-    Store(out + c + kLanes, a1);
-    Store(out + c + 2 * kLanes, a2);
-    Store(out + c + 3 * kLanes, a3);
+    finish(c, a0);
+    finish(c + kLanes, a1);
+    finish(c + 2 * kLanes, a2);
+    finish(c + 3 * kLanes, a3);
   }
   for (; c + kLanes <= n; c += kLanes) {
     Vec16 a = {};
     for (int t = 0; t < count; ++t)
       a += Cotangent<kMasked>(dz + rows[t] + c, z + rows[t] + c) * Load(taps[t] + c);
-    Store(out + c, a);
+    finish(c, a);
   }
   for (; c < n; ++c) {
     float a = 0.0f;
     for (int t = 0; t < count; ++t)
       a += Cotangent<kMasked>(dz[rows[t] + c], z[rows[t] + c]) * taps[t][c];
+    if constexpr (kPrologue) {
+      a = PrologueGradient(a, xpix[c], pb[c]);
+      pacc[c] += a;
+    }
     out[c] = a;
   }
 }
@@ -250,9 +298,10 @@ inline void InputGradientPixel(float* __restrict out, const float* dz, const flo
 // Input gradient: one unit = one input row (b, r).
 //   dx[b, r, s, c] = sum over (i, j) with r = p*stride + i - top and
 //   s = q*stride + j - left of cot[b, p, q, c] * k[i, j, c].
-template <bool kMasked>
+template <bool kMasked, bool kPrologue>
 void InputGradientRows(const Geometry& g, const float* dz, const float* z, const float* k,
-                       float* dx, int64_t begin, int64_t end) {
+                       const float* x, const float* pb, float* dx, float* pacc,
+                       int64_t begin, int64_t end) {
   int64_t rows[9];
   const float* taps[9];
   for (int64_t unit = begin; unit < end; ++unit) {
@@ -276,7 +325,8 @@ void InputGradientRows(const Geometry& g, const float* dz, const float* z, const
           ++count;
         }
       }
-      InputGradientPixel<kMasked>(dxrow + s * g.c, dz, z, rows, taps, count, g.c);
+      InputGradientPixel<kMasked, kPrologue>(dxrow + s * g.c, dz, z, rows, taps, count, g.c,
+                                             x + (unit * g.w + s) * g.c, pb, pacc);
     }
   }
 }
@@ -286,9 +336,9 @@ void InputGradientRows(const Geometry& g, const float* dz, const float* z, const
 //   acc[9, c]    += sum_{(b, p) in rows, q} cot[b, p, q, c]
 // Each row's sums are formed in registers and then added to `acc`, so the
 // float32 accumulation error grows with rows, not pixels.
-template <bool kMasked>
-void KernelGradientRows(const Geometry& g, const float* x, const float* dz, const float* z,
-                        float* acc, int64_t begin, int64_t end) {
+template <bool kMasked, bool kPrologue>
+void KernelGradientRows(const Geometry& g, const float* x, const float* pb, const float* dz,
+                        const float* z, float* acc, int64_t begin, int64_t end) {
   const int64_t n = g.c;
   for (int64_t unit = begin; unit < end; ++unit) {
     const int64_t b = unit / g.ho, p = unit % g.ho;
@@ -330,11 +380,12 @@ void KernelGradientRows(const Geometry& g, const float* x, const float* dz, cons
           const float* xv = xrow + (q_lo * g.stride + shift) * n + c;
           int64_t o = q_lo * n + c;
           for (int64_t q = q_lo; q < q_hi; ++q, xv += xstep, o += n) {
-            a0 += Load(xv) * Cotangent<kMasked>(dzrow + o, zrow + o);
-            a1 += Load(xv + kLanes) * Cotangent<kMasked>(dzrow + o + kLanes, zrow + o + kLanes);
-            a2 += Load(xv + 2 * kLanes) *
+            a0 += Input<kPrologue>(xv, pb + c) * Cotangent<kMasked>(dzrow + o, zrow + o);
+            a1 += Input<kPrologue>(xv + kLanes, pb + c + kLanes) *
+                  Cotangent<kMasked>(dzrow + o + kLanes, zrow + o + kLanes);
+            a2 += Input<kPrologue>(xv + 2 * kLanes, pb + c + 2 * kLanes) *
                   Cotangent<kMasked>(dzrow + o + 2 * kLanes, zrow + o + 2 * kLanes);
-            a3 += Load(xv + 3 * kLanes) *
+            a3 += Input<kPrologue>(xv + 3 * kLanes, pb + c + 3 * kLanes) *
                   Cotangent<kMasked>(dzrow + o + 3 * kLanes, zrow + o + 3 * kLanes);
           }
           Store(out + c, Load(out + c) + a0);
@@ -347,7 +398,7 @@ void KernelGradientRows(const Geometry& g, const float* x, const float* dz, cons
           const float* xv = xrow + (q_lo * g.stride + shift) * n + c;
           int64_t o = q_lo * n + c;
           for (int64_t q = q_lo; q < q_hi; ++q, xv += xstep, o += n)
-            a += Load(xv) * Cotangent<kMasked>(dzrow + o, zrow + o);
+            a += Input<kPrologue>(xv, pb + c) * Cotangent<kMasked>(dzrow + o, zrow + o);
           Store(out + c, Load(out + c) + a);
         }
         for (; c < n; ++c) {
@@ -355,7 +406,7 @@ void KernelGradientRows(const Geometry& g, const float* x, const float* dz, cons
           const float* xv = xrow + (q_lo * g.stride + shift) * n + c;
           int64_t o = q_lo * n + c;
           for (int64_t q = q_lo; q < q_hi; ++q, xv += xstep, o += n)
-            a += *xv * Cotangent<kMasked>(dzrow[o], zrow[o]);
+            a += Input<kPrologue>(*xv, pb[c]) * Cotangent<kMasked>(dzrow[o], zrow[o]);
           out[c] += a;
         }
       }
@@ -389,11 +440,16 @@ bool SameShape(const ffi::Span<const int64_t>& d, const Geometry& g) {
   return d.size() == 4 && d[0] == g.batch && d[1] == g.ho && d[2] == g.wo && d[3] == g.c;
 }
 
-// z = act(depthwise(x, kernel) + bias)
+// z = act(depthwise(in(x), kernel) + bias), in(x) = x, or relu6(x + pbias)
+// when `prologue` is set.
 ffi::Error DepthwiseForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                             ffi::Buffer<ffi::F32> kernel, ffi::Buffer<ffi::F32> bias,
-                            ffi::ResultBuffer<ffi::F32> z, int64_t stride, int64_t relu6) {
+                            ffi::Buffer<ffi::F32> pbias, ffi::ResultBuffer<ffi::F32> z,
+                            int64_t stride, int64_t relu6, int64_t prologue) {
   if (auto e = CheckShapes(x.dimensions(), kernel.dimensions(), bias.dimensions(), stride);
+      e.failure())
+    return e;
+  if (auto e = CheckShapes(x.dimensions(), kernel.dimensions(), pbias.dimensions(), stride);
       e.failure())
     return e;
   const Geometry g = MakeGeometry(x.dimensions(), stride);
@@ -402,26 +458,45 @@ ffi::Error DepthwiseForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   const float* xp = x.typed_data();
   const float* kp = kernel.typed_data();
   const float* bp = bias.typed_data();
+  const float* pp = pbias.typed_data();
   float* zp = z->typed_data();
   const int64_t units = g.batch * g.ho;
   const int64_t helpers = Helpers(pool);
   ParallelFor(pool, units, Grain(units, helpers), helpers, [&](int64_t begin, int64_t end) {
-    if (relu6)
-      ForwardRows<true>(g, xp, kp, bp, zp, begin, end);
+    if (relu6 && prologue)
+      ForwardRows<true, true>(g, xp, kp, bp, pp, zp, begin, end);
+    else if (relu6)
+      ForwardRows<true, false>(g, xp, kp, bp, pp, zp, begin, end);
+    else if (prologue)
+      ForwardRows<false, true>(g, xp, kp, bp, pp, zp, begin, end);
     else
-      ForwardRows<false>(g, xp, kp, bp, zp, begin, end);
+      ForwardRows<false, false>(g, xp, kp, bp, pp, zp, begin, end);
   });
   return ffi::Error::Success();
 }
 
-// (dx, dkernel, dbias) of DepthwiseForward for the output cotangent dz; z is
-// the forward's output (read only with relu6, for the activation's mask).
+// Sums per-chunk partials [chunks, n] in chunk order into out[0:n].
+void SumChunks(const std::vector<float>& partial, int64_t chunks, int64_t n, float* out) {
+  std::fill(out, out + n, 0.0f);
+  for (int64_t chunk = 0; chunk < chunks; ++chunk)
+    for (int64_t v = 0; v < n; ++v) out[v] += partial[chunk * n + v];
+}
+
+// (dx, dkernel, dbias, dpbias) of DepthwiseForward for the output cotangent
+// dz; z is the forward's output (read only with relu6, for the activation's
+// mask). With `prologue`, dx is the gradient of the pre-activation x and
+// dpbias its sum; without, dpbias is 0.
 ffi::Error DepthwiseBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
-                             ffi::Buffer<ffi::F32> kernel, ffi::Buffer<ffi::F32> z,
-                             ffi::Buffer<ffi::F32> dz, ffi::ResultBuffer<ffi::F32> dx,
-                             ffi::ResultBuffer<ffi::F32> dk, ffi::ResultBuffer<ffi::F32> dbias,
-                             int64_t stride, int64_t relu6) {
+                             ffi::Buffer<ffi::F32> kernel, ffi::Buffer<ffi::F32> pbias,
+                             ffi::Buffer<ffi::F32> z, ffi::Buffer<ffi::F32> dz,
+                             ffi::ResultBuffer<ffi::F32> dx, ffi::ResultBuffer<ffi::F32> dk,
+                             ffi::ResultBuffer<ffi::F32> dbias,
+                             ffi::ResultBuffer<ffi::F32> dpbias, int64_t stride, int64_t relu6,
+                             int64_t prologue) {
   if (auto e = CheckShapes(x.dimensions(), kernel.dimensions(), dbias->dimensions(), stride);
+      e.failure())
+    return e;
+  if (auto e = CheckShapes(x.dimensions(), kernel.dimensions(), pbias.dimensions(), stride);
       e.failure())
     return e;
   const Geometry g = MakeGeometry(x.dimensions(), stride);
@@ -429,41 +504,57 @@ ffi::Error DepthwiseBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
     return ffi::Error::InvalidArgument("depthwise: z or dz has the wrong shape");
   const float* xp = x.typed_data();
   const float* kp = kernel.typed_data();
+  const float* pp = pbias.typed_data();
   const float* zp = z.typed_data();
   const float* gp = dz.typed_data();
   const int64_t helpers = Helpers(pool);
 
   // Kernel and bias gradients: per-chunk partial sums [10, C], then their
   // sum in chunk order.
-  const int64_t n = 10 * g.c;
-  const int64_t out_rows = g.batch * g.ho;
-  const int64_t grain = (out_rows + kKernelGradientChunks - 1) / kKernelGradientChunks;
-  const int64_t chunks = (out_rows + grain - 1) / grain;
-  std::vector<float> partial(chunks * n, 0.0f);
-  ParallelFor(pool, out_rows, grain, helpers, [&](int64_t begin, int64_t end) {
-    float* acc = partial.data() + (begin / grain) * n;
-    if (relu6)
-      KernelGradientRows<true>(g, xp, gp, zp, acc, begin, end);
-    else
-      KernelGradientRows<false>(g, xp, gp, zp, acc, begin, end);
-  });
-  std::vector<float> total(n, 0.0f);
-  for (int64_t chunk = 0; chunk < chunks; ++chunk)
-    for (int64_t v = 0; v < n; ++v) total[v] += partial[chunk * n + v];
-  std::copy(total.begin(), total.begin() + 9 * g.c, dk->typed_data());
-  std::copy(total.begin() + 9 * g.c, total.end(), dbias->typed_data());
+  {
+    const int64_t n = 10 * g.c;
+    const int64_t out_rows = g.batch * g.ho;
+    const int64_t grain = (out_rows + kKernelGradientChunks - 1) / kKernelGradientChunks;
+    const int64_t chunks = (out_rows + grain - 1) / grain;
+    std::vector<float> partial(chunks * n, 0.0f);
+    ParallelFor(pool, out_rows, grain, helpers, [&](int64_t begin, int64_t end) {
+      float* acc = partial.data() + (begin / grain) * n;
+      if (relu6 && prologue)
+        KernelGradientRows<true, true>(g, xp, pp, gp, zp, acc, begin, end);
+      else if (relu6)
+        KernelGradientRows<true, false>(g, xp, pp, gp, zp, acc, begin, end);
+      else if (prologue)
+        KernelGradientRows<false, true>(g, xp, pp, gp, zp, acc, begin, end);
+      else
+        KernelGradientRows<false, false>(g, xp, pp, gp, zp, acc, begin, end);
+    });
+    std::vector<float> total(n);
+    SumChunks(partial, chunks, n, total.data());
+    std::copy(total.begin(), total.begin() + 9 * g.c, dk->typed_data());
+    std::copy(total.begin() + 9 * g.c, total.end(), dbias->typed_data());
+  }
 
+  // Input gradient (and with a prologue its bias's, in fixed chunks too).
   float* dxp = dx->typed_data();
   const int64_t in_rows = g.batch * g.h;
-  ParallelFor(pool, in_rows, Grain(in_rows, helpers), helpers, [&](int64_t begin, int64_t end) {
-    if (relu6)
-      InputGradientRows<true>(g, gp, zp, kp, dxp, begin, end);
+  const int64_t grain = prologue ? (in_rows + kKernelGradientChunks - 1) / kKernelGradientChunks
+                                 : Grain(in_rows, helpers);
+  const int64_t chunks = prologue ? (in_rows + grain - 1) / grain : 0;
+  std::vector<float> partial(chunks * g.c, 0.0f);
+  ParallelFor(pool, in_rows, grain, helpers, [&](int64_t begin, int64_t end) {
+    float* pacc = prologue ? partial.data() + (begin / grain) * g.c : nullptr;
+    if (relu6 && prologue)
+      InputGradientRows<true, true>(g, gp, zp, kp, xp, pp, dxp, pacc, begin, end);
+    else if (relu6)
+      InputGradientRows<true, false>(g, gp, zp, kp, xp, pp, dxp, pacc, begin, end);
+    else if (prologue)
+      InputGradientRows<false, true>(g, gp, zp, kp, xp, pp, dxp, pacc, begin, end);
     else
-      InputGradientRows<false>(g, gp, zp, kp, dxp, begin, end);
+      InputGradientRows<false, false>(g, gp, zp, kp, xp, pp, dxp, pacc, begin, end);
   });
+  SumChunks(partial, chunks, g.c, dpbias->typed_data());
   return ffi::Error::Success();
 }
-
 
 // ---------------------------------------------------------------------------
 // Full 3x3 convolution with few input channels (the MobileNetV2 stem: RGB in,
@@ -707,22 +798,27 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(StructvprDepthwiseForward, DepthwiseForward,
                                   .Arg<ffi::Buffer<ffi::F32>>()  // x [B, H, W, C]
                                   .Arg<ffi::Buffer<ffi::F32>>()  // kernel [3, 3, C]
                                   .Arg<ffi::Buffer<ffi::F32>>()  // bias [C]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // prologue bias [C]
                                   .Ret<ffi::Buffer<ffi::F32>>()  // z [B, Ho, Wo, C]
                                   .Attr<int64_t>("stride")
-                                  .Attr<int64_t>("relu6"));
+                                  .Attr<int64_t>("relu6")
+                                  .Attr<int64_t>("prologue"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(StructvprDepthwiseBackward, DepthwiseBackward,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()  // x
                                   .Arg<ffi::Buffer<ffi::F32>>()  // kernel
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // prologue bias
                                   .Arg<ffi::Buffer<ffi::F32>>()  // z (forward output)
                                   .Arg<ffi::Buffer<ffi::F32>>()  // dz
                                   .Ret<ffi::Buffer<ffi::F32>>()  // dx
                                   .Ret<ffi::Buffer<ffi::F32>>()  // dkernel
                                   .Ret<ffi::Buffer<ffi::F32>>()  // dbias
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // dprologue bias
                                   .Attr<int64_t>("stride")
-                                  .Attr<int64_t>("relu6"));
+                                  .Attr<int64_t>("relu6")
+                                  .Attr<int64_t>("prologue"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(StructvprConv3x3Forward, Conv3x3Forward,
                               ffi::Ffi::Bind()
