@@ -123,6 +123,7 @@ def load() -> bool:
           jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, symbol)),
                                       platform="cpu")
         ok = True
+        logging.info("native CPU kernels: %s", path)
       except (OSError, RuntimeError, AttributeError) as e:
         reason = f"{type(e).__name__}: {e}"
     if not ok and reason != "disabled by STRUCTVPR_NATIVE=0":
