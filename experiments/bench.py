@@ -20,9 +20,16 @@ and "nohuge", without it (keys with `_nohuge` before the unit).
 
 Keys (stable; later versions add keys, never rename):
   forward_224_img_s       RGB branch (MobileNetV2-1.0 + NetVLAD-64, 81,920-d;
-                          spec as models/spec.py with dim 0), 16 uint8 images at
-                          224x224 through evaluation.Extractor
+                          spec as models/spec.py with dim 0): one batch of 16
+                          uint8 host images at 224x224 to host descriptors through
+                          the extractor's jitted function (what PyTorch's figure
+                          times: model(normalize(x)) on a uint8 tensor). Before
+                          2026-12-02 this key timed the whole evaluation.Extractor
+                          call, now extract_224_img_s
   forward_480x640_img_s   same, 16x480x640
+  extract_224_img_s, extract_480x640_img_s   the same batch through
+                          evaluation.Extractor (the Grain read-ahead stream started
+                          per call, padding, gather; JAX only)
   train_step_224_img_s    train_lib.make_train_step on a 1-device mesh: 4 triplets
                           (q, p, 1 negative) = 12 uint8 images at 224, Adam, grad
                           clip 1.0, BatchNorm in training mode ("batch"), donated state
@@ -202,8 +209,23 @@ def timed(fn, repeats: int) -> tuple[float, float]:
 
 
 def bench_forward(spec: dict, variables, mesh, repeats: int, batch: int = 16) -> dict:
-  """{"img_s", "compile_s"} of `evaluation.Extractor` on one batch of `batch`
-  inputs at spec["image_size"] (replicated `variables`)."""
+  """{"img_s", "compile_s"} of the extractor's jitted function on one host
+  batch of `batch` uint8 inputs at spec["image_size"], descriptors fetched
+  to the host (replicated `variables`): the model call PyTorch's forward
+  figure times."""
+  import numpy as np
+  from structvpr_jax import evaluation, parallel
+  extractor = evaluation.Extractor(spec, mesh, batch)
+  images = RandomImages(spec, batch, seed=0).get(spec["view"], np.arange(batch))
+  first, sec = timed(lambda: np.asarray(
+      extractor._apply(variables, parallel.shard_batch(images, mesh))), repeats)
+  return {"img_s": batch / sec, "compile_s": first}
+
+
+def bench_extract(spec: dict, variables, mesh, repeats: int, batch: int = 16) -> dict:
+  """{"img_s", "compile_s"} of a whole `evaluation.Extractor` call on one
+  batch of `batch` inputs (its streaming input, padding and gathering
+  included)."""
   from structvpr_jax import evaluation
   extractor = evaluation.Extractor(spec, mesh, batch)
   images = RandomImages(spec, batch, seed=0)
@@ -248,6 +270,8 @@ def branch_figures(spec: dict, mesh, quick: bool, repeats: int, prefix: str = ""
     sized = dict(spec, image_size=list(hw))
     for unit, value in bench_forward(sized, replicated, mesh, repeats).items():
       out[f"{prefix}forward_{key}_{unit}"] = value
+    for unit, value in bench_extract(sized, replicated, mesh, repeats).items():
+      out[f"{prefix}extract_{key}_{unit}"] = value
     for batchnorm, suffix in BATCHNORM_SUFFIX.items():
       figure = bench_train_step(sized, variables, mesh, batchnorm, TRAIN_TRIPLETS[key], repeats)
       for unit, value in figure.items():
@@ -615,6 +639,8 @@ def markdown_table(b: dict) -> str:
              "train_step_480x640", digits=2),
       paired("RGB train step, 2 triplets at 480x640, frozen BN (the pipeline's mode)",
              "train_step_480x640_frozen", digits=2),
+      single("RGB evaluation.Extractor call, 16 images at 224 / 480x640",
+             pair("extract_224_img_s", "extract_480x640_img_s", unit=" img/s")),
       single("seg forward 16x224x224 / 16x480x640",
              pair("seg_forward_224_img_s", "seg_forward_480x640_img_s", unit=" img/s")),
       single("seg train step at 224 / 480x640, BN batch statistics",

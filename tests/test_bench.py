@@ -24,7 +24,10 @@ LEVER_KEYS = [f"{name}{s}_{unit}" for name in ("forward_224_unfolded", "train_st
                                                "forward_224_shifted", "train_step_224_frozen_shifted",
                                                "train_step_224_frozen_from14")
               for s in ("", "_nohuge") for unit in ("img_s", "compile_s")]
-JAX_KEYS = PAIRED_JAX + LEVER_KEYS + [
+EXTRACT_KEYS = [f"{prefix}extract_{size}{s}_{unit}" for prefix, settings in
+                (("", ("", "_nohuge")), ("seg_", ("",))) for size in ("224", "480x640")
+                for s in settings for unit in ("img_s", "compile_s")]
+JAX_KEYS = PAIRED_JAX + LEVER_KEYS + EXTRACT_KEYS + [
     f"seg_{name}_{unit}" for name in bench.PAIRED for unit in ("img_s", "compile_s")] + [
     "partition_s", "faiss_search_s", "partition_compile_s", "partition_vs_two_faiss",
     "eval_extract_s", "eval_extract_img_s", "eval_search_recall_s", "eval_bare_faiss_s",
