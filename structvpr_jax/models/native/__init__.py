@@ -27,13 +27,14 @@ import os
 import platform
 import shutil
 import subprocess
-import tempfile
 import threading
 from pathlib import Path
 from typing import Optional
 
 import jax
 import numpy as np
+
+from structvpr_jax import files
 
 _SOURCE = Path(__file__).with_name("kernels.cc")
 _TARGETS = {
@@ -82,22 +83,18 @@ def library_path(compiler: str) -> Path:
 
 
 def build(compiler: str, target: Path) -> None:
-  """Compiles kernels.cc into `target` (temporary name, then rename).
+  """Compiles kernels.cc into `target` (a temporary name, then renamed:
+  `files.atomic_write`).
 
   Raises RuntimeError with the compiler's message when it fails.
   """
-  target.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=target.stem + ".", suffix=".tmp.so", dir=target.parent)
-  os.close(fd)
-  try:
+  def compile_to(tmp: str) -> None:
     cmd = [compiler, *_FLAGS, f"-I{jax.ffi.include_dir()}", str(_SOURCE), "-o", tmp]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
       raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
-    os.replace(tmp, target)
-  finally:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
+
+  files.atomic_write(str(target), compile_to)
 
 
 def load() -> bool:
