@@ -781,9 +781,8 @@ ffi::Error Conv3x3KernelGradient(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
     else
       ConvKernelGradientRows<false, 0>(cg, xp, gp, zp, acc, begin, end);
   });
-  std::vector<float> total(n, 0.0f);
-  for (int64_t chunk = 0; chunk < chunks; ++chunk)
-    for (int64_t v = 0; v < n; ++v) total[v] += partial[chunk * n + v];
+  std::vector<float> total(n);
+  SumChunks(partial, chunks, n, total.data());
   const int64_t nw = 9 * cg.g.c * cg.cout;
   std::copy(total.begin(), total.begin() + nw, dw->typed_data());
   std::copy(total.begin() + nw, total.end(), dbias->typed_data());
