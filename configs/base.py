@@ -55,9 +55,11 @@ def get_config(arg=None):
   c.data.format = "folder"
 
   c.model = ml_collections.ConfigDict()
-  # The 3x3 depthwise kernel of both backbones: "auto" (9 shifted multiply-adds
-  # on the CPU, one grouped convolution on GPU/TPU) | "shifted" | "grouped".
-  # Equal results (tests/test_mobilenet.py); stored in the checkpoint's spec.
+  # The 3x3 depthwise kernel of both backbones: "auto" (the native C++ kernels
+  # on the CPU when they build, else 9 shifted multiply-adds; one grouped
+  # convolution on GPU/TPU) | "native" | "shifted" | "grouped". Equal results
+  # up to float rounding (tests/test_mobilenet.py, tests/test_native_kernels.py);
+  # stored in the checkpoint's spec.
   c.model.depthwise = "auto"
   # Fold frozen BatchNorm (evaluation, and train.batchnorm="frozen") into the
   # preceding convolution: same parameters, equal up to float rounding (one
@@ -182,6 +184,12 @@ def get_config(arg=None):
 
   c.eval = ml_collections.ConfigDict()
   c.eval.batch_size = 32 if not smoke else 8   # images per device per extraction batch
+  # Images per device run at a time inside an extraction batch (lax.map over
+  # chunks; must divide eval.batch_size). 0 = auto: on the CPU chunks of at
+  # most 2^18 pixels (4 images at 224, 1 at 480x640), whose activations stay
+  # in cache (forward 1.1-1.7x faster, experiments/bench.py `*_whole` lever);
+  # the whole batch on GPU/TPU. Descriptors equal up to float rounding.
+  c.eval.micro_batch = 0
   c.eval.ns = (1, 5, 10, 20)
   c.eval.radius = 25.0
   # PCA(-whitening) of the global descriptors to pca_dim, fitted on the train

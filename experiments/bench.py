@@ -86,6 +86,14 @@ Keys (stable; later versions add keys, never rename):
                           (before 2026-12-02 the main figures were unfolded, and
                           forward_224_fold_bn_* / train_step_224_frozen_fold_bn_*
                           measured folding)
+  forward_224_whole_img_s, forward_480x640_whole_img_s   the forward figures with
+                          the whole batch of 16 in one program (eval.micro_batch=16)
+                          instead of the CPU default's chunks of 2^18 pixels
+                          (4 images at 224, 1 at 480x640), also *_nohuge
+  torch_forward_224_chunked_img_s, torch_forward_480x640_chunked_img_s   PyTorch's
+                          forward of the same 16 images in those chunks (the same
+                          cache effect; not the reference of the ratio_* keys, which
+                          time the obvious whole-batch call), also *_nohuge
   round_min_max           {key: [min, max]} over the rounds of every measured key
                           (the spread behind the median; JAX-only keys: one round)
   records_export_img_s    the one-off records export of those images at 480x640
@@ -208,17 +216,24 @@ def timed(fn, repeats: int) -> tuple[float, float]:
   return first, statistics.median(times)
 
 
-def bench_forward(spec: dict, variables, mesh, repeats: int, batch: int = 16) -> dict:
-  """{"img_s", "compile_s"} of the extractor's jitted function on one host
-  batch of `batch` uint8 inputs at spec["image_size"], descriptors fetched
-  to the host (replicated `variables`): the model call PyTorch's forward
-  figure times."""
+def forward_call(spec: dict, variables, mesh, batch: int = 16, micro_batch: int = 0):
+  """A no-argument function running the extractor's jitted function on one
+  host batch of `batch` uint8 inputs at spec["image_size"] (`micro_batch`
+  images at a time, 0 = auto: `evaluation.micro_batch_size`), descriptors
+  fetched to the host (replicated `variables`): the model call PyTorch's
+  forward figure times."""
   import numpy as np
   from structvpr_jax import evaluation, parallel
-  extractor = evaluation.Extractor(spec, mesh, batch)
-  images = RandomImages(spec, batch, seed=0).get(spec["view"], np.arange(batch))
-  first, sec = timed(lambda: np.asarray(
-      extractor._apply(variables, parallel.shard_batch(images, mesh))), repeats)
+  extractor = evaluation.Extractor(spec, mesh, batch, micro_batch)
+  images = parallel.shard_batch(
+      RandomImages(spec, batch, seed=0).get(spec["view"], np.arange(batch)), mesh)
+  return lambda: np.asarray(extractor._apply(variables, images))
+
+
+def bench_forward(spec: dict, variables, mesh, repeats: int, batch: int = 16,
+                  micro_batch: int = 0) -> dict:
+  """{"img_s", "compile_s"} of `forward_call`."""
+  first, sec = timed(forward_call(spec, variables, mesh, batch, micro_batch), repeats)
   return {"img_s": batch / sec, "compile_s": first}
 
 
@@ -233,11 +248,12 @@ def bench_extract(spec: dict, variables, mesh, repeats: int, batch: int = 16) ->
   return {"img_s": batch / sec, "compile_s": first}
 
 
-def bench_train_step(spec: dict, variables: dict, mesh, batchnorm: str, triplets: int,
-                     repeats: int, trainable_from: int = 0) -> dict:
-  """{"img_s", "compile_s"} of `train_lib.make_train_step` (Adam, lr 1e-4, grad
-  clip 1.0, margin 0.1, BatchNorm `batchnorm`) from host `variables` on a
-  batch of `triplets` x (q, p, 1 negative) inputs at spec["image_size"]."""
+def train_step_call(spec: dict, variables: dict, mesh, batchnorm: str, triplets: int,
+                    trainable_from: int = 0):
+  """A no-argument function running `train_lib.make_train_step` (Adam, lr
+  1e-4, grad clip 1.0, margin 0.1, BatchNorm `batchnorm`) from host
+  `variables` on a batch of `triplets` x (q, p, 1 negative) inputs at
+  spec["image_size"]; each call continues from the last one's state."""
   import jax
   from structvpr_jax import parallel, train_lib
   tc = {"num_steps": 1000, "learning_rate": 1e-4, "warmup_steps": 0, "margin": 0.1,
@@ -251,9 +267,16 @@ def bench_train_step(spec: dict, variables: dict, mesh, batchnorm: str, triplets
 
   def run():   # the step donates its input state
     holder["state"], metrics = step(holder["state"], batch, rng)
-    return holder["state"], metrics
+    return jax.block_until_ready((holder["state"], metrics))
 
-  first, sec = timed(run, repeats)
+  return run
+
+
+def bench_train_step(spec: dict, variables: dict, mesh, batchnorm: str, triplets: int,
+                     repeats: int, trainable_from: int = 0) -> dict:
+  """{"img_s", "compile_s"} of `train_step_call`."""
+  first, sec = timed(train_step_call(spec, variables, mesh, batchnorm, triplets,
+                                     trainable_from), repeats)
   return {"img_s": 3 * triplets / sec, "compile_s": first}
 
 
@@ -292,13 +315,20 @@ LEVERS = {"unfolded": ({"fold_bn": False}, 0), "shifted": ({"depthwise": "shifte
 
 
 def lever_figures(spec: dict, mesh, quick: bool, repeats: int) -> dict:
-  """`forward_224_<lever>_*` (levers that change the model) and
-  `train_step_224_frozen_<lever>_*` ({img_s, compile_s})."""
+  """`forward_<size>_whole_*` (eval.micro_batch=16), `forward_224_<lever>_*`
+  (levers that change the model) and `train_step_224_frozen_<lever>_*`
+  ({img_s, compile_s})."""
   from structvpr_jax import parallel
   from structvpr_jax.models import spec as model_spec
   variables = model_spec.init_variables(spec, seed=0)
   sized = dict(spec, image_size=list(image_sizes(quick)["224"]))
   out = {}
+  replicated = parallel.replicate(variables, mesh)
+  for key, hw in image_sizes(quick).items():   # the whole batch of 16 at once
+    whole = bench_forward(dict(spec, image_size=list(hw)), replicated, mesh, repeats,
+                          micro_batch=16)
+    for unit, value in whole.items():
+      out[f"forward_{key}_whole_{unit}"] = value
   for name, (changes, trainable_from) in LEVERS.items():
     lever = dict(sized, **changes)
     if quick and trainable_from:
@@ -625,6 +655,14 @@ def markdown_table(b: dict) -> str:
       paired("RGB train step, 4 triplets at 224, BN batch statistics", "train_step_224"),
       paired("RGB train step, 4 triplets at 224, frozen BN (the pipeline's mode)",
              "train_step_224_frozen", bound=1.5),
+      levers("RGB forward 16x224x224, whole batch in one program (eval.micro_batch=16)",
+             "forward_224_whole", "forward_224"),
+      levers("RGB forward 16x480x640, whole batch in one program (eval.micro_batch=16)",
+             "forward_480x640_whole", "forward_480x640"),
+      levers("RGB forward 16x224x224 (ours, chunks of 4); PyTorch also in chunks of 4",
+             "forward_224", "forward_224_chunked"),
+      levers("RGB forward 16x480x640 (ours, chunks of 1); PyTorch also in chunks of 1",
+             "forward_480x640", "forward_480x640_chunked"),
       levers("RGB forward 16x224x224, model.fold_bn=False", "forward_224_unfolded",
              "forward_224"),
       levers("RGB train step at 224, frozen BN, model.fold_bn=False",

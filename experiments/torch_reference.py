@@ -148,6 +148,33 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch
   return loss.detach()
 
 
+# structvpr_jax.evaluation.MICRO_BATCH_PIXELS (not imported: no JAX in this
+# process; tests/test_bench.py checks they agree)
+MICRO_BATCH_PIXELS = 1 << 18
+
+
+def micro_batch_size(batch: int, hw) -> int:
+  """The images per chunk our CPU extraction uses by default
+  (`evaluation.micro_batch_size`): the largest divisor of `batch` whose chunk
+  holds at most MICRO_BATCH_PIXELS pixels, at least 1."""
+  pixels = hw[0] * hw[1]
+  return max([d for d in range(1, batch + 1) if batch % d == 0 and d * pixels <=
+              MICRO_BATCH_PIXELS], default=1)
+
+
+def forward_call(model: nn.Module, images: torch.Tensor, chunk: int = 0):
+  """A no-argument inference forward of uint8 `images` [B, H, W, 3] (in
+  chunks of `chunk` images when > 0)."""
+  chunk = chunk or len(images)
+
+  def forward():
+    with torch.inference_mode():
+      return torch.cat([model(normalize(images[i:i + chunk]))
+                        for i in range(0, len(images), chunk)])
+
+  return forward
+
+
 def _median_time(fn, repeats: int) -> tuple[float, float]:
   """(first-call seconds, median seconds of `repeats` further calls)."""
   t0 = time.perf_counter()
@@ -183,12 +210,8 @@ def bench(repeats: int = 3, quick: bool = False) -> dict:
   model.eval()
   for key, hw in sizes.items():
     x = torch.randint(0, 256, (16, *hw, 3), dtype=torch.uint8)
-
-    def forward():
-      with torch.inference_mode():
-        model(normalize(x))
-
-    record(f"forward_{key}", 16, forward)
+    record(f"forward_{key}", 16, forward_call(model, x))
+    record(f"forward_{key}_chunked", 16, forward_call(model, x, micro_batch_size(16, hw)))
 
   optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
   for key, hw in sizes.items():

@@ -1,7 +1,8 @@
 """Descriptors of many images (data parallel) and Recall@N reports.
 
 - `Extractor(spec, mesh, per_device_batch)(variables, source, indices)`:
-  float32 [n, D] global descriptors, one compile for any number of images.
+  float32 [n, D] global descriptors, one compile for any number of images;
+  `extractor_from_config` builds it from eval.batch_size / eval.micro_batch.
 - `describe_split`: database and query descriptors of one layout split.
 - `recall_report`: R@N overall and per query condition (percent).
 - `RecallEvaluator(spec, root, split, mesh, ...).run(variables)`: the one
@@ -31,6 +32,51 @@ from structvpr_jax.models import spec as model_spec
 
 DESCRIPTOR_STORES = ("memory", "disk")          # eval.descriptors
 DESCRIPTOR_DTYPES = ("float32", "float16")       # eval.descriptor_dtype
+# eval.micro_batch = 0 on the CPU: chunks of at most this many pixels
+# (images x H x W). One chunk's largest activation (MobileNetV2's block-1
+# expansion, 96 channels at H/2 x W/2) is then ~25 MB, within the L3 cache
+# of a server core complex, where 16 images at 224 (77 MB) stream through
+# DRAM: experiments/bench.py's `forward_*_whole` lever measures it.
+MICRO_BATCH_PIXELS = 1 << 18
+
+
+def micro_batch_size(per_device_batch: int, image_size, requested: int = 0,
+                     backend: Optional[str] = None) -> int:
+  """Images per `lax.map` chunk inside one device's extraction batch.
+
+  `requested` > 0: that many (it must divide `per_device_batch`). 0 (auto):
+  on the CPU backend the largest divisor of `per_device_batch` whose chunk
+  holds at most `MICRO_BATCH_PIXELS` pixels (at least 1 image); on GPU/TPU
+  the whole batch (their parallelism wants it). Depends only on these
+  arguments, never on the device count, so descriptors stay bitwise equal
+  on 1 and on 8 devices.
+  """
+  per_device_batch, requested = int(per_device_batch), int(requested)
+  if requested < 0:
+    raise ValueError(f"eval.micro_batch={requested} must be 0 (auto) or positive")
+  if requested:
+    if per_device_batch % requested:
+      raise ValueError(f"eval.micro_batch={requested} must divide the per-device extraction "
+                       f"batch eval.batch_size={per_device_batch}")
+    return requested
+  if (backend or jax.default_backend()) != "cpu":
+    return per_device_batch
+  pixels = int(np.prod(image_size))
+  fits = [d for d in range(1, per_device_batch + 1)
+          if per_device_batch % d == 0 and d * pixels <= MICRO_BATCH_PIXELS]
+  return max(fits, default=1)
+
+
+def apply_in_chunks(fn: Callable, x, chunk: int):
+  """`fn(x)` computed `chunk` rows at a time (`lax.map`: one compiled body,
+  run len(x) / chunk times), rows concatenated; `fn` maps [n, ...] to
+  [n, ...] row by row (inference: no batch statistics). `chunk` must divide
+  len(x); chunk >= len(x) is `fn(x)` itself."""
+  n = x.shape[0]
+  if chunk >= n:
+    return fn(x)
+  out = jax.lax.map(fn, x.reshape((n // chunk, chunk) + x.shape[1:]))
+  return jax.tree.map(lambda o: o.reshape((n,) + o.shape[2:]), out)
 
 
 class Extractor:
@@ -39,17 +85,26 @@ class Extractor:
   Batches have a fixed size, `per_device_batch` images on every device (the
   last batch is padded and its padding dropped), so the function compiles
   once and each device runs the same program whatever the device count:
-  descriptors are bitwise equal on 1 and on 8 devices.
+  descriptors are bitwise equal on 1 and on 8 devices. Each device runs its
+  batch `micro_batch` images at a time (`micro_batch_size`: 0 = auto, which
+  on the CPU keeps a chunk's activations cache-sized); the descriptors equal
+  the whole batch's up to float rounding.
   """
 
-  def __init__(self, spec: dict, mesh, per_device_batch: int = 32):
+  def __init__(self, spec: dict, mesh, per_device_batch: int = 32, micro_batch: int = 0):
     self.spec = spec
     self.mesh = mesh
-    self.batch_size = max(1, int(per_device_batch)) * mesh.size
+    per_device_batch = max(1, int(per_device_batch))
+    self.batch_size = per_device_batch * mesh.size
+    self.micro_batch = micro_batch = micro_batch_size(per_device_batch, spec["image_size"],
+                                                      micro_batch)
     model = model_spec.build_model(spec)
 
-    def embed(variables, x):
+    def embed_chunk(variables, x):
       return model.apply(variables, model_spec.model_input(spec, x), train=False)
+
+    def embed(variables, x):
+      return apply_in_chunks(lambda xs: embed_chunk(variables, xs), x, micro_batch)
 
     self._apply = parallel.data_parallel_apply(embed, mesh)
 
@@ -103,6 +158,13 @@ class Extractor:
     if not chunks:
       return np.zeros((0, 0), np.float32)
     return np.concatenate(chunks).astype(np.float32)
+
+
+def extractor_from_config(config, spec: dict, mesh) -> Extractor:
+  """The `Extractor` of eval.batch_size images per device, run
+  eval.micro_batch at a time (0 = auto)."""
+  return Extractor(spec, mesh, config.eval.batch_size,
+                   int(config.eval.get("micro_batch", 0) or 0))
 
 
 def progress_bar(total: int, desc: str):
@@ -273,7 +335,7 @@ def pca_from_config(config, spec: dict, variables, root: str, mesh,
     return None
   vs = layout.read_split(root, "train", require_segmentations=spec["view"] == "seg")
   descs = describe_split(spec, variables, vs, mesh, config.eval.batch_size, progress,
-                         label="train")
+                         extractor_from_config(config, spec, mesh), label="train")
   return whitening.fit(np.concatenate([descs["database"], descs["queries"]]), dim,
                        bool(config.eval.get("pca_whiten", True)))
 

@@ -32,7 +32,7 @@ from flax.training import train_state
 
 from structvpr_jax import augment, checkpoint, config_lib, files, losses, mining, parallel, slme
 from structvpr_jax.data import input_pipeline, layout
-from structvpr_jax.evaluation import Extractor, RecallEvaluator
+from structvpr_jax.evaluation import Extractor, RecallEvaluator, extractor_from_config
 from structvpr_jax.models import netvlad
 from structvpr_jax.models import spec as model_spec
 
@@ -373,7 +373,7 @@ def train_stage(config, *, stage: str, spec: dict, split: layout.VprSplit, root:
                          num_threads=int(config.data.get("num_threads", 2)),
                          prefetch=int(config.data.get("prefetch", 2)),
                          cache_gb=config.data.get("cache_gb", None))
-  extractor = Extractor(spec, mesh, config.eval.batch_size)
+  extractor = extractor_from_config(config, spec, mesh)
   val = RecallEvaluator(spec, root, "val", mesh, config.eval.batch_size, tuple(config.eval.ns),
                         config.eval.radius, extractor=extractor,
                         vs=config_lib.read_split(config, root, "val", spec["view"] == "seg"))

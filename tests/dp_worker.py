@@ -141,7 +141,43 @@ def main(out_path):
   out["apply_sharded"] = parallel.unpad(np.asarray(desc), int(mask.sum()))
   out["apply_padded_rows"] = np.asarray(mask.size)
   out["apply_single"] = np.asarray(jax.jit(model.apply)(variables, images))
+
+  # evaluation.Extractor: 13 uint8 images (a partial last batch), 4 per
+  # device, run 2 at a time (micro_batch) on 8 devices and on 1, and whole
+  out.update(extractor_descriptors(mesh8, mesh1))
   np.savez(out_path, **out)
+
+
+EXTRACT_SPEC = {"branch": "rgb", "view": "rgb", "backbone": "mobilenet_v2", "width": 0.35,
+                "dim": 8, "num_clusters": 4, "blocks": [[1, 8, 1, 1], [2, 8, 1, 2]],
+                "slme": "slme", "normalization": "imagenet", "image_size": [16, 16], "init": ""}
+
+
+class ArraySource:
+  """The `ImageSource` interface the Extractor reads, over an array."""
+
+  def __init__(self, images):
+    self.images = images
+
+  def __len__(self):
+    return len(self.images)
+
+  def get(self, view, idx):
+    return self.images[np.asarray(idx)]
+
+
+def extractor_descriptors(mesh8, mesh1) -> dict:
+  from structvpr_jax.evaluation import Extractor
+  from structvpr_jax.models import spec as model_spec
+  variables = model_spec.init_variables(EXTRACT_SPEC, 0)
+  source = ArraySource(np.random.default_rng(6).integers(0, 256, (13, 16, 16, 3), np.uint8))
+  out = {}
+  for name, mesh, micro_batch in (("extract8_micro2", mesh8, 2), ("extract1_micro2", mesh1, 2),
+                                  ("extract1_whole", mesh1, 4)):
+    extractor = Extractor(EXTRACT_SPEC, mesh, per_device_batch=4, micro_batch=micro_batch)
+    assert extractor.micro_batch == micro_batch
+    out[name] = extractor(parallel.replicate(variables, mesh), source)
+  return out
 
 
 if __name__ == "__main__":

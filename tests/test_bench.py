@@ -22,7 +22,8 @@ PAIRED_JAX = [f"{name}{s}_{unit}" for name in bench.PAIRED for s in ("", "_nohug
               for unit in ("img_s", "compile_s")]
 LEVER_KEYS = [f"{name}{s}_{unit}" for name in ("forward_224_unfolded", "train_step_224_frozen_unfolded",
                                                "forward_224_shifted", "train_step_224_frozen_shifted",
-                                               "train_step_224_frozen_from14")
+                                               "train_step_224_frozen_from14",
+                                               "forward_224_whole", "forward_480x640_whole")
               for s in ("", "_nohuge") for unit in ("img_s", "compile_s")]
 EXTRACT_KEYS = [f"{prefix}extract_{size}{s}_{unit}" for prefix, settings in
                 (("", ("", "_nohuge")), ("seg_", ("",))) for size in ("224", "480x640")
@@ -38,7 +39,8 @@ JAX_KEYS = PAIRED_JAX + LEVER_KEYS + EXTRACT_KEYS + [
 TORCH_KEYS = [f"torch_{name}{s}_{unit}" for name in bench.PAIRED for s in ("", "_nohuge")
               for unit in ("img_s", "first_s")] + [
     f"ratio_{name}{s}" for name in bench.PAIRED for s in ("", "_nohuge")] + [
-    "torch_peak_rss_mb"]
+    f"torch_forward_{size}_chunked{s}_{unit}" for size in ("224", "480x640")
+    for s in ("", "_nohuge") for unit in ("img_s", "first_s")] + ["torch_peak_rss_mb"]
 HAVE_TORCH = importlib.util.find_spec("torch") is not None
 
 
@@ -164,3 +166,68 @@ def test_bench_measures_the_pipelines_default_model():
   spec = bench.make_spec("rgb", (224, 224), False, dim=0, num_clusters=64)
   assert spec["fold_bn"] is True and spec["depthwise"] == "auto"
 
+
+
+def test_torch_reference_chunks_like_our_extraction():
+  torch_reference = pytest.importorskip("torch_reference")
+  from structvpr_jax import evaluation
+  assert torch_reference.MICRO_BATCH_PIXELS == evaluation.MICRO_BATCH_PIXELS
+  for hw in ((224, 224), (480, 640), (64, 64), (96, 128), (7, 11)):
+    assert (torch_reference.micro_batch_size(16, hw)
+            == evaluation.micro_batch_size(16, hw, backend="cpu")), hw
+
+
+def test_torch_reference_chunked_forward_equals_whole_batch():
+  torch = pytest.importorskip("torch")
+  import torch_reference
+  torch.manual_seed(0)
+  model = torch_reference.RGBBranch(4).eval()
+  x = torch.randint(0, 256, (6, 32, 32, 3), dtype=torch.uint8)
+  whole = torch_reference.forward_call(model, x)()
+  chunked = torch_reference.forward_call(model, x, 2)()
+  assert whole.shape == (6, 4 * 1280)
+  np.testing.assert_allclose(chunked.numpy(), whole.numpy(), rtol=1e-4, atol=1e-6)
+
+
+def test_paired_ratio_summary_hand_cases():
+  import paired_ratio
+  # PyTorch twice as slow in every pair: ratio 2 exactly, a point interval
+  s = paired_ratio.ratio_summary([0.1, 0.2, 0.4], [0.2, 0.4, 0.8], images=16, target=1.5)
+  assert s["ratio"] == 2.0 and s["ci95"] == [2.0, 2.0] and s["verdict"] == "met"
+  assert s["pairs_at_target"] == 1.0 and s["pairs"] == 3
+  assert s["jax_img_s"] == pytest.approx(16 / 0.2) and s["torch_img_s"] == pytest.approx(40.0)
+  assert paired_ratio.ratio_summary([1, 1], [2, 2], 1, target=3)["verdict"] == "missed"
+  # the machine slowing down 4x half way through: the pairs still say 1.25
+  s = paired_ratio.ratio_summary([0.1] * 10 + [0.4] * 10, [0.125] * 10 + [0.5] * 10, 16)
+  assert s["ratio"] == pytest.approx(1.25) and s["ci95"] == pytest.approx([1.25, 1.25])
+  assert "verdict" not in s
+  # ratios straddling the target: undecided
+  s = paired_ratio.ratio_summary([1.0] * 8, [1.2, 1.8, 1.3, 1.7, 1.4, 1.6, 1.2, 1.9], 1,
+                                 target=1.5)
+  assert s["ci95"][0] < 1.5 < s["ci95"][1] and s["verdict"] == "undecided"
+  assert s["pairs_at_target"] == 0.5
+  with pytest.raises(ValueError, match="same number"):
+    paired_ratio.ratio_summary([1.0], [1.0, 2.0], 1)
+
+
+@pytest.mark.skipif(not HAVE_TORCH, reason="needs the bench extra (PyTorch)")
+def test_quick_paired_ratio_runs_both_workers(tmp_path):
+  out = tmp_path / "paired"
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_backend_optimization_level=0")
+  proc = subprocess.run([sys.executable, "experiments/paired_ratio.py", "--quick", "--pairs", "2",
+                         "--only", "forward_224", "train_step_224_frozen",
+                         "forward_224_both_chunked", "--out", str(out)],
+                        cwd=REPO, capture_output=True, text=True, timeout=900, env=env)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  res = json.loads((tmp_path / "paired.json").read_text())
+  comps = res["comparisons"]
+  assert sorted(comps) == ["forward_224", "forward_224_both_chunked", "train_step_224_frozen"]
+  for name, r in comps.items():
+    assert len(r["jax_s"]) == len(r["torch_s"]) == 2 and min(r["jax_s"] + r["torch_s"]) > 0
+    assert r["ci95"][0] <= r["ratio"] <= r["ci95"][1] and r["jax_img_s"] > 0
+  assert comps["forward_224"]["verdict"] in ("met", "missed", "undecided")
+  assert comps["forward_224_both_chunked"]["torch_call"] == "forward_224_chunked"
+  assert "verdict" not in comps["forward_224_both_chunked"]
+  assert "glibc.malloc.hugetlb=1" in res["info"]["glibc_tunables"]
+  md = (tmp_path / "paired.md").read_text()
+  assert "| forward_224 |" in md and "--quick" in md

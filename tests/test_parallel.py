@@ -72,6 +72,49 @@ def test_sharded_partition_and_padded_apply(run):
   np.testing.assert_allclose(run["apply_sharded"], run["apply_single"], rtol=1e-5, atol=1e-6)
 
 
+def test_extractor_micro_batches_bitwise_across_device_counts(run):
+  eight, one, whole = run["extract8_micro2"], run["extract1_micro2"], run["extract1_whole"]
+  assert eight.shape == one.shape == whole.shape == (13, 4 * 8) and eight.dtype == np.float32
+  np.testing.assert_array_equal(eight, one)   # same per-device program on 8 devices and 1
+  np.testing.assert_allclose(one, whole, rtol=1e-5, atol=1e-6)   # chunks = the whole batch
+  assert np.abs(one - one[:1]).max() > 1e-3   # 13 distinct descriptors, not a constant
+
+
+def test_micro_batch_size_auto_and_requested():
+  from structvpr_jax.evaluation import MICRO_BATCH_PIXELS, micro_batch_size
+  assert MICRO_BATCH_PIXELS == 262144
+  # auto on the CPU: the largest divisor of the batch within 2^18 pixels
+  assert micro_batch_size(16, (224, 224), backend="cpu") == 4     # 5 would fit, 5 ∤ 16
+  assert micro_batch_size(16, (480, 640), backend="cpu") == 1     # one image is over: 1
+  assert micro_batch_size(32, (96, 128), backend="cpu") == 16     # 21 fit: 16 | 32
+  assert micro_batch_size(6, (16, 16), backend="cpu") == 6        # all fit: whole batch
+  assert micro_batch_size(7, (224, 224), backend="cpu") == 1      # prime batch
+  # auto on accelerators: the whole batch
+  assert micro_batch_size(16, (224, 224), backend="gpu") == 16
+  assert micro_batch_size(16, (224, 224), requested=8, backend="gpu") == 8
+  with pytest.raises(ValueError, match="eval.micro_batch=3 must divide"):
+    micro_batch_size(16, (224, 224), requested=3)
+  with pytest.raises(ValueError, match="eval.micro_batch=-1"):
+    micro_batch_size(16, (224, 224), requested=-1)
+
+
+def test_apply_in_chunks_equals_whole_batch():
+  from structvpr_jax.evaluation import apply_in_chunks
+  x = jax.numpy.arange(24.0).reshape(6, 2, 2)
+  calls = []
+
+  def fn(xs):   # row-wise, returns a pytree; records the shapes it is traced with
+    calls.append(xs.shape)
+    return {"s": xs.sum(axis=(1, 2)), "m": xs * 2.0}
+
+  for chunk in (1, 2, 3, 6, 8):
+    calls.clear()
+    got = apply_in_chunks(fn, x, chunk)
+    assert calls == [(min(chunk, 6), 2, 2)]
+    np.testing.assert_array_equal(got["s"], np.asarray(x).sum(axis=(1, 2)))
+    np.testing.assert_array_equal(got["m"], np.asarray(x) * 2.0)
+
+
 def test_pad_to_multiple_and_unpad():
   tree = {"a": np.arange(10).reshape(5, 2), "b": np.ones(5)}
   padded, mask = parallel.pad_to_multiple(tree, 4)

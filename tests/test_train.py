@@ -62,7 +62,8 @@ def test_validate_config_names_the_field():
     config_lib.validate_config(c)
   for field, value in (("train.dtype", "float16"), ("model.depthwise", "fast"),
                        ("data.cache_gb", -1.0), ("eval.index", "hnsw"),
-                       ("distill.partition", "halves")):
+                       ("distill.partition", "halves"), ("eval.micro_batch", 3),
+                       ("eval.micro_batch", -1)):
     c = distill.get_config("smoke")
     section, key = field.split(".")
     c[section][key] = value

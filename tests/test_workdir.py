@@ -39,6 +39,7 @@ def test_stage_fields_name_what_each_stage_depends_on():
   c.data.format = "array_record"  # nor where the same pixels are read from
   c.eval.descriptors = "disk"     # nor where the descriptors are kept
   c.eval.search_block_rows = 100  # nor a blocked exact search
+  c.eval.micro_batch = 2          # nor extracting in smaller chunks (float rounding)
   assert config_lib.stage_fields(c, "rgb") == rgb
   assert config_lib.stage_fields(c, "eval")["eval.descriptor_dtype"] == "float32"
   # settings added since that do change results are recorded

@@ -19,8 +19,8 @@ from absl import logging
 
 from structvpr_jax import checkpoint, config_lib, files, parallel, report, retrieval
 from structvpr_jax.data import layout, synthetic
-from structvpr_jax.evaluation import (RecallEvaluator, describe_split, index_from_config,
-                                      pca_from_config, public)
+from structvpr_jax.evaluation import (RecallEvaluator, describe_split, extractor_from_config,
+                                      index_from_config, pca_from_config, public)
 from structvpr_jax.workdir import Workdir
 
 
@@ -37,6 +37,7 @@ def _evaluate_checkpoint(config, spec, variables, root, mesh, split, store: dict
   pca = pca_from_config(config, spec, variables, root, mesh)
   return RecallEvaluator(spec, root, split, mesh, config.eval.batch_size,
                          tuple(config.eval.ns), config.eval.radius, progress=True,
+                         extractor=extractor_from_config(config, spec, mesh),
                          index=index_from_config(config),
                          vs=config_lib.read_split(config, root, split, spec["view"] == "seg"),
                          **store).run(variables, pca)
@@ -156,7 +157,8 @@ def run_checkpoint(config, wd: Workdir) -> dict:
     if pca is None and int(ev.get("pca_dim", 0) or 0):
       raise ValueError("eval.pca_dim needs a layout folder (data.root) with a train split")
     rep = RecallEvaluator(spec, root, split, mesh, ev.batch_size, tuple(ev.ns), ev.radius,
-                          progress=True, index=index_from_config(config), vs=vs,
+                          progress=True, extractor=extractor_from_config(config, spec, mesh),
+                          index=index_from_config(config), vs=vs,
                           **descriptor_store(config, wd, split, spec["branch"])
                           ).run(variables, pca)
     predictions, descs = rep["_predictions"], rep["_descriptors"]
@@ -164,6 +166,7 @@ def run_checkpoint(config, wd: Workdir) -> dict:
     out = public(rep)
   else:
     descs = describe_split(spec, variables, vs, mesh, ev.batch_size, progress=True,
+                           extractor=extractor_from_config(config, spec, mesh),
                            **descriptor_store(config, wd, split, spec["branch"]))
     _, predictions = retrieval.search(descs["queries"], descs["database"], k,
                                       **index_from_config(config))

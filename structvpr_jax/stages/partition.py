@@ -24,7 +24,7 @@ import numpy as np
 
 from structvpr_jax import checkpoint, config_lib, files, parallel, partition, report, slme
 from structvpr_jax.data import input_pipeline, layout
-from structvpr_jax.evaluation import Extractor
+from structvpr_jax.evaluation import extractor_from_config
 from structvpr_jax.workdir import Workdir
 
 UPSTREAM = ("rgb", "seg")
@@ -102,7 +102,7 @@ def _partition_split(config, branches: Workdir, split: layout.VprSplit, mesh, co
     spec, variables, _, _ = checkpoint.restore_variables(branches.checkpoints(stage))
     images = input_pipeline.SplitImages(split, spec["image_size"], views=(spec["view"],),
                                         cache=False, num_classes=slme.NUM_CITYSCAPES_CLASSES)
-    extractor = Extractor(spec, mesh, config.eval.batch_size)
+    extractor = extractor_from_config(config, spec, mesh)
     replicated = parallel.replicate(variables, mesh)
     descs[stage] = (extractor(replicated, images.sources["queries"], progress=True),
                     extractor(replicated, images.sources["database"], progress=True))

@@ -1,0 +1,329 @@
+"""JAX / PyTorch speed ratios measured call by call, paired (issue 18's targets).
+
+  python experiments/paired_ratio.py [--pairs 24] [--only forward_224 ...] [--quick]
+      [--out experiments/results/paired_ratio]
+
+Why: `experiments/bench.py` runs each framework's worker for minutes and
+takes medians per fresh process; on this shared 2-core VM the speed of the
+machine drifts on that time scale (PyTorch's forward at 224 measured 183 and
+97 img/s in two runs of the same code), so its same-run ratios met a target
+in one run and missed it in the next. Here both frameworks stay loaded in
+two fresh worker processes at once and take turns call by call: for each
+comparison both prepare (compile, two warm-up calls), then `--pairs` times
+JAX and PyTorch each time one call, the order alternating. A slow minute
+slows both halves of a pair, so the per-pair ratio JAX img/s / PyTorch img/s
+(= PyTorch seconds / JAX seconds) cancels it. Reported per comparison: the
+median of the pair ratios with a 95 % bootstrap interval (pairs resampled),
+each side's median img/s, and a verdict on the target: "met" when the whole
+interval is at or above it, "missed" when it is all below, else "undecided".
+
+Comparisons (each framework's call as `bench.py` times it: JAX =
+`bench.forward_call` / `bench.train_step_call` on the pipeline's default
+model; PyTorch = `torch_reference.forward_call` / `train_step`):
+  forward_224, forward_480x640    16 uint8 images to descriptors; JAX as the
+                                  pipeline extracts (eval.micro_batch auto:
+                                  chunks of 4 at 224, 1 at 480x640), PyTorch
+                                  the obvious whole-batch call. Targets 1.5, 2.
+  train_step_224_frozen           4 triplets at 224, frozen BN (the pipeline's
+                                  mode), Adam. Target 1.5.
+  train_step_224                  the same with BatchNorm batch statistics.
+  forward_224_both_chunked, forward_480x640_both_chunked   PyTorch also in our
+                                  chunks (the same cache effect on its side).
+  forward_224_both_whole, forward_480x640_both_whole   JAX also on the whole
+                                  batch at once (eval.micro_batch=16).
+
+Both workers get the allocator setting bench.py calls "huge pages"
+(GLIBC_TUNABLES glibc.malloc.hugetlb=1) and the XLA:CPU defaults of
+structvpr_jax/xla_flags.py; PyTorch runs with its default threads (one per
+core). The CPU time the hypervisor took from this VM during the run (steal,
+/proc/stat) is recorded. Writes <out>.json (every pair's seconds) and
+<out>.md; --quick: tiny sizes, figures meaningless (tests).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+sys.path.insert(0, REPO)
+sys.path.insert(0, HERE)
+
+# name -> (JAX call, PyTorch call, images per call, target ratio or None)
+COMPARISONS = {
+    "forward_224": ("forward_224", "forward_224", 16, 1.5),
+    "forward_480x640": ("forward_480x640", "forward_480x640", 16, 2.0),
+    "train_step_224_frozen": ("train_step_224_frozen", "train_step_224_frozen", 12, 1.5),
+    "train_step_224": ("train_step_224", "train_step_224", 12, None),
+    "forward_224_both_chunked": ("forward_224", "forward_224_chunked", 16, None),
+    "forward_480x640_both_chunked": ("forward_480x640", "forward_480x640_chunked", 16, None),
+    "forward_224_both_whole": ("forward_224_whole", "forward_224", 16, None),
+    "forward_480x640_both_whole": ("forward_480x640_whole", "forward_480x640", 16, None),
+}
+REPLY = "@@ "          # prefix of a worker's reply lines on stdout
+WARMUP_CALLS = 2
+
+
+# --------------------------------------------------------------------------
+# Workers: build a named call once, then time single calls on request
+# --------------------------------------------------------------------------
+def _parse_call(name: str) -> tuple[str, str, str]:
+  """("forward" | "train_step", size key, rest) of a call name."""
+  kind = "forward" if name.startswith("forward_") else "train_step"
+  size, _, rest = name[len(kind) + 1:].partition("_")
+  return kind, size, rest
+
+
+def jax_builder(quick: bool):
+  """name -> a no-argument function running that JAX call."""
+  import bench
+  from structvpr_jax import parallel
+  from structvpr_jax.models import spec as model_spec
+  import jax
+  mesh = parallel.make_mesh(jax.devices()[:1])
+
+  def build(name: str):
+    kind, size, rest = _parse_call(name)
+    hw = bench.image_sizes(quick)[size]
+    spec = bench.make_spec("rgb", hw, quick, dim=0, num_clusters=8 if quick else 64)
+    variables = model_spec.init_variables(spec, seed=0)
+    if kind == "forward":
+      if rest not in ("", "whole"):
+        raise ValueError(f"unknown JAX call {name!r}")
+      return bench.forward_call(spec, parallel.replicate(variables, mesh), mesh,
+                                micro_batch=16 if rest == "whole" else 0)
+    batchnorm = {"frozen": "frozen", "": "batch"}[rest]
+    return bench.train_step_call(spec, variables, mesh, batchnorm, bench.TRAIN_TRIPLETS[size])
+
+  return build
+
+
+def torch_builder(quick: bool):
+  """name -> a no-argument function running that PyTorch call (one model
+  and Adam state shared by all, as in torch_reference.bench)."""
+  import torch
+  import torch_reference as ref
+  torch.manual_seed(0)
+  sizes = {"224": (64, 64) if quick else (224, 224),
+           "480x640": (96, 128) if quick else (480, 640)}
+  model = ref.RGBBranch(8 if quick else 64).to(memory_format=torch.channels_last)
+  optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+
+  def build(name: str):
+    kind, size, rest = _parse_call(name)
+    hw = sizes[size]
+    if kind == "forward":
+      if rest not in ("", "chunked"):
+        raise ValueError(f"unknown PyTorch call {name!r}")
+      x = torch.randint(0, 256, (16, *hw, 3), dtype=torch.uint8)
+      chunk = ref.micro_batch_size(16, hw) if rest == "chunked" else 0
+      forward = ref.forward_call(model, x, chunk)
+
+      def run():
+        model.eval()
+        return forward()
+      return run
+    batchnorm = {"frozen": "frozen", "": "batch"}[rest]
+    images = torch.randint(0, 256, (4 if size == "224" else 2, 3, *hw, 3), dtype=torch.uint8)
+
+    def step():
+      ref.set_batchnorm(model, batchnorm)
+      return ref.train_step(model, optimizer, images)
+    return step
+
+  return build
+
+
+def worker(framework: str, quick: bool) -> int:
+  """Answers JSON commands on stdin, one per line: {"op": "prepare", "call"}
+  (build, warm up: {"first_s"}), {"op": "time", "call"} (one call: {"s"}),
+  {"op": "quit"}. Replies are lines prefixed by REPLY on stdout."""
+  if framework == "jax":
+    from structvpr_jax import xla_flags
+    xla_flags.apply()
+  build = (jax_builder if framework == "jax" else torch_builder)(quick)
+  calls = {}
+
+  def reply(obj):
+    sys.stdout.write(REPLY + json.dumps(obj) + "\n")
+    sys.stdout.flush()
+
+  for line in sys.stdin:
+    cmd = json.loads(line)
+    if cmd["op"] == "quit":
+      break
+    name = cmd["call"]
+    if cmd["op"] == "prepare":
+      t0 = time.perf_counter()
+      calls[name] = calls.get(name) or build(name)
+      for _ in range(WARMUP_CALLS):
+        calls[name]()
+      reply({"first_s": time.perf_counter() - t0})
+    elif cmd["op"] == "time":
+      t0 = time.perf_counter()
+      calls[name]()
+      reply({"s": time.perf_counter() - t0})
+    else:
+      raise ValueError(f"unknown op {cmd['op']!r}")
+  return 0
+
+
+# --------------------------------------------------------------------------
+# Coordinator
+# --------------------------------------------------------------------------
+class Worker:
+  """A worker process of this script, asked one command at a time."""
+
+  def __init__(self, framework: str, quick: bool, env: dict):
+    self.framework = framework
+    command = [sys.executable, os.path.abspath(__file__), "--worker", framework]
+    self.proc = subprocess.Popen(command + (["--quick"] if quick else []), cwd=REPO, env=env,
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+  def ask(self, **cmd) -> dict:
+    self.proc.stdin.write(json.dumps(cmd) + "\n")
+    self.proc.stdin.flush()
+    for line in self.proc.stdout:
+      if line.startswith(REPLY):
+        return json.loads(line[len(REPLY):])
+    raise SystemExit(f"paired_ratio: the {self.framework} worker exited "
+                     f"(code {self.proc.wait()}) during {cmd}")
+
+  def close(self):
+    if self.proc.poll() is None:
+      try:
+        self.proc.stdin.write(json.dumps({"op": "quit"}) + "\n")
+        self.proc.stdin.close()
+      except BrokenPipeError:
+        pass
+    self.proc.wait(timeout=60)
+
+
+def cpu_ticks() -> dict:
+  """{"steal", "total"} jiffies of /proc/stat's cpu line ({} off Linux)."""
+  try:
+    with open("/proc/stat") as f:
+      fields = [int(v) for v in f.readline().split()[1:]]
+  except (OSError, ValueError):
+    return {}
+  return {"steal": fields[7] if len(fields) > 7 else 0, "total": sum(fields[:8])}
+
+
+def ratio_summary(jax_s, torch_s, images: int, target=None, resamples: int = 4000,
+                  seed: int = 0) -> dict:
+  """Median of the pair ratios torch_s / jax_s (= JAX img/s / PyTorch img/s),
+  its 95 % percentile-bootstrap interval (pairs resampled with replacement,
+  `seed`), each side's median img/s and, with a target, the share of pairs
+  at or above it and the verdict ("met": interval >= target; "missed":
+  interval < target; "undecided")."""
+  import numpy as np
+  jax_s, torch_s = np.asarray(jax_s, float), np.asarray(torch_s, float)
+  if jax_s.shape != torch_s.shape or jax_s.size == 0:
+    raise ValueError("ratio_summary needs the same number (> 0) of JAX and PyTorch times")
+  ratios = torch_s / jax_s
+  idx = np.random.default_rng(seed).integers(0, ratios.size, (resamples, ratios.size))
+  medians = np.median(ratios[idx], axis=1)
+  low, high = np.percentile(medians, [2.5, 97.5])
+  out = {"pairs": int(ratios.size), "ratio": float(np.median(ratios)),
+         "ci95": [float(low), float(high)],
+         "jax_img_s": float(images / np.median(jax_s)),
+         "torch_img_s": float(images / np.median(torch_s)),
+         "ratio_min_max": [float(ratios.min()), float(ratios.max())]}
+  if target is not None:
+    out["target"] = float(target)
+    out["pairs_at_target"] = float(np.mean(ratios >= target))
+    out["verdict"] = "met" if low >= target else ("missed" if high < target else "undecided")
+  return out
+
+
+def run(names, pairs: int, quick: bool) -> dict:
+  import bench
+  env = bench.allocator_environments()["hugepages"]
+  workers = {fw: Worker(fw, quick, env) for fw in ("jax", "torch")}
+  results, ticks0, t0 = {}, cpu_ticks(), time.time()
+  try:
+    for name in names:
+      jax_call, torch_call, images, target = COMPARISONS[name]
+      calls = {"jax": jax_call, "torch": torch_call}
+      first = {fw: w.ask(op="prepare", call=calls[fw])["first_s"] for fw, w in workers.items()}
+      times = {"jax": [], "torch": []}
+      for i in range(pairs):
+        for fw in (("jax", "torch") if i % 2 == 0 else ("torch", "jax")):
+          times[fw].append(workers[fw].ask(op="time", call=calls[fw])["s"])
+      summary = ratio_summary(times["jax"], times["torch"], images, target)
+      summary.update({"jax_call": jax_call, "torch_call": torch_call,
+                      "jax_first_s": first["jax"], "torch_first_s": first["torch"],
+                      "jax_s": times["jax"], "torch_s": times["torch"]})
+      results[name] = summary
+      print(f"paired_ratio: {name}: {summary['ratio']:.2f} "
+            f"[{summary['ci95'][0]:.2f}, {summary['ci95'][1]:.2f}] "
+            f"({summary['jax_img_s']:.1f} vs {summary['torch_img_s']:.1f} img/s)",
+            file=sys.stderr, flush=True)
+  finally:
+    for w in workers.values():
+      w.close()
+  ticks1 = cpu_ticks()
+  info = {"pairs": pairs, "quick": quick, "cpu_count": os.cpu_count(),
+          "glibc_tunables": env.get("GLIBC_TUNABLES", ""), "xla_flags": env.get("XLA_FLAGS", ""),
+          "wall_s": time.time() - t0, "started": time.strftime("%Y-%m-%d %H:%M", time.localtime(t0))}
+  if ticks0 and ticks1 and ticks1["total"] > ticks0["total"]:
+    info["steal_share"] = (ticks1["steal"] - ticks0["steal"]) / (ticks1["total"] - ticks0["total"])
+  return {"comparisons": results, "info": info}
+
+
+def markdown(res: dict, command: str) -> str:
+  info = res["info"]
+  lines = ["# JAX / PyTorch, paired call by call", "", f"`{command}`", "",
+           f"{info['pairs']} pairs per comparison (order alternating), both workers loaded at "
+           f"once; huge pages (`{info['glibc_tunables']}`); started {info['started']}, "
+           f"{info['wall_s'] / 60:.1f} min"
+           + (f"; CPU steal {100 * info['steal_share']:.1f} %" if "steal_share" in info else "")
+           + ".", "",
+           "| comparison | JAX img/s | PyTorch img/s | ratio (median of pairs) | 95 % CI | "
+           "pairs at target | target |", "|---|---|---|---|---|---|---|"]
+  for name, r in res["comparisons"].items():
+    target = (f">= {r['target']:g} ({r['verdict']})" if "target" in r else "")
+    share = f"{100 * r['pairs_at_target']:.0f} %" if "target" in r else ""
+    lines.append(f"| {name} | {r['jax_img_s']:.1f} | {r['torch_img_s']:.1f} | "
+                 f"{r['ratio']:.2f} | [{r['ci95'][0]:.2f}, {r['ci95'][1]:.2f}] | {share} | "
+                 f"{target} |")
+  return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--pairs", type=int, default=24)
+  parser.add_argument("--only", nargs="+", choices=tuple(COMPARISONS), default=None,
+                      help="comparisons to run (default all)")
+  parser.add_argument("--quick", action="store_true", help="tiny sizes (figures meaningless)")
+  parser.add_argument("--out", default=os.path.join(REPO, "experiments", "results",
+                                                    "paired_ratio"))
+  parser.add_argument("--worker", choices=("jax", "torch"), help=argparse.SUPPRESS)
+  args = parser.parse_args(argv)
+  if args.worker:
+    return worker(args.worker, args.quick)
+  if args.pairs < 2:
+    parser.error("--pairs must be at least 2")
+  import importlib.util
+  if importlib.util.find_spec("torch") is None:
+    raise SystemExit("paired_ratio: needs PyTorch (pip install -e '.[bench]')")
+  from structvpr_jax import files
+  names = args.only or list(COMPARISONS)
+  res = run(names, args.pairs, args.quick)
+  command = "python experiments/paired_ratio.py" + (
+      f" --pairs {args.pairs}" if args.pairs != 24 else "") + (
+      " --only " + " ".join(args.only) if args.only else "") + (" --quick" if args.quick else "")
+  text = markdown(res, command)
+  files.write_json(args.out + ".json", res)
+  files.write_text(args.out + ".md", text)
+  print(text)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
