@@ -99,7 +99,11 @@ def test_native_equals_numpy_definition_values_and_gradients(shape, stride):
 
 @pytest.mark.parametrize("activation", [True, False])
 @pytest.mark.parametrize("stride", [1, 2])
-@pytest.mark.parametrize("shape", [(2, 7, 9, 3), (3, 8, 8, 70), (1, 13, 11, 200), (40, 3, 4, 17)])
+# (2, 37, 5, 20): many rows per thread's chunk, odd height: the kernels'
+# row caches (input rows, masked cotangent rows) are reused across rows
+# and images.
+@pytest.mark.parametrize("shape", [(2, 7, 9, 3), (3, 8, 8, 70), (1, 13, 11, 200), (40, 3, 4, 17),
+                                   (2, 37, 5, 20)])
 def test_fused_bias_relu6_equals_numpy_definition(shape, stride, activation):
   """z = relu6(depthwise(x, k) + bias) in one pass; its VJP passes dz where
   0 < z < 6 (PyTorch's ReLU6 derivative) and gives the bias the sum of that."""
@@ -122,7 +126,11 @@ def test_fused_bias_relu6_equals_numpy_definition(shape, stride, activation):
 
 
 @pytest.mark.parametrize("stride", [1, 2])
-@pytest.mark.parametrize("shape", [(2, 7, 9, 3), (3, 8, 8, 70), (1, 13, 11, 200), (40, 3, 4, 17)])
+# (2, 37, 5, 20): many rows per thread's chunk, odd height: the kernels'
+# row caches (input rows, masked cotangent rows) are reused across rows
+# and images.
+@pytest.mark.parametrize("shape", [(2, 7, 9, 3), (3, 8, 8, 70), (1, 13, 11, 200), (40, 3, 4, 17),
+                                   (2, 37, 5, 20)])
 def test_fused_prologue_equals_numpy_definition(shape, stride):
   """The expand layer's bias and relu6 inside the depthwise kernel: the input
   read is relu6(m + pbias); the VJP gives m the gradient passed where

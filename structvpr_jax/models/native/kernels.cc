@@ -156,23 +156,149 @@ inline float Input(float x, float pbias) {
   return x;
 }
 
+// A row of the cotangent the convolution sees (`Cotangent`) for `len`
+// floats from dz (and z): dz itself when unmasked, else written to `buf`
+// once, so the 9 taps that read each value do not mask it 9 times.
+template <bool kMasked>
+inline const float* CotangentRow(const float* dz, const float* z, int64_t len, float* buf) {
+  if constexpr (!kMasked) {
+    return dz;
+  } else {
+    int64_t c = 0;
+    for (; c + kLanes <= len; c += kLanes) Store(buf + c, Cotangent<true>(dz + c, z + c));
+    for (; c < len; ++c) buf[c] = Cotangent<true>(dz[c], z[c]);
+    return buf;
+  }
+}
+
+// A row of the layer's input as read (`Input`), `w` pixels of n channels:
+// x itself, or with kPrologue relu6(m + pbias) written to `buf` once.
+template <bool kPrologue>
+inline const float* InputRow(const float* x, const float* pb, int64_t w, int64_t n, float* buf) {
+  if constexpr (!kPrologue) {
+    return x;
+  } else {
+    for (int64_t s = 0; s < w; ++s) {
+      const float* xv = x + s * n;
+      float* out = buf + s * n;
+      int64_t c = 0;
+      for (; c + kLanes <= n; c += kLanes) Store(out + c, Input<true>(xv + c, pb + c));
+      for (; c < n; ++c) out[c] = Input<true>(xv[c], pb[c]);
+    }
+    return buf;
+  }
+}
+
+// Three rows of a [rows, len] array as a kernel reads them, each made by
+// fill(key, buf) into its own buffer and kept while it may be asked for
+// again: a loop over output rows in order reads the input rows r-1, r, r+1
+// (stride 1) or r..r+2 (stride 2), and one over input rows the output rows
+// p-1..p+1, so each row is made about once per chunk of rows instead of once
+// per tap. A unit of work (`NewUnit`) asks for at most three rows; a miss
+// replaces the least recently made row not asked for in this unit, so the
+// rows of the current unit stay valid whatever the order.
+class RowCache {
+ public:
+  explicit RowCache(int64_t len) : len_(len), buf_(3 * len) {}
+
+  void NewUnit() { used_[0] = used_[1] = used_[2] = false; }
+
+  template <typename Fill>
+  const float* Get(int64_t key, Fill fill) {
+    for (int slot = 0; slot < 3; ++slot) {
+      if (key_[slot] == key) {
+        used_[slot] = true;
+        return buf_.data() + slot * len_;
+      }
+    }
+    int slot = -1;
+    for (int s = 0; s < 3; ++s)
+      if (!used_[s] && (slot < 0 || made_[s] < made_[slot])) slot = s;
+    key_[slot] = key;
+    made_[slot] = ++clock_;
+    used_[slot] = true;
+    fill(key, buf_.data() + slot * len_);
+    return buf_.data() + slot * len_;
+  }
+
+ private:
+  int64_t len_;
+  std::vector<float> buf_;
+  int64_t key_[3] = {-1, -1, -1};
+  int64_t made_[3] = {0, 0, 0};
+  bool used_[3] = {false, false, false};
+  int64_t clock_ = 0;
+};
+
+// Rows of the layer's input as read (`Input`): x's own rows, or with
+// kPrologue relu6(m + pbias) made once per row (`RowCache`).
+template <bool kPrologue>
+class InputRows {
+ public:
+  InputRows(const Geometry& g, const float* x, const float* pb)
+      : g_(g), x_(x), pb_(pb), cache_(kPrologue ? g.w * g.c : 0) {}
+
+  void NewUnit() { cache_.NewUnit(); }
+
+  // Input row (b, r): [w, C]; valid until the next unit's fourth row.
+  const float* Get(int64_t b, int64_t r) {
+    const int64_t key = b * g_.h + r, len = g_.w * g_.c;
+    if constexpr (!kPrologue) return x_ + key * len;
+    return cache_.Get(key, [&](int64_t k, float* buf) {
+      InputRow<true>(x_ + k * len, pb_, g_.w, g_.c, buf);
+    });
+  }
+
+ private:
+  const Geometry& g_;
+  const float* x_;
+  const float* pb_;
+  RowCache cache_;
+};
+
+// Rows of the cotangent the convolution sees (`Cotangent`): dz's own rows,
+// or masked by the activation once per row (`RowCache`).
+template <bool kMasked>
+class CotangentRows {
+ public:
+  CotangentRows(const Geometry& g, const float* dz, const float* z)
+      : g_(g), dz_(dz), z_(z), cache_(kMasked ? g.wo * g.c : 0) {}
+
+  void NewUnit() { cache_.NewUnit(); }
+
+  // The cotangent row of output row (b, p): [wo, C].
+  const float* Get(int64_t b, int64_t p) {
+    const int64_t key = b * g_.ho + p, len = g_.wo * g_.c;
+    if constexpr (!kMasked) return dz_ + key * len;
+    return cache_.Get(key, [&](int64_t k, float* buf) {
+      CotangentRow<true>(dz_ + k * len, z_ + k * len, len, buf);
+    });
+  }
+
+ private:
+  const Geometry& g_;
+  const float* dz_;
+  const float* z_;
+  RowCache cache_;
+};
+
 // Forward of one pixel: out[0:n] = act(sum over taps t < count of
-// in(rows[t] + 0:n) * taps[t][0:n] + bias[0:n]) (in: `Input`),
-// accumulated in registers in tap order, 64 channels at a time.
-template <bool kRelu6, bool kPrologue>
-inline void ForwardPixel(float* __restrict out, const float* x, const int64_t* rows,
-                         const float* const* taps, int count, const float* bias,
-                         const float* pb, int64_t n) {
+// ins[t][0:n] * taps[t][0:n] + bias[0:n]) (ins: the input pixel the tap
+// reads, as `InputRows` gives it), accumulated in registers in tap order,
+// 64 channels at a time.
+template <bool kRelu6>
+inline void ForwardPixel(float* __restrict out, const float* const* ins,
+                         const float* const* taps, int count, const float* bias, int64_t n) {
   int64_t c = 0;
   for (; c + 4 * kLanes <= n; c += 4 * kLanes) {
     Vec16 a0 = {}, a1 = {}, a2 = {}, a3 = {};
     for (int t = 0; t < count; ++t) {
-      const float* r = x + rows[t] + c;
+      const float* r = ins[t] + c;
       const float* k = taps[t] + c;
-      a0 += Input<kPrologue>(r, pb + c) * Load(k);
-      a1 += Input<kPrologue>(r + kLanes, pb + c + kLanes) * Load(k + kLanes);
-      a2 += Input<kPrologue>(r + 2 * kLanes, pb + c + 2 * kLanes) * Load(k + 2 * kLanes);
-      a3 += Input<kPrologue>(r + 3 * kLanes, pb + c + 3 * kLanes) * Load(k + 3 * kLanes);
+      a0 += Load(r) * Load(k);
+      a1 += Load(r + kLanes) * Load(k + kLanes);
+      a2 += Load(r + 2 * kLanes) * Load(k + 2 * kLanes);
+      a3 += Load(r + 3 * kLanes) * Load(k + 3 * kLanes);
     }
     a0 += Load(bias + c);
     a1 += Load(bias + c + kLanes);
@@ -191,15 +317,14 @@ inline void ForwardPixel(float* __restrict out, const float* x, const int64_t* r
   }
   for (; c + kLanes <= n; c += kLanes) {
     Vec16 a = {};
-    for (int t = 0; t < count; ++t)
-      a += Input<kPrologue>(x + rows[t] + c, pb + c) * Load(taps[t] + c);
+    for (int t = 0; t < count; ++t) a += Load(ins[t] + c) * Load(taps[t] + c);
     a += Load(bias + c);
     if constexpr (kRelu6) a = Relu6(a);
     Store(out + c, a);
   }
   for (; c < n; ++c) {
     float a = 0.0f;
-    for (int t = 0; t < count; ++t) a += Input<kPrologue>(x[rows[t] + c], pb[c]) * taps[t][c];
+    for (int t = 0; t < count; ++t) a += ins[t][c] * taps[t][c];
     a += bias[c];
     if constexpr (kRelu6) a = Relu6(a);
     out[c] = a;
@@ -210,25 +335,31 @@ inline void ForwardPixel(float* __restrict out, const float* x, const int64_t* r
 template <bool kRelu6, bool kPrologue>
 void ForwardRows(const Geometry& g, const float* x, const float* k, const float* bias,
                  const float* pb, float* z, int64_t begin, int64_t end) {
-  int64_t rows[9];
+  InputRows<kPrologue> in_rows(g, x, pb);
+  const float* ins[9];
   const float* taps[9];
   for (int64_t unit = begin; unit < end; ++unit) {
+    in_rows.NewUnit();
     const int64_t b = unit / g.ho, p = unit % g.ho;
     float* zrow = z + unit * g.wo * g.c;
+    const float* row_of[3] = {nullptr, nullptr, nullptr};
+    for (int64_t i = 0; i < 3; ++i) {
+      const int64_t r = p * g.stride + i - g.top;
+      if (r >= 0 && r < g.h) row_of[i] = in_rows.Get(b, r);
+    }
     for (int64_t q = 0; q < g.wo; ++q) {
       int count = 0;
       for (int64_t i = 0; i < 3; ++i) {
-        const int64_t r = p * g.stride + i - g.top;
-        if (r < 0 || r >= g.h) continue;
+        if (row_of[i] == nullptr) continue;
         for (int64_t j = 0; j < 3; ++j) {
           const int64_t s = q * g.stride + j - g.left;
           if (s < 0 || s >= g.w) continue;
-          rows[count] = ((b * g.h + r) * g.w + s) * g.c;
+          ins[count] = row_of[i] + s * g.c;
           taps[count] = k + (i * 3 + j) * g.c;
           ++count;
         }
       }
-      ForwardPixel<kRelu6, kPrologue>(zrow + q * g.c, x, rows, taps, count, bias, pb, g.c);
+      ForwardPixel<kRelu6>(zrow + q * g.c, ins, taps, count, bias, g.c);
     }
   }
 }
@@ -247,13 +378,13 @@ inline float PrologueGradient(float da, float m, float pbias) {
 }
 
 // One pixel of the input gradient: out[0:n] = sum over taps t < count of
-// cot(rows[t] + 0:n) * taps[t][0:n] (cot: `Cotangent`); with kPrologue,
-// masked by `PrologueGradient` at this pixel (m: its input, xpix) and
-// added to pacc[0:n].
-template <bool kMasked, bool kPrologue>
-inline void InputGradientPixel(float* __restrict out, const float* dz, const float* z,
-                               const int64_t* rows, const float* const* taps, int count,
-                               int64_t n, const float* xpix, const float* pb, float* pacc) {
+// cots[t][0:n] * taps[t][0:n] (cots: the cotangent at the output pixel the
+// tap reaches); with kPrologue, masked by `PrologueGradient` at this pixel
+// (m: its input, xpix) and added to pacc[0:n].
+template <bool kPrologue>
+inline void InputGradientPixel(float* __restrict out, const float* const* cots,
+                               const float* const* taps, int count, int64_t n,
+                               const float* xpix, const float* pb, float* pacc) {
   auto finish = [&](int64_t c, Vec16 a) {
     if constexpr (kPrologue) {
       a = PrologueGradient(a, xpix + c, pb + c);
@@ -265,12 +396,12 @@ inline void InputGradientPixel(float* __restrict out, const float* dz, const flo
   for (; c + 4 * kLanes <= n; c += 4 * kLanes) {
     Vec16 a0 = {}, a1 = {}, a2 = {}, a3 = {};
     for (int t = 0; t < count; ++t) {
-      const int64_t o = rows[t] + c;
+      const float* d = cots[t] + c;
       const float* k = taps[t] + c;
-      a0 += Cotangent<kMasked>(dz + o, z + o) * Load(k);
-      a1 += Cotangent<kMasked>(dz + o + kLanes, z + o + kLanes) * Load(k + kLanes);
-      a2 += Cotangent<kMasked>(dz + o + 2 * kLanes, z + o + 2 * kLanes) * Load(k + 2 * kLanes);
-      a3 += Cotangent<kMasked>(dz + o + 3 * kLanes, z + o + 3 * kLanes) * Load(k + 3 * kLanes);
+      a0 += Load(d) * Load(k);
+      a1 += Load(d + kLanes) * Load(k + kLanes);
+      a2 += Load(d + 2 * kLanes) * Load(k + 2 * kLanes);
+      a3 += Load(d + 3 * kLanes) * Load(k + 3 * kLanes);
     }
     finish(c, a0);
     finish(c + kLanes, a1);
@@ -279,14 +410,12 @@ inline void InputGradientPixel(float* __restrict out, const float* dz, const flo
   }
   for (; c + kLanes <= n; c += kLanes) {
     Vec16 a = {};
-    for (int t = 0; t < count; ++t)
-      a += Cotangent<kMasked>(dz + rows[t] + c, z + rows[t] + c) * Load(taps[t] + c);
+    for (int t = 0; t < count; ++t) a += Load(cots[t] + c) * Load(taps[t] + c);
     finish(c, a);
   }
   for (; c < n; ++c) {
     float a = 0.0f;
-    for (int t = 0; t < count; ++t)
-      a += Cotangent<kMasked>(dz[rows[t] + c], z[rows[t] + c]) * taps[t][c];
+    for (int t = 0; t < count; ++t) a += cots[t][c] * taps[t][c];
     if constexpr (kPrologue) {
       a = PrologueGradient(a, xpix[c], pb[c]);
       pacc[c] += a;
@@ -302,31 +431,39 @@ template <bool kMasked, bool kPrologue>
 void InputGradientRows(const Geometry& g, const float* dz, const float* z, const float* k,
                        const float* x, const float* pb, float* dx, float* pacc,
                        int64_t begin, int64_t end) {
-  int64_t rows[9];
+  CotangentRows<kMasked> cot_rows(g, dz, z);
+  const float* cots[9];
   const float* taps[9];
   for (int64_t unit = begin; unit < end; ++unit) {
+    cot_rows.NewUnit();
     const int64_t b = unit / g.h, r = unit % g.h;
     float* dxrow = dx + unit * g.w * g.c;
+    // The output rows this input row reaches, taps in reverse order (as
+    // autodiff of the forward accumulates them).
+    const float* row_of[3] = {nullptr, nullptr, nullptr};
+    for (int64_t i = 2; i >= 0; --i) {
+      const int64_t pn = r + g.top - i;
+      if (pn < 0 || pn % g.stride) continue;
+      const int64_t p = pn / g.stride;
+      if (p >= g.ho) continue;
+      row_of[i] = cot_rows.Get(b, p);
+    }
     for (int64_t s = 0; s < g.w; ++s) {
       int count = 0;
-      // Taps in reverse order, as autodiff of the forward accumulates them.
       for (int64_t i = 2; i >= 0; --i) {
-        const int64_t pn = r + g.top - i;
-        if (pn < 0 || pn % g.stride) continue;
-        const int64_t p = pn / g.stride;
-        if (p >= g.ho) continue;
+        if (row_of[i] == nullptr) continue;
         for (int64_t j = 2; j >= 0; --j) {
           const int64_t qn = s + g.left - j;
           if (qn < 0 || qn % g.stride) continue;
           const int64_t q = qn / g.stride;
           if (q >= g.wo) continue;
-          rows[count] = ((b * g.ho + p) * g.wo + q) * g.c;
+          cots[count] = row_of[i] + q * g.c;
           taps[count] = k + (i * 3 + j) * g.c;
           ++count;
         }
       }
-      InputGradientPixel<kMasked, kPrologue>(dxrow + s * g.c, dz, z, rows, taps, count, g.c,
-                                             x + (unit * g.w + s) * g.c, pb, pacc);
+      InputGradientPixel<kPrologue>(dxrow + s * g.c, cots, taps, count, g.c,
+                                    x + (unit * g.w + s) * g.c, pb, pacc);
     }
   }
 }
@@ -340,32 +477,34 @@ template <bool kMasked, bool kPrologue>
 void KernelGradientRows(const Geometry& g, const float* x, const float* pb, const float* dz,
                         const float* z, float* acc, int64_t begin, int64_t end) {
   const int64_t n = g.c;
+  std::vector<float> cot_buf(kMasked ? g.wo * n : 0);
+  InputRows<kPrologue> in_rows(g, x, pb);
   for (int64_t unit = begin; unit < end; ++unit) {
+    in_rows.NewUnit();
     const int64_t b = unit / g.ho, p = unit % g.ho;
     const int64_t row = unit * g.wo * n;
-    const float* dzrow = dz + row;
-    const float* zrow = z + row;
+    // The row's cotangent, masked once (not once per tap).
+    const float* cot = CotangentRow<kMasked>(dz + row, z + row, g.wo * n, cot_buf.data());
     // bias: the row sum of the cotangent
     {
       float* out = acc + 9 * n;
       int64_t c = 0;
       for (; c + kLanes <= n; c += kLanes) {
         Vec16 a = {};
-        for (int64_t q = 0; q < g.wo; ++q)
-          a += Cotangent<kMasked>(dzrow + q * n + c, zrow + q * n + c);
+        for (int64_t q = 0; q < g.wo; ++q) a += Load(cot + q * n + c);
         Store(out + c, Load(out + c) + a);
       }
       for (; c < n; ++c) {
         float a = 0.0f;
-        for (int64_t q = 0; q < g.wo; ++q)
-          a += Cotangent<kMasked>(dzrow[q * n + c], zrow[q * n + c]);
+        for (int64_t q = 0; q < g.wo; ++q) a += cot[q * n + c];
         out[c] += a;
       }
     }
     for (int64_t i = 0; i < 3; ++i) {
       const int64_t r = p * g.stride + i - g.top;
       if (r < 0 || r >= g.h) continue;
-      const float* xrow = x + ((b * g.h + r) * g.w) * n;
+      // The input row as the forward read it (with a prologue: made once).
+      const float* xrow = in_rows.Get(b, r);
       for (int64_t j = 0; j < 3; ++j) {
         // Output columns q whose tap j lands inside the row: 0 <= q*s + j - left < w.
         const int64_t shift = j - g.left;
@@ -378,15 +517,12 @@ void KernelGradientRows(const Geometry& g, const float* x, const float* pb, cons
         for (; c + 4 * kLanes <= n; c += 4 * kLanes) {
           Vec16 a0 = {}, a1 = {}, a2 = {}, a3 = {};
           const float* xv = xrow + (q_lo * g.stride + shift) * n + c;
-          int64_t o = q_lo * n + c;
-          for (int64_t q = q_lo; q < q_hi; ++q, xv += xstep, o += n) {
-            a0 += Input<kPrologue>(xv, pb + c) * Cotangent<kMasked>(dzrow + o, zrow + o);
-            a1 += Input<kPrologue>(xv + kLanes, pb + c + kLanes) *
-                  Cotangent<kMasked>(dzrow + o + kLanes, zrow + o + kLanes);
-            a2 += Input<kPrologue>(xv + 2 * kLanes, pb + c + 2 * kLanes) *
-                  Cotangent<kMasked>(dzrow + o + 2 * kLanes, zrow + o + 2 * kLanes);
-            a3 += Input<kPrologue>(xv + 3 * kLanes, pb + c + 3 * kLanes) *
-                  Cotangent<kMasked>(dzrow + o + 3 * kLanes, zrow + o + 3 * kLanes);
+          const float* d = cot + q_lo * n + c;
+          for (int64_t q = q_lo; q < q_hi; ++q, xv += xstep, d += n) {
+            a0 += Load(xv) * Load(d);
+            a1 += Load(xv + kLanes) * Load(d + kLanes);
+            a2 += Load(xv + 2 * kLanes) * Load(d + 2 * kLanes);
+            a3 += Load(xv + 3 * kLanes) * Load(d + 3 * kLanes);
           }
           Store(out + c, Load(out + c) + a0);
           Store(out + c + kLanes, Load(out + c + kLanes) + a1);
@@ -396,17 +532,15 @@ void KernelGradientRows(const Geometry& g, const float* x, const float* pb, cons
         for (; c + kLanes <= n; c += kLanes) {
           Vec16 a = {};
           const float* xv = xrow + (q_lo * g.stride + shift) * n + c;
-          int64_t o = q_lo * n + c;
-          for (int64_t q = q_lo; q < q_hi; ++q, xv += xstep, o += n)
-            a += Input<kPrologue>(xv, pb + c) * Cotangent<kMasked>(dzrow + o, zrow + o);
+          const float* d = cot + q_lo * n + c;
+          for (int64_t q = q_lo; q < q_hi; ++q, xv += xstep, d += n) a += Load(xv) * Load(d);
           Store(out + c, Load(out + c) + a);
         }
         for (; c < n; ++c) {
           float a = 0.0f;
           const float* xv = xrow + (q_lo * g.stride + shift) * n + c;
-          int64_t o = q_lo * n + c;
-          for (int64_t q = q_lo; q < q_hi; ++q, xv += xstep, o += n)
-            a += Input<kPrologue>(*xv, pb[c]) * Cotangent<kMasked>(dzrow[o], zrow[o]);
+          const float* d = cot + q_lo * n + c;
+          for (int64_t q = q_lo; q < q_hi; ++q, xv += xstep, d += n) a += *xv * *d;
           out[c] += a;
         }
       }
@@ -598,7 +732,70 @@ void ConvForwardRows(const ConvGeometry& cg, const float* x, const float* w, con
   int64_t xoff[9], woff[9];
   for (int64_t unit = begin; unit < end; ++unit) {
     const int64_t b = unit / g.ho, p = unit % g.ho;
-    for (int64_t q = 0; q < g.wo; ++q) {
+    const int64_t r0 = p * g.stride - g.top;
+    const bool rows_inside = r0 >= 0 && r0 + 2 < g.h;
+    for (int64_t q = 0; q < g.wo;) {
+      // Four neighbouring pixels whose 9 taps all lie inside the image: each
+      // kernel row loaded once for the four, eight independent sums (the
+      // single-pixel loop below waits on two chains of 9*Cin additions).
+      // Same sums in the same order as the loop below.
+      if (rows_inside && q + 4 <= g.wo && q * g.stride - g.left >= 0 &&
+          (q + 3) * g.stride - g.left + 2 < g.w && cout % kLanes == 0) {
+        const float* px[4];
+        for (int k = 0; k < 4; ++k)
+          px[k] = x + ((b * g.h + r0) * g.w + (q + k) * g.stride - g.left) * cin;
+        float* out = z + (unit * g.wo + q) * cout;
+        int64_t o = 0;
+        for (; o + 2 * kLanes <= cout; o += 2 * kLanes) {
+          Vec16 a[4][2];
+          for (int k = 0; k < 4; ++k) {
+            a[k][0] = Load(bias + o);
+            a[k][1] = Load(bias + o + kLanes);
+          }
+          for (int64_t i = 0; i < 3; ++i) {
+            for (int64_t j = 0; j < 3; ++j) {
+              const int64_t xo = (i * g.w + j) * cin;
+              const float* wv = w + (i * 3 + j) * cin * cout + o;
+              for (int64_t c = 0; c < cin; ++c, wv += cout) {
+                const Vec16 w0 = Load(wv), w1 = Load(wv + kLanes);
+                for (int k = 0; k < 4; ++k) {
+                  const float v = px[k][xo + c];
+                  a[k][0] += v * w0;
+                  a[k][1] += v * w1;
+                }
+              }
+            }
+          }
+          for (int k = 0; k < 4; ++k) {
+            if constexpr (kRelu6) {
+              a[k][0] = Relu6(a[k][0]);
+              a[k][1] = Relu6(a[k][1]);
+            }
+            Store(out + k * cout + o, a[k][0]);
+            Store(out + k * cout + o + kLanes, a[k][1]);
+          }
+        }
+        for (; o < cout; o += kLanes) {
+          Vec16 a[4];
+          for (int k = 0; k < 4; ++k) a[k] = Load(bias + o);
+          for (int64_t i = 0; i < 3; ++i) {
+            for (int64_t j = 0; j < 3; ++j) {
+              const int64_t xo = (i * g.w + j) * cin;
+              const float* wv = w + (i * 3 + j) * cin * cout + o;
+              for (int64_t c = 0; c < cin; ++c, wv += cout) {
+                const Vec16 w0 = Load(wv);
+                for (int k = 0; k < 4; ++k) a[k] += px[k][xo + c] * w0;
+              }
+            }
+          }
+          for (int k = 0; k < 4; ++k) {
+            if constexpr (kRelu6) a[k] = Relu6(a[k]);
+            Store(out + k * cout + o, a[k]);
+          }
+        }
+        q += 4;
+        continue;
+      }
       const int count = ConvTaps(g, cout, b, p, q, xoff, woff);
       float* out = z + (unit * g.wo + q) * cout;
       int64_t o = 0;
@@ -637,6 +834,7 @@ void ConvForwardRows(const ConvGeometry& cg, const float* x, const float* w, con
         if constexpr (kRelu6) a = Relu6(a);
         out[o] = a;
       }
+      ++q;
     }
   }
 }
@@ -657,8 +855,61 @@ void ConvKernelGradientRows(const ConvGeometry& cg, const float* x, const float*
   // One output row at a time, every 16-channel block of it in turn: the
   // row's dz and z (a few tens of KB) are read from memory once and from
   // cache for the other blocks.
+  std::vector<float> cot_buf(kCin > 0 && kMasked ? g.wo * cout : 0);
   for (int64_t unit = begin; unit < end; ++unit) {
     const int64_t b = unit / g.ho, p = unit % g.ho;
+    if constexpr (kCin > 0) {
+      if (cout % (2 * kLanes) == 0) {
+        // 32 output channels at a time, one kernel row i per pass over the
+        // row: 2 x 3 x kCin sums in registers (18 for RGB; all 27 taps at
+        // once would not fit beside their operands), the row's cotangent
+        // masked once. Same sums in the same order as below.
+        const float* cot = CotangentRow<kMasked>(dz + unit * g.wo * cout, z + unit * g.wo * cout,
+                                                 g.wo * cout, cot_buf.data());
+        for (int64_t o = 0; o < cout; o += 2 * kLanes) {
+          Vec16 ab0 = Load(bias_acc + o), ab1 = Load(bias_acc + o + kLanes);
+          for (int64_t q = 0; q < g.wo; ++q) {
+            ab0 += Load(cot + q * cout + o);
+            ab1 += Load(cot + q * cout + o + kLanes);
+          }
+          Store(bias_acc + o, ab0);
+          Store(bias_acc + o + kLanes, ab1);
+          for (int i = 0; i < 3; ++i) {
+            const int64_t r = p * g.stride + i - g.top;
+            if (r < 0 || r >= g.h) continue;
+            const float* xrow = x + (b * g.h + r) * g.w * kCin;
+            float* arow = acc + i * 3 * kCin * cout + o;
+            Vec16 a[3 * kCin][2];
+            for (int t = 0; t < 3 * kCin; ++t) {
+              a[t][0] = Load(arow + t * cout);
+              a[t][1] = Load(arow + t * cout + kLanes);
+            }
+            for (int64_t q = 0; q < g.wo; ++q) {
+              const Vec16 d0 = Load(cot + q * cout + o), d1 = Load(cot + q * cout + o + kLanes);
+              const float* xv[3];
+              for (int j = 0; j < 3; ++j) {
+                const int64_t sc = q * g.stride + j - g.left;
+                xv[j] = (sc < 0 || sc >= g.w) ? kZeros : xrow + sc * kCin;
+              }
+#pragma GCC unroll 3
+              for (int j = 0; j < 3; ++j) {
+#pragma GCC unroll 8
+                for (int c = 0; c < kCin; ++c) {
+                  const float v = xv[j][c];
+                  a[j * kCin + c][0] += v * d0;
+                  a[j * kCin + c][1] += v * d1;
+                }
+              }
+            }
+            for (int t = 0; t < 3 * kCin; ++t) {
+              Store(arow + t * cout, a[t][0]);
+              Store(arow + t * cout + kLanes, a[t][1]);
+            }
+          }
+        }
+        continue;
+      }
+    }
     for (int64_t o = 0; o < cout; o += kLanes) {
       const int64_t lanes = std::min(kLanes, cout - o);
       if constexpr (kCin > 0) {
