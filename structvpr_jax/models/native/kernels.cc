@@ -380,15 +380,15 @@ inline float PrologueGradient(float da, float m, float pbias) {
 // One pixel of the input gradient: out[0:n] = sum over taps t < count of
 // cots[t][0:n] * taps[t][0:n] (cots: the cotangent at the output pixel the
 // tap reaches); with kPrologue, masked by `PrologueGradient` at this pixel
-// (m: its input, xpix) and added to pacc[0:n].
-template <bool kPrologue>
+// (m: its input, xpix) and, with kSumPrologue, added to pacc[0:n].
+template <bool kPrologue, bool kSumPrologue = true>
 inline void InputGradientPixel(float* __restrict out, const float* const* cots,
                                const float* const* taps, int count, int64_t n,
                                const float* xpix, const float* pb, float* pacc) {
   auto finish = [&](int64_t c, Vec16 a) {
     if constexpr (kPrologue) {
       a = PrologueGradient(a, xpix + c, pb + c);
-      Store(pacc + c, Load(pacc + c) + a);
+      if constexpr (kSumPrologue) Store(pacc + c, Load(pacc + c) + a);
     }
     Store(out + c, a);
   };
@@ -418,74 +418,48 @@ inline void InputGradientPixel(float* __restrict out, const float* const* cots,
     for (int t = 0; t < count; ++t) a += cots[t][c] * taps[t][c];
     if constexpr (kPrologue) {
       a = PrologueGradient(a, xpix[c], pb[c]);
-      pacc[c] += a;
+      if constexpr (kSumPrologue) pacc[c] += a;
     }
     out[c] = a;
   }
 }
 
-// Input gradient: one unit = one input row (b, r).
-//   dx[b, r, s, c] = sum over (i, j) with r = p*stride + i - top and
-//   s = q*stride + j - left of cot[b, p, q, c] * k[i, j, c].
+// The output row that owns input row r in the fused backward: the last
+// output row whose taps reach r, so that when it is done every cotangent row
+// r's input gradient needs has been made.
+inline int64_t OwnerRow(const Geometry& g, int64_t r) {
+  return std::min((r + g.top) / g.stride, g.ho - 1);
+}
+
+// Both gradients in one pass over output rows [begin, end) (units (b, p)),
+// so that x, dz and z stream through the cache once instead of once per
+// gradient (the rows shared through `InputRows` / `CotangentRows`):
+// - the kernel and bias gradients of row p, partial over the chunk:
+//     acc[i, j, c] += sum_q in(x)[b, p*s + i - top, q*s + j - left, c] * cot[b, p, q, c]
+//     acc[9, c]    += sum_q cot[b, p, q, c]
+//   each row's sums formed in registers and then added to `acc`, so the
+//   float32 accumulation error grows with rows, not pixels;
+// - the input gradient of the input rows p owns (`OwnerRow`):
+//     dx[b, r, s, c] = sum over (i, j) with r = p*stride + i - top and
+//     s = q*stride + j - left of cot[b, p, q, c] * k[i, j, c]
+//   (taps in reverse order, as autodiff of the forward accumulates them),
+//   with a prologue masked by `PrologueGradient`; the previous layer's bias
+//   gradient, their sum, is formed afterwards (`SumRows`).
 template <bool kMasked, bool kPrologue>
-void InputGradientRows(const Geometry& g, const float* dz, const float* z, const float* k,
-                       const float* x, const float* pb, float* dx, float* pacc,
-                       int64_t begin, int64_t end) {
+void BackwardRows(const Geometry& g, const float* x, const float* k, const float* pb,
+                  const float* dz, const float* z, float* acc, float* dx, int64_t begin,
+                  int64_t end) {
+  const int64_t n = g.c;
+  InputRows<kPrologue> in_rows(g, x, pb);
   CotangentRows<kMasked> cot_rows(g, dz, z);
   const float* cots[9];
   const float* taps[9];
   for (int64_t unit = begin; unit < end; ++unit) {
-    cot_rows.NewUnit();
-    const int64_t b = unit / g.h, r = unit % g.h;
-    float* dxrow = dx + unit * g.w * g.c;
-    // The output rows this input row reaches, taps in reverse order (as
-    // autodiff of the forward accumulates them).
-    const float* row_of[3] = {nullptr, nullptr, nullptr};
-    for (int64_t i = 2; i >= 0; --i) {
-      const int64_t pn = r + g.top - i;
-      if (pn < 0 || pn % g.stride) continue;
-      const int64_t p = pn / g.stride;
-      if (p >= g.ho) continue;
-      row_of[i] = cot_rows.Get(b, p);
-    }
-    for (int64_t s = 0; s < g.w; ++s) {
-      int count = 0;
-      for (int64_t i = 2; i >= 0; --i) {
-        if (row_of[i] == nullptr) continue;
-        for (int64_t j = 2; j >= 0; --j) {
-          const int64_t qn = s + g.left - j;
-          if (qn < 0 || qn % g.stride) continue;
-          const int64_t q = qn / g.stride;
-          if (q >= g.wo) continue;
-          cots[count] = row_of[i] + q * g.c;
-          taps[count] = k + (i * 3 + j) * g.c;
-          ++count;
-        }
-      }
-      InputGradientPixel<kPrologue>(dxrow + s * g.c, cots, taps, count, g.c,
-                                    x + (unit * g.w + s) * g.c, pb, pacc);
-    }
-  }
-}
-
-// Kernel and bias gradients, partial over output rows [begin, end):
-//   acc[i, j, c] += sum_{(b, p) in rows, q} x[b, p*s + i - top, q*s + j - left, c] * cot[b, p, q, c]
-//   acc[9, c]    += sum_{(b, p) in rows, q} cot[b, p, q, c]
-// Each row's sums are formed in registers and then added to `acc`, so the
-// float32 accumulation error grows with rows, not pixels.
-template <bool kMasked, bool kPrologue>
-void KernelGradientRows(const Geometry& g, const float* x, const float* pb, const float* dz,
-                        const float* z, float* acc, int64_t begin, int64_t end) {
-  const int64_t n = g.c;
-  std::vector<float> cot_buf(kMasked ? g.wo * n : 0);
-  InputRows<kPrologue> in_rows(g, x, pb);
-  for (int64_t unit = begin; unit < end; ++unit) {
     in_rows.NewUnit();
+    cot_rows.NewUnit();
     const int64_t b = unit / g.ho, p = unit % g.ho;
-    const int64_t row = unit * g.wo * n;
-    // The row's cotangent, masked once (not once per tap).
-    const float* cot = CotangentRow<kMasked>(dz + row, z + row, g.wo * n, cot_buf.data());
-    // bias: the row sum of the cotangent
+    const float* cot = cot_rows.Get(b, p);
+    // Kernel and bias gradients of output row p.
     {
       float* out = acc + 9 * n;
       int64_t c = 0;
@@ -503,13 +477,11 @@ void KernelGradientRows(const Geometry& g, const float* x, const float* pb, cons
     for (int64_t i = 0; i < 3; ++i) {
       const int64_t r = p * g.stride + i - g.top;
       if (r < 0 || r >= g.h) continue;
-      // The input row as the forward read it (with a prologue: made once).
       const float* xrow = in_rows.Get(b, r);
       for (int64_t j = 0; j < 3; ++j) {
-        // Output columns q whose tap j lands inside the row: 0 <= q*s + j - left < w.
         const int64_t shift = j - g.left;
         const int64_t q_lo = shift >= 0 ? 0 : (-shift + g.stride - 1) / g.stride;
-        const int64_t last = g.w - 1 - shift;  // q*s <= last (may be negative: no q)
+        const int64_t last = g.w - 1 - shift;
         const int64_t q_hi = last < 0 ? 0 : std::min(g.wo, last / g.stride + 1);
         float* out = acc + (i * 3 + j) * n;
         const int64_t xstep = g.stride * n;
@@ -545,6 +517,49 @@ void KernelGradientRows(const Geometry& g, const float* x, const float* pb, cons
         }
       }
     }
+    // Input gradient of the input rows p owns.
+    const int64_t r_lo = std::max<int64_t>(0, p * g.stride - g.top);
+    const int64_t r_hi = p == g.ho - 1 ? g.h : std::min(g.h, p * g.stride - g.top + g.stride);
+    for (int64_t r = r_lo; r < r_hi; ++r) {
+      if (OwnerRow(g, r) != p) continue;
+      const float* row_of[3] = {nullptr, nullptr, nullptr};
+      for (int64_t i = 2; i >= 0; --i) {
+        const int64_t pn = r + g.top - i;
+        if (pn < 0 || pn % g.stride) continue;
+        const int64_t pi = pn / g.stride;
+        if (pi >= g.ho) continue;
+        row_of[i] = cot_rows.Get(b, pi);
+      }
+      float* dxrow = dx + (b * g.h + r) * g.w * n;
+      for (int64_t s = 0; s < g.w; ++s) {
+        int count = 0;
+        for (int64_t i = 2; i >= 0; --i) {
+          if (row_of[i] == nullptr) continue;
+          for (int64_t j = 2; j >= 0; --j) {
+            const int64_t qn = s + g.left - j;
+            if (qn < 0 || qn % g.stride) continue;
+            const int64_t q = qn / g.stride;
+            if (q >= g.wo) continue;
+            cots[count] = row_of[i] + q * n;
+            taps[count] = k + (i * 3 + j) * n;
+            ++count;
+          }
+        }
+        InputGradientPixel<kPrologue, false>(dxrow + s * n, cots, taps, count, n,
+                                             x + ((b * g.h + r) * g.w + s) * n, pb, nullptr);
+      }
+    }
+  }
+}
+
+// acc[0:n] += every pixel of rows [begin, end) of v [rows, w, n], pixel by
+// pixel in order.
+void SumRows(const float* v, int64_t w, int64_t n, float* acc, int64_t begin, int64_t end) {
+  for (int64_t pix = begin * w; pix < end * w; ++pix) {
+    const float* a = v + pix * n;
+    int64_t c = 0;
+    for (; c + kLanes <= n; c += kLanes) Store(acc + c, Load(acc + c) + Load(a + c));
+    for (; c < n; ++c) acc[c] += a[c];
   }
 }
 
@@ -643,8 +658,11 @@ ffi::Error DepthwiseBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   const float* gp = dz.typed_data();
   const int64_t helpers = Helpers(pool);
 
-  // Kernel and bias gradients: per-chunk partial sums [10, C], then their
-  // sum in chunk order.
+  float* dxp = dx->typed_data();
+
+  // One pass for both gradients (`BackwardRows`): kernel and bias gradients
+  // as per-chunk partial sums [10, C] over fixed chunks of output rows, then
+  // their sum in chunk order; the input gradient row by row.
   {
     const int64_t n = 10 * g.c;
     const int64_t out_rows = g.batch * g.ho;
@@ -654,13 +672,13 @@ ffi::Error DepthwiseBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
     ParallelFor(pool, out_rows, grain, helpers, [&](int64_t begin, int64_t end) {
       float* acc = partial.data() + (begin / grain) * n;
       if (relu6 && prologue)
-        KernelGradientRows<true, true>(g, xp, pp, gp, zp, acc, begin, end);
+        BackwardRows<true, true>(g, xp, kp, pp, gp, zp, acc, dxp, begin, end);
       else if (relu6)
-        KernelGradientRows<true, false>(g, xp, pp, gp, zp, acc, begin, end);
+        BackwardRows<true, false>(g, xp, kp, pp, gp, zp, acc, dxp, begin, end);
       else if (prologue)
-        KernelGradientRows<false, true>(g, xp, pp, gp, zp, acc, begin, end);
+        BackwardRows<false, true>(g, xp, kp, pp, gp, zp, acc, dxp, begin, end);
       else
-        KernelGradientRows<false, false>(g, xp, pp, gp, zp, acc, begin, end);
+        BackwardRows<false, false>(g, xp, kp, pp, gp, zp, acc, dxp, begin, end);
     });
     std::vector<float> total(n);
     SumChunks(partial, chunks, n, total.data());
@@ -668,24 +686,17 @@ ffi::Error DepthwiseBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
     std::copy(total.begin() + 9 * g.c, total.end(), dbias->typed_data());
   }
 
-  // Input gradient (and with a prologue its bias's, in fixed chunks too).
-  float* dxp = dx->typed_data();
+  // With a prologue, its bias's gradient: the sum of dx, in fixed chunks of
+  // input rows summed in chunk order.
   const int64_t in_rows = g.batch * g.h;
-  const int64_t grain = prologue ? (in_rows + kKernelGradientChunks - 1) / kKernelGradientChunks
-                                 : Grain(in_rows, helpers);
+  const int64_t grain = (in_rows + kKernelGradientChunks - 1) / kKernelGradientChunks;
   const int64_t chunks = prologue ? (in_rows + grain - 1) / grain : 0;
   std::vector<float> partial(chunks * g.c, 0.0f);
-  ParallelFor(pool, in_rows, grain, helpers, [&](int64_t begin, int64_t end) {
-    float* pacc = prologue ? partial.data() + (begin / grain) * g.c : nullptr;
-    if (relu6 && prologue)
-      InputGradientRows<true, true>(g, gp, zp, kp, xp, pp, dxp, pacc, begin, end);
-    else if (relu6)
-      InputGradientRows<true, false>(g, gp, zp, kp, xp, pp, dxp, pacc, begin, end);
-    else if (prologue)
-      InputGradientRows<false, true>(g, gp, zp, kp, xp, pp, dxp, pacc, begin, end);
-    else
-      InputGradientRows<false, false>(g, gp, zp, kp, xp, pp, dxp, pacc, begin, end);
-  });
+  if (prologue) {
+    ParallelFor(pool, in_rows, grain, helpers, [&](int64_t begin, int64_t end) {
+      SumRows(dxp, g.w, g.c, partial.data() + (begin / grain) * g.c, begin, end);
+    });
+  }
   SumChunks(partial, chunks, g.c, dpbias->typed_data());
   return ffi::Error::Success();
 }
