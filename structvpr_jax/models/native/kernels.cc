@@ -23,6 +23,9 @@
 // and the kernel reads relu6(m + pbias) (MobileNetV2's expand 1x1 with
 // folded BN, whose bias and activation are then never written); the
 // backward returns the gradient of m and of pbias.
+// Rows the taps share (relu6(m + pbias), the masked cotangent) are made once
+// per row, not once per tap, and the backward forms the kernel and input
+// gradients in one pass over the rows, so x, z and dz are read once.
 //
 // Built on first use by structvpr_jax/models/native/__init__.py (g++ -O3
 // -march=native); never required: the XLA implementation is the fallback.
