@@ -17,6 +17,11 @@ runs beside the other's threads and memory:
 Allocator settings: "huge pages", GLIBC_TUNABLES with glibc.malloc.hugetlb=1
 (what structvpr_jax/hugepages.py sets for the main program: unsuffixed keys),
 and "nohuge", without it (keys with `_nohuge` before the unit).
+The machine's speed drifts between workers that run minutes apart, so the
+ratio_* keys of one run are noisy (the same code measured forward-224
+ratios of 1.03 and 1.69); experiments/paired_ratio.py measures the issue's
+target ratios call by call with both frameworks loaded, and is what the
+README's verdict on them reads.
 
 Keys (stable; later versions add keys, never rename):
   forward_224_img_s       RGB branch (MobileNetV2-1.0 + NetVLAD-64, 81,920-d;
