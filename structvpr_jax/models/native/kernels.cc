@@ -34,6 +34,7 @@
 #include <atomic>
 #include <cstdint>
 #include <cstring>
+#include <functional>
 #include <memory>
 #include <thread>
 #include <vector>
@@ -233,57 +234,50 @@ class RowCache {
   int64_t clock_ = 0;
 };
 
-// Rows of the layer's input as read (`Input`): x's own rows, or with
-// kPrologue relu6(m + pbias) made once per row (`RowCache`).
-template <bool kPrologue>
-class InputRows {
+// Rows of a [batch * rows, len] array as a kernel reads them: the array's
+// own rows, or with kMade rows made from it once each by make(offset of the
+// row, buf) (`RowCache`).
+template <bool kMade>
+class Rows {
  public:
-  InputRows(const Geometry& g, const float* x, const float* pb)
-      : g_(g), x_(x), pb_(pb), cache_(kPrologue ? g.w * g.c : 0) {}
+  using Make = std::function<void(int64_t, float*)>;
+
+  Rows(const float* src, int64_t rows, int64_t len, Make make)
+      : src_(src), rows_(rows), len_(len), make_(std::move(make)), cache_(kMade ? len : 0) {}
 
   void NewUnit() { cache_.NewUnit(); }
 
-  // Input row (b, r): [w, C]; valid until the next unit's fourth row.
+  // Row r of image b: [len]; valid until the next unit's fourth row.
   const float* Get(int64_t b, int64_t r) {
-    const int64_t key = b * g_.h + r, len = g_.w * g_.c;
-    if constexpr (!kPrologue) return x_ + key * len;
-    return cache_.Get(key, [&](int64_t k, float* buf) {
-      InputRow<true>(x_ + k * len, pb_, g_.w, g_.c, buf);
-    });
+    const int64_t key = b * rows_ + r;
+    if constexpr (!kMade) return src_ + key * len_;
+    return cache_.Get(key, [&](int64_t k, float* buf) { make_(k * len_, buf); });
   }
 
  private:
-  const Geometry& g_;
-  const float* x_;
-  const float* pb_;
+  const float* src_;
+  int64_t rows_, len_;
+  Make make_;
   RowCache cache_;
 };
 
-// Rows of the cotangent the convolution sees (`Cotangent`): dz's own rows,
-// or masked by the activation once per row (`RowCache`).
+// Input rows (b, r) [w, C] as read (`Input`): x's own, or with kPrologue
+// relu6(m + pbias).
+template <bool kPrologue>
+Rows<kPrologue> InputRows(const Geometry& g, const float* x, const float* pb) {
+  return Rows<kPrologue>(x, g.h, g.w * g.c, [&g, x, pb](int64_t off, float* buf) {
+    InputRow<true>(x + off, pb, g.w, g.c, buf);
+  });
+}
+
+// Cotangent rows (b, p) [wo, C] the convolution sees (`Cotangent`): dz's
+// own, or masked by the activation.
 template <bool kMasked>
-class CotangentRows {
- public:
-  CotangentRows(const Geometry& g, const float* dz, const float* z)
-      : g_(g), dz_(dz), z_(z), cache_(kMasked ? g.wo * g.c : 0) {}
-
-  void NewUnit() { cache_.NewUnit(); }
-
-  // The cotangent row of output row (b, p): [wo, C].
-  const float* Get(int64_t b, int64_t p) {
-    const int64_t key = b * g_.ho + p, len = g_.wo * g_.c;
-    if constexpr (!kMasked) return dz_ + key * len;
-    return cache_.Get(key, [&](int64_t k, float* buf) {
-      CotangentRow<true>(dz_ + k * len, z_ + k * len, len, buf);
-    });
-  }
-
- private:
-  const Geometry& g_;
-  const float* dz_;
-  const float* z_;
-  RowCache cache_;
-};
+Rows<kMasked> CotangentRows(const Geometry& g, const float* dz, const float* z) {
+  return Rows<kMasked>(dz, g.ho, g.wo * g.c, [dz, z, len = g.wo * g.c](int64_t off, float* buf) {
+    CotangentRow<true>(dz + off, z + off, len, buf);
+  });
+}
 
 // Forward of one pixel: out[0:n] = act(sum over taps t < count of
 // ins[t][0:n] * taps[t][0:n] + bias[0:n]) (ins: the input pixel the tap
@@ -338,7 +332,7 @@ inline void ForwardPixel(float* __restrict out, const float* const* ins,
 template <bool kRelu6, bool kPrologue>
 void ForwardRows(const Geometry& g, const float* x, const float* k, const float* bias,
                  const float* pb, float* z, int64_t begin, int64_t end) {
-  InputRows<kPrologue> in_rows(g, x, pb);
+  auto in_rows = InputRows<kPrologue>(g, x, pb);
   const float* ins[9];
   const float* taps[9];
   for (int64_t unit = begin; unit < end; ++unit) {
@@ -453,8 +447,8 @@ void BackwardRows(const Geometry& g, const float* x, const float* k, const float
                   const float* dz, const float* z, float* acc, float* dx, int64_t begin,
                   int64_t end) {
   const int64_t n = g.c;
-  InputRows<kPrologue> in_rows(g, x, pb);
-  CotangentRows<kMasked> cot_rows(g, dz, z);
+  auto in_rows = InputRows<kPrologue>(g, x, pb);
+  auto cot_rows = CotangentRows<kMasked>(g, dz, z);
   const float* cots[9];
   const float* taps[9];
   for (int64_t unit = begin; unit < end; ++unit) {
