@@ -144,10 +144,9 @@ def validate_config(config) -> None:
   if int(config.eval.get("search_block_rows", 0) or 0) < 0:
     raise ValueError(f"eval.search_block_rows={config.eval.get('search_block_rows')} must be "
                      ">= 0 (0: the whole database at once)")
-  micro_batch = int(config.eval.get("micro_batch", 0) or 0)
-  if micro_batch < 0 or (micro_batch and int(config.eval.batch_size) % micro_batch):
-    raise ValueError(f"eval.micro_batch={micro_batch} must be 0 (auto) or divide "
-                     f"eval.batch_size={config.eval.batch_size}")
+  # eval.micro_batch: >= 0 and dividing eval.batch_size (the Extractor's own check, early)
+  evaluation.micro_batch_size(config.eval.batch_size, config.data.image_size,
+                              int(config.eval.get("micro_batch", 0) or 0), backend="cpu")
   if config.distill.get("partition", "stage1") not in partition.PARTITIONS:
     raise ValueError(f"distill.partition={config.distill.partition!r}; expected one of "
                      f"{partition.PARTITIONS}")
