@@ -56,6 +56,61 @@ def test_hand_case_k2_d2_cluster_major():
   np.testing.assert_allclose(out, [[0.5, 0.5, -0.5, -0.5]], atol=1e-6)
 
 
+def _plain_residual_sums(assign, x, centroids):
+  """Eq. 1 as written, sum_n a_nk (x_n - c_k), for autodiff to differentiate."""
+  return jnp.einsum("bnk,bnkd->bkd", assign, x[:, :, None, :] - centroids[None, None])
+
+
+def test_residual_sums_vjp_equals_autodiff_of_the_formula_float64():
+  rng = np.random.default_rng(3)
+  b, n, k, d = 3, 7, 4, 5
+  with jax.enable_x64():
+    a = jax.nn.softmax(jnp.asarray(rng.normal(size=(b, n, k))), axis=-1)
+    x = jnp.asarray(rng.normal(size=(b, n, d)))
+    c = jnp.asarray(rng.normal(size=(k, d)))
+    g = jnp.asarray(rng.normal(size=(b, k, d)))
+    got, got_vjp = jax.vjp(netvlad.residual_sums, a, x, c)
+    want, want_vjp = jax.vjp(_plain_residual_sums, a, x, c)
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+    for name, u, v in zip(("assign", "x", "centroids"), got_vjp(g), want_vjp(g)):
+      assert u.dtype == v.dtype == jnp.float64, name
+      np.testing.assert_allclose(u, v, rtol=1e-12, atol=1e-12, err_msg=name)
+
+
+def test_residual_sums_hand_gradient():
+  # one image, N = 2, K = 1, D = 1: V = a1 (x1 - c) + a2 (x2 - c), g = 1:
+  # dV/da_i = x_i - c, dV/dx_i = a_i, dV/dc = -(a1 + a2)
+  a = jnp.array([[[0.25], [0.5]]])
+  x = jnp.array([[[2.0], [-1.0]]])
+  c = jnp.array([[0.5]])
+  v, vjp = jax.vjp(netvlad.residual_sums, a, x, c)
+  np.testing.assert_allclose(v, [[[0.25 * 1.5 + 0.5 * -1.5]]])
+  da, dx, dc = vjp(jnp.ones((1, 1, 1)))
+  np.testing.assert_allclose(da, [[[1.5], [-1.5]]])
+  np.testing.assert_allclose(dx, [[[0.25], [0.5]]])
+  np.testing.assert_allclose(dc, [[-0.75]])
+
+
+def test_layer_gradients_equal_autodiff_with_mask_float32():
+  rng = np.random.default_rng(4)
+  b, h, w, d, k = 2, 3, 4, 6, 5
+  x = jnp.asarray(rng.normal(size=(b, h, w, d)), jnp.float32)
+  mask = jnp.asarray(rng.random((b, h * w)) > 0.3, jnp.float32)
+  layer = netvlad.NetVLAD(k)
+  params = layer.init(jax.random.PRNGKey(0), x)
+  cot = jnp.asarray(rng.normal(size=(b, k * d)), jnp.float32)
+  loss = lambda p, x: jnp.sum(layer.apply(p, x, mask) * cot)
+  got = jax.grad(loss, argnums=(0, 1))(params, x)
+  original = netvlad.residual_sums
+  try:
+    netvlad.residual_sums = _plain_residual_sums   # autodiff of Eq. 1 instead
+    want = jax.grad(loss, argnums=(0, 1))(params, x)
+  finally:
+    netvlad.residual_sums = original
+  for u, v in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(u, v, rtol=1e-4, atol=1e-6)
+
+
 def test_param_names_and_shapes():
   v = netvlad.NetVLAD(8).init(jax.random.PRNGKey(0), jnp.ones((1, 3, 3, 5)))["params"]
   assert v["assign"]["kernel"].shape == (5, 8)

@@ -307,6 +307,60 @@ def test_kill_and_resume_matches_uninterrupted(reference, dataset, tmp_path, cac
     np.testing.assert_allclose((l, g), ref_losses[s], rtol=1e-6)
 
 
+# A run of the code before the flat optimizer state: one array per parameter
+# and moment (make_optimizer(flat=False)), no "opt_layout" in the meta.
+PER_TENSOR_MAIN = (
+    "import os, sys; sys.path.insert(0, os.getcwd()); from absl import app; "
+    "from structvpr_jax import main, xla_flags, train_lib as t; xla_flags.apply(); "
+    "t.OPT_LAYOUT = 'per-tensor'; make = t.make_optimizer; "
+    "t.make_optimizer = lambda tc, mask=None, flat=True: make(tc, mask, flat=False); "
+    "app.run(main.main, flags_parser=main._parse_flags)")
+
+
+@pytest.mark.slow
+def test_resume_from_a_per_tensor_optimizer_checkpoint(reference, dataset, tmp_path, cache):
+  """A checkpoint whose optimizer state has the per-tensor layout (written
+  before the flat one) resumes: the state is raveled into the flat layout
+  and the run ends where the uninterrupted flat run does (to float
+  rounding: for 4 steps the clipping norm summed the squares in another
+  order)."""
+  work = str(tmp_path / "per_tensor")
+  cmd = [sys.executable, "-c", PER_TENSOR_MAIN, "--config=configs/rgb.py:smoke",
+         f"--workdir={work}", *folder(dataset), *RUN, f"--config.compilation_cache={cache}"]
+  proc = subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=subprocess.PIPE,
+                          stderr=subprocess.DEVNULL, text=True)
+  killed = False
+  for line in proc.stdout:
+    if line.startswith("[rgb] step 6/8"):     # after the step-4 checkpoint
+      proc.send_signal(signal.SIGKILL)
+      killed = True
+      break
+  proc.wait(timeout=120)
+  assert killed
+  from structvpr_jax import checkpoint
+  ckpts = os.path.join(work, "rgb", "checkpoints")
+  mngr = checkpoint.manager(ckpts, read_only=True)
+  assert mngr.all_steps() == [4]
+  assert checkpoint.read_meta(mngr, 4).get("opt_layout") == "per-tensor"
+  out = cli("configs/rgb.py:smoke", work, *folder(dataset), *RUN, cache=cache, check=0)
+  assert "resuming from step 4" in out.stdout
+  assert checkpoint.read_meta(checkpoint.manager(ckpts, read_only=True), 8)["opt_layout"] == "flat"
+  ref, got = params_at(reference, 8), params_at(work, 8)
+  import jax
+  # Adam moves each parameter by about the learning rate (1e-4) per step
+  # whatever its gradient's size, so a rounding difference in a near-zero
+  # gradient can move a parameter by a fraction of that; a state raveled in
+  # the wrong order would move most parameters by whole steps
+  diffs = np.concatenate([np.abs(np.asarray(a) - np.asarray(b)).ravel()
+                          for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(got))])
+  assert diffs.max() < 1e-4 and np.mean(diffs > 1e-6) < 0.01, (diffs.max(), np.mean(diffs > 1e-6))
+  ref_losses = dict((s, l) for s, l, _ in losses(reference))
+  resumed = [(s, l) for s, l, _ in losses(work)][-4:]
+  assert [s for s, _ in resumed] == [5, 6, 7, 8]
+  for s, l in resumed:
+    np.testing.assert_allclose(l, ref_losses[s], rtol=1e-3)
+
+
 @pytest.mark.slow
 def test_interrupted_checkpoint_write_leaves_previous_restorable(reference, dataset, tmp_path,
                                                                  cache):

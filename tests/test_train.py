@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from structvpr_jax import config_lib, parallel, train_lib
@@ -285,3 +286,55 @@ def test_remat_gives_the_plain_values_and_gradients(train):
   labels = np.random.default_rng(1).integers(0, 19, (2, 3, 32, 32)).astype(np.uint8)
   _, metrics = step(state, parallel.shard_batch({"seg": labels}, mesh), jax.random.PRNGKey(0))
   assert np.isfinite(float(metrics["loss"]))
+
+
+@pytest.mark.parametrize("trainable_from", [0, 2])
+@pytest.mark.parametrize("tc", [dict(TC, grad_clip=1e-3),                       # clipping active
+                                dict(TC, optimizer="sgd", weight_decay=1e-2, grad_clip=0)])
+def test_flat_optimizer_matches_per_tensor_and_converts(tc, trainable_from):
+  """make_optimizer's flat state (optax.flatten) updates every parameter as
+  the per-tensor optimizer does, and convert_opt_state turns a per-tensor
+  state (pre-flat checkpoints) into the flat one: both continue equal."""
+  params = model_spec.init_variables(SPEC, 0)["params"]
+  mask = train_lib.frozen_below(trainable_from)
+  flat_tx, _ = train_lib.make_optimizer(tc, mask)
+  tensor_tx, _ = train_lib.make_optimizer(tc, mask, flat=False)
+  rng = np.random.default_rng(5)
+  grads = [jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), p.dtype), params)
+           for _ in range(4)]
+
+  def run(tx, state, p, gs):
+    for g in gs:
+      updates, state = jax.jit(tx.update)(g, state, p)
+      p = optax.apply_updates(p, updates)
+    return p, state
+
+  p_flat, s_flat = run(flat_tx, flat_tx.init(params), params, grads[:2])
+  p_tensor, s_tensor = run(tensor_tx, tensor_tx.init(params), params, grads[:2])
+  leaves = jax.tree.leaves(s_flat)
+  assert max(np.ndim(a) for a in leaves) == 1      # moments are vectors, not tensors
+  for a, b in zip(jax.tree.leaves(p_flat), jax.tree.leaves(p_tensor)):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+  converted = train_lib.convert_opt_state(s_tensor, jax.eval_shape(flat_tx.init, params))
+  assert jax.tree.structure(converted) == jax.tree.structure(s_flat)
+  for a, b in zip(jax.tree.leaves(converted), jax.tree.leaves(s_flat)):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+  # the converted state continues as the flat one does
+  p_a, _ = run(flat_tx, converted, p_tensor, grads[2:])
+  p_b, _ = run(flat_tx, s_flat, p_flat, grads[2:])
+  for a, b in zip(jax.tree.leaves(p_a), jax.tree.leaves(p_b)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+  # frozen parameters stay bitwise unchanged in the flat layout too
+  if trainable_from:
+    for name in ("stem", "block0", "block1"):
+      for a, b in zip(jax.tree.leaves(params["encoder"][name]),
+                      jax.tree.leaves(p_flat["encoder"][name])):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_convert_opt_state_rejects_another_optimizer():
+  params = model_spec.init_variables(SPEC, 0)["params"]
+  adam_flat = train_lib.make_optimizer(TC)[0]
+  sgd_tensor = train_lib.make_optimizer(dict(TC, optimizer="sgd"), flat=False)[0]
+  with pytest.raises(ValueError, match="optimizer state does not match"):
+    train_lib.convert_opt_state(sgd_tensor.init(params), jax.eval_shape(adam_flat.init, params))

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from structvpr_jax.losses import l2_normalize
+from structvpr_jax.models import native
 
 _EPS = 1e-12
 
@@ -52,13 +53,58 @@ class NetVLAD(nn.Module):
     assign = jax.nn.softmax(logits.astype(acc), axis=-1)  # [B, N, K]
     if mask is not None:
       assign = assign * jnp.reshape(mask, (b, -1, 1)).astype(assign.dtype)
-    # sum_i a_ik x_i - c_k sum_i a_ik  ==  sum_i a_ik (x_i - c_k)
-    weighted = jnp.einsum("bnk,bnd->bkd", assign.astype(self.dtype), x.astype(self.dtype),
-                          preferred_element_type=acc)
-    vlad = weighted - jnp.sum(assign, axis=1)[..., None] * centroids[None]
+    # inside shard_map the replicated centroids are cast to per-device
+    # first: the custom VJP's centroid gradient is per-device
+    vlad = residual_sums(*native.match_varying(assign, x.astype(self.dtype), centroids))
     vlad = l2_normalize(vlad, axis=-1)  # intra-normalisation
     vlad = jnp.reshape(vlad, (b, self.num_clusters * d))
     return l2_normalize(vlad, axis=-1)
+
+
+@jax.custom_vjp
+def residual_sums(assign: jax.Array, x: jax.Array, centroids: jax.Array) -> jax.Array:
+  """V[b, k] = sum_n a[b, n, k] (x[b, n] - c[k]), computed as
+  sum_n a[b, n, k] x[b, n] - (sum_n a[b, n, k]) c[k] (NetVLAD's Eq. 1).
+
+  Args:
+    assign: [B, N, K] soft assignment a, accumulation dtype (>= float32).
+    x: [B, N, D] local descriptors, compute dtype (the first sum's matmul
+      takes a in it and accumulates in the accumulation dtype).
+    centroids: [K, D] c, accumulation dtype.
+
+  Returns:
+    [B, K, D], accumulation dtype.
+
+  The VJP is written out (`_residual_sums_bwd`): autodiff's values (up to
+  float rounding) in the form XLA:CPU runs fastest. Autodiff's transpose summed the
+  centroid gradient over the batch and the assignment gradient's centroid
+  term as reductions over the [B, K, D] cotangent that XLA:CPU (YNNPACK)
+  ran slowly: NetVLAD-64 on 12 x 7 x 7 x 1280 took ~9.7 ms forward and
+  backward, 5.3 ms with this VJP (alternating calls, this machine).
+  """
+  return _residual_sums_fwd(assign, x, centroids)[0]
+
+
+def _residual_sums_fwd(assign, x, centroids):
+  weighted = jnp.einsum("bnk,bnd->bkd", assign.astype(x.dtype), x,
+                        preferred_element_type=centroids.dtype)
+  vlad = weighted - jnp.sum(assign, axis=1)[..., None] * centroids[None]
+  return vlad, (assign, x, centroids)
+
+
+def _residual_sums_bwd(residuals, g):
+  """dA[b, n, k] = x[b, n] . g[b, k] - c[k] . g[b, k];
+  dX[b, n] = sum_k a[b, n, k] g[b, k];  dC[k] = -sum_b (sum_n a[b, n, k]) g[b, k]."""
+  assign, x, centroids = residuals
+  acc = centroids.dtype
+  centroid_term = jnp.einsum("bkd,kd->bk", g, centroids)
+  d_assign = jnp.einsum("bnd,bkd->bnk", x.astype(acc), g) - centroid_term[:, None, :]
+  d_x = jnp.einsum("bnk,bkd->bnd", assign, g)
+  d_centroids = -jnp.einsum("bk,bkd->kd", jnp.sum(assign, axis=1), g)
+  return d_assign, d_x.astype(x.dtype), d_centroids
+
+
+residual_sums.defvjp(_residual_sums_fwd, _residual_sums_bwd)
 
 
 def init_from_kmeans(local_descs, num_clusters: int, seed: int = 0,
