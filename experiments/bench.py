@@ -14,9 +14,11 @@ runs beside the other's threads and memory:
   - one worker for the JAX-only figures (`bench.py --worker other`: seg
     branch, partition, evaluation, input pipeline, synthetic generation),
     with huge pages, medians of `--repeats` calls.
-Allocator settings: "huge pages", GLIBC_TUNABLES with glibc.malloc.hugetlb=1
-(what structvpr_jax/hugepages.py sets for the main program: unsuffixed keys),
-and "nohuge", without it (keys with `_nohuge` before the unit).
+Allocator settings: "huge pages", the glibc tunables structvpr_jax/hugepages.py
+sets for the main program (glibc.malloc.hugetlb=1, and mmap_max=0 with a high
+trim_threshold so XLA's temporaries are kept between runs; JAX workers also
+dispatch synchronously, `hugepages.configure_jax`): unsuffixed keys; and
+"nohuge", without any of them (keys with `_nohuge` before the unit).
 The machine's speed drifts between workers that run minutes apart, so the
 ratio_* keys of one run are noisy (the same code measured forward-224
 ratios of 1.03 and 1.69); experiments/paired_ratio.py measures the issue's
@@ -526,14 +528,16 @@ WORKERS = {"rgb": rgb_worker, "other": other_worker}
 # The parent: launches the workers, combines their figures
 # --------------------------------------------------------------------------
 def allocator_environments() -> dict:
-  """{setting: environment of its workers}: "hugepages" adds
-  glibc.malloc.hugetlb=1 to GLIBC_TUNABLES (hugepages.environ_with_hugepages),
-  "nohuge" drops it; other tunables and variables are passed through. Both
-  carry the XLA_FLAGS defaults of `python -m structvpr_jax.main`
+  """{setting: environment of its workers}: "hugepages" adds the glibc
+  tunables of `python -m structvpr_jax.main` to GLIBC_TUNABLES (huge pages
+  and temporaries kept between runs: hugepages.environ_with_hugepages),
+  "nohuge" drops them; other tunables and variables are passed through.
+  Both carry the XLA_FLAGS defaults of the program
   (`xla_flags.with_defaults`): the workers time what the program runs."""
-  name = hugepages.TUNABLE.split("=")[0] + "="
+  names = {t.split("=", 1)[0] for t in hugepages.TUNABLES}
   base = xla_flags.with_defaults(dict(os.environ))
-  kept = [t for t in base.pop("GLIBC_TUNABLES", "").split(":") if t and not t.startswith(name)]
+  kept = [t for t in base.pop("GLIBC_TUNABLES", "").split(":")
+          if t and t.split("=", 1)[0] not in names]
   if kept:
     base["GLIBC_TUNABLES"] = ":".join(kept)
   return {"hugepages": hugepages.environ_with_hugepages(base), "nohuge": base}
@@ -741,6 +745,7 @@ def main():
       print(markdown_table(json.load(f)))
     return
   if args.worker:
+    hugepages.configure_jax()      # what the main program sets (structvpr_jax/hugepages.py)
     out = WORKERS[args.worker](args.quick, args.repeats)
     out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps(out))

@@ -32,9 +32,10 @@ model; PyTorch = `torch_reference.forward_call` / `train_step`):
   forward_224_both_whole, forward_480x640_both_whole   JAX also on the whole
                                   batch at once (eval.micro_batch=16).
 
-Both workers get the allocator setting bench.py calls "huge pages"
-(GLIBC_TUNABLES glibc.malloc.hugetlb=1) and the XLA:CPU defaults of
-structvpr_jax/xla_flags.py; PyTorch runs with its default threads (one per
+Both workers get the allocator setting bench.py calls "huge pages" (the
+glibc tunables of the main program, structvpr_jax/hugepages.py; the JAX
+worker also dispatches synchronously as the program does) and the XLA:CPU
+defaults of structvpr_jax/xla_flags.py; PyTorch runs with its default threads (one per
 core). The CPU time the hypervisor took from this VM during the run (steal,
 /proc/stat) is recorded. Writes <out>.json (every pair's seconds) and
 <out>.md; --quick: tiny sizes, figures meaningless (tests).
@@ -54,16 +55,25 @@ REPO = os.path.dirname(HERE)
 sys.path.insert(0, REPO)
 sys.path.insert(0, HERE)
 
-# name -> (JAX call, PyTorch call, images per call, target ratio or None)
+# name -> (JAX call, PyTorch call, images per call, target ratio or None,
+# PyTorch worker: "torch" with the same allocator settings as JAX, or
+# "torch_default" in the environment without them, as PyTorch runs for a
+# user who sets nothing)
 COMPARISONS = {
-    "forward_224": ("forward_224", "forward_224", 16, 1.5),
-    "forward_480x640": ("forward_480x640", "forward_480x640", 16, 2.0),
-    "train_step_224_frozen": ("train_step_224_frozen", "train_step_224_frozen", 12, 1.5),
-    "train_step_224": ("train_step_224", "train_step_224", 12, None),
-    "forward_224_both_chunked": ("forward_224", "forward_224_chunked", 16, None),
-    "forward_480x640_both_chunked": ("forward_480x640", "forward_480x640_chunked", 16, None),
-    "forward_224_both_whole": ("forward_224_whole", "forward_224", 16, None),
-    "forward_480x640_both_whole": ("forward_480x640_whole", "forward_480x640", 16, None),
+    "forward_224": ("forward_224", "forward_224", 16, 1.5, "torch"),
+    "forward_480x640": ("forward_480x640", "forward_480x640", 16, 2.0, "torch"),
+    "train_step_224_frozen": ("train_step_224_frozen", "train_step_224_frozen", 12, 1.5, "torch"),
+    "train_step_224": ("train_step_224", "train_step_224", 12, None, "torch"),
+    "forward_224_both_chunked": ("forward_224", "forward_224_chunked", 16, None, "torch"),
+    "forward_480x640_both_chunked": ("forward_480x640", "forward_480x640_chunked", 16, None,
+                                     "torch"),
+    "forward_224_both_whole": ("forward_224_whole", "forward_224", 16, None, "torch"),
+    "forward_480x640_both_whole": ("forward_480x640_whole", "forward_480x640", 16, None, "torch"),
+    "forward_224_torch_default_env": ("forward_224", "forward_224", 16, None, "torch_default"),
+    "forward_480x640_torch_default_env": ("forward_480x640", "forward_480x640", 16, None,
+                                          "torch_default"),
+    "train_step_224_frozen_torch_default_env": ("train_step_224_frozen", "train_step_224_frozen",
+                                                12, None, "torch_default"),
 }
 REPLY = "@@ "          # prefix of a worker's reply lines on stdout
 WARMUP_CALLS = 2
@@ -144,8 +154,9 @@ def worker(framework: str, quick: bool) -> int:
   (build, warm up: {"first_s"}), {"op": "time", "call"} (one call: {"s"}),
   {"op": "quit"}. Replies are lines prefixed by REPLY on stdout."""
   if framework == "jax":
-    from structvpr_jax import xla_flags
+    from structvpr_jax import hugepages, xla_flags
     xla_flags.apply()
+    hugepages.configure_jax()      # as the main program (structvpr_jax/hugepages.py)
   build = (jax_builder if framework == "jax" else torch_builder)(quick)
   calls = {}
 
@@ -243,20 +254,26 @@ def ratio_summary(jax_s, torch_s, images: int, target=None, resamples: int = 400
 
 def run(names, pairs: int, quick: bool) -> dict:
   import bench
-  env = bench.allocator_environments()["hugepages"]
-  workers = {fw: Worker(fw, quick, env) for fw in ("jax", "torch")}
+  envs = bench.allocator_environments()
+  env = envs["hugepages"]
+  workers = {"jax": Worker("jax", quick, env), "torch": Worker("torch", quick, env)}
+  if any(COMPARISONS[n][4] == "torch_default" for n in names):
+    workers["torch_default"] = Worker("torch", quick, envs["nohuge"])
   results, ticks0, t0 = {}, cpu_ticks(), time.time()
   try:
     for name in names:
-      jax_call, torch_call, images, target = COMPARISONS[name]
+      jax_call, torch_call, images, target, torch_worker = COMPARISONS[name]
+      pair = {"jax": workers["jax"], "torch": workers[torch_worker]}
       calls = {"jax": jax_call, "torch": torch_call}
-      first = {fw: w.ask(op="prepare", call=calls[fw])["first_s"] for fw, w in workers.items()}
+      first = {fw: w.ask(op="prepare", call=calls[fw])["first_s"] for fw, w in pair.items()}
       times = {"jax": [], "torch": []}
       for i in range(pairs):
         for fw in (("jax", "torch") if i % 2 == 0 else ("torch", "jax")):
-          times[fw].append(workers[fw].ask(op="time", call=calls[fw])["s"])
+          times[fw].append(pair[fw].ask(op="time", call=calls[fw])["s"])
       summary = ratio_summary(times["jax"], times["torch"], images, target)
       summary.update({"jax_call": jax_call, "torch_call": torch_call,
+                      "torch_glibc_tunables": (env if torch_worker == "torch" else
+                                               envs["nohuge"]).get("GLIBC_TUNABLES", ""),
                       "jax_first_s": first["jax"], "torch_first_s": first["torch"],
                       "jax_s": times["jax"], "torch_s": times["torch"]})
       results[name] = summary
@@ -270,6 +287,7 @@ def run(names, pairs: int, quick: bool) -> dict:
   ticks1 = cpu_ticks()
   info = {"pairs": pairs, "quick": quick, "cpu_count": os.cpu_count(),
           "glibc_tunables": env.get("GLIBC_TUNABLES", ""), "xla_flags": env.get("XLA_FLAGS", ""),
+          "torch_default_glibc_tunables": envs["nohuge"].get("GLIBC_TUNABLES", ""),
           "wall_s": time.time() - t0, "started": time.strftime("%Y-%m-%d %H:%M", time.localtime(t0))}
   if ticks0 and ticks1 and ticks1["total"] > ticks0["total"]:
     info["steal_share"] = (ticks1["steal"] - ticks0["steal"]) / (ticks1["total"] - ticks0["total"])
@@ -279,8 +297,11 @@ def run(names, pairs: int, quick: bool) -> dict:
 def markdown(res: dict, command: str) -> str:
   info = res["info"]
   lines = ["# JAX / PyTorch, paired call by call", "", f"`{command}`", "",
-           f"{info['pairs']} pairs per comparison (order alternating), both workers loaded at "
-           f"once; huge pages (`{info['glibc_tunables']}`); started {info['started']}, "
+           f"{info['pairs']} pairs per comparison (order alternating), the workers loaded at "
+           f"once; allocator settings of the main program for JAX and PyTorch "
+           f"(`GLIBC_TUNABLES={info['glibc_tunables']}`; `*_torch_default_env`: PyTorch "
+           f"without them, `{info['torch_default_glibc_tunables'] or 'unset'}`); "
+           f"started {info['started']}, "
            f"{info['wall_s'] / 60:.1f} min"
            + (f"; CPU steal {100 * info['steal_share']:.1f} %" if "steal_share" in info else "")
            + ".", "",

@@ -19,9 +19,9 @@ JAX code it came from). Prints and writes (<out>[_unfolded][_<depthwise>].md
     a slice both need, counts as fwd); layer kind from the module path
     (stem, depthwise, expand, project, last, netvlad, other);
   - the `--top` most expensive operations with their shapes.
-Run it as the main program runs (huge pages: GLIBC_TUNABLES=glibc.malloc.hugetlb=1,
-and the XLA:CPU defaults of structvpr_jax/xla_flags.py, which this script
-applies itself). Times include the profiler's own overhead (a few %).
+It runs as the main program does: re-executed with the glibc tunables of
+structvpr_jax/hugepages.py, synchronous CPU dispatch, and the XLA:CPU
+defaults of structvpr_jax/xla_flags.py. Times include the profiler's own overhead (a few %).
 """
 
 from __future__ import annotations
@@ -165,4 +165,8 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+  from structvpr_jax import hugepages
+  hugepages.reexec_with_hugepages()
+  xla_flags.apply()
+  hugepages.configure_jax()
   sys.exit(main())

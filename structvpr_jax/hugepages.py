@@ -1,20 +1,37 @@
-"""Transparent huge pages for XLA:CPU buffers (Linux, glibc).
+"""glibc malloc settings for XLA:CPU buffers (Linux, glibc): huge pages, and
+temporaries kept between runs.
 
-XLA:CPU allocates the temporary buffers of every executable run afresh; on
-a Linux machine whose THP mode is `madvise` (the common default), each
-first touch of those pages is a 4 KiB page fault. A MobileNetV2 train step
-at 224x224 touches ~1.7 GB of temporaries and spent more time in the kernel
-(page faults) than in arithmetic: measured on this project's 2-core VM,
-47.6k minor faults per call of a 190 MB-temporary kernel, 142 ms wall, 172 ms
-system CPU. glibc's `glibc.malloc.hugetlb=1` tunable makes malloc request
-transparent huge pages (madvise) for its mmapped chunks: 620 faults, 68 ms.
-On the whole model, forward 16x224x224 went from 52 to 79 img/s and the
-4-triplet train step from 4.8 to 7.5 img/s (experiments/bench.py).
+XLA:CPU allocates the temporary buffers of every executable run afresh
+(419 MB for the MobileNetV2 train step at 224: 4 triplets x 3 images).
+glibc serves an allocation that large with a fresh mmap and returns it with
+munmap, so every run faults the whole block in again and the kernel zeroes
+it. Two steps, measured on this project's 2-core VM:
 
-The tunable is read by glibc at process start, so an entry point that wants
-it re-executes itself once with `GLIBC_TUNABLES` extended
-(`reexec_with_hugepages`). Nothing changes numerically; opt out with
-`STRUCTVPR_NO_HUGEPAGES=1`.
+1. Huge pages (`glibc.malloc.hugetlb=1`): on a kernel whose THP mode is
+   `madvise` (the common default), each first touch was a 4 KiB page fault:
+   47.6k minor faults per call of a 190 MB-temporary kernel, 142 ms wall,
+   172 ms system CPU; with the tunable malloc asks for transparent huge
+   pages: 620 faults, 68 ms. On the whole model forward 16x224x224 went
+   from 52 to 79 img/s, the 4-triplet train step from 4.8 to 7.5 img/s
+   (experiments/bench.py).
+2. Keeping the block (`glibc.malloc.mmap_max=0`,
+   `glibc.malloc.trim_threshold` 16 GiB, and JAX's synchronous dispatch on
+   the CPU, `configure_jax`): the run then executes on the calling thread,
+   whose allocations come from glibc's main arena; with mmap off and no
+   trimming that arena keeps the freed block for the next run. Train step
+   at 224: 740 -> 0.1 minor faults and 36 -> 2.6 ms system CPU per step,
+   146 -> 129 ms wall (20 steps each, same process script). Either half
+   alone changes nothing (asynchronous dispatch runs on a worker thread,
+   whose arena falls back to mmap above 64 MB whatever the tunables say;
+   synchronous dispatch without them still mmaps). Multi-device programs
+   (the simulated 8-device CPU mesh) run their devices on worker threads
+   as before.
+
+The tunables are read by glibc at process start, so an entry point that
+wants them re-executes itself once with `GLIBC_TUNABLES` extended
+(`reexec_with_hugepages`) and, after importing JAX, calls `configure_jax`.
+A tunable the user already set (by name) is left as it is. Nothing changes
+numerically; opt out of all of it with `STRUCTVPR_NO_HUGEPAGES=1`.
 """
 
 from __future__ import annotations
@@ -23,9 +40,16 @@ import os
 import platform
 import sys
 
-TUNABLE = "glibc.malloc.hugetlb=1"
+HUGE_PAGES = "glibc.malloc.hugetlb=1"
+KEEP_BUFFERS = ("glibc.malloc.mmap_max=0", "glibc.malloc.trim_threshold=17179869184")
+TUNABLES = (HUGE_PAGES,) + KEEP_BUFFERS
 OPT_OUT_ENV = "STRUCTVPR_NO_HUGEPAGES"
 _THP_MODE = "/sys/kernel/mm/transparent_hugepage/enabled"
+
+
+def _names(tunables: str) -> set:
+  """The names set in a GLIBC_TUNABLES value ("a=1:b=2" -> {"a", "b"})."""
+  return {t.split("=", 1)[0] for t in tunables.split(":") if t}
 
 
 def thp_mode(path: str = _THP_MODE) -> str:
@@ -40,28 +64,52 @@ def thp_mode(path: str = _THP_MODE) -> str:
 
 
 def useful(environ=None, mode: str | None = None) -> bool:
-  """True when re-executing with the tunable would change anything: Linux +
-  glibc, THP mode `madvise`, tunable not yet set, and no opt-out."""
+  """True when re-executing with the tunables would change anything: Linux +
+  glibc, a tunable of `TUNABLES` not yet set (by name), and no opt-out.
+  Huge pages matter in THP mode `madvise` only; keeping the buffers in
+  every mode (so `mode` is accepted for the record, not required)."""
   environ = os.environ if environ is None else environ
   if environ.get(OPT_OUT_ENV, "") not in ("", "0"):
     return False
-  if TUNABLE in environ.get("GLIBC_TUNABLES", "").split(":"):
-    return False
   if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
     return False
-  return (thp_mode() if mode is None else mode) == "madvise"
+  wanted = TUNABLES if (thp_mode() if mode is None else mode) == "madvise" else KEEP_BUFFERS
+  return not _names(":".join(wanted)) <= _names(environ.get("GLIBC_TUNABLES", ""))
 
 
 def environ_with_hugepages(environ=None) -> dict:
-  """A copy of `environ` with the tunable appended to GLIBC_TUNABLES."""
+  """A copy of `environ` with each of `TUNABLES` whose name GLIBC_TUNABLES
+  does not set yet appended to it."""
   env = dict(os.environ if environ is None else environ)
   tunables = [t for t in env.get("GLIBC_TUNABLES", "").split(":") if t]
-  env["GLIBC_TUNABLES"] = ":".join(tunables + [TUNABLE])
+  present = _names(":".join(tunables))
+  env["GLIBC_TUNABLES"] = ":".join(
+      tunables + [t for t in TUNABLES if t.split("=", 1)[0] not in present])
   return env
 
 
+def keeps_buffers(environ=None) -> bool:
+  """True when this process's glibc keeps freed large blocks: mmap_max=0 in
+  GLIBC_TUNABLES (glibc reads them at start, so the environment tells)."""
+  environ = os.environ if environ is None else environ
+  return KEEP_BUFFERS[0] in environ.get("GLIBC_TUNABLES", "").split(":")
+
+
+def configure_jax(environ=None) -> bool:
+  """With `keeps_buffers`, switch JAX to synchronous dispatch on the CPU
+  (`jax_cpu_enable_async_dispatch=False`: a run executes on the calling
+  thread, so its temporaries come from glibc's main arena, where they are
+  kept). Call after importing JAX, before the first computation. Returns
+  whether it did."""
+  if not keeps_buffers(environ):
+    return False
+  import jax
+  jax.config.update("jax_cpu_enable_async_dispatch", False)
+  return True
+
+
 def reexec_with_hugepages() -> None:
-  """Replace this process by the same command line with the tunable set
+  """Replace this process by the same command line with the tunables set
   (returns without doing anything when it would not help). Call it first
   thing in a `__main__`, before heavy imports and before any output."""
   if not useful():

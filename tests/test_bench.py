@@ -94,11 +94,13 @@ def test_nohuge_keys_put_the_suffix_before_the_unit():
   assert bench.with_suffix("forward_224_img_s", "") == "forward_224_img_s"
 
 
-def test_allocator_environments_differ_only_in_the_tunable(monkeypatch):
-  monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.hugetlb=1:glibc.malloc.arena_max=2")
+def test_allocator_environments_differ_only_in_the_tunables(monkeypatch):
+  from structvpr_jax import hugepages
+  monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.hugetlb=1:glibc.malloc.arena_max=2:"
+                     "glibc.malloc.mmap_max=4")
   envs = bench.allocator_environments()
   assert envs["hugepages"]["GLIBC_TUNABLES"].split(":") == [
-      "glibc.malloc.arena_max=2", "glibc.malloc.hugetlb=1"]
+      "glibc.malloc.arena_max=2", *hugepages.TUNABLES]
   assert envs["nohuge"]["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2"
   assert ({k: v for k, v in envs["hugepages"].items() if k != "GLIBC_TUNABLES"}
           == {k: v for k, v in envs["nohuge"].items() if k != "GLIBC_TUNABLES"})
@@ -216,18 +218,25 @@ def test_quick_paired_ratio_runs_both_workers(tmp_path):
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_backend_optimization_level=0")
   proc = subprocess.run([sys.executable, "experiments/paired_ratio.py", "--quick", "--pairs", "2",
                          "--only", "forward_224", "train_step_224_frozen",
-                         "forward_224_both_chunked", "--out", str(out)],
+                         "forward_224_both_chunked", "forward_224_torch_default_env",
+                         "--out", str(out)],
                         cwd=REPO, capture_output=True, text=True, timeout=900, env=env)
   assert proc.returncode == 0, proc.stderr[-3000:]
   res = json.loads((tmp_path / "paired.json").read_text())
   comps = res["comparisons"]
-  assert sorted(comps) == ["forward_224", "forward_224_both_chunked", "train_step_224_frozen"]
+  assert sorted(comps) == ["forward_224", "forward_224_both_chunked",
+                           "forward_224_torch_default_env", "train_step_224_frozen"]
   for name, r in comps.items():
     assert len(r["jax_s"]) == len(r["torch_s"]) == 2 and min(r["jax_s"] + r["torch_s"]) > 0
     assert r["ci95"][0] <= r["ratio"] <= r["ci95"][1] and r["jax_img_s"] > 0
   assert comps["forward_224"]["verdict"] in ("met", "missed", "undecided")
   assert comps["forward_224_both_chunked"]["torch_call"] == "forward_224_chunked"
   assert "verdict" not in comps["forward_224_both_chunked"]
-  assert "glibc.malloc.hugetlb=1" in res["info"]["glibc_tunables"]
+  from structvpr_jax import hugepages
+  assert res["info"]["glibc_tunables"].split(":")[-3:] == list(hugepages.TUNABLES)
+  # the same settings for PyTorch, except in the default-environment row
+  assert comps["forward_224"]["torch_glibc_tunables"] == res["info"]["glibc_tunables"]
+  default = comps["forward_224_torch_default_env"]["torch_glibc_tunables"]
+  assert not set(default.split(":")) & set(hugepages.TUNABLES)
   md = (tmp_path / "paired.md").read_text()
   assert "| forward_224 |" in md and "--quick" in md
