@@ -13,7 +13,7 @@ runs beside the other's threads and memory:
     of `--repeats` calls after one warm-up call.
   - one worker for the JAX-only figures (`bench.py --worker other`: seg
     branch, partition, evaluation, input pipeline, synthetic generation),
-    with huge pages, medians of `--repeats` calls.
+    with the program's allocator settings, medians of `--repeats` calls.
 Allocator settings: "huge pages", the glibc tunables structvpr_jax/hugepages.py
 sets for the main program (glibc.malloc.hugetlb=1, and mmap_max=0 with a high
 trim_threshold so XLA's temporaries are kept between runs; JAX workers also
@@ -47,16 +47,17 @@ Keys (stable; later versions add keys, never rename):
   seg_train_step_480x640_img_s, seg_train_step_224_frozen_img_s,
   seg_train_step_480x640_frozen_img_s   the seg branch of the default config
                           (light MobileNet on 5 SLME channels of uint8 label maps
-                          + 1x1 to 128 + NetVLAD-32), huge pages only
+                          + 1x1 to 128 + NetVLAD-32), the program's allocator settings only
   torch_forward_224_img_s, torch_forward_480x640_img_s, torch_train_step_224_img_s,
   torch_train_step_480x640_img_s, torch_train_step_224_frozen_img_s,
   torch_train_step_480x640_frozen_img_s   the same RGB branch and step in PyTorch
                           (experiments/torch_reference.py, channels_last)
   ratio_forward_224, ratio_forward_480x640, ratio_train_step_224,
   ratio_train_step_480x640, ratio_train_step_224_frozen,
-  ratio_train_step_480x640_frozen   JAX img/s / torch img/s, huge pages
+  ratio_train_step_480x640_frozen   JAX img/s / torch img/s, the program's
+                          allocator settings
   *_nohuge                the RGB, torch and ratio keys above (and their
-                          *_compile_s / *_first_s) without huge pages, e.g.
+                          *_compile_s / *_first_s) with glibc's defaults, e.g.
                           forward_224_nohuge_img_s, ratio_forward_224_nohuge
   partition_s             partition.retrieval_margins, Q=1000, N=10000, D=4096
   faiss_search_s          faiss IndexFlatL2 search of the same size (k=1)
@@ -613,8 +614,9 @@ def run_all(quick: bool, rounds: int, repeats: int, with_torch: bool) -> dict:
 
 def markdown_table(b: dict) -> str:
   """The README's performance table from one bench.py JSON object: JAX,
-  PyTorch (or the reference) and their ratio with huge pages (the main
-  program's allocator setting), then the same without huge pages."""
+  PyTorch (or the reference) and their ratio with the main program's
+  allocator settings (huge pages, kept temporaries), then the same with
+  glibc's defaults."""
   def f(key, digits=1, unit=""):
     return f"{b[key]:.{digits}f}{unit}" if key in b else "-"
 
@@ -625,9 +627,10 @@ def markdown_table(b: dict) -> str:
     return "met" if (b[key] >= bound if higher else b[key] <= bound) else "missed"
 
   def target(key, bound, higher=True, settings=("",)):
-    """`>= 2 (met)`; for several settings `>= 2 (huge pages: met; no huge pages: missed)`."""
+    """`>= 2 (met)`; for several settings `>= 2 (program's settings: met; glibc defaults:
+    missed)`."""
     sign = ">=" if higher else "<="
-    names = {"": "huge pages", "_nohuge": "no huge pages"}
+    names = {"": "program's settings", "_nohuge": "glibc defaults"}
     found = [s for s in settings if key + s in b]
     if not found:
       return f"{sign} {bound} (not measured)"
@@ -717,8 +720,8 @@ def markdown_table(b: dict) -> str:
       "peak RSS of a worker process",
       f"{b['peak_rss_mb'] / 1024:.1f} GB" if "peak_rss_mb" in b else "-",
       f"{b['torch_peak_rss_mb'] / 1024:.1f} GB" if "torch_peak_rss_mb" in b else ""))
-  lines = ["| figure | JAX | PyTorch / reference | ratio | JAX, no huge pages | "
-           "PyTorch, no huge pages | ratio, no huge pages | target |",
+  lines = ["| figure | JAX | PyTorch / reference | ratio | JAX, glibc defaults | "
+           "PyTorch, glibc defaults | ratio, glibc defaults | target |",
            "|---|---|---|---|---|---|---|---|"]
   lines += ["| " + " | ".join(r) + " |" for r in rows]
   return "\n".join(lines)
