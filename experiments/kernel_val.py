@@ -103,6 +103,20 @@ def run_variant(repo: str, workdir: str, seed: int, extra: list) -> dict:
           "wall_s": round(stage_wall, 1)}
 
 
+def check_beside_shared(baseline: str, repo: str) -> None:
+  """Both checkouts must see the same `../shared/data` (the ImageNet init of
+  the RGB branch is read from there): a baseline elsewhere would train from
+  a random init and lose ~45 val R@1 points for that reason alone (seen
+  with a baseline worktree in /tmp)."""
+  def shared(root):
+    return os.path.realpath(os.path.join(root, "..", "shared", "data"))
+  if os.path.isdir(shared(repo)) and shared(baseline) != shared(repo):
+    raise SystemExit(f"--baseline-repo {baseline}: it does not sit beside {shared(repo)} as "
+                     f"this checkout does ({shared(baseline)} instead), so it would train "
+                     "without the same data and pretrained weights; put the checkout next to "
+                     f"this one (e.g. git worktree add {os.path.dirname(repo)}/baseline REV)")
+
+
 def pct(hits) -> float:
   return 100.0 * sum(hits) / len(hits)
 
@@ -121,6 +135,7 @@ def main(argv=None) -> int:
   baseline = os.path.abspath(args.baseline_repo)
   if not os.path.isfile(os.path.join(baseline, "structvpr_jax", "main.py")):
     raise SystemExit(f"--baseline-repo {baseline}: no structvpr_jax/main.py there")
+  check_beside_shared(baseline, REPO)
   revision = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=baseline,
                             capture_output=True, text=True).stdout.strip()
   others = dict(parse_other(text) for text in args.other)

@@ -86,3 +86,19 @@ def test_kernel_val_variants_and_pairs():
   assert kernel_val.pairs([]) == [("baseline", "kernels")]
   assert kernel_val.pairs(["a", "b"]) == [("baseline", "kernels"), ("kernels", "a"),
                                           ("baseline", "a"), ("kernels", "b"), ("baseline", "b")]
+
+
+def test_kernel_val_baseline_must_share_the_data(tmp_path):
+  sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                  "experiments"))
+  import kernel_val
+  (tmp_path / "shared" / "data").mkdir(parents=True)
+  (tmp_path / "repo").mkdir()
+  (tmp_path / "beside").mkdir()
+  (tmp_path / "elsewhere" / "deep").mkdir(parents=True)
+  kernel_val.check_beside_shared(str(tmp_path / "beside"), str(tmp_path / "repo"))
+  with pytest.raises(SystemExit, match="does not sit beside"):
+    kernel_val.check_beside_shared(str(tmp_path / "elsewhere" / "deep"), str(tmp_path / "repo"))
+  # a checkout without ../shared/data itself has nothing to compare
+  kernel_val.check_beside_shared(str(tmp_path / "elsewhere" / "deep"),
+                                 str(tmp_path / "elsewhere" / "deep"))
