@@ -65,9 +65,9 @@ def thp_mode(path: str = _THP_MODE) -> str:
 
 def useful(environ=None, mode: str | None = None) -> bool:
   """True when re-executing with the tunables would change anything: Linux +
-  glibc, a tunable of `TUNABLES` not yet set (by name), and no opt-out.
-  Huge pages matter in THP mode `madvise` only; keeping the buffers in
-  every mode (so `mode` is accepted for the record, not required)."""
+  glibc, a wanted tunable not yet set (by name), and no opt-out. Huge pages
+  matter only in THP mode `madvise` (`mode`, default: the kernel's), so
+  outside it only `KEEP_BUFFERS` are wanted."""
   environ = os.environ if environ is None else environ
   if environ.get(OPT_OUT_ENV, "") not in ("", "0"):
     return False

@@ -28,7 +28,8 @@ from ml_collections import config_flags  # noqa: E402
 
 # Importing the package runs no JAX computation, so jax.distributed can still
 # be initialised in _main (tested: tests/test_multihost.py).
-from structvpr_jax import files, hugepages, localize, parallel, pipeline, report, workdir  # noqa: E402,E501
+from structvpr_jax import files, hugepages, localize, parallel, pipeline  # noqa: E402
+from structvpr_jax import report, workdir  # noqa: E402
 from structvpr_jax.data import segment  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:arg]).",

@@ -76,10 +76,10 @@ def residual_sums(assign: jax.Array, x: jax.Array, centroids: jax.Array) -> jax.
     [B, K, D], accumulation dtype.
 
   The VJP is written out (`_residual_sums_bwd`): autodiff's values (up to
-  float rounding) in the form XLA:CPU runs fastest. Autodiff's transpose summed the
-  centroid gradient over the batch and the assignment gradient's centroid
-  term as reductions over the [B, K, D] cotangent that XLA:CPU (YNNPACK)
-  ran slowly: NetVLAD-64 on 12 x 7 x 7 x 1280 took ~9.7 ms forward and
+  float rounding) in the form XLA:CPU runs fastest. Autodiff's transpose
+  summed the centroid gradient over the batch and the assignment gradient's
+  centroid term as reductions over the [B, K, D] cotangent that XLA:CPU
+  (YNNPACK) ran slowly: NetVLAD-64 on 12 x 7 x 7 x 1280 took ~9.7 ms forward and
   backward, 5.3 ms with this VJP (alternating calls, this machine).
   """
   return _residual_sums_fwd(assign, x, centroids)[0]
