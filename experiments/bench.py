@@ -535,12 +535,7 @@ def allocator_environments() -> dict:
   "nohuge" drops them; other tunables and variables are passed through.
   Both carry the XLA_FLAGS defaults of the program
   (`xla_flags.with_defaults`): the workers time what the program runs."""
-  names = {t.split("=", 1)[0] for t in hugepages.TUNABLES}
-  base = xla_flags.with_defaults(dict(os.environ))
-  kept = [t for t in base.pop("GLIBC_TUNABLES", "").split(":")
-          if t and t.split("=", 1)[0] not in names]
-  if kept:
-    base["GLIBC_TUNABLES"] = ":".join(kept)
+  base = hugepages.environ_without_hugepages(xla_flags.with_defaults(dict(os.environ)))
   return {"hugepages": hugepages.environ_with_hugepages(base), "nohuge": base}
 
 

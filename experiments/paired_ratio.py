@@ -256,9 +256,10 @@ def run(names, pairs: int, quick: bool) -> dict:
   import bench
   envs = bench.allocator_environments()
   env = envs["hugepages"]
+  worker_envs = {"jax": env, "torch": env, "torch_default": envs["nohuge"]}
   workers = {"jax": Worker("jax", quick, env), "torch": Worker("torch", quick, env)}
   if any(COMPARISONS[n][4] == "torch_default" for n in names):
-    workers["torch_default"] = Worker("torch", quick, envs["nohuge"])
+    workers["torch_default"] = Worker("torch", quick, worker_envs["torch_default"])
   results, ticks0, t0 = {}, cpu_ticks(), time.time()
   try:
     for name in names:
@@ -272,8 +273,7 @@ def run(names, pairs: int, quick: bool) -> dict:
           times[fw].append(pair[fw].ask(op="time", call=calls[fw])["s"])
       summary = ratio_summary(times["jax"], times["torch"], images, target)
       summary.update({"jax_call": jax_call, "torch_call": torch_call,
-                      "torch_glibc_tunables": (env if torch_worker == "torch" else
-                                               envs["nohuge"]).get("GLIBC_TUNABLES", ""),
+                      "torch_glibc_tunables": worker_envs[torch_worker].get("GLIBC_TUNABLES", ""),
                       "jax_first_s": first["jax"], "torch_first_s": first["torch"],
                       "jax_s": times["jax"], "torch_s": times["torch"]})
       results[name] = summary

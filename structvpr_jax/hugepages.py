@@ -47,9 +47,10 @@ OPT_OUT_ENV = "STRUCTVPR_NO_HUGEPAGES"
 _THP_MODE = "/sys/kernel/mm/transparent_hugepage/enabled"
 
 
-def _names(tunables: str) -> set:
-  """The names set in a GLIBC_TUNABLES value ("a=1:b=2" -> {"a", "b"})."""
-  return {t.split("=", 1)[0] for t in tunables.split(":") if t}
+def _names(tunables) -> set:
+  """The names set in a GLIBC_TUNABLES value or list ("a=1:b=2" -> {"a", "b"})."""
+  items = tunables.split(":") if isinstance(tunables, str) else tunables
+  return {t.split("=", 1)[0] for t in items if t}
 
 
 def thp_mode(path: str = _THP_MODE) -> str:
@@ -74,7 +75,7 @@ def useful(environ=None, mode: str | None = None) -> bool:
   if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
     return False
   wanted = TUNABLES if (thp_mode() if mode is None else mode) == "madvise" else KEEP_BUFFERS
-  return not _names(":".join(wanted)) <= _names(environ.get("GLIBC_TUNABLES", ""))
+  return not _names(wanted) <= _names(environ.get("GLIBC_TUNABLES", ""))
 
 
 def environ_with_hugepages(environ=None) -> dict:
@@ -82,9 +83,19 @@ def environ_with_hugepages(environ=None) -> dict:
   does not set yet appended to it."""
   env = dict(os.environ if environ is None else environ)
   tunables = [t for t in env.get("GLIBC_TUNABLES", "").split(":") if t]
-  present = _names(":".join(tunables))
-  env["GLIBC_TUNABLES"] = ":".join(
-      tunables + [t for t in TUNABLES if t.split("=", 1)[0] not in present])
+  present = _names(tunables)
+  env["GLIBC_TUNABLES"] = ":".join(tunables + [t for t in TUNABLES if not _names([t]) & present])
+  return env
+
+
+def environ_without_hugepages(environ=None) -> dict:
+  """A copy of `environ` without any tunable named in `TUNABLES` (glibc's
+  defaults for those; other tunables kept, GLIBC_TUNABLES dropped if empty)."""
+  env = dict(os.environ if environ is None else environ)
+  ours = _names(TUNABLES)
+  kept = [t for t in env.pop("GLIBC_TUNABLES", "").split(":") if t and not _names([t]) & ours]
+  if kept:
+    env["GLIBC_TUNABLES"] = ":".join(kept)
   return env
 
 

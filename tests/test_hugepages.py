@@ -47,6 +47,13 @@ def test_environ_keeps_other_and_user_tunables():
       "glibc.malloc.mmap_max=8", hugepages.HUGE_PAGES, hugepages.KEEP_BUFFERS[1]]
 
 
+def test_environ_without_drops_only_ours():
+  env = hugepages.environ_without_hugepages(
+      {"GLIBC_TUNABLES": "glibc.malloc.arena_max=2:glibc.malloc.mmap_max=8:" + ALL, "X": "y"})
+  assert env == {"GLIBC_TUNABLES": "glibc.malloc.arena_max=2", "X": "y"}
+  assert hugepages.environ_without_hugepages({"GLIBC_TUNABLES": ALL}) == {}
+
+
 def test_configure_jax_only_where_glibc_keeps_buffers():
   import jax
   before = jax.config.values["jax_cpu_enable_async_dispatch"]
