@@ -102,3 +102,16 @@ def test_kernel_val_baseline_must_share_the_data(tmp_path):
   # a checkout without ../shared/data itself has nothing to compare
   kernel_val.check_beside_shared(str(tmp_path / "elsewhere" / "deep"),
                                  str(tmp_path / "elsewhere" / "deep"))
+
+
+def test_step_faults_settings_and_arguments():
+  sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                  "experiments"))
+  import step_faults
+  from structvpr_jax import hugepages
+  # "program" is what the main program runs; the others each drop one part
+  assert step_faults.SETTINGS["program"] == (":".join(hugepages.TUNABLES), True)
+  assert step_faults.SETTINGS["tunables_async"] == (":".join(hugepages.TUNABLES), False)
+  assert step_faults.SETTINGS["glibc_defaults"] == ("", False)
+  with pytest.raises(SystemExit):
+    step_faults.main(["--steps", "0"])
