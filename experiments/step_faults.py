@@ -12,6 +12,7 @@ JAX dispatch mode:
   glibc_defaults      none of ours, asynchronous dispatch (JAX's default)
   huge_pages          glibc.malloc.hugetlb=1, asynchronous
   tunables_async      all of hugepages.TUNABLES, asynchronous dispatch
+  sync_huge_pages     glibc.malloc.hugetlb=1, synchronous dispatch
   program             all of hugepages.TUNABLES + synchronous dispatch
                       (`hugepages.configure_jax`: what the main program runs)
 The settings run one after another, so their wall times carry the
@@ -39,6 +40,7 @@ SETTINGS = {  # name -> (GLIBC_TUNABLES, synchronous dispatch)
     "glibc_defaults": ("", False),
     "huge_pages": (hugepages.HUGE_PAGES, False),
     "tunables_async": (":".join(hugepages.TUNABLES), False),
+    "sync_huge_pages": (hugepages.HUGE_PAGES, True),
     "program": (":".join(hugepages.TUNABLES), True),
 }
 

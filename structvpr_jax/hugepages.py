@@ -19,11 +19,11 @@ it. Two steps, measured on this project's 2-core VM:
    the CPU, `configure_jax`): the run then executes on the calling thread,
    whose allocations come from glibc's main arena; with mmap off and no
    trimming that arena keeps the freed block for the next run. Train step
-   at 224: 740 -> 0.1 minor faults and 36 -> 2.6 ms system CPU per step,
-   146 -> 129 ms wall (20 steps each, same process script). Either half
-   alone changes nothing (asynchronous dispatch runs on a worker thread,
-   whose arena falls back to mmap above 64 MB whatever the tunables say;
-   synchronous dispatch without them still mmaps). Multi-device programs
+   at 224 (`experiments/step_faults.py --steps 20`): 707 -> 0 minor faults
+   and 28 -> 1.7 ms system CPU per step, 131 -> 117 ms wall. Either half
+   alone changes nothing (729 and 741 faults): asynchronous dispatch runs
+   on a worker thread, whose arena falls back to mmap above 64 MB whatever
+   the tunables say; synchronous dispatch without them still mmaps. Multi-device programs
    (the simulated 8-device CPU mesh) run their devices on worker threads
    as before.
 

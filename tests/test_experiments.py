@@ -113,5 +113,6 @@ def test_step_faults_settings_and_arguments():
   assert step_faults.SETTINGS["program"] == (":".join(hugepages.TUNABLES), True)
   assert step_faults.SETTINGS["tunables_async"] == (":".join(hugepages.TUNABLES), False)
   assert step_faults.SETTINGS["glibc_defaults"] == ("", False)
+  assert step_faults.SETTINGS["sync_huge_pages"] == (hugepages.HUGE_PAGES, True)
   with pytest.raises(SystemExit):
     step_faults.main(["--steps", "0"])
