@@ -221,6 +221,11 @@ def test_folded_native_equals_the_unfolded_shifted_branch_in_float32():
     np.testing.assert_allclose(a, b, rtol=2e-3, atol=2e-4)
   dw_bn = g_f["encoder"]["block1"]["depthwise"]["bn"]
   assert float(jnp.abs(dw_bn["bias"]).max()) > 0          # the fused bias gets its gradient
+  # Evaluation (nothing differentiated) runs each block as one native pass
+  # (`fused_inverted_residual`): the same descriptors to float32 rounding.
+  apply = jax.jit(lambda v: folded.apply(v, x, train=False))
+  assert apply.lower(v).as_text().count("structvpr_inverted_residual_forward") == 4
+  np.testing.assert_allclose(apply(v), out_p, rtol=1e-4, atol=1e-5)
 
 
 def test_folded_batchnorm_equals_the_unfolded_frozen_branch_in_float64():

@@ -391,3 +391,110 @@ def test_inside_shard_map_with_replicated_weights():
   taken w.r.t. replicated weights, summed over devices by the transpose)."""
   proc = _run(SHARD_MAP, XLA_FLAGS="--xla_force_host_platform_device_count=4")
   assert "OK" in proc.stdout
+
+
+# --- the fused inverted-residual block (forward only) ----------------------
+
+def numpy_inverted_residual(x, we, be, kd, bd, wp, bp, stride, residual):
+  """MobileNetV2's block with folded BN, from its definition, in float64:
+  e = relu6(x we + be) (e = x without expand), d = relu6(depthwise(e) + bd),
+  y = d wp + bp (+ x)."""
+  x64 = x.astype(np.float64)
+  e = np.clip(x64 @ we + be, 0, 6) if we is not None else x64
+  d = np.clip(numpy_depthwise(e, kd, stride) + bd, 0, 6)
+  y = d @ wp.astype(np.float64) + bp
+  return y + x64 if residual else y
+
+
+def block_weights(rng, c, expansion, cout):
+  ce = c * expansion
+  expand = ((rng.standard_normal((c, ce)) / np.sqrt(c)).astype(np.float32),
+            (3 * rng.standard_normal(ce)).astype(np.float32)) if expansion != 1 else None
+  depthwise = ((rng.standard_normal((3, 3, ce)) / 3).astype(np.float32),
+               rng.standard_normal(ce).astype(np.float32))
+  project = ((rng.standard_normal((ce, cout)) / np.sqrt(ce)).astype(np.float32),
+             rng.standard_normal(cout).astype(np.float32))
+  return expand, depthwise, project
+
+
+# (batch, h, w, c, expansion, cout, stride, residual). Output columns cover
+# the 48-, 32- and 16-wide register blocks and partial last vectors (7, 24,
+# 40, 50, 160); expanded widths not a multiple of 16 (15, 24 + 8 lanes);
+# no expand layer; 1-pixel rows; rows past one thread's share (the chunks
+# remake the expanded rows they share) and chunks crossing images.
+IR_CASES = [(2, 9, 11, 8, 3, 8, 1, True), (1, 7, 6, 5, 1, 7, 2, False),
+            (1, 5, 5, 5, 3, 7, 1, False), (2, 10, 9, 16, 6, 24, 2, False),
+            (1, 12, 12, 24, 6, 32, 2, False), (2, 6, 7, 40, 6, 50, 1, False),
+            (1, 15, 20, 160, 6, 160, 1, True), (1, 3, 17, 8, 3, 40, 2, False),
+            (1, 1, 9, 8, 2, 8, 1, True), (4, 70, 5, 8, 2, 8, 1, True),
+            (3, 41, 6, 8, 6, 16, 2, False), (1, 40, 9, 32, 1, 16, 1, False)]
+
+
+@pytest.mark.parametrize("case", IR_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_inverted_residual_equals_numpy_definition(case):
+  b, h, w, c, expansion, cout, stride, residual = case
+  rng = np.random.default_rng(sum(case[:6]) + 7 * stride)
+  x = (3 * rng.standard_normal((b, h, w, c))).astype(np.float32)
+  expand, depthwise, project = block_weights(rng, c, expansion, cout)
+  we, be = expand if expand else (None, None)
+  y = native.inverted_residual_forward(x, we, be, *depthwise, *project, stride, residual)
+  ref = numpy_inverted_residual(x, we, be, *depthwise, *project, stride, residual)
+  assert y.shape == ref.shape and y.dtype == jnp.float32
+  np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-4)
+  # the relu6 clamps are exercised: some expanded values at 0, some at 6
+  e = np.clip(x.astype(np.float64) @ we + be, 0, 6) if we is not None else None
+  if e is not None:
+    assert (e == 0).any() and (e == 6).any()
+  # the same as the separate layers the model differentiates instead
+  layers = mobilenet._inverted_residual_layers(jnp.asarray(x), (expand, depthwise, project),
+                                               stride, residual)
+  np.testing.assert_allclose(y, layers, rtol=1e-5, atol=1e-5)
+
+
+def test_inverted_residual_hand_case():
+  # One pixel, one channel, two images x = 2 and 10; only the depthwise's
+  # centre tap reads inside the image. x = 2: e = relu6(2 * 1.5 - 1) = 2,
+  # d = relu6(2 * 0.5 + 0.25) = 1.25, y = 1.25 * 2 + 0.5 + x = 5.
+  # x = 10: e = relu6(14) = 6, d = relu6(3.25) = 3.25, y = 7 + 10 = 17.
+  x = jnp.asarray([2.0, 10.0]).reshape(2, 1, 1, 1)
+  kd = jnp.full((3, 3, 1), 100.0).at[1, 1, 0].set(0.5)
+  y = native.inverted_residual_forward(x, jnp.full((1, 1), 1.5), jnp.full((1,), -1.0), kd,
+                                       jnp.full((1,), 0.25), jnp.full((1, 1), 2.0),
+                                       jnp.full((1,), 0.5), 1, True)
+  np.testing.assert_array_equal(y.reshape(-1), [5.0, 17.0])
+
+
+def test_fused_block_gradients_are_the_layers_own():
+  """Differentiating `fused_inverted_residual` runs the separate layers'
+  forward and backward: the same value and gradients bit for bit as
+  differentiating `_inverted_residual_layers` itself; without
+  differentiation it is the native block (its own rounding)."""
+  rng = np.random.default_rng(5)
+  x = jnp.asarray(rng.standard_normal((2, 9, 10, 16)), jnp.float32)
+  weights = jax.tree.map(jnp.asarray, block_weights(rng, 16, 6, 16))
+  cot = jnp.asarray(rng.standard_normal((2, 9, 10, 16)), jnp.float32)
+
+  def loss(fn):
+    return jax.jit(jax.value_and_grad(lambda x, w: jnp.sum(fn(x, w, 1, True) * cot),
+                                      argnums=(0, 1)))
+  v_f, g_f = loss(mobilenet.fused_inverted_residual)(x, weights)
+  v_l, g_l = loss(mobilenet._inverted_residual_layers)(x, weights)
+  assert float(v_f) == float(v_l)
+  for a, b in zip(jax.tree.leaves(g_f), jax.tree.leaves(g_l)):
+    np.testing.assert_array_equal(a, b)
+  lowered = jax.jit(lambda x, w: mobilenet.fused_inverted_residual(x, w, 1, True)).lower(
+      x, weights).as_text()
+  assert "structvpr_inverted_residual_forward" in lowered
+  assert "structvpr_inverted_residual_forward" not in jax.jit(
+      jax.grad(lambda x, w: jnp.sum(mobilenet.fused_inverted_residual(x, w, 1, True)),
+               argnums=1)).lower(x, weights).as_text()
+
+
+def test_inverted_residual_rejects_bad_shapes():
+  x = jnp.ones((1, 4, 4, 8))
+  (we, be), (kd, bd), (wp, bp) = block_weights(np.random.default_rng(0), 8, 2, 8)
+  with pytest.raises(Exception, match="a residual needs stride 1"):
+    jax.block_until_ready(native.inverted_residual_forward(x, we, be, kd, bd, wp, bp, 2, True))
+  with pytest.raises(Exception, match="project kernel must be"):
+    jax.block_until_ready(native.inverted_residual_forward(x, we, be, kd, bd, wp[:-1], bp, 1,
+                                                           False))

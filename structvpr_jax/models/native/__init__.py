@@ -1,9 +1,11 @@
 """Native (C++) CPU kernels, built on first use and called through XLA FFI.
 
-`kernels.cc` holds the 3x3 depthwise convolution and its gradients, and the
+`kernels.cc` holds the 3x3 depthwise convolution and its gradients, the
 full 3x3 convolution of few input channels (the stem) with its kernel
 gradient (float32, NHWC, stride 1 or 2, 'SAME', with a fused bias and
-optional relu6); `load()` compiles it with the C++
+optional relu6), and MobileNetV2's whole inverted-residual block (expand
+1x1, depthwise, project 1x1, residual) as one forward-only pass;
+`load()` compiles it with the C++
 compiler (`$CXX`, else `g++`), caches the shared library and registers its
 handlers with XLA. Nothing here is required: when there is no compiler, the
 build fails or `STRUCTVPR_NATIVE=0` is set, `load()` returns False (with one
@@ -42,6 +44,7 @@ _TARGETS = {
     "structvpr_depthwise_backward": "StructvprDepthwiseBackward",
     "structvpr_conv3x3_forward": "StructvprConv3x3Forward",
     "structvpr_conv3x3_kernel_gradient": "StructvprConv3x3KernelGradient",
+    "structvpr_inverted_residual_forward": "StructvprInvertedResidualForward",
 }
 _FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno",
           "-w")
@@ -234,3 +237,30 @@ def conv3x3_kernel_gradient(x: jax.Array, z: jax.Array, dz: jax.Array, stride: i
                           vmap_method="sequential")(
       x, z, dz, stride=np.int64(stride), relu6=np.int64(bool(relu6)))
 
+
+
+def inverted_residual_forward(x: jax.Array, expand_kernel: Optional[jax.Array],
+                              expand_bias: Optional[jax.Array], depthwise_kernel: jax.Array,
+                              depthwise_bias: jax.Array, project_kernel: jax.Array,
+                              project_bias: jax.Array, stride: int, residual: bool
+                              ) -> jax.Array:
+  """MobileNetV2's inverted-residual block with folded BatchNorm, forward
+  only, in one native pass (no gradient: `mobilenet.InvertedResidual`
+  differentiates the unfused layers):
+    e = relu6(x @ expand_kernel + expand_bias)   (e = x without an expand layer)
+    d = relu6(depthwise(e, depthwise_kernel, stride) + depthwise_bias)
+    y = d @ project_kernel + project_bias (+ x when `residual`)
+  x [B, H, W, C], expand_kernel [C, Ce], expand_bias [Ce], depthwise_kernel
+  [3, 3, Ce], depthwise_bias [Ce], project_kernel [Ce, Cout], project_bias
+  [Cout], all float32 -> y [B, ceil(H/s), ceil(W/s), Cout]. Requires
+  `load()` and one varying type (`match_varying`)."""
+  b, h, w, _ = x.shape
+  out = _result(x, (b, _same_out(h, stride), _same_out(w, stride), project_kernel.shape[-1]))
+  expand = expand_kernel is not None
+  if not expand:
+    expand_kernel = expand_bias = depthwise_bias
+  return jax.ffi.ffi_call("structvpr_inverted_residual_forward", out,
+                          vmap_method="sequential")(
+      x, expand_kernel, expand_bias, depthwise_kernel, depthwise_bias, project_kernel,
+      project_bias, stride=np.int64(stride), expand=np.int64(expand),
+      residual=np.int64(bool(residual)))

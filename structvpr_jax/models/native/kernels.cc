@@ -1,5 +1,7 @@
 // 3x3 depthwise convolution ('SAME' padding, stride 1 or 2, NHWC, float32)
-// and its two gradients, as XLA FFI custom calls for the CPU backend.
+// and its two gradients, as XLA FFI custom calls for the CPU backend; the
+// stem's full 3x3 convolution; and MobileNetV2's inverted-residual block as
+// one forward pass (`InvertedResidualForward`, at the end).
 //
 // Why: on XLA:CPU the depthwise layers were ~half of the MobileNetV2 train
 // step (jax.profiler, experiments/profile_step.py), as fusions of 9 shifted
@@ -1048,6 +1050,212 @@ ffi::Error Conv3x3KernelGradient(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   return ffi::Error::Success();
 }
 
+// ---------------------------------------------------------------------------
+// MobileNetV2's inverted-residual block, forward only, in one pass:
+//   e = relu6(x @ we + be)             the expand 1x1 with folded BN (with
+//                                      no expand layer, e = x)
+//   d = relu6(depthwise(e, kd) + bd)   3x3, stride 1 or 2, 'SAME'
+//   y = d @ wp + bp (+ x with `residual`)
+// Why: XLA ran the three layers as three passes over the block's largest
+// tensors: the expand wrote e (6x the block's input) and the depthwise read
+// it back, then wrote d and the project read it back; at 480x640 most of the
+// network's time went to that traffic and to 1x1 matmuls of 16-32 outputs
+// (lanes half used). Here one unit of work is one output row: e's rows are
+// made in a 3-row cache (`RowCache`: each made about once per chunk of
+// rows) and d exists only as a tile of kTile pixels, so neither is written
+// out whole; the 1x1s are register-tiled (kTile pixels x up to 48 outputs)
+// with the bias, activation and residual applied on the way out.
+// ---------------------------------------------------------------------------
+
+constexpr int64_t kTile = 8;   // pixels per register tile of the 1x1s
+
+inline int64_t Padded(int64_t n) { return (n + kLanes - 1) / kLanes * kLanes; }
+
+// w [k, n] as [k, Padded(n)] with zeros beyond n (so every column block is a
+// full vector); a vector [n] as [Padded(n)].
+std::vector<float> PackColumns(const float* w, int64_t k, int64_t n) {
+  const int64_t np = Padded(n);
+  std::vector<float> out(k * np, 0.0f);
+  for (int64_t r = 0; r < k; ++r) std::copy(w + r * n, w + (r + 1) * n, out.data() + r * np);
+  return out;
+}
+
+// c[m, 0:cols] = act(a[m, 0:k] @ b[0:k, 0:NV*16] + bias) (+ res[m, 0:cols])
+// for m < rows (a has kTile readable rows of stride lda; b and bias are
+// padded, stride ldb; cols <= NV*16 are stored). Accumulates in k order.
+template <int NV>
+inline void GemmTile(const float* a, int64_t lda, int64_t k, const float* b, int64_t ldb,
+                     const float* bias, bool relu6, const float* res, int64_t ldr, float* c,
+                     int64_t ldc, int64_t rows, int64_t cols) {
+  Vec16 acc[kTile][NV];
+#pragma GCC unroll 8
+  for (int m = 0; m < kTile; ++m)
+#pragma GCC unroll 3
+    for (int v = 0; v < NV; ++v) acc[m][v] = Vec16{};
+  for (int64_t kk = 0; kk < k; ++kk) {
+    Vec16 bv[NV];
+#pragma GCC unroll 3
+    for (int v = 0; v < NV; ++v) bv[v] = Load(b + kk * ldb + v * kLanes);
+#pragma GCC unroll 8
+    for (int m = 0; m < kTile; ++m) {
+      const Vec16 av = Vec16{} + a[m * lda + kk];
+#pragma GCC unroll 3
+      for (int v = 0; v < NV; ++v) acc[m][v] += av * bv[v];
+    }
+  }
+  for (int64_t m = 0; m < rows; ++m) {
+    for (int v = 0; v < NV; ++v) {
+      const int64_t col = v * kLanes, valid = std::min<int64_t>(kLanes, cols - col);
+      if (valid <= 0) break;
+      Vec16 r = acc[m][v] + Load(bias + col);
+      if (relu6) r = Relu6(r);
+      float* out = c + m * ldc + col;
+      const float* rr = res ? res + m * ldr + col : nullptr;
+      if (valid == kLanes) {
+        if (rr) r += Load(rr);
+        Store(out, r);
+      } else {
+        alignas(64) float t[kLanes];
+        Store(t, r);
+        for (int64_t j = 0; j < valid; ++j) out[j] = t[j] + (rr ? rr[j] : 0.0f);
+      }
+    }
+  }
+}
+
+// c[m, 0:n] = act(a[m, 0:k] @ b + bias) (+ res) for m < rows, b packed
+// [k, Padded(n)] (`PackColumns`), in column blocks of 48, 32 or 16.
+inline void Gemm(const float* a, int64_t lda, int64_t rows, int64_t k, const float* b,
+                 int64_t n, const float* bias, bool relu6, const float* res, int64_t ldr,
+                 float* c, int64_t ldc) {
+  const int64_t np = Padded(n);
+  int64_t n0 = 0;
+  for (; n0 + 3 * kLanes <= np; n0 += 3 * kLanes)
+    GemmTile<3>(a, lda, k, b + n0, np, bias + n0, relu6, res ? res + n0 : nullptr, ldr, c + n0,
+                ldc, rows, n - n0);
+  if (np - n0 == 2 * kLanes)
+    GemmTile<2>(a, lda, k, b + n0, np, bias + n0, relu6, res ? res + n0 : nullptr, ldr, c + n0,
+                ldc, rows, n - n0);
+  else if (np - n0 == kLanes)
+    GemmTile<1>(a, lda, k, b + n0, np, bias + n0, relu6, res ? res + n0 : nullptr, ldr, c + n0,
+                ldc, rows, n - n0);
+}
+
+struct BlockWeights {
+  const float* we;   // [cin, Padded(ce)] packed, or null without expand
+  const float* be;   // [Padded(ce)]
+  const float* kd;   // [3, 3, ce]
+  const float* bd;   // [ce]
+  const float* wp;   // [ce, Padded(cout)] packed
+  const float* bp;   // [Padded(cout)]
+  int64_t cin, ce, cout;
+  bool residual;
+};
+
+// One chunk of output rows [begin, end) of the block (g: the depthwise's
+// geometry, g.c = ce).
+void InvertedResidualRows(const Geometry& g, const BlockWeights& bw, const float* x, float* y,
+                          int64_t begin, int64_t end) {
+  RowCache cache(bw.we ? g.w * g.c : 0);
+  std::vector<float> tile(kTile * g.c, 0.0f), pad(kTile * bw.cin, 0.0f);
+  auto expand_row = [&](int64_t key, float* buf) {
+    const float* xr = x + key * g.w * bw.cin;
+    for (int64_t q0 = 0; q0 < g.w; q0 += kTile) {
+      const int64_t rows = std::min(kTile, g.w - q0);
+      const float* a = xr + q0 * bw.cin;
+      if (rows < kTile) {
+        std::copy(a, a + rows * bw.cin, pad.data());
+        a = pad.data();
+      }
+      Gemm(a, bw.cin, rows, bw.cin, bw.we, g.c, bw.be, true, nullptr, 0, buf + q0 * g.c, g.c);
+    }
+  };
+  const float* ins[9];
+  const float* taps[9];
+  for (int64_t unit = begin; unit < end; ++unit) {
+    cache.NewUnit();
+    const int64_t b = unit / g.ho, p = unit % g.ho;
+    const float* row_of[3] = {nullptr, nullptr, nullptr};
+    for (int64_t i = 0; i < 3; ++i) {
+      const int64_t r = p * g.stride + i - g.top;
+      if (r < 0 || r >= g.h) continue;
+      row_of[i] = bw.we ? cache.Get(b * g.h + r, expand_row) : x + (b * g.h + r) * g.w * g.c;
+    }
+    float* yrow = y + unit * g.wo * bw.cout;
+    const float* xrow = bw.residual ? x + unit * g.w * bw.cin : nullptr;  // stride 1: ho == h
+    for (int64_t q0 = 0; q0 < g.wo; q0 += kTile) {
+      const int64_t rows = std::min(kTile, g.wo - q0);
+      for (int64_t qi = 0; qi < rows; ++qi) {
+        const int64_t q = q0 + qi;
+        int count = 0;
+        for (int64_t i = 0; i < 3; ++i) {
+          if (row_of[i] == nullptr) continue;
+          for (int64_t j = 0; j < 3; ++j) {
+            const int64_t s = q * g.stride + j - g.left;
+            if (s < 0 || s >= g.w) continue;
+            ins[count] = row_of[i] + s * g.c;
+            taps[count] = bw.kd + (i * 3 + j) * g.c;
+            ++count;
+          }
+        }
+        ForwardPixel<true>(tile.data() + qi * g.c, ins, taps, count, bw.bd, g.c);
+      }
+      Gemm(tile.data(), g.c, rows, g.c, bw.wp, bw.cout, bw.bp, false,
+           xrow ? xrow + q0 * bw.cout : nullptr, bw.cout, yrow + q0 * bw.cout, bw.cout);
+    }
+  }
+}
+
+ffi::Error InvertedResidualForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                                   ffi::Buffer<ffi::F32> we, ffi::Buffer<ffi::F32> be,
+                                   ffi::Buffer<ffi::F32> kd, ffi::Buffer<ffi::F32> bd,
+                                   ffi::Buffer<ffi::F32> wp, ffi::Buffer<ffi::F32> bp,
+                                   ffi::ResultBuffer<ffi::F32> y, int64_t stride,
+                                   int64_t expand, int64_t residual) {
+  const auto xd = x.dimensions(), wed = we.dimensions(), bed = be.dimensions(),
+             wpd = wp.dimensions(), bpd = bp.dimensions();
+  if (xd.size() != 4) return ffi::Error::InvalidArgument("inverted residual: x must be [B, H, W, C]");
+  const int64_t cin = xd[3];
+  const int64_t ce = expand ? (wed.size() == 2 ? wed[1] : -1) : cin;
+  if (expand && (wed.size() != 2 || wed[0] != cin || bed.size() != 1 || bed[0] != ce))
+    return ffi::Error::InvalidArgument("inverted residual: expand kernel must be [C, Ce], bias [Ce]");
+  if (wpd.size() != 2 || wpd[0] != ce || bpd.size() != 1 || bpd[0] != wpd[1])
+    return ffi::Error::InvalidArgument("inverted residual: project kernel must be [Ce, Cout], bias [Cout]");
+  const int64_t cout = wpd[1];
+  std::vector<int64_t> ed = {xd[0], xd[1], xd[2], ce};
+  const ffi::Span<const int64_t> edims(ed.data(), ed.size());
+  if (auto e = CheckShapes(edims, kd.dimensions(), bd.dimensions(), stride); e.failure()) return e;
+  const Geometry g = MakeGeometry(edims, stride);
+  if (residual && (stride != 1 || cin != cout))
+    return ffi::Error::InvalidArgument("inverted residual: a residual needs stride 1 and C == Cout");
+  const auto yd = y->dimensions();
+  if (yd.size() != 4 || yd[0] != g.batch || yd[1] != g.ho || yd[2] != g.wo || yd[3] != cout)
+    return ffi::Error::InvalidArgument("inverted residual: output has the wrong shape");
+  std::vector<float> wep, bep, wpp = PackColumns(wp.typed_data(), ce, cout),
+                             bpp = PackColumns(bp.typed_data(), 1, cout);
+  if (expand) {
+    wep = PackColumns(we.typed_data(), cin, ce);
+    bep = PackColumns(be.typed_data(), 1, ce);
+  }
+  const BlockWeights bw{expand ? wep.data() : nullptr, expand ? bep.data() : nullptr,
+                        kd.typed_data(), bd.typed_data(), wpp.data(), bpp.data(),
+                        cin, ce, cout, residual != 0};
+  const float* xp = x.typed_data();
+  float* yp = y->typed_data();
+  const int64_t units = g.batch * g.ho;
+  const int64_t helpers = Helpers(pool);
+  // A chunk remakes the expanded rows its first unit shares with the
+  // previous chunk (2 at stride 1, 1 at stride 2): chunks of at least 16 rows
+  // where the rows allow, else one chunk per thread.
+  const int64_t threads = helpers + 1;
+  const int64_t per_thread = std::clamp<int64_t>(units / (threads * 16), 1, 8);
+  const int64_t grain = (units + threads * per_thread - 1) / (threads * per_thread);
+  ParallelFor(pool, units, grain, helpers, [&](int64_t begin, int64_t end) {
+    InvertedResidualRows(g, bw, xp, yp, begin, end);
+  });
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(StructvprDepthwiseForward, DepthwiseForward,
@@ -1098,3 +1306,18 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(StructvprConv3x3KernelGradient, Conv3x3KernelGradi
                                   .Ret<ffi::Buffer<ffi::F32>>()  // dbias
                                   .Attr<int64_t>("stride")
                                   .Attr<int64_t>("relu6"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(StructvprInvertedResidualForward, InvertedResidualForward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // x [B, H, W, C]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // expand kernel [C, Ce]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // expand bias [Ce]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // depthwise kernel [3, 3, Ce]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // depthwise bias [Ce]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // project kernel [Ce, Cout]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // project bias [Cout]
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // y [B, Ho, Wo, Cout]
+                                  .Attr<int64_t>("stride")
+                                  .Attr<int64_t>("expand")
+                                  .Attr<int64_t>("residual"));
