@@ -1067,7 +1067,7 @@ ffi::Error Conv3x3KernelGradient(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
 // with the bias, activation and residual applied on the way out.
 // ---------------------------------------------------------------------------
 
-constexpr int64_t kTile = 8;   // pixels per register tile of the 1x1s
+constexpr int64_t kTile = 16;  // pixels per tile of the 1x1s (register tiles of 8 or 16)
 
 inline int64_t Padded(int64_t n) { return (n + kLanes - 1) / kLanes * kLanes; }
 
@@ -1081,29 +1081,30 @@ std::vector<float> PackColumns(const float* w, int64_t k, int64_t n) {
 }
 
 // c[m, 0:cols] = act(a[m, 0:k] @ b[0:k, 0:NV*16] + bias) (+ res[m, 0:cols])
-// for m < rows (a has kTile readable rows of stride lda; b and bias are
-// padded, stride ldb; cols <= NV*16 are stored). Accumulates in k order.
-template <int NV>
+// for m < rows (a has MR readable rows of stride lda; b and bias are
+// padded, stride ldb; cols <= NV*16 are stored). MR x NV accumulators stay
+// in registers (at most 24 of AVX-512's 32); accumulates in k order.
+template <int NV, int MR>
 inline void GemmTile(const float* a, int64_t lda, int64_t k, const float* b, int64_t ldb,
                      const float* bias, bool relu6, const float* res, int64_t ldr, float* c,
                      int64_t ldc, int64_t rows, int64_t cols) {
-  Vec16 acc[kTile][NV];
-#pragma GCC unroll 8
-  for (int m = 0; m < kTile; ++m)
+  Vec16 acc[MR][NV];
+#pragma GCC unroll 16
+  for (int m = 0; m < MR; ++m)
 #pragma GCC unroll 3
     for (int v = 0; v < NV; ++v) acc[m][v] = Vec16{};
   for (int64_t kk = 0; kk < k; ++kk) {
     Vec16 bv[NV];
 #pragma GCC unroll 3
     for (int v = 0; v < NV; ++v) bv[v] = Load(b + kk * ldb + v * kLanes);
-#pragma GCC unroll 8
-    for (int m = 0; m < kTile; ++m) {
+#pragma GCC unroll 16
+    for (int m = 0; m < MR; ++m) {
       const Vec16 av = Vec16{} + a[m * lda + kk];
 #pragma GCC unroll 3
       for (int v = 0; v < NV; ++v) acc[m][v] += av * bv[v];
     }
   }
-  for (int64_t m = 0; m < rows; ++m) {
+  for (int64_t m = 0; m < std::min<int64_t>(rows, MR); ++m) {
     for (int v = 0; v < NV; ++v) {
       const int64_t col = v * kLanes, valid = std::min<int64_t>(kLanes, cols - col);
       if (valid <= 0) break;
@@ -1123,22 +1124,32 @@ inline void GemmTile(const float* a, int64_t lda, int64_t k, const float* b, int
   }
 }
 
-// c[m, 0:n] = act(a[m, 0:k] @ b + bias) (+ res) for m < rows, b packed
-// [k, Padded(n)] (`PackColumns`), in column blocks of 48, 32 or 16.
+// The column block [n0, n0 + NV*16) of `Gemm` for its rows in register
+// tiles of MR.
+template <int NV, int MR>
+inline void GemmColumns(const float* a, int64_t lda, int64_t rows, int64_t k, const float* b,
+                        int64_t np, int64_t n, int64_t n0, const float* bias, bool relu6,
+                        const float* res, int64_t ldr, float* c, int64_t ldc) {
+  for (int64_t m0 = 0; m0 < rows; m0 += MR)
+    GemmTile<NV, MR>(a + m0 * lda, lda, k, b + n0, np, bias + n0, relu6,
+                     res ? res + m0 * ldr + n0 : nullptr, ldr, c + m0 * ldc + n0, ldc,
+                     rows - m0, n - n0);
+}
+
+// c[m, 0:n] = act(a[m, 0:k] @ b + bias) (+ res) for m < rows <= kTile (a
+// has kTile readable rows), b packed [k, Padded(n)] (`PackColumns`), in
+// column blocks of 48 and 32 (8-row register tiles) or 16 (16 rows).
 inline void Gemm(const float* a, int64_t lda, int64_t rows, int64_t k, const float* b,
                  int64_t n, const float* bias, bool relu6, const float* res, int64_t ldr,
                  float* c, int64_t ldc) {
   const int64_t np = Padded(n);
   int64_t n0 = 0;
   for (; n0 + 3 * kLanes <= np; n0 += 3 * kLanes)
-    GemmTile<3>(a, lda, k, b + n0, np, bias + n0, relu6, res ? res + n0 : nullptr, ldr, c + n0,
-                ldc, rows, n - n0);
+    GemmColumns<3, 8>(a, lda, rows, k, b, np, n, n0, bias, relu6, res, ldr, c, ldc);
   if (np - n0 == 2 * kLanes)
-    GemmTile<2>(a, lda, k, b + n0, np, bias + n0, relu6, res ? res + n0 : nullptr, ldr, c + n0,
-                ldc, rows, n - n0);
+    GemmColumns<2, 8>(a, lda, rows, k, b, np, n, n0, bias, relu6, res, ldr, c, ldc);
   else if (np - n0 == kLanes)
-    GemmTile<1>(a, lda, k, b + n0, np, bias + n0, relu6, res ? res + n0 : nullptr, ldr, c + n0,
-                ldc, rows, n - n0);
+    GemmColumns<1, 16>(a, lda, rows, k, b, np, n, n0, bias, relu6, res, ldr, c, ldc);
 }
 
 struct BlockWeights {
