@@ -186,8 +186,9 @@ def get_config(arg=None):
   c.eval.batch_size = 32 if not smoke else 8   # images per device per extraction batch
   # Images per device run at a time inside an extraction batch (lax.map over
   # chunks; must divide eval.batch_size). 0 = auto: on the CPU chunks of at
-  # most 2^18 pixels (4 images at 224, 1 at 480x640), whose activations stay
-  # in cache (forward 1.1-1.7x faster, experiments/bench.py `*_whole` lever);
+  # most 2^20 pixels (16 images at 224, 2 at 480x640), whose largest
+  # activation stays about the L3 cache's size (evaluation.MICRO_BATCH_PIXELS;
+  # experiments/bench.py `*_whole` lever);
   # the whole batch on GPU/TPU. Descriptors equal up to float rounding.
   c.eval.micro_batch = 0
   c.eval.ns = (1, 5, 10, 20)

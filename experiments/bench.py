@@ -96,8 +96,9 @@ Keys (stable; later versions add keys, never rename):
                           measured folding)
   forward_224_whole_img_s, forward_480x640_whole_img_s   the forward figures with
                           the whole batch of 16 in one program (eval.micro_batch=16)
-                          instead of the CPU default's chunks of 2^18 pixels
-                          (4 images at 224, 1 at 480x640), also *_nohuge
+                          instead of the CPU default's chunks of 2^20 pixels
+                          (16 images at 224: the same program since
+                          2026-12-03, before chunks of 4; 2 at 480x640), also *_nohuge
   torch_forward_224_chunked_img_s, torch_forward_480x640_chunked_img_s   PyTorch's
                           forward of the same 16 images in those chunks (the same
                           cache effect; not the reference of the ratio_* keys, which
@@ -666,9 +667,9 @@ def markdown_table(b: dict) -> str:
              "forward_224_whole", "forward_224"),
       levers("RGB forward 16x480x640, whole batch in one program (eval.micro_batch=16)",
              "forward_480x640_whole", "forward_480x640"),
-      levers("RGB forward 16x224x224 (ours, chunks of 4); PyTorch also in chunks of 4",
+      levers("RGB forward 16x224x224 (ours, auto: whole batch); PyTorch also whole",
              "forward_224", "forward_224_chunked"),
-      levers("RGB forward 16x480x640 (ours, chunks of 1); PyTorch also in chunks of 1",
+      levers("RGB forward 16x480x640 (ours, auto: chunks of 2); PyTorch also in chunks of 2",
              "forward_480x640", "forward_480x640_chunked"),
       levers("RGB forward 16x224x224, model.fold_bn=False", "forward_224_unfolded",
              "forward_224"),

@@ -22,7 +22,7 @@ Comparisons (each framework's call as `bench.py` times it: JAX =
 model; PyTorch = `torch_reference.forward_call` / `train_step`):
   forward_224, forward_480x640    16 uint8 images to descriptors; JAX as the
                                   pipeline extracts (eval.micro_batch auto:
-                                  chunks of 4 at 224, 1 at 480x640), PyTorch
+                                  the whole batch at 224, chunks of 2 at 480x640), PyTorch
                                   the obvious whole-batch call. Targets 1.5, 2.
   train_step_224_frozen           4 triplets at 224, frozen BN (the pipeline's
                                   mode), Adam. Target 1.5.

@@ -150,7 +150,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch
 
 # structvpr_jax.evaluation.MICRO_BATCH_PIXELS (not imported: no JAX in this
 # process; tests/test_bench.py checks they agree)
-MICRO_BATCH_PIXELS = 1 << 18
+MICRO_BATCH_PIXELS = 1 << 20
 
 
 def micro_batch_size(batch: int, hw) -> int:

@@ -33,11 +33,18 @@ from structvpr_jax.models import spec as model_spec
 DESCRIPTOR_STORES = ("memory", "disk")          # eval.descriptors
 DESCRIPTOR_DTYPES = ("float32", "float16")       # eval.descriptor_dtype
 # eval.micro_batch = 0 on the CPU: chunks of at most this many pixels
-# (images x H x W). One chunk's largest activation (MobileNetV2's block-1
-# expansion, 96 channels at H/2 x W/2) is then ~25 MB, within the L3 cache
-# of a server core complex, where 16 images at 224 (77 MB) stream through
-# DRAM: experiments/bench.py's `forward_*_whole` lever measures it.
-MICRO_BATCH_PIXELS = 1 << 18
+# (images x H x W). With the native fused blocks
+# (`mobilenet.fused_inverted_residual`) the largest activation evaluation
+# writes is the stem's output (32 channels at H/2 x W/2: 32 bytes per input
+# pixel), ~32 MB for a chunk of 2^20 pixels, about a server core complex's
+# L3 cache. Measured (experiments/bench.py's `forward_*_whole` lever and
+# paired_ratio's `*_both_whole` rows, 2026-12-03): 16 images at 224 in one
+# chunk 1.08-1.15x faster than in chunks of 4 (the earlier 2^18); at 480x640
+# chunks of 1 and the whole batch equal. Before the fused blocks the
+# block-1 expansion (96 channels at H/2 x W/2) was written whole and 2^18
+# pixels was the better limit; without the native kernels it still is by
+# ~4 % at 224 (kept simple: the limit depends on nothing but these numbers).
+MICRO_BATCH_PIXELS = 1 << 20
 
 
 def micro_batch_size(per_device_batch: int, image_size, requested: int = 0,

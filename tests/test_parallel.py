@@ -82,13 +82,15 @@ def test_extractor_micro_batches_bitwise_across_device_counts(run):
 
 def test_micro_batch_size_auto_and_requested():
   from structvpr_jax.evaluation import MICRO_BATCH_PIXELS, micro_batch_size
-  assert MICRO_BATCH_PIXELS == 262144
-  # auto on the CPU: the largest divisor of the batch within 2^18 pixels
-  assert micro_batch_size(16, (224, 224), backend="cpu") == 4     # 5 would fit, 5 ∤ 16
-  assert micro_batch_size(16, (480, 640), backend="cpu") == 1     # one image is over: 1
-  assert micro_batch_size(32, (96, 128), backend="cpu") == 16     # 21 fit: 16 | 32
+  assert MICRO_BATCH_PIXELS == 1048576
+  # auto on the CPU: the largest divisor of the batch within 2^20 pixels
+  assert micro_batch_size(16, (224, 224), backend="cpu") == 16    # 20 would fit: whole batch
+  assert micro_batch_size(32, (224, 224), backend="cpu") == 16    # 20 fit: 16 | 32
+  assert micro_batch_size(16, (480, 640), backend="cpu") == 2     # 3 would fit, 3 ∤ 16
+  assert micro_batch_size(16, (1024, 1280), backend="cpu") == 1   # one image is over: 1
+  assert micro_batch_size(96, (96, 128), backend="cpu") == 48     # 85 fit: 48 | 96
   assert micro_batch_size(6, (16, 16), backend="cpu") == 6        # all fit: whole batch
-  assert micro_batch_size(7, (224, 224), backend="cpu") == 1      # prime batch
+  assert micro_batch_size(7, (480, 640), backend="cpu") == 1      # prime batch
   # auto on accelerators: the whole batch
   assert micro_batch_size(16, (224, 224), backend="gpu") == 16
   assert micro_batch_size(16, (224, 224), requested=8, backend="gpu") == 8
