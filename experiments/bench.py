@@ -10,7 +10,7 @@ runs beside the other's threads and memory:
     (`experiments/torch_reference.py`), interleaved (rgb, torch, rgb, torch,
     ...): `--rounds` rounds, each running both under both allocator
     settings. A figure is the median over the rounds of each worker's median
-    of `--repeats` calls after one warm-up call.
+    of `--repeats` calls after the first call and 1 s of untimed warm-up calls.
   - one worker for the JAX-only figures (`bench.py --worker other`: seg
     branch, partition, evaluation, input pipeline, synthetic generation),
     with the program's allocator settings, medians of `--repeats` calls.
@@ -210,13 +210,24 @@ class RandomImages:
     return self.pool[np.asarray(idx) % len(self.pool)]
 
 
+# Untimed warm-up after the first call, in seconds (main sets 0 for --quick).
+# A fresh process's first calls run slower while the allocator's heap grows
+# (a seg forward at 224: 5 calls at ~77 ms, then 29 ms), so one warm-up call
+# is not enough for the first figure a worker measures.
+WARMUP_S = 1.0
+
+
 def timed(fn, repeats: int) -> tuple[float, float]:
-  """(first-call seconds, median seconds of `repeats` further calls); waits
-  for fn's result (any pytree of arrays)."""
+  """(first-call seconds, median seconds of `repeats` further calls, timed
+  after `WARMUP_S` seconds of untimed calls); waits for fn's result (any
+  pytree of arrays)."""
   import jax
   t0 = time.perf_counter()
   jax.block_until_ready(fn())
   first = time.perf_counter() - t0
+  t0 = time.perf_counter()
+  while time.perf_counter() - t0 < WARMUP_S:
+    jax.block_until_ready(fn())
   times = []
   for _ in range(repeats):
     t0 = time.perf_counter()
@@ -730,7 +741,8 @@ def main():
                       help="fresh-process rounds of the RGB and PyTorch workers, per "
                            "allocator setting (default 3, 1 with --quick)")
   parser.add_argument("--repeats", type=int, default=3,
-                      help="timed calls per figure in a worker, after one warm-up call")
+                      help="timed calls per figure in a worker, after the first call and "
+                           "1 s of warm-up calls (none with --quick)")
   parser.add_argument("--quick", action="store_true",
                       help="tiny sizes: checks the script runs (figures meaningless)")
   parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference")
@@ -744,6 +756,8 @@ def main():
       print(markdown_table(json.load(f)))
     return
   if args.worker:
+    global WARMUP_S
+    WARMUP_S = 0.0 if args.quick else WARMUP_S
     hugepages.configure_jax()      # what the main program sets (structvpr_jax/hugepages.py)
     out = WORKERS[args.worker](args.quick, args.repeats)
     out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

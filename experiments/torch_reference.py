@@ -175,11 +175,19 @@ def forward_call(model: nn.Module, images: torch.Tensor, chunk: int = 0):
   return forward
 
 
+# Untimed warm-up after the first call, in seconds (0 with --quick), as bench.py's.
+WARMUP_S = 1.0
+
+
 def _median_time(fn, repeats: int) -> tuple[float, float]:
-  """(first-call seconds, median seconds of `repeats` further calls)."""
+  """(first-call seconds, median seconds of `repeats` further calls, timed
+  after `WARMUP_S` seconds of untimed calls)."""
   t0 = time.perf_counter()
   fn()
   first = time.perf_counter() - t0
+  t0 = time.perf_counter()
+  while time.perf_counter() - t0 < WARMUP_S:
+    fn()
   times = []
   for _ in range(repeats):
     t0 = time.perf_counter()
@@ -227,9 +235,11 @@ def bench(repeats: int = 3, quick: bool = False) -> dict:
 def main():
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--repeats", type=int, default=3, help="timed calls after a warm-up")
+  parser.add_argument("--repeats", type=int, default=3, help="timed calls after the first call and 1 s of warm-up calls")
   parser.add_argument("--quick", action="store_true", help="tiny sizes (figures meaningless)")
   args = parser.parse_args()
+  global WARMUP_S
+  WARMUP_S = 0.0 if args.quick else WARMUP_S
   out = bench(args.repeats, args.quick)
   out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
   print(json.dumps(out))
