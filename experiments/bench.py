@@ -94,6 +94,10 @@ Keys (stable; later versions add keys, never rename):
                           (before 2026-12-02 the main figures were unfolded, and
                           forward_224_fold_bn_* / train_step_224_frozen_fold_bn_*
                           measured folding)
+  forward_224_unfused_img_s, forward_480x640_unfused_img_s   model.fused_blocks=False
+                          (evaluation runs each inverted-residual block as its
+                          separate layers instead of one native pass; since
+                          2026-12-03)
   forward_224_whole_img_s, forward_480x640_whole_img_s   the forward figures with
                           the whole batch of 16 in one program (eval.micro_batch=16)
                           instead of the CPU default's chunks of 2^20 pixels
@@ -169,7 +173,7 @@ def image_sizes(quick: bool) -> dict:
 
 # The model fields the pipeline runs with by default (configs/base.py's
 # model.*; tests/test_bench.py checks they agree).
-PIPELINE_MODEL = {"fold_bn": True, "depthwise": "auto"}
+PIPELINE_MODEL = {"fold_bn": True, "depthwise": "auto", "fused_blocks": True}
 
 
 def make_spec(branch: str, hw, quick: bool, *, dim: int, num_clusters: int) -> dict:
@@ -324,43 +328,50 @@ def branch_figures(spec: dict, mesh, quick: bool, repeats: int, prefix: str = ""
 
 # JAX-only levers of the RGB branch at 224 (issue 18), measured in the same
 # fresh RGB workers as the paired figures, each one departure from the
-# pipeline's model: key suffix -> (spec changes, trainable_from).
+# pipeline's model: key suffix -> (spec changes, trainable_from, forward
+# sizes timed, whether the frozen train step is timed).
 # "unfolded": frozen BatchNorm as its own affine pass (model.fold_bn=False);
 # "shifted": XLA's depthwise instead of the native kernels
 # (model.depthwise="shifted"); "from14": train.trainable_from=14 (blocks
 # 14-16 and the head train, the usual VPR fine-tuning of the last blocks;
-# --quick: from 1).
-LEVERS = {"unfolded": ({"fold_bn": False}, 0), "shifted": ({"depthwise": "shifted"}, 0),
-          "from14": ({}, 14)}
+# --quick: from 1); "unfused": the inverted-residual blocks as separate
+# layers in evaluation (model.fused_blocks=False; the train step does not
+# use the fused blocks, so it is not timed).
+LEVERS = {"unfolded": ({"fold_bn": False}, 0, ("224",), True),
+          "shifted": ({"depthwise": "shifted"}, 0, ("224",), True),
+          "from14": ({}, 14, (), True),
+          "unfused": ({"fused_blocks": False}, 0, ("224", "480x640"), False)}
 
 
 def lever_figures(spec: dict, mesh, quick: bool, repeats: int) -> dict:
-  """`forward_<size>_whole_*` (eval.micro_batch=16), `forward_224_<lever>_*`
+  """`forward_<size>_whole_*` (eval.micro_batch=16), `forward_<size>_<lever>_*`
   (levers that change the model) and `train_step_224_frozen_<lever>_*`
   ({img_s, compile_s})."""
   from structvpr_jax import parallel
   from structvpr_jax.models import spec as model_spec
   variables = model_spec.init_variables(spec, seed=0)
-  sized = dict(spec, image_size=list(image_sizes(quick)["224"]))
+  sizes = image_sizes(quick)
   out = {}
   replicated = parallel.replicate(variables, mesh)
-  for key, hw in image_sizes(quick).items():   # the whole batch of 16 at once
+  for key, hw in sizes.items():   # the whole batch of 16 at once
     whole = bench_forward(dict(spec, image_size=list(hw)), replicated, mesh, repeats,
                           micro_batch=16)
     for unit, value in whole.items():
       out[f"forward_{key}_whole_{unit}"] = value
-  for name, (changes, trainable_from) in LEVERS.items():
-    lever = dict(sized, **changes)
+  for name, (changes, trainable_from, forward_sizes, step) in LEVERS.items():
     if quick and trainable_from:
       trainable_from = 1
-    if changes:
-      forward = bench_forward(lever, parallel.replicate(variables, mesh), mesh, repeats)
+    for key in forward_sizes:
+      lever = dict(spec, image_size=list(sizes[key]), **changes)
+      forward = bench_forward(lever, replicated, mesh, repeats)
       for unit, value in forward.items():
-        out[f"forward_224_{name}_{unit}"] = value
-    step = bench_train_step(lever, variables, mesh, "frozen", TRAIN_TRIPLETS["224"], repeats,
-                            trainable_from=trainable_from)
-    for unit, value in step.items():
-      out[f"train_step_224_frozen_{name}_{unit}"] = value
+        out[f"forward_{key}_{name}_{unit}"] = value
+    if step:
+      lever = dict(spec, image_size=list(sizes["224"]), **changes)
+      figure = bench_train_step(lever, variables, mesh, "frozen", TRAIN_TRIPLETS["224"],
+                                repeats, trainable_from=trainable_from)
+      for unit, value in figure.items():
+        out[f"train_step_224_frozen_{name}_{unit}"] = value
   return out
 
 
@@ -682,6 +693,10 @@ def markdown_table(b: dict) -> str:
              "forward_224", "forward_224_chunked"),
       levers("RGB forward 16x480x640 (ours, auto: chunks of 2); PyTorch also in chunks of 2",
              "forward_480x640", "forward_480x640_chunked"),
+      levers("RGB forward 16x224x224, model.fused_blocks=False (blocks as separate layers)",
+             "forward_224_unfused", "forward_224"),
+      levers("RGB forward 16x480x640, model.fused_blocks=False (blocks as separate layers)",
+             "forward_480x640_unfused", "forward_480x640"),
       levers("RGB forward 16x224x224, model.fold_bn=False", "forward_224_unfolded",
              "forward_224"),
       levers("RGB train step at 224, frozen BN, model.fold_bn=False",

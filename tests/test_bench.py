@@ -23,6 +23,7 @@ PAIRED_JAX = [f"{name}{s}_{unit}" for name in bench.PAIRED for s in ("", "_nohug
 LEVER_KEYS = [f"{name}{s}_{unit}" for name in ("forward_224_unfolded", "train_step_224_frozen_unfolded",
                                                "forward_224_shifted", "train_step_224_frozen_shifted",
                                                "train_step_224_frozen_from14",
+                                               "forward_224_unfused", "forward_480x640_unfused",
                                                "forward_224_whole", "forward_480x640_whole")
               for s in ("", "_nohuge") for unit in ("img_s", "compile_s")]
 EXTRACT_KEYS = [f"{prefix}extract_{size}{s}_{unit}" for prefix, settings in
@@ -164,9 +165,10 @@ def test_readme_performance_table_is_generated_from_the_saved_result():
 def test_bench_measures_the_pipelines_default_model():
   from configs import distill
   model = distill.get_config().model
-  assert bench.PIPELINE_MODEL == {"fold_bn": model.fold_bn, "depthwise": model.depthwise}
+  assert bench.PIPELINE_MODEL == {"fold_bn": model.fold_bn, "depthwise": model.depthwise,
+                                  "fused_blocks": model.fused_blocks}
   spec = bench.make_spec("rgb", (224, 224), False, dim=0, num_clusters=64)
-  assert spec["fold_bn"] is True and spec["depthwise"] == "auto"
+  assert spec["fold_bn"] is True and spec["depthwise"] == "auto" and spec["fused_blocks"]
 
 
 

@@ -226,6 +226,14 @@ def test_folded_native_equals_the_unfolded_shifted_branch_in_float32():
   apply = jax.jit(lambda v: folded.apply(v, x, train=False))
   assert apply.lower(v).as_text().count("structvpr_inverted_residual_forward") == 4
   np.testing.assert_allclose(apply(v), out_p, rtol=1e-4, atol=1e-5)
+  # model.fused_blocks=False: the separate layers (the native depthwise
+  # kernel, no fused block), the same descriptors to float32 rounding.
+  layers = Branch(fold_bn=True, depthwise="native", fused_blocks=False, **kw)
+  apply_layers = jax.jit(lambda v: layers.apply(v, x, train=False))
+  text = apply_layers.lower(v).as_text()
+  assert "structvpr_inverted_residual_forward" not in text
+  assert "structvpr_depthwise" in text
+  np.testing.assert_allclose(apply_layers(v), out_p, rtol=1e-4, atol=1e-5)
 
 
 def test_folded_batchnorm_equals_the_unfolded_frozen_branch_in_float64():

@@ -89,6 +89,13 @@ def test_stage_overrides_and_auto_init(monkeypatch, tmp_path):
   assert tc["mining"] == "random" and tc["learning_rate"] == 3e-4
   assert config_lib.stage_train_config(c, "rgb")["mining"] == "hard"
   assert config_lib.stage_train_config(c, "distill")["learning_rate"] == c.train.learning_rate
+  # model.* reaches the spec and the built model (evaluation's fused blocks).
+  assert model_spec.branch_spec(c, "rgb")["fused_blocks"] is True
+  c.model.fused_blocks = False
+  spec = model_spec.branch_spec(c, "seg")
+  assert spec["fused_blocks"] is False and model_spec.build_model(spec).fused_blocks is False
+  del spec["fused_blocks"]                # a spec written before the field: fused
+  assert model_spec.build_model(spec).fused_blocks is True
   # rgb.init="auto": the file from $STRUCTVPR_IMAGENET_TFLITE when the branch can take it.
   fake = tmp_path / "m.tflite"
   fake.write_bytes(b"x")

@@ -35,6 +35,8 @@ class Branch(nn.Module):
     trainable_from: first backbone block that gets gradients (0: all).
     remat: recompute block activations in the backward pass (training memory).
     fold_bn: fold frozen BatchNorm into the convolutions (`mobilenet.ConvBN`).
+    fused_blocks: evaluate each folded inverted-residual block as one native
+      pass (`mobilenet.fused_inverted_residual`; training unaffected).
     bn_axis_name: mesh axis for synchronised BatchNorm (inside shard_map).
     dtype: compute dtype.
     param_dtype: parameter dtype.
@@ -52,6 +54,7 @@ class Branch(nn.Module):
   trainable_from: int = 0
   remat: bool = False
   fold_bn: bool = False
+  fused_blocks: bool = True
   bn_axis_name: Optional[str] = None
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
@@ -63,7 +66,7 @@ class Branch(nn.Module):
     self.encoder = mobilenet.get_backbone(
         self.backbone, width=self.width, norm=self.norm, output_stride=self.output_stride,
         depthwise=self.depthwise, trainable_from=self.trainable_from, fold_bn=self.fold_bn,
-        remat=self.remat,
+        fused_blocks=self.fused_blocks, remat=self.remat,
         bn_axis_name=self.bn_axis_name, dtype=self.dtype,
         param_dtype=self.param_dtype, last_activation=False, **self._backbone_kwargs())
     self.projection = (nn.Dense(self.dim, dtype=self.dtype, param_dtype=self.param_dtype,

@@ -653,6 +653,7 @@ class InvertedResidual(nn.Module):
   norm: str = "batch"
   depthwise: str = "auto"
   fold_bn: bool = False
+  fused_blocks: bool = True
   bn_axis_name: Optional[str] = None
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
@@ -668,7 +669,8 @@ class InvertedResidual(nn.Module):
     # instead of as passes over the block's largest tensor.
     fuse = (self.fold_bn and self.norm == "batch" and not train
             and resolve_depthwise(self.depthwise) == "native")
-    if fuse and self.dtype == jnp.float32 and self.param_dtype == jnp.float32:
+    if (fuse and self.fused_blocks and self.dtype == jnp.float32
+        and self.param_dtype == jnp.float32):
       # The whole block as one native pass where nothing differentiates it
       # (evaluation); gradients take the layers below (`fused_inverted_residual`).
       ce = in_features * self.expansion
@@ -722,6 +724,10 @@ class MobileNetV2(nn.Module):
       training with `train.batchnorm="frozen"`), fold it into the preceding
       convolution (`ConvBN._folded`; equal up to float rounding, same
       parameters; `model.fold_bn`).
+    fused_blocks: with `fold_bn` and the native kernels, evaluate each
+      inverted-residual block as one native pass (`fused_inverted_residual`:
+      training and gradients are unaffected; equal up to float rounding;
+      `model.fused_blocks`). False runs the separate layers.
     remat: recompute each block's activations in the backward pass instead of
       keeping them (`nn.remat`; `train.remat`): training memory falls to
       about the block inputs, for roughly one more forward pass of compute.
@@ -749,6 +755,7 @@ class MobileNetV2(nn.Module):
   depthwise: str = "auto"
   trainable_from: int = 0
   fold_bn: bool = False
+  fused_blocks: bool = True
   remat: bool = False
   bn_axis_name: Optional[str] = None
   dtype: Any = jnp.float32
@@ -781,7 +788,8 @@ class MobileNetV2(nn.Module):
         if index == self.trainable_from and index > 0:
           x = lax.stop_gradient(x)               # nothing below this block trains
         x = block(make_divisible(channels * self.width), expansion, s,
-                  depthwise=self.depthwise, name=f"block{index}", **common)(x, train)
+                  depthwise=self.depthwise, fused_blocks=self.fused_blocks,
+                  name=f"block{index}", **common)(x, train)
         index += 1
     if self.trainable_from and self.trainable_from >= index:
       x = lax.stop_gradient(x)                   # every block frozen: the head trains

@@ -11,6 +11,9 @@ transform (`model_input`) and the shapes Orbax restores into
    "blocks": [[t, c, n, s], ...] | None,  backbone stage table (None = default)
    "norm": "batch" | "group",             backbone normalisation (absent = "batch")
    "output_stride": 32 | 16 | 8,          backbone output stride (absent = 32)
+   "depthwise": "auto" | "native" | ...,  3x3 depthwise kernel (model.depthwise)
+   "fold_bn": bool,                       frozen BN folded (model.fold_bn)
+   "fused_blocks": bool,                  evaluation's fused blocks (absent = True)
    "slme": "slme" | "onehot" | "group_onehot",   seg view: label-map encoding
    "normalization": "imagenet" | "tflite",       rgb view: pixel scaling
    "image_size": [H, W],
@@ -56,6 +59,7 @@ def branch_spec(config, stage: str) -> dict:
           "output_stride": int(b.get("output_stride", 32) or 32),
           "depthwise": config.get("model", {}).get("depthwise", "auto") or "auto",
           "fold_bn": bool(config.get("model", {}).get("fold_bn", False)),
+          "fused_blocks": bool(config.get("model", {}).get("fused_blocks", True)),
           "slme": config.seg.slme, "normalization": config.data.normalization,
           "image_size": [int(s) for s in config.data.image_size], "init": init}
 
@@ -100,7 +104,8 @@ def build_model(spec: dict, bn_axis_name: Optional[str] = None, dtype: str = "fl
                 norm=spec.get("norm", "batch"), output_stride=int(spec.get("output_stride", 32)),
                 depthwise=spec.get("depthwise", "auto"), bn_axis_name=bn_axis_name,
                 dtype=jnp.dtype(dtype), trainable_from=int(trainable_from),
-                fold_bn=bool(spec.get("fold_bn", False)), remat=bool(remat))
+                fold_bn=bool(spec.get("fold_bn", False)),
+                fused_blocks=bool(spec.get("fused_blocks", True)), remat=bool(remat))
 
 
 def normalize_rgb(x, kind: str = "imagenet"):
