@@ -1,7 +1,7 @@
 """JAX / PyTorch speed ratios measured call by call, paired (issue 18's targets).
 
   python experiments/paired_ratio.py [--pairs 24] [--only forward_224 ...] [--quick]
-      [--out experiments/results/paired_ratio]
+      [--gap-s 0.25] [--out experiments/results/paired_ratio]
 
 Why: `experiments/bench.py` runs each framework's worker for minutes and
 takes medians per fresh process; on this shared 2-core VM the speed of the
@@ -16,6 +16,15 @@ slows both halves of a pair, so the per-pair ratio JAX img/s / PyTorch img/s
 median of the pair ratios with a 95 % bootstrap interval (pairs resampled),
 each side's median img/s, and a verdict on the target: "met" when the whole
 interval is at or above it, "missed" when it is all below, else "undecided".
+
+Between two timed calls both workers sit idle for `--gap-s` seconds (0.25;
+0 with --quick). Without the gap, JAX's call right after PyTorch's ran 3-15 %
+slower than its call right after its own (2026-12-03 00:31 run, all 11
+comparisons; PyTorch's showed no such effect): PyTorch's OpenMP threads keep
+spinning on the two cores for a while after its call returns. The order
+alternates, so that cost JAX half its pairs. Each comparison reports this
+order effect (a framework's median call time after the other's call over
+its median after its own; 1.00 = none).
 
 Comparisons (each framework's call as `bench.py` times it: JAX =
 `bench.forward_call` / `bench.train_step_call` on the pipeline's default
@@ -252,7 +261,24 @@ def ratio_summary(jax_s, torch_s, images: int, target=None, resamples: int = 400
   return out
 
 
-def run(names, pairs: int, quick: bool) -> dict:
+def order_effect(seconds, framework: str) -> float:
+  """Median call time after the other framework's call / after its own.
+
+  `seconds`: one framework's call times in pair order; pair i runs (jax,
+  torch) for even i and (torch, jax) for odd i, so JAX's odd-pair calls and
+  PyTorch's even-pair calls follow the other's call, the rest their own
+  (pair 0's JAX call follows PyTorch's preparation; counted as its own).
+  """
+  import numpy as np
+  s = np.asarray(seconds, float)
+  after_other = s[1::2] if framework == "jax" else s[0::2]
+  after_own = s[0::2] if framework == "jax" else s[1::2]
+  if not after_other.size or not after_own.size:
+    return float("nan")
+  return float(np.median(after_other) / np.median(after_own))
+
+
+def run(names, pairs: int, quick: bool, gap_s: float = 0.0) -> dict:
   import bench
   envs = bench.allocator_environments()
   env = envs["hugepages"]
@@ -270,8 +296,10 @@ def run(names, pairs: int, quick: bool) -> dict:
       times = {"jax": [], "torch": []}
       for i in range(pairs):
         for fw in (("jax", "torch") if i % 2 == 0 else ("torch", "jax")):
+          time.sleep(gap_s)            # the other's threads settle (module docstring)
           times[fw].append(pair[fw].ask(op="time", call=calls[fw])["s"])
       summary = ratio_summary(times["jax"], times["torch"], images, target)
+      summary["order_effect"] = {fw: order_effect(times[fw], fw) for fw in times}
       summary.update({"jax_call": jax_call, "torch_call": torch_call,
                       "torch_glibc_tunables": worker_envs[torch_worker].get("GLIBC_TUNABLES", ""),
                       "jax_first_s": first["jax"], "torch_first_s": first["torch"],
@@ -285,7 +313,7 @@ def run(names, pairs: int, quick: bool) -> dict:
     for w in workers.values():
       w.close()
   ticks1 = cpu_ticks()
-  info = {"pairs": pairs, "quick": quick, "cpu_count": os.cpu_count(),
+  info = {"pairs": pairs, "quick": quick, "gap_s": gap_s, "cpu_count": os.cpu_count(),
           "glibc_tunables": env.get("GLIBC_TUNABLES", ""), "xla_flags": env.get("XLA_FLAGS", ""),
           "torch_default_glibc_tunables": envs["nohuge"].get("GLIBC_TUNABLES", ""),
           "wall_s": time.time() - t0, "started": time.strftime("%Y-%m-%d %H:%M", time.localtime(t0))}
@@ -297,7 +325,8 @@ def run(names, pairs: int, quick: bool) -> dict:
 def markdown(res: dict, command: str) -> str:
   info = res["info"]
   lines = ["# JAX / PyTorch, paired call by call", "", f"`{command}`", "",
-           f"{info['pairs']} pairs per comparison (order alternating), the workers loaded at "
+           f"{info['pairs']} pairs per comparison (order alternating, "
+           f"{info.get('gap_s', 0):g} s idle before each call), the workers loaded at "
            f"once; allocator settings of the main program for JAX and PyTorch "
            f"(`GLIBC_TUNABLES={info['glibc_tunables']}`; `*_torch_default_env`: PyTorch "
            f"without them, `{info['torch_default_glibc_tunables'] or 'unset'}`); "
@@ -306,13 +335,19 @@ def markdown(res: dict, command: str) -> str:
            + (f"; CPU steal {100 * info['steal_share']:.1f} %" if "steal_share" in info else "")
            + ".", "",
            "| comparison | JAX img/s | PyTorch img/s | ratio (median of pairs) | 95 % CI | "
-           "pairs at target | target |", "|---|---|---|---|---|---|---|"]
+           "pairs at target | target | order effect JAX / PyTorch |",
+           "|---|---|---|---|---|---|---|---|"]
   for name, r in res["comparisons"].items():
     target = (f">= {r['target']:g} ({r['verdict']})" if "target" in r else "")
     share = f"{100 * r['pairs_at_target']:.0f} %" if "target" in r else ""
+    order = r.get("order_effect", {})
+    order = (f"{order['jax']:.2f} / {order['torch']:.2f}" if order else "")
     lines.append(f"| {name} | {r['jax_img_s']:.1f} | {r['torch_img_s']:.1f} | "
                  f"{r['ratio']:.2f} | [{r['ci95'][0]:.2f}, {r['ci95'][1]:.2f}] | {share} | "
-                 f"{target} |")
+                 f"{target} | {order} |")
+  lines += ["", "Order effect: a framework's median call time right after the other "
+            "framework's call over its median right after its own (1.00: the other's "
+            "leftover threads cost it nothing)."]
   return "\n".join(lines) + "\n"
 
 
@@ -322,6 +357,8 @@ def main(argv=None) -> int:
   parser.add_argument("--only", nargs="+", choices=tuple(COMPARISONS), default=None,
                       help="comparisons to run (default all)")
   parser.add_argument("--quick", action="store_true", help="tiny sizes (figures meaningless)")
+  parser.add_argument("--gap-s", type=float, default=None,
+                      help="idle seconds before each timed call (default 0.25, 0 with --quick)")
   parser.add_argument("--out", default=os.path.join(REPO, "experiments", "results",
                                                     "paired_ratio"))
   parser.add_argument("--worker", choices=("jax", "torch"), help=argparse.SUPPRESS)
@@ -335,9 +372,13 @@ def main(argv=None) -> int:
     raise SystemExit("paired_ratio: needs PyTorch (pip install -e '.[bench]')")
   from structvpr_jax import files
   names = args.only or list(COMPARISONS)
-  res = run(names, args.pairs, args.quick)
+  gap_s = (0.0 if args.quick else 0.25) if args.gap_s is None else args.gap_s
+  if gap_s < 0:
+    parser.error("--gap-s must be >= 0")
+  res = run(names, args.pairs, args.quick, gap_s)
   command = "python experiments/paired_ratio.py" + (
       f" --pairs {args.pairs}" if args.pairs != 24 else "") + (
+      f" --gap-s {args.gap_s:g}" if args.gap_s is not None else "") + (
       " --only " + " ".join(args.only) if args.only else "") + (" --quick" if args.quick else "")
   text = markdown(res, command)
   files.write_json(args.out + ".json", res)

@@ -214,6 +214,18 @@ def test_paired_ratio_summary_hand_cases():
     paired_ratio.ratio_summary([1.0], [1.0, 2.0], 1)
 
 
+def test_paired_ratio_order_effect_hand_case():
+  """Pairs alternate (jax, torch), (torch, jax), ...: JAX's odd-pair calls and
+  PyTorch's even-pair calls follow the other framework's call."""
+  import paired_ratio
+  jax_s = [1.0, 1.2, 1.0, 1.2, 1.0, 1.2]          # 20 % slower after PyTorch
+  torch_s = [2.0, 2.0, 2.0, 2.0, 2.0, 2.0]
+  assert paired_ratio.order_effect(jax_s, "jax") == pytest.approx(1.2)
+  assert paired_ratio.order_effect(torch_s, "torch") == pytest.approx(1.0)
+  assert paired_ratio.order_effect([3.0, 1.0, 3.0, 1.0], "torch") == pytest.approx(3.0)
+  assert np.isnan(paired_ratio.order_effect([1.0], "jax"))
+
+
 @pytest.mark.skipif(not HAVE_TORCH, reason="needs the bench extra (PyTorch)")
 def test_quick_paired_ratio_runs_both_workers(tmp_path):
   out = tmp_path / "paired"
@@ -232,6 +244,8 @@ def test_quick_paired_ratio_runs_both_workers(tmp_path):
     assert len(r["jax_s"]) == len(r["torch_s"]) == 2 and min(r["jax_s"] + r["torch_s"]) > 0
     assert r["ci95"][0] <= r["ratio"] <= r["ci95"][1] and r["jax_img_s"] > 0
   assert comps["forward_224"]["verdict"] in ("met", "missed", "undecided")
+  assert res["info"]["gap_s"] == 0.0 and set(comps["forward_224"]["order_effect"]) == {
+      "jax", "torch"}
   assert comps["forward_224_both_chunked"]["torch_call"] == "forward_224_chunked"
   assert "verdict" not in comps["forward_224_both_chunked"]
   from structvpr_jax import hugepages
