@@ -116,3 +116,28 @@ def test_step_faults_settings_and_arguments():
   assert step_faults.SETTINGS["sync_huge_pages"] == (hugepages.HUGE_PAGES, True)
   with pytest.raises(SystemExit):
     step_faults.main(["--steps", "0"])
+
+
+def test_ab_forward_parses_changes_and_runs_quick():
+  sys.path.insert(0, os.path.join(REPO, "experiments"))
+  import ab_forward
+  assert ab_forward.parse_change("fused_blocks=False") == ("fused_blocks", False)
+  assert ab_forward.parse_change("depthwise=shifted") == ("depthwise", "shifted")
+  assert ab_forward.parse_change("width=0.5") == ("width", 0.5)
+  with pytest.raises(SystemExit, match="FIELD=VALUE"):
+    ab_forward.parse_change("fused_blocks")
+  with pytest.raises(SystemExit):                  # B would equal A
+    ab_forward.main(["--pairs", "4"])
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  proc = subprocess.run([sys.executable, "experiments/ab_forward.py", "--quick", "--pairs", "2",
+                         "--b", "fused_blocks=False", "--b", "no_such_field=1"],
+                        cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+  assert proc.returncode != 0 and "no_such_field" in proc.stderr
+  proc = subprocess.run([sys.executable, "experiments/ab_forward.py", "--quick", "--pairs", "2",
+                         "--b", "fused_blocks=False", "--b-micro-batch", "4"],
+                        cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  out = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert out["b_changes"] == {"fused_blocks": False} and out["micro_batch"] == {"a": 0, "b": 4}
+  assert len(out["a_s"]) == len(out["b_s"]) == 2 and min(out["a_s"] + out["b_s"]) > 0
+  assert out["ci95"][0] <= out["speedup_a_over_b"] <= out["ci95"][1]

@@ -1,0 +1,107 @@
+"""In-process A/B of the RGB forward: two model variants, single calls alternating.
+
+  python experiments/ab_forward.py [--size 224 | 480x640] [--pairs 16]
+      [--b fused_blocks=False ...] [--a-micro-batch 0] [--b-micro-batch 0] [--quick]
+
+Both variants are the forward `bench.py` times (`bench.forward_call`: one
+host batch of 16 uint8 images to host descriptors through the extractor's
+jitted function, the pipeline's default RGB model) compiled in this one
+process on the same parameters; after two warm-up calls each, `--pairs`
+pairs of single calls run with the order alternating, so a slow minute of
+this shared VM slows both halves of a pair. Variant A is the default model;
+B changes spec fields (`--b FIELD=VALUE`, e.g. fused_blocks=False,
+fold_bn=False, depthwise=shifted) and/or the micro-batch. Prints one JSON
+object: each side's median ms per call and img/s, and the speed-up of A
+over B (B's seconds / A's seconds, median of the pairs, 95 % bootstrap
+interval over pairs: `paired_ratio.ratio_summary`). Runs with the main
+program's allocator settings and XLA flags (it re-executes itself with
+them, as `python -m structvpr_jax.main` does).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import os
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+sys.path.insert(0, REPO)
+sys.path.insert(0, HERE)
+
+
+def parse_change(text: str) -> tuple:
+  """"FIELD=VALUE" -> (FIELD, value); VALUE is a Python literal (False, 2,
+  'shifted') or else the bare string."""
+  field, sep, value = text.partition("=")
+  if not sep or not field:
+    raise SystemExit(f"--b {text!r}: expected FIELD=VALUE, e.g. fused_blocks=False")
+  try:
+    return field, ast.literal_eval(value)
+  except (ValueError, SyntaxError):
+    return field, value
+
+
+def run(size: str, pairs: int, changes: dict, micro_batches: tuple, quick: bool) -> dict:
+  import jax
+  import bench
+  import paired_ratio
+  from structvpr_jax import hugepages, parallel
+  from structvpr_jax.models import spec as model_spec
+  hugepages.configure_jax()
+  mesh = parallel.make_mesh(jax.devices()[:1])
+  hw = bench.image_sizes(quick)[size]
+  spec = bench.make_spec("rgb", hw, quick, dim=0, num_clusters=8 if quick else 64)
+  unknown = sorted(set(changes) - set(spec))
+  if unknown:
+    raise SystemExit(f"--b: unknown spec field(s) {unknown}; the spec has {sorted(spec)}")
+  variables = parallel.replicate(model_spec.init_variables(spec, seed=0), mesh)
+  calls = {"a": bench.forward_call(spec, variables, mesh, 16, micro_batches[0]),
+           "b": bench.forward_call(dict(spec, **changes), variables, mesh, 16,
+                                   micro_batches[1])}
+  for call in calls.values():
+    for _ in range(3):                       # compile, then two warm-up calls
+      call()
+  times = {"a": [], "b": []}
+  for i in range(pairs):
+    for name in (("a", "b") if i % 2 == 0 else ("b", "a")):
+      t0 = time.perf_counter()
+      calls[name]()
+      times[name].append(time.perf_counter() - t0)
+  summary = paired_ratio.ratio_summary(times["a"], times["b"], images=16)
+  return {"size": size, "pairs": pairs, "b_changes": changes,
+          "micro_batch": {"a": micro_batches[0], "b": micro_batches[1]},
+          "a_img_s": summary["jax_img_s"], "b_img_s": summary["torch_img_s"],
+          "speedup_a_over_b": summary["ratio"], "ci95": summary["ci95"],
+          "a_s": times["a"], "b_s": times["b"]}
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--size", choices=("224", "480x640"), default="224")
+  parser.add_argument("--pairs", type=int, default=16)
+  parser.add_argument("--b", action="append", default=[], metavar="FIELD=VALUE",
+                      help="a spec change of variant B (repeatable)")
+  parser.add_argument("--a-micro-batch", type=int, default=0, help="0 = auto")
+  parser.add_argument("--b-micro-batch", type=int, default=0, help="0 = auto")
+  parser.add_argument("--quick", action="store_true", help="tiny sizes (figures meaningless)")
+  args = parser.parse_args(argv)
+  if args.pairs < 2:
+    parser.error("--pairs must be at least 2")
+  changes = dict(parse_change(c) for c in args.b)
+  if not changes and args.a_micro_batch == args.b_micro_batch:
+    parser.error("variant B equals A: give --b FIELD=VALUE or another --b-micro-batch")
+  out = run(args.size, args.pairs, changes, (args.a_micro_batch, args.b_micro_batch),
+            args.quick)
+  print(json.dumps(out))
+  return 0
+
+
+if __name__ == "__main__":
+  from structvpr_jax import hugepages, xla_flags
+  hugepages.reexec_with_hugepages()
+  xla_flags.apply()
+  sys.exit(main())
