@@ -59,7 +59,8 @@ def get_config(arg=None):
   # on the CPU when they build, else 9 shifted multiply-adds; one grouped
   # convolution on GPU/TPU) | "native" | "shifted" | "grouped". Equal results
   # up to float rounding (tests/test_mobilenet.py, tests/test_native_kernels.py);
-  # stored in the checkpoint's spec.
+  # stored in the checkpoint's spec, but evaluating a checkpoint runs with this
+  # config's value (models/spec.with_runtime).
   c.model.depthwise = "auto"
   # Fold frozen BatchNorm (evaluation, and train.batchnorm="frozen") into the
   # preceding convolution: same parameters, equal up to float rounding (one
@@ -71,7 +72,8 @@ def get_config(arg=None):
   # (expand 1x1, depthwise 3x3, project 1x1, residual) as one native pass that
   # never writes the 6x expansion to memory; forward 1.3-1.4x faster on the
   # CPU, equal up to float rounding. Training and its gradients run the
-  # separate layers either way. Stored in the checkpoint's spec.
+  # separate layers either way. Like model.depthwise, evaluating a checkpoint
+  # runs with this config's value, whatever the checkpoint was trained with.
   c.model.fused_blocks = True
 
   c.rgb = ml_collections.ConfigDict()

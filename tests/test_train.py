@@ -96,6 +96,14 @@ def test_stage_overrides_and_auto_init(monkeypatch, tmp_path):
   assert spec["fused_blocks"] is False and model_spec.build_model(spec).fused_blocks is False
   del spec["fused_blocks"]                # a spec written before the field: fused
   assert model_spec.build_model(spec).fused_blocks is True
+  # A restored checkpoint's spec takes how-to-run fields from the config
+  # (evaluation, partition, localize), and keeps everything else.
+  stored = dict(spec, fused_blocks=True, depthwise="native", width=0.25)
+  c.model.depthwise = "shifted"
+  run = model_spec.with_runtime(stored, c)
+  assert run["fused_blocks"] is False and run["depthwise"] == "shifted"
+  assert {k: v for k, v in run.items() if k not in ("fused_blocks", "depthwise")} == {
+      k: v for k, v in stored.items() if k not in ("fused_blocks", "depthwise")}
   # rgb.init="auto": the file from $STRUCTVPR_IMAGENET_TFLITE when the branch can take it.
   fake = tmp_path / "m.tflite"
   fake.write_bytes(b"x")

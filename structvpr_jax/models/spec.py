@@ -57,11 +57,27 @@ def branch_spec(config, stage: str) -> dict:
           "blocks": [list(x) for x in blocks] if blocks else None,
           "norm": b.get("norm", "batch") or "batch",
           "output_stride": int(b.get("output_stride", 32) or 32),
-          "depthwise": config.get("model", {}).get("depthwise", "auto") or "auto",
           "fold_bn": bool(config.get("model", {}).get("fold_bn", False)),
-          "fused_blocks": bool(config.get("model", {}).get("fused_blocks", True)),
           "slme": config.seg.slme, "normalization": config.data.normalization,
-          "image_size": [int(s) for s in config.data.image_size], "init": init}
+          "image_size": [int(s) for s in config.data.image_size], "init": init,
+          **runtime_fields(config)}
+
+
+def runtime_fields(config) -> dict:
+  """How to run a branch, not what it is: the kernels of `model.depthwise`
+  and `model.fused_blocks`. They change results by float rounding only and
+  are not stage fields, so a checkpoint's stored values yield to the
+  config's when it is evaluated (`with_runtime`)."""
+  model = config.get("model", {}) or {}
+  return {"depthwise": model.get("depthwise", "auto") or "auto",
+          "fused_blocks": bool(model.get("fused_blocks", True))}
+
+
+def with_runtime(spec: dict, config) -> dict:
+  """A restored checkpoint's spec with `runtime_fields` from `config`
+  (e.g. `--config.model.fused_blocks=False` on `configs/eval.py` runs the
+  separate layers whatever the checkpoint was trained with)."""
+  return dict(spec, **runtime_fields(config))
 
 
 _WARNED_RANDOM_INIT = set()

@@ -35,6 +35,7 @@ def run(config, wd: Workdir, root: str) -> dict:
   mesh = parallel.make_mesh()
   split = config_lib.read_split(config, root, "train", require_segmentations=True)
   teacher_spec, teacher_host, _, _ = checkpoint.restore_variables(wd.checkpoints("seg"))
+  teacher_spec = model_spec.with_runtime(teacher_spec, config)
   weights = np.load(wd.partition_npz)["weights"].astype(np.float32)
   if len(weights) != len(split.query_paths):
     raise ValueError(f"{wd.partition_npz} has {len(weights)} weights for "
