@@ -58,6 +58,10 @@ def run(size: str, pairs: int, changes: dict, micro_batches: tuple, quick: bool)
   unknown = sorted(set(changes) - set(spec))
   if unknown:
     raise SystemExit(f"--b: unknown spec field(s) {unknown}; the spec has {sorted(spec)}")
+  for field, value in changes.items():
+    if spec[field] is not None and type(value) is not type(spec[field]):
+      raise SystemExit(f"--b {field}={value!r}: expected a {type(spec[field]).__name__} "
+                       f"like the spec's {spec[field]!r}")
   variables = parallel.replicate(model_spec.init_variables(spec, seed=0), mesh)
   calls = {"a": bench.forward_call(spec, variables, mesh, 16, micro_batches[0]),
            "b": bench.forward_call(dict(spec, **changes), variables, mesh, 16,

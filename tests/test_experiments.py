@@ -134,6 +134,10 @@ def test_ab_forward_parses_changes_and_runs_quick():
                         cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
   assert proc.returncode != 0 and "no_such_field" in proc.stderr
   proc = subprocess.run([sys.executable, "experiments/ab_forward.py", "--quick", "--pairs", "2",
+                         "--b", "fused_blocks=maybe"],
+                        cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+  assert proc.returncode != 0 and "fused_blocks='maybe': expected a bool" in proc.stderr
+  proc = subprocess.run([sys.executable, "experiments/ab_forward.py", "--quick", "--pairs", "2",
                          "--b", "fused_blocks=False", "--b-micro-batch", "4"],
                         cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
   assert proc.returncode == 0, proc.stderr[-2000:]
