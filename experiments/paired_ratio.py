@@ -1,21 +1,36 @@
 """JAX / PyTorch speed ratios measured call by call, paired (issue 18's targets).
 
-  python experiments/paired_ratio.py [--pairs 24] [--only forward_224 ...] [--quick]
-      [--gap-s 0.25] [--out experiments/results/paired_ratio]
+  python experiments/paired_ratio.py [--pairs 24] [--blocks 6] [--only forward_224 ...]
+      [--quick] [--gap-s 0.25] [--out experiments/results/paired_ratio]
+  python experiments/paired_ratio.py --pool RUN.json RUN.json ... [--out FILE]
 
 Why: `experiments/bench.py` runs each framework's worker for minutes and
 takes medians per fresh process; on this shared 2-core VM the speed of the
 machine drifts on that time scale (PyTorch's forward at 224 measured 183 and
 97 img/s in two runs of the same code), so its same-run ratios met a target
 in one run and missed it in the next. Here both frameworks stay loaded in
-two fresh worker processes at once and take turns call by call: for each
-comparison both prepare (compile, two warm-up calls), then `--pairs` times
-JAX and PyTorch each time one call, the order alternating. A slow minute
-slows both halves of a pair, so the per-pair ratio JAX img/s / PyTorch img/s
-(= PyTorch seconds / JAX seconds) cancels it. Reported per comparison: the
-median of the pair ratios with a 95 % bootstrap interval (pairs resampled),
-each side's median img/s, and a verdict on the target: "met" when the whole
-interval is at or above it, "missed" when it is all below, else "undecided".
+two fresh worker processes at once and take turns call by call: both
+prepare every comparison (compile, two warm-up calls), then the run goes
+through the comparisons `--blocks` times in turn; in each block of a
+comparison both make one untimed call, then JAX and PyTorch each time one
+call per pair, the order alternating (`--pairs` pairs per comparison in
+all, spread over the blocks). A slow minute slows both halves of a pair, so
+the per-pair ratio JAX img/s / PyTorch img/s (= PyTorch seconds / JAX
+seconds) cancels it. Reported per comparison: the median of the pair
+ratios with a 95 % bootstrap interval, each side's median img/s, and a
+verdict on the target: "met" when the whole interval is at or above it,
+"missed" when it is all below, else "undecided".
+
+Why blocks: pairs taken a few seconds apart share the machine's state, and
+a bootstrap over single pairs treats them as independent. Until 2026-12-03
+each comparison took all its pairs in one stretch; two rows of one run that
+timed the very same two calls ten minutes apart read 1.28 [1.23, 1.34] and
+1.47 [1.22, 1.65] - intervals far narrower than the truth. Now the interval
+resamples whole blocks (a cluster bootstrap; `ratio_summary(clusters=)`),
+so it widens by as much as the state of the machine moved the ratio
+between the blocks of a run. `--pool` does the same over several saved runs
+(every block of every run one cluster; a run from before blocks is one
+cluster): the verdict over runs taken at different hours of the day.
 
 Between two timed calls both workers sit idle for `--gap-s` seconds (0.25;
 0 with --quick). Without the gap, JAX's call right after PyTorch's ran 3-15 %
@@ -33,13 +48,17 @@ model; PyTorch = `torch_reference.forward_call` / `train_step`):
                                   pipeline extracts (eval.micro_batch auto:
                                   the whole batch at 224, chunks of 2 at 480x640), PyTorch
                                   the obvious whole-batch call. Targets 1.5, 2.
+                                  (At 224 both calls are whole-batch calls, so
+                                  there are no "_both_chunked" / "_both_whole"
+                                  rows for it: they timed the same two calls
+                                  as forward_224, until 2026-12-03.)
   train_step_224_frozen           4 triplets at 224, frozen BN (the pipeline's
                                   mode), Adam. Target 1.5.
   train_step_224                  the same with BatchNorm batch statistics.
-  forward_224_both_chunked, forward_480x640_both_chunked   PyTorch also in our
-                                  chunks (the same cache effect on its side).
-  forward_224_both_whole, forward_480x640_both_whole   JAX also on the whole
-                                  batch at once (eval.micro_batch=16).
+  forward_480x640_both_chunked    PyTorch also in our chunks (the same cache
+                                  effect on its side).
+  forward_480x640_both_whole      JAX also on the whole batch at once
+                                  (eval.micro_batch=16).
 
 Both workers get the allocator setting bench.py calls "huge pages" (the
 glibc tunables of the main program, structvpr_jax/hugepages.py; the JAX
@@ -73,10 +92,8 @@ COMPARISONS = {
     "forward_480x640": ("forward_480x640", "forward_480x640", 16, 2.0, "torch"),
     "train_step_224_frozen": ("train_step_224_frozen", "train_step_224_frozen", 12, 1.5, "torch"),
     "train_step_224": ("train_step_224", "train_step_224", 12, None, "torch"),
-    "forward_224_both_chunked": ("forward_224", "forward_224_chunked", 16, None, "torch"),
     "forward_480x640_both_chunked": ("forward_480x640", "forward_480x640_chunked", 16, None,
                                      "torch"),
-    "forward_224_both_whole": ("forward_224_whole", "forward_224", 16, None, "torch"),
     "forward_480x640_both_whole": ("forward_480x640_whole", "forward_480x640", 16, None, "torch"),
     "forward_224_torch_default_env": ("forward_224", "forward_224", 16, None, "torch_default"),
     "forward_480x640_torch_default_env": ("forward_480x640", "forward_480x640", 16, None,
@@ -235,22 +252,42 @@ def cpu_ticks() -> dict:
 
 
 def ratio_summary(jax_s, torch_s, images: int, target=None, resamples: int = 4000,
-                  seed: int = 0) -> dict:
+                  seed: int = 0, clusters=None) -> dict:
   """Median of the pair ratios torch_s / jax_s (= JAX img/s / PyTorch img/s),
-  its 95 % percentile-bootstrap interval (pairs resampled with replacement,
-  `seed`), each side's median img/s and, with a target, the share of pairs
-  at or above it and the verdict ("met": interval >= target; "missed":
-  interval < target; "undecided")."""
+  its 95 % percentile-bootstrap interval, each side's median img/s and, with
+  a target, the share of pairs at or above it and the verdict ("met":
+  interval >= target; "missed": interval < target; "undecided").
+
+  The bootstrap (`resamples` draws, `seed`) resamples pairs with
+  replacement; with `clusters` (one label per pair: the block, or the run
+  and block, it was timed in) and more than one distinct label, it
+  resamples whole clusters instead, keeping every pair of a drawn cluster
+  (a cluster bootstrap: pairs that shared the machine's state stay
+  together, so the interval covers how much that state moved the ratio).
+  """
   import numpy as np
   jax_s, torch_s = np.asarray(jax_s, float), np.asarray(torch_s, float)
   if jax_s.shape != torch_s.shape or jax_s.size == 0:
     raise ValueError("ratio_summary needs the same number (> 0) of JAX and PyTorch times")
   ratios = torch_s / jax_s
-  idx = np.random.default_rng(seed).integers(0, ratios.size, (resamples, ratios.size))
-  medians = np.median(ratios[idx], axis=1)
+  rng = np.random.default_rng(seed)
+  groups = []
+  if clusters is not None:
+    labels = [str(c) for c in clusters]
+    if len(labels) != ratios.size:
+      raise ValueError(f"ratio_summary: {len(labels)} cluster labels for {ratios.size} pairs")
+    groups = [ratios[[i for i, l in enumerate(labels) if l == u]] for u in dict.fromkeys(labels)]
+  if len(groups) > 1:
+    draws = rng.integers(0, len(groups), (resamples, len(groups)))
+    medians = np.array([np.median(np.concatenate([groups[g] for g in d])) for d in draws])
+  else:
+    idx = rng.integers(0, ratios.size, (resamples, ratios.size))
+    medians = np.median(ratios[idx], axis=1)
   low, high = np.percentile(medians, [2.5, 97.5])
   out = {"pairs": int(ratios.size), "ratio": float(np.median(ratios)),
          "ci95": [float(low), float(high)],
+         "bootstrap": "clusters" if len(groups) > 1 else "pairs",
+         "clusters": max(len(groups), 1),
          "jax_img_s": float(images / np.median(jax_s)),
          "torch_img_s": float(images / np.median(torch_s)),
          "ratio_min_max": [float(ratios.min()), float(ratios.max())]}
@@ -278,7 +315,13 @@ def order_effect(seconds, framework: str) -> float:
   return float(np.median(after_other) / np.median(after_own))
 
 
-def run(names, pairs: int, quick: bool, gap_s: float = 0.0) -> dict:
+def block_sizes(pairs: int, blocks: int) -> list[int]:
+  """`pairs` spread over min(blocks, pairs) blocks, the first ones one larger."""
+  blocks = max(1, min(blocks, pairs))
+  return [pairs // blocks + (b < pairs % blocks) for b in range(blocks)]
+
+
+def run(names, pairs: int, quick: bool, gap_s: float = 0.0, blocks: int = 1) -> dict:
   import bench
   envs = bench.allocator_environments()
   env = envs["hugepages"]
@@ -287,23 +330,44 @@ def run(names, pairs: int, quick: bool, gap_s: float = 0.0) -> dict:
   if any(COMPARISONS[n][4] == "torch_default" for n in names):
     workers["torch_default"] = Worker("torch", quick, worker_envs["torch_default"])
   results, ticks0, t0 = {}, cpu_ticks(), time.time()
+  sizes = block_sizes(pairs, blocks)
   try:
+    state = {}
     for name in names:
       jax_call, torch_call, images, target, torch_worker = COMPARISONS[name]
       pair = {"jax": workers["jax"], "torch": workers[torch_worker]}
       calls = {"jax": jax_call, "torch": torch_call}
       first = {fw: w.ask(op="prepare", call=calls[fw])["first_s"] for fw, w in pair.items()}
-      times = {"jax": [], "torch": []}
-      for i in range(pairs):
-        for fw in (("jax", "torch") if i % 2 == 0 else ("torch", "jax")):
-          time.sleep(gap_s)            # the other's threads settle (module docstring)
-          times[fw].append(pair[fw].ask(op="time", call=calls[fw])["s"])
-      summary = ratio_summary(times["jax"], times["torch"], images, target)
+      state[name] = {"pair": pair, "calls": calls, "first": first, "block": [],
+                     "times": {"jax": [], "torch": []}}
+    for block, size in enumerate(sizes):
+      for name in names:
+        st = state[name]
+        pair, calls, times = st["pair"], st["calls"], st["times"]
+        start = len(times["jax"])
+        orders = [("jax", "torch") if (start + i) % 2 == 0 else ("torch", "jax")
+                  for i in range(size)]
+        # one untimed call each, the block's first timed caller last (so its
+        # first call follows its own, as `order_effect` counts it)
+        for fw in orders[0][::-1]:
+          time.sleep(gap_s)
+          pair[fw].ask(op="time", call=calls[fw])
+        for order in orders:
+          for fw in order:
+            time.sleep(gap_s)            # the other's threads settle (module docstring)
+            times[fw].append(pair[fw].ask(op="time", call=calls[fw])["s"])
+        st["block"] += [block] * size
+    for name in names:
+      st = state[name]
+      jax_call, torch_call, images, target, torch_worker = COMPARISONS[name]
+      times = st["times"]
+      summary = ratio_summary(times["jax"], times["torch"], images, target,
+                              clusters=st["block"])
       summary["order_effect"] = {fw: order_effect(times[fw], fw) for fw in times}
-      summary.update({"jax_call": jax_call, "torch_call": torch_call,
+      summary.update({"jax_call": jax_call, "torch_call": torch_call, "images": images,
                       "torch_glibc_tunables": worker_envs[torch_worker].get("GLIBC_TUNABLES", ""),
-                      "jax_first_s": first["jax"], "torch_first_s": first["torch"],
-                      "jax_s": times["jax"], "torch_s": times["torch"]})
+                      "jax_first_s": st["first"]["jax"], "torch_first_s": st["first"]["torch"],
+                      "block": st["block"], "jax_s": times["jax"], "torch_s": times["torch"]})
       results[name] = summary
       print(f"paired_ratio: {name}: {summary['ratio']:.2f} "
             f"[{summary['ci95'][0]:.2f}, {summary['ci95'][1]:.2f}] "
@@ -313,7 +377,8 @@ def run(names, pairs: int, quick: bool, gap_s: float = 0.0) -> dict:
     for w in workers.values():
       w.close()
   ticks1 = cpu_ticks()
-  info = {"pairs": pairs, "quick": quick, "gap_s": gap_s, "cpu_count": os.cpu_count(),
+  info = {"pairs": pairs, "blocks": len(sizes), "quick": quick, "gap_s": gap_s,
+          "cpu_count": os.cpu_count(),
           "glibc_tunables": env.get("GLIBC_TUNABLES", ""), "xla_flags": env.get("XLA_FLAGS", ""),
           "torch_default_glibc_tunables": envs["nohuge"].get("GLIBC_TUNABLES", ""),
           "wall_s": time.time() - t0, "started": time.strftime("%Y-%m-%d %H:%M", time.localtime(t0))}
@@ -322,11 +387,82 @@ def run(names, pairs: int, quick: bool, gap_s: float = 0.0) -> dict:
   return {"comparisons": results, "info": info}
 
 
+def _images(name: str, r: dict) -> int:
+  """Images per call of a saved comparison (saved since 2026-12-03; before,
+  from COMPARISONS or its img/s and median seconds)."""
+  import numpy as np
+  if "images" in r:
+    return int(r["images"])
+  if name in COMPARISONS:
+    return COMPARISONS[name][2]
+  return int(round(r["jax_img_s"] * float(np.median(r["jax_s"]))))
+
+
+def pool(runs: list) -> dict:
+  """One summary per comparison over several saved runs (`run` results):
+  all their pairs, clusters = (run, block) (a run saved before blocks is one
+  cluster), the target of COMPARISONS (else the run's). Per run: its own
+  ratio. Comparisons are matched by name; one whose calls differ between
+  runs is an error."""
+  names = list(dict.fromkeys(n for res in runs for n in res["comparisons"]))
+  out = {}
+  for name in names:
+    jax_s, torch_s, clusters, per_run, calls, images = [], [], [], [], set(), set()
+    for k, res in enumerate(runs):
+      r = res["comparisons"].get(name)
+      if r is None:
+        per_run.append(None)
+        continue
+      calls.add((r.get("jax_call"), r.get("torch_call"), r.get("torch_glibc_tunables")))
+      images.add(_images(name, r))
+      blocks = r.get("block") or [0] * len(r["jax_s"])
+      jax_s += list(r["jax_s"])
+      torch_s += list(r["torch_s"])
+      clusters += [f"{k}/{b}" for b in blocks]
+      per_run.append({"started": res["info"].get("started"), "ratio": r["ratio"],
+                      "ci95": r["ci95"], "pairs": r["pairs"]})
+    if len(calls) > 1 or len(images) > 1:
+      raise ValueError(f"paired_ratio --pool: {name!r} timed different calls in different "
+                       f"runs: {sorted(map(str, calls))}")
+    target = COMPARISONS[name][3] if name in COMPARISONS else None
+    if target is None:
+      target = next((res["comparisons"][name].get("target") for res in runs
+                     if name in res["comparisons"]), None)
+    summary = ratio_summary(jax_s, torch_s, images.pop(), target, clusters=clusters)
+    summary["runs"] = per_run
+    out[name] = summary
+  info = {"runs": [{"started": res["info"].get("started"), "pairs": res["info"].get("pairs"),
+                    "blocks": res["info"].get("blocks", 1), "gap_s": res["info"].get("gap_s"),
+                    "quick": res["info"].get("quick")} for res in runs]}
+  return {"comparisons": out, "info": info}
+
+
+def pool_markdown(res: dict, command: str) -> str:
+  runs = res["info"]["runs"]
+  lines = ["# JAX / PyTorch, paired call by call, pooled over runs", "", f"`{command}`", "",
+           "Every pair of every run; the interval resamples clusters (a block of a run, "
+           "or a whole run saved before blocks), so it covers how the machine's state "
+           "moved the ratio between blocks and runs. With few clusters (under ~6) it "
+           "is no wider than the clusters' own spread: read it as a lower bound on the "
+           "uncertainty.", "",
+           "| comparison | pooled ratio | 95 % CI | clusters | pairs | target | "
+           + " | ".join(f"run {r['started']}" for r in runs) + " |",
+           "|---|---|---|---|---|---|" + "---|" * len(runs)]
+  for name, r in res["comparisons"].items():
+    target = f">= {r['target']:g} ({r['verdict']})" if "target" in r else ""
+    cells = [f"{p['ratio']:.2f} [{p['ci95'][0]:.2f}, {p['ci95'][1]:.2f}]" if p else "-"
+             for p in r["runs"]]
+    lines.append(f"| {name} | {r['ratio']:.2f} | [{r['ci95'][0]:.2f}, {r['ci95'][1]:.2f}] | "
+                 f"{r['clusters']} | {r['pairs']} | {target} | " + " | ".join(cells) + " |")
+  return "\n".join(lines) + "\n"
+
+
 def markdown(res: dict, command: str) -> str:
   info = res["info"]
   lines = ["# JAX / PyTorch, paired call by call", "", f"`{command}`", "",
-           f"{info['pairs']} pairs per comparison (order alternating, "
-           f"{info.get('gap_s', 0):g} s idle before each call), the workers loaded at "
+           f"{info['pairs']} pairs per comparison in {info.get('blocks', 1)} block(s) "
+           f"(order alternating, {info.get('gap_s', 0):g} s idle before each call; "
+           f"interval: bootstrap over blocks), the workers loaded at "
            f"once; allocator settings of the main program for JAX and PyTorch "
            f"(`GLIBC_TUNABLES={info['glibc_tunables']}`; `*_torch_default_env`: PyTorch "
            f"without them, `{info['torch_default_glibc_tunables'] or 'unset'}`); "
@@ -353,36 +489,66 @@ def markdown(res: dict, command: str) -> str:
 
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--pairs", type=int, default=24)
+  parser.add_argument("--pairs", type=int, default=24, help="pairs per comparison (24)")
+  parser.add_argument("--blocks", type=int, default=6,
+                      help="blocks the pairs are spread over, comparisons in turn (6)")
   parser.add_argument("--only", nargs="+", choices=tuple(COMPARISONS), default=None,
                       help="comparisons to run (default all)")
   parser.add_argument("--quick", action="store_true", help="tiny sizes (figures meaningless)")
   parser.add_argument("--gap-s", type=float, default=None,
                       help="idle seconds before each timed call (default 0.25, 0 with --quick)")
-  parser.add_argument("--out", default=os.path.join(REPO, "experiments", "results",
-                                                    "paired_ratio"))
+  parser.add_argument("--pool", nargs="+", metavar="RUN.json", default=None,
+                      help="pool saved runs instead of measuring (default --out: "
+                           "experiments/results/paired_ratio_pooled)")
+  parser.add_argument("--out", default=None,
+                      help="output path without extension (experiments/results/paired_ratio)")
   parser.add_argument("--worker", choices=("jax", "torch"), help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
   if args.worker:
     return worker(args.worker, args.quick)
+  from structvpr_jax import files
+  if args.pool:
+    runs = []
+    for path in args.pool:
+      try:
+        with open(path) as f:
+          res = json.load(f)
+        res["comparisons"], res["info"]
+      except (OSError, ValueError, KeyError, TypeError) as e:
+        raise SystemExit(f"paired_ratio --pool: {path} is not a saved paired_ratio run ({e})")
+      runs.append(res)
+    try:
+      res = pool(runs)
+    except ValueError as e:
+      raise SystemExit(str(e))
+    out = args.out or os.path.join(REPO, "experiments", "results", "paired_ratio_pooled")
+    text = pool_markdown(res, "python experiments/paired_ratio.py --pool " + " ".join(
+        os.path.relpath(p, REPO) if os.path.isabs(p) else p for p in args.pool))
+    files.write_json(out + ".json", res)
+    files.write_text(out + ".md", text)
+    print(text)
+    return 0
   if args.pairs < 2:
     parser.error("--pairs must be at least 2")
+  if args.blocks < 1:
+    parser.error("--blocks must be at least 1")
   import importlib.util
   if importlib.util.find_spec("torch") is None:
     raise SystemExit("paired_ratio: needs PyTorch (pip install -e '.[bench]')")
-  from structvpr_jax import files
   names = args.only or list(COMPARISONS)
   gap_s = (0.0 if args.quick else 0.25) if args.gap_s is None else args.gap_s
   if gap_s < 0:
     parser.error("--gap-s must be >= 0")
-  res = run(names, args.pairs, args.quick, gap_s)
+  res = run(names, args.pairs, args.quick, gap_s, args.blocks)
   command = "python experiments/paired_ratio.py" + (
       f" --pairs {args.pairs}" if args.pairs != 24 else "") + (
+      f" --blocks {args.blocks}" if args.blocks != 6 else "") + (
       f" --gap-s {args.gap_s:g}" if args.gap_s is not None else "") + (
       " --only " + " ".join(args.only) if args.only else "") + (" --quick" if args.quick else "")
   text = markdown(res, command)
-  files.write_json(args.out + ".json", res)
-  files.write_text(args.out + ".md", text)
+  out = args.out or os.path.join(REPO, "experiments", "results", "paired_ratio")
+  files.write_json(out + ".json", res)
+  files.write_text(out + ".md", text)
   print(text)
   return 0
 

@@ -214,6 +214,73 @@ def test_paired_ratio_summary_hand_cases():
     paired_ratio.ratio_summary([1.0], [1.0, 2.0], 1)
 
 
+def test_paired_ratio_cluster_bootstrap_hand_case():
+  """Block A's 10 pairs at ratio 1.2, block B's 30 at 1.8: resampling pairs
+  never moves the median off 1.8 (three quarters of the pairs), resampling
+  the two blocks draws {A, A} a quarter of the time, median 1.2."""
+  import paired_ratio
+  jax_s = [1.0] * 40
+  torch_s = [1.2] * 10 + [1.8] * 30
+  pairs = paired_ratio.ratio_summary(jax_s, torch_s, 1, target=1.5)
+  assert pairs["ci95"] == pytest.approx([1.8, 1.8]) and pairs["verdict"] == "met"
+  assert pairs["bootstrap"] == "pairs" and pairs["clusters"] == 1
+  blocks = paired_ratio.ratio_summary(jax_s, torch_s, 1, target=1.5,
+                                      clusters=[0] * 10 + [1] * 30)
+  assert blocks["ratio"] == pytest.approx(1.8)
+  assert blocks["ci95"] == pytest.approx([1.2, 1.8]) and blocks["verdict"] == "undecided"
+  assert blocks["bootstrap"] == "clusters" and blocks["clusters"] == 2
+  # one label for all pairs: the pair bootstrap
+  one = paired_ratio.ratio_summary(jax_s, torch_s, 1, clusters=[7] * 40)
+  assert one["bootstrap"] == "pairs" and one["ci95"] == pairs["ci95"]
+  with pytest.raises(ValueError, match="3 cluster labels for 40 pairs"):
+    paired_ratio.ratio_summary(jax_s, torch_s, 1, clusters=[0, 1, 2])
+  assert paired_ratio.block_sizes(40, 6) == [7, 7, 7, 7, 6, 6]
+  assert paired_ratio.block_sizes(3, 6) == [1, 1, 1] and paired_ratio.block_sizes(5, 1) == [5]
+
+
+def _saved_run(started, ratios, blocks=None, jax_call="forward_224", target=1.5):
+  jax_s = [0.1] * len(ratios)
+  comp = {"jax_s": jax_s, "torch_s": [0.1 * r for r in ratios], "ratio": float(np.median(ratios)),
+          "ci95": [min(ratios), max(ratios)], "pairs": len(ratios), "target": target,
+          "jax_call": jax_call, "torch_call": "forward_224", "torch_glibc_tunables": "",
+          "jax_img_s": 160.0}
+  if blocks is not None:
+    comp["block"] = blocks
+  return {"comparisons": {"forward_224": comp}, "info": {"started": started, "pairs": len(ratios)}}
+
+
+def test_paired_ratio_pools_saved_runs(tmp_path):
+  """Two blocked runs (2 blocks each) and one from before blocks: 5 clusters;
+  per-run ratios kept; a comparison that timed other calls is refused."""
+  import paired_ratio
+  runs = [_saved_run("a", [1.4] * 4 + [1.6] * 4, blocks=[0] * 4 + [1] * 4),
+          _saved_run("b", [1.3] * 4 + [1.5] * 4, blocks=[0] * 4 + [1] * 4),
+          _saved_run("c", [1.7] * 6)]
+  res = paired_ratio.pool(runs)
+  r = res["comparisons"]["forward_224"]
+  assert r["pairs"] == 22 and r["clusters"] == 5 and r["bootstrap"] == "clusters"
+  assert r["ratio"] == pytest.approx(1.5) and r["target"] == 1.5
+  assert 1.3 <= r["ci95"][0] < 1.5 < r["ci95"][1] <= 1.7 and r["verdict"] == "undecided"
+  assert [p["started"] for p in r["runs"]] == ["a", "b", "c"]
+  assert r["jax_img_s"] == pytest.approx(16 / 0.1)     # images from COMPARISONS
+  with pytest.raises(ValueError, match="different calls"):
+    paired_ratio.pool(runs + [_saved_run("d", [1.5] * 4, jax_call="forward_224_whole")])
+  # the command line: files in, a table out; a file that is no run is named
+  paths = []
+  for i, run in enumerate(runs):
+    paths.append(str(tmp_path / f"run{i}.json"))
+    with open(paths[-1], "w") as f:
+      json.dump(run, f)
+  assert paired_ratio.main(["--pool", *paths, "--out", str(tmp_path / "pooled")]) == 0
+  md = (tmp_path / "pooled.md").read_text()
+  assert "| forward_224 | 1.50 |" in md and "run c" in md
+  assert json.loads((tmp_path / "pooled.json").read_text())["comparisons"]["forward_224"][
+      "clusters"] == 5
+  (tmp_path / "bad.json").write_text("{}")
+  with pytest.raises(SystemExit, match="bad.json is not a saved paired_ratio run"):
+    paired_ratio.main(["--pool", str(tmp_path / "bad.json"), "--out", str(tmp_path / "x")])
+
+
 def test_paired_ratio_order_effect_hand_case():
   """Pairs alternate (jax, torch), (torch, jax), ...: JAX's odd-pair calls and
   PyTorch's even-pair calls follow the other framework's call."""
@@ -230,24 +297,26 @@ def test_paired_ratio_order_effect_hand_case():
 def test_quick_paired_ratio_runs_both_workers(tmp_path):
   out = tmp_path / "paired"
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_backend_optimization_level=0")
-  proc = subprocess.run([sys.executable, "experiments/paired_ratio.py", "--quick", "--pairs", "2",
-                         "--only", "forward_224", "train_step_224_frozen",
-                         "forward_224_both_chunked", "forward_224_torch_default_env",
+  proc = subprocess.run([sys.executable, "experiments/paired_ratio.py", "--quick", "--pairs", "3",
+                         "--blocks", "2", "--only", "forward_224", "train_step_224_frozen",
+                         "forward_480x640_both_chunked", "forward_224_torch_default_env",
                          "--out", str(out)],
                         cwd=REPO, capture_output=True, text=True, timeout=900, env=env)
   assert proc.returncode == 0, proc.stderr[-3000:]
   res = json.loads((tmp_path / "paired.json").read_text())
   comps = res["comparisons"]
-  assert sorted(comps) == ["forward_224", "forward_224_both_chunked",
-                           "forward_224_torch_default_env", "train_step_224_frozen"]
+  assert sorted(comps) == ["forward_224", "forward_224_torch_default_env",
+                           "forward_480x640_both_chunked", "train_step_224_frozen"]
   for name, r in comps.items():
-    assert len(r["jax_s"]) == len(r["torch_s"]) == 2 and min(r["jax_s"] + r["torch_s"]) > 0
+    assert len(r["jax_s"]) == len(r["torch_s"]) == 3 and min(r["jax_s"] + r["torch_s"]) > 0
     assert r["ci95"][0] <= r["ratio"] <= r["ci95"][1] and r["jax_img_s"] > 0
+    assert r["block"] == [0, 0, 1] and r["bootstrap"] == "clusters" and r["clusters"] == 2
   assert comps["forward_224"]["verdict"] in ("met", "missed", "undecided")
   assert res["info"]["gap_s"] == 0.0 and set(comps["forward_224"]["order_effect"]) == {
       "jax", "torch"}
-  assert comps["forward_224_both_chunked"]["torch_call"] == "forward_224_chunked"
-  assert "verdict" not in comps["forward_224_both_chunked"]
+  assert comps["forward_480x640_both_chunked"]["torch_call"] == "forward_480x640_chunked"
+  assert "verdict" not in comps["forward_480x640_both_chunked"]
+  assert res["info"]["blocks"] == 2
   from structvpr_jax import hugepages
   assert res["info"]["glibc_tunables"].split(":")[-3:] == list(hugepages.TUNABLES)
   # the same settings for PyTorch, except in the default-environment row
