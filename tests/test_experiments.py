@@ -145,3 +145,43 @@ def test_ab_forward_parses_changes_and_runs_quick():
   assert out["b_changes"] == {"fused_blocks": False} and out["micro_batch"] == {"a": 0, "b": 4}
   assert len(out["a_s"]) == len(out["b_s"]) == 2 and min(out["a_s"] + out["b_s"]) > 0
   assert out["ci95"][0] <= out["speedup_a_over_b"] <= out["ci95"][1]
+
+
+def test_run_time_alternates_fresh_workdirs_and_names_a_failed_run(tmp_path):
+  """experiments/run_time.py with a stand-in for the program: one untimed run
+  per variant, then pairs in alternating order, each in its own fresh
+  workdir (removed after), B's flags added; B's stand-in holds ~200 MB more
+  and sleeps longer, which the peak RSS and the ratio show."""
+  sys.path.insert(0, os.path.join(REPO, "experiments"))
+  import run_time
+  log = tmp_path / "log.txt"
+  code = ("import os, sys, time; b = '--big' in sys.argv; wd = sys.argv[1]; "
+          "assert not os.path.exists(wd); os.makedirs(wd); "
+          f"open({str(log)!r}, 'a').write(('B' if b else 'A') + ' ' + wd + '\\n'); "
+          "x = bytearray(200 << 20) if b else b''; time.sleep(0.4 if b else 0.2)")
+
+  def command(config, workdir, flags):
+    assert config == "configs/distill.py"
+    return [sys.executable, "-c", code, workdir, *flags]
+
+  scratch = tmp_path / "scratch"
+  scratch.mkdir()
+  res = run_time.run("configs/distill.py", ["--big"], 2, str(scratch), command=command)
+  order = [line.split()[0] for line in log.read_text().splitlines()]
+  assert order == ["A", "B", "A", "B", "B", "A"]     # warm-ups, then A B, B A
+  workdirs = [line.split()[1] for line in log.read_text().splitlines()]
+  assert len(set(workdirs)) == 6 and not os.listdir(scratch)
+  assert len(res["a"]) == len(res["b"]) == 2 and set(res["warm_up"]) == {"a", "b"}
+  assert res["b_peak_rss_mb"] - res["a_peak_rss_mb"] > 150
+  assert res["b_over_a"] > 1.2 and res["ci95"][0] <= res["b_over_a"] <= res["ci95"][1]
+  md = run_time.markdown(res, "cmd")
+  assert "| A |" in md and "| B |" in md and "`--big`" in md
+
+  def failing(config, workdir, flags):
+    return [sys.executable, "-c", "import sys; print('bad config field'); sys.exit(2)"]
+  with pytest.raises(SystemExit, match="exited 2:\n.*bad config field"):
+    run_time.run("configs/distill.py", ["--big"], 1, str(scratch), command=failing)
+  with pytest.raises(SystemExit):
+    run_time.main(["--runs", "1"])                          # no variant B
+  with pytest.raises(SystemExit):
+    run_time.main(["--runs", "1", "--b", "config.x=1"])     # not a flag
