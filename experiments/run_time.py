@@ -62,6 +62,7 @@ def run(config: str, b_flags: list, runs: int, scratch: str, command=main_comman
   import numpy as np
   import paired_ratio
   variants = {"a": [], "b": list(b_flags)}
+  started = time.strftime("%Y-%m-%d %H:%M")
   results = {"a": [], "b": []}
   count = 0
 
@@ -87,7 +88,7 @@ def run(config: str, b_flags: list, runs: int, scratch: str, command=main_comman
           "b_peak_rss_mb": float(np.median([r["peak_rss_mb"] for r in results["b"]])),
           "b_over_a": summary["ratio"], "ci95": summary["ci95"],
           "warm_up": warm, "a": results["a"], "b": results["b"],
-          "started": time.strftime("%Y-%m-%d %H:%M")}
+          "started": started}
 
 
 def markdown(res: dict, command: str) -> str:
