@@ -6,8 +6,9 @@ Command:
 
 Generates the synthetic city into <workdir>/data, then stage 1 RGB, stage 1
 seg, the partition, stage 2 (distillation) and the test evaluation with
-report.md (structvpr_jax/pipeline.py). 3-9 min (machine-dependent) and 3.2-3.7 GB on 2 CPU
-cores (2 min 54 s, 3.2 GB on 2026-12-02).
+report.md (structvpr_jax/pipeline.py). About 2 min and 2 GB on 2 CPU cores
+(1 min 32 s - 2 min 04 s, 1.7-1.9 GB on 2026-12-03 with a warm XLA cache:
+experiments/results/run_time_fused.md; README "What the default run does").
 Finished stages are skipped; a command with other settings on the same
 workdir stops naming the fields (--config.rerun_from=STAGE redoes them).
 """

@@ -12,7 +12,7 @@ each in a fresh workdir that is deleted afterwards. The default run's wall
 time drifts by more than 10 % between hours on this shared VM, so a run
 timed today is not comparable with one timed yesterday; alternating pairs
 are. Per run: wall seconds and the peak RSS of the program's process
-(`ru_maxrss` of the child, which re-executes itself in place). Prints and
+(its VmHWM, polled while it runs: `timed_run`). Prints and
 writes <out>.json / <out>.md: each variant's median, and B's seconds / A's
 seconds per pair (median, bootstrap interval over pairs:
 `paired_ratio.ratio_summary`; with 3 pairs it is no more than their range).
@@ -34,21 +34,44 @@ sys.path.insert(0, REPO)
 sys.path.insert(0, HERE)
 
 
-def timed_run(command: list, env: dict | None = None) -> dict:
+def _vm_hwm_mb(pid: int):
+  """The process's peak resident set (VmHWM of /proc/PID/status) in MB, or
+  None where there is no such file (not Linux, or the process is gone)."""
+  try:
+    with open(f"/proc/{pid}/status") as f:
+      for line in f:
+        if line.startswith("VmHWM:"):
+          return int(line.split()[1]) / 1024
+  except (OSError, ValueError):
+    return None
+  return None
+
+
+def timed_run(command: list, env: dict | None = None, poll_s: float = 0.05) -> dict:
   """Runs `command` in REPO; {"s": wall seconds, "peak_rss_mb"}. A failed run
-  is an error naming the command and the end of its output."""
-  t0 = time.perf_counter()
-  proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT)
-  out = proc.stdout.read()
-  _, status, usage = os.wait4(proc.pid, 0)
-  wall = time.perf_counter() - t0
-  proc.returncode = os.waitstatus_to_exitcode(status)
-  proc.stdout.close()
-  if proc.returncode != 0:
-    tail = out.decode(errors="replace")[-2000:]
-    raise SystemExit(f"run_time: {' '.join(command)} exited {proc.returncode}:\n{tail}")
-  return {"s": wall, "peak_rss_mb": usage.ru_maxrss / 1024}
+  is an error naming the command and the end of its output.
+
+  The peak RSS is the program's own high-water mark (VmHWM), read while it
+  runs: a new program image starts a new one, so neither this process's
+  memory (which the child's `ru_maxrss` inherits across fork and exec) nor
+  the program's own re-exec is counted; a peak in its last `poll_s` before
+  exiting can be missed. None off Linux.
+  """
+  with tempfile.TemporaryFile() as log:
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    peak = None
+    while proc.poll() is None:
+      hwm = _vm_hwm_mb(proc.pid)
+      if hwm is not None:
+        peak = hwm if peak is None else max(peak, hwm)
+      time.sleep(poll_s)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+      log.seek(0)
+      tail = log.read().decode(errors="replace")[-2000:]
+      raise SystemExit(f"run_time: {' '.join(command)} exited {proc.returncode}:\n{tail}")
+  return {"s": wall, "peak_rss_mb": peak}
 
 
 def main_command(config: str, workdir: str, extra: list) -> list:
@@ -84,11 +107,16 @@ def run(config: str, b_flags: list, runs: int, scratch: str, command=main_comman
   summary = paired_ratio.ratio_summary(a_s, b_s, images=1)
   return {"config": config, "b_flags": list(b_flags), "runs": runs,
           "a_median_s": float(np.median(a_s)), "b_median_s": float(np.median(b_s)),
-          "a_peak_rss_mb": float(np.median([r["peak_rss_mb"] for r in results["a"]])),
-          "b_peak_rss_mb": float(np.median([r["peak_rss_mb"] for r in results["b"]])),
+          "a_peak_rss_mb": _median_or_none([r["peak_rss_mb"] for r in results["a"]]),
+          "b_peak_rss_mb": _median_or_none([r["peak_rss_mb"] for r in results["b"]]),
           "b_over_a": summary["ratio"], "ci95": summary["ci95"],
           "warm_up": warm, "a": results["a"], "b": results["b"],
           "started": started}
+
+
+def _median_or_none(values):
+  import numpy as np
+  return None if any(v is None for v in values) else float(np.median(values))
 
 
 def markdown(res: dict, command: str) -> str:
@@ -100,8 +128,9 @@ def markdown(res: dict, command: str) -> str:
            f"`{' '.join(res['b_flags'])}`.", "",
            "| variant | median wall | median peak RSS | runs (s) |", "|---|---|---|---|"]
   for name in ("a", "b"):
+    rss = res[name + "_peak_rss_mb"]
     lines.append(f"| {name.upper()} | {mmss(res[name + '_median_s'])} | "
-                 f"{res[name + '_peak_rss_mb'] / 1024:.2f} GB | "
+                 + (f"{rss / 1024:.2f} GB | " if rss is not None else "- | ")
                  + ", ".join(f"{r['s']:.1f}" for r in res[name]) + " |")
   lines += ["", f"B's time / A's time, median of the pairs: {res['b_over_a']:.3f} "
             f"[{res['ci95'][0]:.3f}, {res['ci95'][1]:.3f}] (bootstrap over pairs; with few "
