@@ -404,6 +404,8 @@ def pool(runs: list) -> dict:
   cluster), the target of COMPARISONS (else the run's). Per run: its own
   ratio. Comparisons are matched by name; one whose calls differ between
   runs is an error."""
+  if len({bool(res["info"].get("quick")) for res in runs}) > 1:
+    raise ValueError("paired_ratio --pool: some runs are --quick (tiny sizes) and some not")
   names = list(dict.fromkeys(n for res in runs for n in res["comparisons"]))
   out = {}
   for name in names:

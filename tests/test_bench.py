@@ -265,6 +265,10 @@ def test_paired_ratio_pools_saved_runs(tmp_path):
   assert r["jax_img_s"] == pytest.approx(16 / 0.1)     # images from COMPARISONS
   with pytest.raises(ValueError, match="different calls"):
     paired_ratio.pool(runs + [_saved_run("d", [1.5] * 4, jax_call="forward_224_whole")])
+  quick = _saved_run("q", [1.5] * 4)
+  quick["info"]["quick"] = True
+  with pytest.raises(ValueError, match="some runs are --quick"):
+    paired_ratio.pool(runs + [quick])
   # the command line: files in, a table out; a file that is no run is named
   paths = []
   for i, run in enumerate(runs):
