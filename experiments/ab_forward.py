@@ -13,7 +13,9 @@ B changes spec fields (`--b FIELD=VALUE`, e.g. fused_blocks=False,
 fold_bn=False, depthwise=shifted) and/or the micro-batch. Prints one JSON
 object: each side's median ms per call and img/s, and the speed-up of A
 over B (B's seconds / A's seconds, median of the pairs, 95 % bootstrap
-interval over pairs: `paired_ratio.ratio_summary`). Runs with the main
+interval over 4 runs of consecutive pairs: `paired_ratio.ratio_summary`'s
+cluster bootstrap, as pairs timed seconds apart share the machine's state;
+results before 2026-12-03 resampled single pairs). Runs with the main
 program's allocator settings and XLA flags (it re-executes itself with
 them, as `python -m structvpr_jax.main` does).
 """
@@ -43,6 +45,9 @@ def parse_change(text: str) -> tuple:
     return field, ast.literal_eval(value)
   except (ValueError, SyntaxError):
     return field, value
+
+
+BLOCKS = 4   # runs of consecutive pairs the interval resamples
 
 
 def run(size: str, pairs: int, changes: dict, micro_batches: tuple, quick: bool) -> dict:
@@ -75,8 +80,12 @@ def run(size: str, pairs: int, changes: dict, micro_batches: tuple, quick: bool)
       t0 = time.perf_counter()
       calls[name]()
       times[name].append(time.perf_counter() - t0)
-  summary = paired_ratio.ratio_summary(times["a"], times["b"], images=16)
-  return {"size": size, "pairs": pairs, "b_changes": changes,
+  # consecutive pairs share the machine's state: the interval resamples
+  # blocks of them (paired_ratio's cluster bootstrap), not single pairs
+  blocks = [b for b, size in enumerate(paired_ratio.block_sizes(pairs, BLOCKS))
+            for _ in range(size)]
+  summary = paired_ratio.ratio_summary(times["a"], times["b"], images=16, clusters=blocks)
+  return {"size": size, "pairs": pairs, "blocks": summary["clusters"], "b_changes": changes,
           "micro_batch": {"a": micro_batches[0], "b": micro_batches[1]},
           "a_img_s": summary["jax_img_s"], "b_img_s": summary["torch_img_s"],
           "speedup_a_over_b": summary["ratio"], "ci95": summary["ci95"],

@@ -145,6 +145,7 @@ def test_ab_forward_parses_changes_and_runs_quick():
   assert out["b_changes"] == {"fused_blocks": False} and out["micro_batch"] == {"a": 0, "b": 4}
   assert len(out["a_s"]) == len(out["b_s"]) == 2 and min(out["a_s"] + out["b_s"]) > 0
   assert out["ci95"][0] <= out["speedup_a_over_b"] <= out["ci95"][1]
+  assert out["blocks"] == 2                       # 2 pairs: a block each
 
 
 def test_run_time_alternates_fresh_workdirs_and_names_a_failed_run(tmp_path):
