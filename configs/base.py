@@ -60,7 +60,7 @@ def get_config(arg=None):
   # convolution on GPU/TPU) | "native" | "shifted" | "grouped". Equal results
   # up to float rounding (tests/test_mobilenet.py, tests/test_native_kernels.py);
   # stored in the checkpoint's spec, but evaluating a checkpoint runs with this
-  # config's value (models/spec.with_runtime).
+  # config's value (checkpoint.restore_variables(config=)).
   c.model.depthwise = "auto"
   # Fold frozen BatchNorm (evaluation, and train.batchnorm="frozen") into the
   # preceding convolution: same parameters, equal up to float rounding (one

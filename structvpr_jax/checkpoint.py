@@ -115,11 +115,15 @@ def abstract_like(tree) -> Any:
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), tree)
 
 
-def restore_variables(checkpoint_dir: str, step: Optional[int] = None):
+def restore_variables(checkpoint_dir: str, step: Optional[int] = None, config=None):
   """(spec, variables, step, meta) from a checkpoint directory alone.
 
   `checkpoint_dir` is a stage folder, its `checkpoints/` folder or one step
   folder; without a step the best one (val R@5, then R@1, then latest).
+  With `config` (to run the branch now: evaluation, partition, a teacher,
+  extract, localize), the spec's how-to-run fields come from it
+  (`models/spec.with_runtime`: model.depthwise, model.fused_blocks), not
+  from what the checkpoint was trained with; `meta["spec"]` keeps those.
   """
   directory, step_from_path = resolve_directory(checkpoint_dir)
   if not os.path.isdir(directory):
@@ -132,4 +136,6 @@ def restore_variables(checkpoint_dir: str, step: Optional[int] = None):
   meta = read_meta(mngr, step)
   spec = meta["spec"]
   restored = restore(mngr, step, model_spec.abstract_variables(spec))
+  if config is not None:
+    spec = model_spec.with_runtime(spec, config)
   return spec, restored["variables"], step, meta

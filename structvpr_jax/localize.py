@@ -32,7 +32,6 @@ import numpy as np
 from structvpr_jax import checkpoint, files, parallel, report
 from structvpr_jax.data import input_pipeline, layout
 from structvpr_jax.evaluation import Extractor
-from structvpr_jax.models import spec as model_spec
 from structvpr_jax.workdir import Workdir
 
 
@@ -81,8 +80,7 @@ def run_extract(config, wd: Workdir) -> dict:
   if not folder:
     raise ValueError("extract.images: set the image folder to describe")
   paths = list_images(folder)
-  spec, variables, step, _ = checkpoint.restore_variables(config.checkpoint)
-  spec = model_spec.with_runtime(spec, config)
+  spec, variables, step, _ = checkpoint.restore_variables(config.checkpoint, config=config)
   t0 = time.time()
   desc = describe_paths(spec, variables, paths, config.eval.batch_size)
   out = config.extract.out or wd.path("descriptors")
@@ -165,8 +163,7 @@ def run_localize(config, wd: Workdir) -> dict:
     raise ValueError(f"localize.query={query!r}: not an image file")
   if not config.localize.database:
     raise ValueError("localize.database: set the database folder (layout root or images)")
-  spec, variables, step, _ = checkpoint.restore_variables(config.checkpoint)
-  spec = model_spec.with_runtime(spec, config)
+  spec, variables, step, _ = checkpoint.restore_variables(config.checkpoint, config=config)
   if spec["view"] != "rgb":
     raise ValueError(f"checkpoint: {config.checkpoint} is a {spec['branch']} branch; "
                      "localisation needs an RGB branch (rgb or distill)")

@@ -199,6 +199,13 @@ def test_groupnorm_branch_trains_saves_and_restores(tmp_path):
                   {"spec": spec}, metrics={"val_R@5": 1.0})
   got_spec, restored, _, _ = checkpoint.restore_variables(str(tmp_path / "ckpt"))
   assert got_spec["norm"] == "group" and restored["batch_stats"] == {}
+  assert got_spec == spec                 # as stored: no depthwise / fused_blocks fields
+  # restored to run under a config: its how-to-run fields, the rest as stored
+  import ml_collections
+  run = ml_collections.ConfigDict({"model": {"depthwise": "shifted", "fused_blocks": False}})
+  run_spec, _, _, meta = checkpoint.restore_variables(str(tmp_path / "ckpt"), config=run)
+  assert run_spec == dict(spec, depthwise="shifted", fused_blocks=False)
+  assert meta["spec"] == spec
   np.testing.assert_array_equal(
       jax.tree.leaves(restored["params"])[0], jax.tree.leaves(new.params)[0])
 

@@ -67,7 +67,8 @@ def runtime_fields(config) -> dict:
   """How to run a branch, not what it is: the kernels of `model.depthwise`
   and `model.fused_blocks`. They change results by float rounding only and
   are not stage fields, so a checkpoint's stored values yield to the
-  config's when it is evaluated (`with_runtime`)."""
+  config's when it is restored to run (`with_runtime`, applied by
+  `checkpoint.restore_variables(config=)`)."""
   model = config.get("model", {}) or {}
   return {"depthwise": model.get("depthwise", "auto") or "auto",
           "fused_blocks": bool(model.get("fused_blocks", True))}

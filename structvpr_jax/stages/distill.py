@@ -34,8 +34,8 @@ def run(config, wd: Workdir, root: str) -> dict:
   spec = model_spec.branch_spec(config, stage)
   mesh = parallel.make_mesh()
   split = config_lib.read_split(config, root, "train", require_segmentations=True)
-  teacher_spec, teacher_host, _, _ = checkpoint.restore_variables(wd.checkpoints("seg"))
-  teacher_spec = model_spec.with_runtime(teacher_spec, config)
+  teacher_spec, teacher_host, _, _ = checkpoint.restore_variables(wd.checkpoints("seg"),
+                                                                  config=config)
   weights = np.load(wd.partition_npz)["weights"].astype(np.float32)
   if len(weights) != len(split.query_paths):
     raise ValueError(f"{wd.partition_npz} has {len(weights)} weights for "

@@ -19,7 +19,6 @@ from absl import logging
 
 from structvpr_jax import checkpoint, config_lib, files, parallel, report, retrieval
 from structvpr_jax.data import layout, synthetic
-from structvpr_jax.models import spec as model_spec
 from structvpr_jax.evaluation import (RecallEvaluator, describe_split, extractor_from_config,
                                       index_from_config, pca_from_config, public)
 from structvpr_jax.workdir import Workdir
@@ -54,8 +53,7 @@ def run(config, wd: Workdir, root: str, stages=("rgb", "seg", "distill")) -> dic
   for stage, label in report.BRANCH_LABELS.items():
     if stage not in stages:
       continue
-    spec, variables, step, _ = checkpoint.restore_variables(wd.checkpoints(stage))
-    spec = model_spec.with_runtime(spec, config)
+    spec, variables, step, _ = checkpoint.restore_variables(wd.checkpoints(stage), config=config)
     rep = _evaluate_checkpoint(config, spec, variables, root, mesh, split,
                                descriptor_store(config, wd, split, stage))
     predictions[stage] = (spec, rep["_predictions"])
@@ -130,8 +128,7 @@ def run_checkpoint(config, wd: Workdir) -> dict:
     raise ValueError("data.root is not set: give the layout folder to evaluate on with "
                      "--config.data.root=DIR, or two folders with "
                      "--config.eval.database_folder=DIR --config.eval.queries_folder=DIR")
-  spec, variables, step, _ = checkpoint.restore_variables(config.checkpoint)
-  spec = model_spec.with_runtime(spec, config)
+  spec, variables, step, _ = checkpoint.restore_variables(config.checkpoint, config=config)
   trained_size = tuple(int(x) for x in spec["image_size"])
   size = tuple(int(x) for x in (ev.get("image_size", ()) or ()))
   size = trained_size if not size or not all(size) else size

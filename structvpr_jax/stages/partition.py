@@ -25,7 +25,6 @@ import numpy as np
 from structvpr_jax import checkpoint, config_lib, files, parallel, partition, report, slme
 from structvpr_jax.data import input_pipeline, layout
 from structvpr_jax.evaluation import extractor_from_config
-from structvpr_jax.models import spec as model_spec
 from structvpr_jax.workdir import Workdir
 
 UPSTREAM = ("rgb", "seg")
@@ -100,8 +99,7 @@ def _partition_split(config, branches: Workdir, split: layout.VprSplit, mesh, co
   by the stage-1 checkpoints of `branches` (a workdir with rgb/ and seg/)."""
   descs = {}
   for stage in ("seg", "rgb"):
-    spec, variables, _, _ = checkpoint.restore_variables(branches.checkpoints(stage))
-    spec = model_spec.with_runtime(spec, config)
+    spec, variables, _, _ = checkpoint.restore_variables(branches.checkpoints(stage), config=config)
     images = input_pipeline.SplitImages(split, spec["image_size"], views=(spec["view"],),
                                         cache=False, num_classes=slme.NUM_CITYSCAPES_CLASSES)
     extractor = extractor_from_config(config, spec, mesh)
