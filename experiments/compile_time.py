@@ -23,13 +23,14 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 sys.path.insert(0, REPO)
+sys.path.insert(0, HERE)
 
+from run_time import main_command  # noqa: E402
 from structvpr_jax import files  # noqa: E402
 
 
 def timed_run(config: str, workdir: str, cache: str) -> dict:
-  cmd = [sys.executable, "-m", "structvpr_jax.main", f"--config={config}",
-         f"--workdir={workdir}", f"--config.compilation_cache={cache}"]
+  cmd = main_command(config, workdir, [f"--config.compilation_cache={cache}"])
   t0 = time.time()
   proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                           text=True)

@@ -75,6 +75,8 @@ def timed_run(command: list, env: dict | None = None, poll_s: float = 0.05) -> d
 
 
 def main_command(config: str, workdir: str, extra: list) -> list:
+  """The program as the user runs it, on `config` in `workdir`, plus `extra`
+  flags (also experiments/compile_time.py's command)."""
   return [sys.executable, "-m", "structvpr_jax.main", f"--config={config}",
           f"--workdir={workdir}", *extra]
 
