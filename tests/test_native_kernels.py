@@ -69,8 +69,13 @@ def grouped(x, k, stride):
 # Channel counts cover every code path: < 16 (scalar), 16-lane vectors, the
 # 64-channel register block, and remainders after each; sizes odd and even,
 # 1-pixel rows and columns; batch x rows above the 32 kernel-gradient chunks.
+# Below 64 channels the interior pixels of a row take their own path (taps
+# held in registers, 32 then 16 channels, 4 pixels at a time): rows wide
+# enough for groups of 4 and a remainder, at 32 (MobileNetV2's first
+# block), 48 and 40 (8 channels past the vectors).
 SHAPES = [(2, 7, 9, 3), (1, 1, 2, 5), (2, 2, 1, 16), (3, 8, 8, 70), (1, 5, 6, 85),
-          (2, 6, 5, 64), (40, 3, 4, 17), (1, 13, 11, 200)]
+          (2, 6, 5, 64), (40, 3, 4, 17), (1, 13, 11, 200), (2, 5, 13, 32),
+          (1, 4, 16, 48), (2, 3, 11, 40), (1, 3, 14, 16)]
 
 
 @pytest.mark.parametrize("stride", [1, 2])
@@ -421,13 +426,15 @@ def block_weights(rng, c, expansion, cout):
 # the 48-, 32- and 16-wide register blocks and partial last vectors (7, 24,
 # 40, 50, 160); expanded widths not a multiple of 16 (15, 24 + 8 lanes);
 # no expand layer; 1-pixel rows; rows past one thread's share (the chunks
-# remake the expanded rows they share) and chunks crossing images.
+# remake the expanded rows they share) and chunks crossing images; below 64
+# expanded channels the interior pixels' own path (32 at stride 1 and 2, 40).
 IR_CASES = [(2, 9, 11, 8, 3, 8, 1, True), (1, 7, 6, 5, 1, 7, 2, False),
             (1, 5, 5, 5, 3, 7, 1, False), (2, 10, 9, 16, 6, 24, 2, False),
             (1, 12, 12, 24, 6, 32, 2, False), (2, 6, 7, 40, 6, 50, 1, False),
             (1, 15, 20, 160, 6, 160, 1, True), (1, 3, 17, 8, 3, 40, 2, False),
             (1, 1, 9, 8, 2, 8, 1, True), (4, 70, 5, 8, 2, 8, 1, True),
-            (3, 41, 6, 8, 6, 16, 2, False), (1, 40, 9, 32, 1, 16, 1, False)]
+            (3, 41, 6, 8, 6, 16, 2, False), (1, 40, 9, 32, 1, 16, 1, False),
+            (2, 8, 21, 32, 1, 16, 2, False), (1, 6, 19, 40, 1, 24, 1, False)]
 
 
 @pytest.mark.parametrize("case", IR_CASES, ids=lambda c: "-".join(map(str, c)))
