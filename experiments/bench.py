@@ -121,7 +121,8 @@ Keys (stable; later versions add keys, never rename):
   allocator_settings      {"hugepages", "nohuge": GLIBC_TUNABLES of the workers,
                           "thp_mode": the kernel's transparent huge page mode}
   jax, devices, descriptor_dim, eval_descriptor_dim, torch, torch_threads,
-  cpu_count, machine, rounds, repeats   the run's description
+  cpu_count, machine, cpu_model, rounds, repeats   the run's description
+                          (cpu_model: `cpu_model()`, /proc/cpuinfo's name, family, model)
 The PyTorch figures need the optional extra `bench` (torch 2.13.0, CPU);
 without it they are skipped (torch_* and ratio_* keys absent).
 """
@@ -579,6 +580,35 @@ def run_worker(command: list, env: dict) -> dict:
   return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def cpu_model(cpuinfo: str = "/proc/cpuinfo") -> str:
+  """The host CPU as /proc/cpuinfo names it: "<model name> (family F model M
+  stepping S; avx512f|avx2|...)", e.g. "AMD EPYC (family 25 model 17
+  stepping 1; avx512f)". Figures of this project moved by 2x between VMs
+  that both call themselves "AMD EPYC" (2026-12-03: a family 25 model 17
+  host ran the same kernels ~2.3x slower than the host of the earlier
+  runs), so results carry it and `paired_ratio --pool` refuses to mix
+  hosts. platform.processor() where there is no /proc/cpuinfo."""
+  try:
+    text = open(cpuinfo).read()
+  except OSError:
+    return platform.processor() or platform.machine()
+  fields = {}
+  for line in text.splitlines():
+    key, sep, value = line.partition(":")
+    if not sep:
+      if fields:
+        break                       # the first processor's block is enough
+      continue
+    fields.setdefault(key.strip(), value.strip())
+  flags = set(fields.get("flags", "").split())
+  simd = next((f for f in ("avx512f", "avx2", "avx", "sse4_2", "asimd") if f in flags), "")
+  ident = "; ".join(x for x in (
+      " ".join(f"{k} {fields[k]}" for k in ("cpu family", "model", "stepping") if k in fields)
+      .replace("cpu family", "family"), simd) if x)
+  name = fields.get("model name") or fields.get("Model") or platform.processor() or "unknown CPU"
+  return f"{name} ({ident})" if ident else name
+
+
 def run_all(quick: bool, rounds: int, repeats: int, with_torch: bool) -> dict:
   """All figures as one flat dict (the printed JSON object)."""
   envs = allocator_environments()
@@ -607,7 +637,8 @@ def run_all(quick: bool, rounds: int, repeats: int, with_torch: bool) -> dict:
       [sys.executable, os.path.abspath(__file__), "--worker", "other"] + flags,
       envs["hugepages"]))
 
-  out = {"cpu_count": os.cpu_count(), "machine": platform.machine(), "rounds": rounds,
+  out = {"cpu_count": os.cpu_count(), "machine": platform.machine(),
+         "cpu_model": cpu_model(), "rounds": rounds,
          "repeats": repeats, "glibc_tunables": envs["hugepages"].get("GLIBC_TUNABLES", ""),
          "xla_flags": envs["hugepages"].get("XLA_FLAGS", ""),
          "allocator_settings": {

@@ -378,13 +378,16 @@ def run(names, pairs: int, quick: bool, gap_s: float = 0.0, blocks: int = 1) -> 
       w.close()
   ticks1 = cpu_ticks()
   info = {"pairs": pairs, "blocks": len(sizes), "quick": quick, "gap_s": gap_s,
-          "cpu_count": os.cpu_count(),
+          "cpu_count": os.cpu_count(), "cpu_model": bench.cpu_model(),
           "glibc_tunables": env.get("GLIBC_TUNABLES", ""), "xla_flags": env.get("XLA_FLAGS", ""),
           "torch_default_glibc_tunables": envs["nohuge"].get("GLIBC_TUNABLES", ""),
           "wall_s": time.time() - t0, "started": time.strftime("%Y-%m-%d %H:%M", time.localtime(t0))}
   if ticks0 and ticks1 and ticks1["total"] > ticks0["total"]:
     info["steal_share"] = (ticks1["steal"] - ticks0["steal"]) / (ticks1["total"] - ticks0["total"])
   return {"comparisons": results, "info": info}
+
+
+UNRECORDED_HOST = "host not recorded (runs before 2026-12-03 13:00)"
 
 
 def _images(name: str, r: dict) -> int:
@@ -406,6 +409,12 @@ def pool(runs: list) -> dict:
   runs is an error."""
   if len({bool(res["info"].get("quick")) for res in runs}) > 1:
     raise ValueError("paired_ratio --pool: some runs are --quick (tiny sizes) and some not")
+  # Runs saved before 2026-12-03 13:00 did not record their host.
+  hosts = {res["info"].get("cpu_model", UNRECORDED_HOST) for res in runs}
+  if len(hosts) > 1:
+    raise ValueError("paired_ratio --pool: the runs come from different hosts "
+                     f"({'; '.join(sorted(hosts))}): ratios of different CPUs are not "
+                     "one quantity; pool each host's runs on their own")
   names = list(dict.fromkeys(n for res in runs for n in res["comparisons"]))
   out = {}
   for name in names:
@@ -433,7 +442,8 @@ def pool(runs: list) -> dict:
     summary = ratio_summary(jax_s, torch_s, images.pop(), target, clusters=clusters)
     summary["runs"] = per_run
     out[name] = summary
-  info = {"runs": [{"started": res["info"].get("started"), "pairs": res["info"].get("pairs"),
+  info = {"cpu_model": hosts.pop(),
+          "runs": [{"started": res["info"].get("started"), "pairs": res["info"].get("pairs"),
                     "blocks": res["info"].get("blocks", 1), "gap_s": res["info"].get("gap_s"),
                     "quick": res["info"].get("quick")} for res in runs]}
   return {"comparisons": out, "info": info}
@@ -446,7 +456,7 @@ def pool_markdown(res: dict, command: str) -> str:
            "or a whole run saved before blocks), so it covers how the machine's state "
            "moved the ratio between blocks and runs. With few clusters (under ~6) it "
            "is no wider than the clusters' own spread: read it as a lower bound on the "
-           "uncertainty.", "",
+           "uncertainty.", "", f"Host: {res['info'].get('cpu_model', UNRECORDED_HOST)}.", "",
            "| comparison | pooled ratio | 95 % CI | clusters | pairs | target | "
            + " | ".join(f"run {r['started']}" for r in runs) + " |",
            "|---|---|---|---|---|---|" + "---|" * len(runs)]
@@ -471,7 +481,7 @@ def markdown(res: dict, command: str) -> str:
            f"started {info['started']}, "
            f"{info['wall_s'] / 60:.1f} min"
            + (f"; CPU steal {100 * info['steal_share']:.1f} %" if "steal_share" in info else "")
-           + ".", "",
+           + f"; host {info.get('cpu_model', UNRECORDED_HOST)}.", "",
            "| comparison | JAX img/s | PyTorch img/s | ratio (median of pairs) | 95 % CI | "
            "pairs at target | target | order effect JAX / PyTorch |",
            "|---|---|---|---|---|---|---|---|"]

@@ -71,6 +71,7 @@ def test_quick_bench_prints_every_key(tmp_path):
   assert "glibc.malloc.hugetlb" not in settings["nohuge"]
   assert printed["glibc_tunables"] == settings["hugepages"]
   assert printed["rounds"] == 1 and printed["repeats"] == 1
+  assert printed["cpu_model"] == bench.cpu_model()
   # the figures are of the model the pipeline runs: native kernels where they build
   from structvpr_jax.models import native
   built = native.load()
@@ -269,6 +270,15 @@ def test_paired_ratio_pools_saved_runs(tmp_path):
   quick["info"]["quick"] = True
   with pytest.raises(ValueError, match="some runs are --quick"):
     paired_ratio.pool(runs + [quick])
+  # runs of another host (or one that recorded its host beside ones that
+  # did not) are not pooled; runs of one recorded host are, and say so
+  other = _saved_run("e", [1.5] * 4)
+  other["info"]["cpu_model"] = "AMD EPYC (family 25 model 17 stepping 1; avx512f)"
+  with pytest.raises(ValueError, match="different hosts.*family 25 model 17.*not recorded"):
+    paired_ratio.pool(runs + [other])
+  same = [dict(r, info=dict(r["info"], cpu_model="CPU X (family 6)")) for r in runs]
+  assert paired_ratio.pool(same)["info"]["cpu_model"] == "CPU X (family 6)"
+  assert "Host: CPU X (family 6)." in paired_ratio.pool_markdown(paired_ratio.pool(same), "cmd")
   # the command line: files in, a table out; a file that is no run is named
   paths = []
   for i, run in enumerate(runs):
@@ -283,6 +293,20 @@ def test_paired_ratio_pools_saved_runs(tmp_path):
   (tmp_path / "bad.json").write_text("{}")
   with pytest.raises(SystemExit, match="bad.json is not a saved paired_ratio run"):
     paired_ratio.main(["--pool", str(tmp_path / "bad.json"), "--out", str(tmp_path / "x")])
+
+
+def test_cpu_model_names_the_host(tmp_path):
+  """The first processor's model name, family/model/stepping and widest SIMD
+  flag from /proc/cpuinfo; without the file, platform's answer."""
+  (tmp_path / "cpuinfo").write_text(
+      "processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 17\n"
+      "model name\t: AMD EPYC\nstepping\t: 1\nflags\t\t: fpu sse4_2 avx avx2 avx512f fma\n\n"
+      "processor\t: 1\nmodel name\t: Other CPU\n")
+  assert bench.cpu_model(str(tmp_path / "cpuinfo")) == (
+      "AMD EPYC (family 25 model 17 stepping 1; avx512f)")
+  (tmp_path / "arm").write_text("processor\t: 0\nFeatures\t: fp asimd\nCPU part\t: 0xd0c\n")
+  assert bench.cpu_model(str(tmp_path / "arm"))           # no model name: still a string
+  assert bench.cpu_model(str(tmp_path / "missing")) != ""
 
 
 def test_paired_ratio_order_effect_hand_case():
