@@ -357,8 +357,14 @@ def test_resume_from_a_per_tensor_optimizer_checkpoint(reference, dataset, tmp_p
   ref_losses = dict((s, l) for s, l, _ in losses(reference))
   resumed = [(s, l) for s, l, _ in losses(work)][-4:]
   assert [s for s, _ in resumed] == [5, 6, 7, 8]
-  for s, l in resumed:
-    np.testing.assert_allclose(l, ref_losses[s], rtol=1e-3)
+  # The losses to 1 % of the margin (0.1), absolute: the rounding gap grows
+  # step by step through the mined triplets' hinges (on a Zen 4 host
+  # 2e-6 at step 5, 5e-5 at 7, 2.7e-4 at 8, 0.24 % of that step's loss,
+  # with the parameters 1.4e-5 apart at most), for a loss that moves by
+  # 0.02-0.07 from one step to the next; the parameter check above is the
+  # sharp one. (rtol 1e-3 held on the earlier runs' host, not on this one.)
+  gaps = {s: abs(l - ref_losses[s]) for s, l in resumed}
+  assert max(gaps.values()) < 1e-3, gaps
 
 
 @pytest.mark.slow
