@@ -43,8 +43,14 @@ sys.path.insert(0, HERE)
 
 from structvpr_jax import files, xla_flags  # noqa: E402  (stdlib only: no JAX yet)
 
-LAYER_KINDS = (("/stem/", "stem"), ("depthwise", "depthwise"), ("/expand/", "expand"),
-               ("/project/", "project"), ("/last/", "last"), ("netvlad", "netvlad"))
+# A layer kind from its name in the op_name: "depthwise" and "netvlad"
+# anywhere; the others as a whole component, "/expand/" (a module) or
+# "jvp(expand)/" (a `jax.named_scope` under autodiff, as in
+# mobilenet._inverted_residual_layers, which the fused blocks' VJP runs).
+LAYER_KINDS = tuple((re.compile(pattern), kind) for pattern, kind in (
+    (r"(?:^|[/(])stem(?:[/)]|$)", "stem"), (r"depthwise", "depthwise"),
+    (r"(?:^|[/(])expand(?:[/)]|$)", "expand"), (r"(?:^|[/(])project(?:[/)]|$)", "project"),
+    (r"(?:^|[/(])last(?:[/)]|$)", "last"), (r"netvlad", "netvlad")))
 TOP_OPS_SAVED = 200   # the JSON keeps the most expensive operations only
 _INSTRUCTION = re.compile(r"\s*(?:ROOT )?%([\w.\-]+) = (\S+) .*?op_name=\"([^\"]+)\"")
 
@@ -63,7 +69,7 @@ def classify(op_name: str) -> tuple[str, str]:
   """(pass, layer kind) of an operation from its JAX op_name."""
   backward = "transpose(" in op_name
   lowered = op_name.lower()
-  kind = next((k for pattern, k in LAYER_KINDS if pattern in lowered), "other")
+  kind = next((k for pattern, k in LAYER_KINDS if pattern.search(lowered)), "other")
   return ("bwd" if backward else "fwd"), kind
 
 

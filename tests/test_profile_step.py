@@ -31,6 +31,12 @@ def test_classify_pass_and_layer():
   assert profile_step.classify(meta["dot.7"][1]) == ("fwd", "expand")
   assert profile_step.classify("jit(f)/jvp(Branch)/netvlad/reduce_sum") == ("fwd", "netvlad")
   assert profile_step.classify("jit(f)/adam/mul") == ("fwd", "other")
+  # The fused blocks' VJP runs the layers under named scopes, inside jax.vjp.
+  fused = "jit(per_shard)/{}Branch.local_features/encoder/block1/jvp({})/dot_general"
+  assert profile_step.classify(fused.format("", "expand")) == ("fwd", "expand")
+  assert profile_step.classify(fused.format("transpose(jvp(Branch))/", "project")) == (
+      "bwd", "project")
+  assert profile_step.classify("jit(f)/encoder/block3/expanded/mul") == ("fwd", "other")
 
 
 def test_trace_durations_sums_complete_events_of_known_ops(tmp_path):

@@ -596,11 +596,18 @@ def _inverted_residual_layers(x, weights, stride: int, residual: bool):
   depthwise's prologue), depthwise + bias + relu6, project 1x1 + bias,
   residual. `weights`: ((we, be) or None, (kd, bd), (wp, bp))."""
   expand, (kd, bd), (wp, bp) = weights
+  # Named like the modules' layers, so profiles (experiments/profile_step.py)
+  # can tell them apart.
+  prologue_bias = None
   if expand is not None:
-    d = native_depthwise_bias_relu6(pointwise(x, expand[0]), kd, bd, stride, True, expand[1])
+    with jax.named_scope("expand"):
+      x_in, prologue_bias = pointwise(x, expand[0]), expand[1]
   else:
-    d = native_depthwise_bias_relu6(x, kd, bd, stride, True)
-  y = pointwise(d, wp) + bp.astype(d.dtype)
+    x_in = x
+  with jax.named_scope("depthwise"):
+    d = native_depthwise_bias_relu6(x_in, kd, bd, stride, True, prologue_bias)
+  with jax.named_scope("project"):
+    y = pointwise(d, wp) + bp.astype(d.dtype)
   return y + x if residual else y
 
 
