@@ -40,10 +40,17 @@ DESCRIPTOR_DTYPES = ("float32", "float16")       # eval.descriptor_dtype
 # L3 cache. Measured (experiments/bench.py's `forward_*_whole` lever and
 # paired_ratio's `*_both_whole` rows, 2026-12-03): 16 images at 224 in one
 # chunk 1.08-1.15x faster than in chunks of 4 (the earlier 2^18); at 480x640
-# chunks of 1 and the whole batch equal. Before the fused blocks the
-# block-1 expansion (96 channels at H/2 x W/2) was written whole and 2^18
-# pixels was the better limit; without the native kernels it still is by
-# ~4 % at 224 (kept simple: the limit depends on nothing but these numbers).
+# chunks of 1 and the whole batch equal on one host, the whole batch 1.10x
+# faster on another (AMD EPYC family 25 model 17). Since then only the
+# half-resolution layers go in chunks where the blocks are fused
+# (`MobileNetV2.__call__`'s micro_batch: the stem and the blocks reading its
+# output; the rest, at 1/4 resolution and below, on the whole batch): on
+# that host 1.02-1.15x faster than whole-network chunks of 2 at 480x640,
+# within 0.97-0.98 of the whole batch (in-process, interleaved; bitwise the
+# whole batch's descriptors). Before the fused blocks the block-1 expansion
+# (96 channels at H/2 x W/2) was written whole and 2^18 pixels was the
+# better limit; without the native kernels it still is by ~4 % at 224 (kept
+# simple: the limit depends on nothing but these numbers).
 MICRO_BATCH_PIXELS = 1 << 20
 
 
@@ -94,8 +101,11 @@ class Extractor:
   once and each device runs the same program whatever the device count:
   descriptors are bitwise equal on 1 and on 8 devices. Each device runs its
   batch `micro_batch` images at a time (`micro_batch_size`: 0 = auto, which
-  on the CPU keeps a chunk's activations cache-sized); the descriptors equal
-  the whole batch's up to float rounding.
+  on the CPU keeps a chunk's activations cache-sized): with the native fused
+  blocks (`Branch.fuses_blocks`) only the half-resolution layers, the
+  rest on the whole batch (descriptors bitwise the whole batch's);
+  otherwise the whole network (`apply_in_chunks`; equal to the whole
+  batch's up to float rounding).
   """
 
   def __init__(self, spec: dict, mesh, per_device_batch: int = 32, micro_batch: int = 0):
@@ -107,11 +117,18 @@ class Extractor:
                                                       micro_batch)
     model = model_spec.build_model(spec)
 
-    def embed_chunk(variables, x):
-      return model.apply(variables, model_spec.model_input(spec, x), train=False)
+    def embed_chunk(variables, x, micro_batch=0):
+      return model.apply(variables, model_spec.model_input(spec, x), train=False,
+                         micro_batch=micro_batch)
 
-    def embed(variables, x):
-      return apply_in_chunks(lambda xs: embed_chunk(variables, xs), x, micro_batch)
+    if model.fuses_blocks():
+      # Native fused layers: only the half-resolution layers in chunks
+      # (`mobilenet.MobileNetV2.__call__`).
+      def embed(variables, x):
+        return embed_chunk(variables, x, micro_batch if micro_batch < x.shape[0] else 0)
+    else:
+      def embed(variables, x):
+        return apply_in_chunks(lambda xs: embed_chunk(variables, xs), x, micro_batch)
 
     self._apply = parallel.data_parallel_apply(embed, mesh)
 

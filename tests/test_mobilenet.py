@@ -236,6 +236,38 @@ def test_folded_native_equals_the_unfolded_shifted_branch_in_float32():
   np.testing.assert_allclose(apply_layers(v), out_p, rtol=1e-4, atol=1e-5)
 
 
+@needs_native
+def test_micro_batch_chunks_only_the_half_resolution_layers_bitwise():
+  """Evaluation with fused blocks and `micro_batch`: the stem and the blocks
+  reading its output run in chunks (one lax.map), the rest on the whole
+  batch; the descriptors equal the unchunked call's bit for bit."""
+  from structvpr_jax.models.branch import Branch
+  # Blocks 0-1 read the stem's (stride 2) output; block 1 has stride 2,
+  # block 2 reads stride 4: two blocks go in the chunks.
+  blocks = ((1, 8, 1, 1), (4, 16, 1, 2), (4, 16, 1, 1), (4, 24, 1, 2))
+  x = jax.random.normal(jax.random.PRNGKey(0), (6, 40, 56, 3))
+  kw = dict(backbone="mobilenet_light", width=0.5, dim=8, num_clusters=4, blocks=blocks)
+  net = Branch(fold_bn=True, depthwise="native", **kw)
+  v = jax.jit(net.init)(jax.random.PRNGKey(1), x[:1])
+  assert net.fuses_blocks() and not net.fuses_blocks(train=True)
+  whole = jax.jit(lambda v, x: net.apply(v, x, train=False))
+  chunked = jax.jit(lambda v, x: net.apply(v, x, train=False, micro_batch=2))
+  text = chunked.lower(v, x).as_text()
+  assert text.count("stablehlo.while") == 1                     # one lax.map
+  assert text.count("structvpr_inverted_residual_forward") == 4   # each block once
+  assert np.array_equal(np.asarray(chunked(v, x)), np.asarray(whole(v, x)))
+  # micro_batch >= the batch: the plain call.
+  assert "stablehlo.while" not in jax.jit(
+      lambda v, x: net.apply(v, x, train=False, micro_batch=6)).lower(v, x).as_text()
+  with pytest.raises(ValueError, match="micro_batch=4 must divide the batch"):
+    net.apply(v, x, train=False, micro_batch=4)
+  layers = Branch(fold_bn=True, depthwise="native", fused_blocks=False, **kw)
+  assert not layers.fuses_blocks()
+  with pytest.raises(ValueError, match="micro_batch needs fused blocks"):
+    layers.apply(v, x, train=False, micro_batch=2)
+  assert not Branch(fold_bn=True, depthwise="native", remat=True, **kw).fuses_blocks()
+
+
 def test_folded_batchnorm_equals_the_unfolded_frozen_branch_in_float64():
   """model.fold_bn: the same parameter tree, and (train=False, i.e. frozen BN)
   the same descriptors and gradients for every parameter, incl. BN scale/bias."""

@@ -84,13 +84,21 @@ class Branch(nn.Module):
   def descriptor_dim(self) -> int:
     return self.num_clusters * self.local_dim
 
-  def local_features(self, x, train: bool = False):
+  def fuses_blocks(self, train: bool = False) -> bool:
+    """Whether the backbone's layers run as native passes, so that
+    `micro_batch` applies (`mobilenet.MobileNetV2.fuses_blocks`)."""
+    return (not self.remat and mobilenet.blocks_fuse(
+        self.fold_bn, self.norm, self.depthwise, self.fused_blocks, self.dtype,
+        self.param_dtype, train))
+
+  def local_features(self, x, train: bool = False, micro_batch: int = 0):
     """[B, H, W, C] -> [B, ceil(H/s), ceil(W/s), local_dim] (before NetVLAD), s the
-    output stride."""
-    features = self.encoder(x, train)
+    output stride. `micro_batch` > 0 (where `fuses_blocks`): the backbone's
+    half-resolution layers `micro_batch` images at a time."""
+    features = self.encoder(x, train, micro_batch)
     if self.projection is not None:
       features = self.projection(features)
     return features
 
-  def __call__(self, x, train: bool = False):
-    return self.netvlad(self.local_features(x, train))
+  def __call__(self, x, train: bool = False, micro_batch: int = 0):
+    return self.netvlad(self.local_features(x, train, micro_batch))

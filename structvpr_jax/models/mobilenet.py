@@ -652,6 +652,16 @@ def _fused_inverted_residual_bwd(stride, residual, layers_vjp, g):
 fused_inverted_residual.defvjp(_fused_inverted_residual_fwd, _fused_inverted_residual_bwd)
 
 
+def blocks_fuse(fold_bn: bool, norm: str, depthwise: str, fused_blocks: bool, dtype,
+                param_dtype, train: bool) -> bool:
+  """Whether an inverted-residual block runs as one native pass
+  (`fused_inverted_residual`): folded frozen BatchNorm outside training,
+  the native kernels (`resolve_depthwise`), float32, `fused_blocks`."""
+  return (fold_bn and norm == "batch" and not train and fused_blocks
+          and resolve_depthwise(depthwise) == "native"
+          and dtype == jnp.float32 and param_dtype == jnp.float32)
+
+
 class InvertedResidual(nn.Module):
   """MobileNetV2 block: expand 1x1 -> depthwise 3x3 -> linear project 1x1."""
   features: int
@@ -665,19 +675,22 @@ class InvertedResidual(nn.Module):
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
+  def fuses(self, train: bool) -> bool:
+    """Whether the block runs as one native pass (`blocks_fuse`)."""
+    return blocks_fuse(self.fold_bn, self.norm, self.depthwise, self.fused_blocks, self.dtype,
+                       self.param_dtype, train)
+
   @nn.compact
-  def __call__(self, x, train: bool):
-    in_features = x.shape[-1]
+  def __call__(self, x, train: bool, *, weights_for: Optional[int] = None):
+    """`weights_for=C_in` (only where `fuses(train)`; x unused): return
+    (weights, residual), the arguments `fused_inverted_residual` takes
+    after x, instead of applying the block."""
+    in_features = x.shape[-1] if weights_for is None else weights_for
     common = dict(norm=self.norm, bn_axis_name=self.bn_axis_name, dtype=self.dtype,
                   param_dtype=self.param_dtype, fold_bn=self.fold_bn)
-    y, prologue_bias = x, None
-    # Frozen BN folded and the native depthwise kernel: the expand layer's
-    # bias and relu6 run inside the depthwise kernel (forward and backward)
-    # instead of as passes over the block's largest tensor.
-    fuse = (self.fold_bn and self.norm == "batch" and not train
-            and resolve_depthwise(self.depthwise) == "native")
-    if (fuse and self.fused_blocks and self.dtype == jnp.float32
-        and self.param_dtype == jnp.float32):
+    if weights_for is not None and not self.fuses(train):
+      raise ValueError("weights_for needs a fused block (InvertedResidual.fuses)")
+    if self.fuses(train):
       # The whole block as one native pass where nothing differentiates it
       # (evaluation); gradients take the layers below (`fused_inverted_residual`).
       ce = in_features * self.expansion
@@ -687,9 +700,17 @@ class InvertedResidual(nn.Module):
                          name="depthwise", **common)(None, train, weights_for=ce)
       project = ConvBN(self.features, "pointwise", activation=False, name="project",
                        **common)(None, train, weights_for=ce)
+      weights = (expand, depthwise, project)
       residual = self.stride == 1 and in_features == self.features
-      return fused_inverted_residual(x.astype(self.dtype), (expand, depthwise, project),
-                                     self.stride, residual)
+      if weights_for is not None:
+        return weights, residual
+      return fused_inverted_residual(x.astype(self.dtype), weights, self.stride, residual)
+    y, prologue_bias = x, None
+    # Frozen BN folded and the native depthwise kernel: the expand layer's
+    # bias and relu6 run inside the depthwise kernel (forward and backward)
+    # instead of as passes over the block's largest tensor.
+    fuse = (self.fold_bn and self.norm == "batch" and not train
+            and resolve_depthwise(self.depthwise) == "native")
     if self.expansion != 1:
       expand = ConvBN(in_features * self.expansion, "pointwise", name="expand", **common)
       if fuse:
@@ -768,36 +789,91 @@ class MobileNetV2(nn.Module):
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
+  def fuses_blocks(self, train: bool) -> bool:
+    """Whether the stem and the blocks run as native passes (the stem's
+    native 3x3 convolution, `InvertedResidual.fuses`) and no remat wraps
+    them, so that `__call__`'s `micro_batch` applies."""
+    return not self.remat and blocks_fuse(self.fold_bn, self.norm, self.depthwise,
+                                          self.fused_blocks, self.dtype, self.param_dtype, train)
+
+  def _half_resolution_in_chunks(self, x, stem, table, blocks, micro_batch: int):
+    """(features after the blocks reading the stem's output, index of the
+    first block not run): the stem and those blocks with their folded
+    weights, `micro_batch` images at a time."""
+    stem_kernel, stem_bias = stem(None, False, weights_for=x.shape[-1])
+    early, in_features = [], stem_kernel.shape[-1]
+    for (index, expansion, channels, s, input_stride), block in zip(table, blocks):
+      if input_stride != 2:
+        break
+      early.append((s,) + block(None, False, weights_for=in_features))
+      in_features = channels
+
+    def chunk(xc):
+      y = native_conv3x3_bias_relu6(xc, stem_kernel, stem_bias.astype(self.dtype), 2, True)
+      for s, weights, residual in early:
+        y = fused_inverted_residual(y, weights, s, residual)
+      return y
+
+    n = x.shape[0]
+    y = lax.map(chunk, x.reshape((n // micro_batch, micro_batch) + x.shape[1:]))
+    return y.reshape((n,) + y.shape[2:]), len(early)
+
   @property
   def output_features(self) -> int:
     if self.last_features:
       return make_divisible(self.last_features * max(1.0, self.width))
     return make_divisible(self.blocks[-1][1] * self.width)
 
-  @nn.compact
-  def __call__(self, x, train: bool = False):
-    common = dict(norm=self.norm, bn_axis_name=self.bn_axis_name, dtype=self.dtype,
-                  param_dtype=self.param_dtype, fold_bn=self.fold_bn)
-    x = jnp.asarray(x, self.dtype)
-    if self.output_stride not in (8, 16, 32):
-      raise ValueError(f"output_stride={self.output_stride}; expected 8, 16 or 32")
-    x = ConvBN(make_divisible(self.stem_features * self.width), "full", stride=2,
-               depthwise=self.depthwise, name="stem", **common)(x, train)
-    index, total_stride = 0, 2
-    # `train` (argument 2, counting the module) is a Python bool: static.
-    block = nn.remat(InvertedResidual, static_argnums=(2,)) if self.remat else InvertedResidual
+  def _block_table(self):
+    """[(index, expansion, channels, stride, input stride)] of the blocks."""
+    table, index, total_stride = [], 0, 2
     for expansion, channels, repeats, stride in self.blocks:
       for r in range(repeats):
         s = stride if r == 0 else 1
         if s == 2 and total_stride >= self.output_stride:
           s = 1                                   # keep the finer feature map
+        table.append((index, expansion, make_divisible(channels * self.width), s,
+                      total_stride))
         total_stride *= s
-        if index == self.trainable_from and index > 0:
-          x = lax.stop_gradient(x)               # nothing below this block trains
-        x = block(make_divisible(channels * self.width), expansion, s,
-                  depthwise=self.depthwise, fused_blocks=self.fused_blocks,
-                  name=f"block{index}", **common)(x, train)
         index += 1
+    return table
+
+  @nn.compact
+  def __call__(self, x, train: bool = False, micro_batch: int = 0):
+    """`micro_batch` > 0 (evaluation with fused blocks, `fuses_blocks`):
+    the half-resolution layers (the stem and the blocks reading its
+    output) run `micro_batch` images at a time (`lax.map`; it must divide
+    the batch), the rest on the whole batch: chunks keep the largest
+    activations cache-sized, the whole batch keeps the small late layers
+    busy. Values equal the unchunked call's bitwise (the same kernels on
+    the same rows)."""
+    common = dict(norm=self.norm, bn_axis_name=self.bn_axis_name, dtype=self.dtype,
+                  param_dtype=self.param_dtype, fold_bn=self.fold_bn)
+    x = jnp.asarray(x, self.dtype)
+    if self.output_stride not in (8, 16, 32):
+      raise ValueError(f"output_stride={self.output_stride}; expected 8, 16 or 32")
+    stem = ConvBN(make_divisible(self.stem_features * self.width), "full", stride=2,
+                  depthwise=self.depthwise, name="stem", **common)
+    table = self._block_table()
+    # `train` (argument 2, counting the module) is a Python bool: static.
+    block_class = nn.remat(InvertedResidual, static_argnums=(2,)) if self.remat else InvertedResidual
+    blocks = [block_class(channels, expansion, s, depthwise=self.depthwise,
+                          fused_blocks=self.fused_blocks, name=f"block{index}", **common)
+              for index, expansion, channels, s, _ in table]
+    start = 0
+    if micro_batch and micro_batch < x.shape[0]:
+      if not self.fuses_blocks(train):
+        raise ValueError("micro_batch needs fused blocks (MobileNetV2.fuses_blocks)")
+      if x.shape[0] % micro_batch:
+        raise ValueError(f"micro_batch={micro_batch} must divide the batch ({x.shape[0]})")
+      x, start = self._half_resolution_in_chunks(x, stem, table, blocks, micro_batch)
+    else:
+      x = stem(x, train)
+    for (index, *_), block in zip(table[start:], blocks[start:]):
+      if index == self.trainable_from and index > 0:
+        x = lax.stop_gradient(x)                 # nothing below this block trains
+      x = block(x, train)
+    index = len(table)
     if self.trainable_from and self.trainable_from >= index:
       x = lax.stop_gradient(x)                   # every block frozen: the head trains
     if self.last_features:
