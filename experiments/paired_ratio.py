@@ -46,7 +46,10 @@ Comparisons (each framework's call as `bench.py` times it: JAX =
 model; PyTorch = `torch_reference.forward_call` / `train_step`):
   forward_224, forward_480x640    16 uint8 images to descriptors; JAX as the
                                   pipeline extracts (eval.micro_batch auto:
-                                  the whole batch at 224, chunks of 2 at 480x640), PyTorch
+                                  the whole batch at 224; at 480x640 the
+                                  half-resolution layers in chunks of 2 and the
+                                  rest whole, since 2026-12-03 17:00; before,
+                                  the whole network in chunks of 2), PyTorch
                                   the obvious whole-batch call. Targets 1.5, 2.
                                   (At 224 both calls are whole-batch calls, so
                                   there are no "_both_chunked" / "_both_whole"
@@ -56,7 +59,8 @@ model; PyTorch = `torch_reference.forward_call` / `train_step`):
                                   mode), Adam. Target 1.5.
   train_step_224                  the same with BatchNorm batch statistics.
   forward_480x640_both_chunked    PyTorch also in our chunks (the same cache
-                                  effect on its side).
+                                  effect on its side; its whole network in
+                                  chunks of 2).
   forward_480x640_both_whole      JAX also on the whole batch at once
                                   (eval.micro_batch=16).
 
