@@ -84,12 +84,14 @@ class Branch(nn.Module):
   def descriptor_dim(self) -> int:
     return self.num_clusters * self.local_dim
 
+  @nn.nowrap
   def fuses_blocks(self, train: bool = False) -> bool:
     """Whether the backbone's layers run as native passes, so that
     `micro_batch` applies (`mobilenet.MobileNetV2.fuses_blocks`)."""
-    return (not self.remat and mobilenet.blocks_fuse(
-        self.fold_bn, self.norm, self.depthwise, self.fused_blocks, self.dtype,
-        self.param_dtype, train))
+    return mobilenet.get_backbone(
+        self.backbone, norm=self.norm, depthwise=self.depthwise, fold_bn=self.fold_bn,
+        fused_blocks=self.fused_blocks, remat=self.remat, dtype=self.dtype,
+        param_dtype=self.param_dtype).fuses_blocks(train)
 
   def local_features(self, x, train: bool = False, micro_batch: int = 0):
     """[B, H, W, C] -> [B, ceil(H/s), ceil(W/s), local_dim] (before NetVLAD), s the

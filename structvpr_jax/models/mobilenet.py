@@ -675,6 +675,7 @@ class InvertedResidual(nn.Module):
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
+  @nn.nowrap
   def fuses(self, train: bool) -> bool:
     """Whether the block runs as one native pass (`blocks_fuse`)."""
     return blocks_fuse(self.fold_bn, self.norm, self.depthwise, self.fused_blocks, self.dtype,
@@ -789,6 +790,7 @@ class MobileNetV2(nn.Module):
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
+  @nn.nowrap
   def fuses_blocks(self, train: bool) -> bool:
     """Whether the stem and the blocks run as native passes (the stem's
     native 3x3 convolution, `InvertedResidual.fuses`) and no remat wraps
