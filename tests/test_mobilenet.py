@@ -259,6 +259,14 @@ def test_micro_batch_chunks_only_the_half_resolution_layers_bitwise():
   # micro_batch >= the batch: the plain call.
   assert "stablehlo.while" not in jax.jit(
       lambda v, x: net.apply(v, x, train=False, micro_batch=6)).lower(v, x).as_text()
+  # model.trainable_from inside the chunks: block 1 trains, the stem and
+  # block 0 get no gradient, as without chunks.
+  frozen = Branch(fold_bn=True, depthwise="native", trainable_from=1, **kw)
+  grads = jax.jit(jax.grad(lambda p: jnp.sum(frozen.apply(
+      {**v, "params": p}, x, train=False, micro_batch=2))))(v["params"])["encoder"]
+  assert all(float(jnp.abs(g).max()) == 0
+             for g in jax.tree.leaves((grads["stem"], grads["block0"])))
+  assert float(jnp.abs(grads["block1"]["expand"]["conv"]["kernel"]).max()) > 0
   with pytest.raises(ValueError, match="micro_batch=4 must divide the batch"):
     net.apply(v, x, train=False, micro_batch=4)
   layers = Branch(fold_bn=True, depthwise="native", fused_blocks=False, **kw)

@@ -807,12 +807,14 @@ class MobileNetV2(nn.Module):
     for (index, expansion, channels, s, input_stride), block in zip(table, blocks):
       if input_stride != 2:
         break
-      early.append((s,) + block(None, False, weights_for=in_features))
+      early.append((index, s) + block(None, False, weights_for=in_features))
       in_features = channels
 
     def chunk(xc):
       y = native_conv3x3_bias_relu6(xc, stem_kernel, stem_bias.astype(self.dtype), 2, True)
-      for s, weights, residual in early:
+      for index, s, weights, residual in early:
+        if index == self.trainable_from and index > 0:
+          y = lax.stop_gradient(y)               # as in `__call__`
         y = fused_inverted_residual(y, weights, s, residual)
       return y
 
