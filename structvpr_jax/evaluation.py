@@ -124,8 +124,8 @@ class Extractor:
     if model.fuses_blocks():
       # Native fused layers: only the half-resolution layers in chunks
       # (`mobilenet.MobileNetV2.__call__`).
-      def embed(variables, x):
-        return embed_chunk(variables, x, micro_batch if micro_batch < x.shape[0] else 0)
+      def embed(variables, x):    # micro_batch >= the batch: one plain call
+        return embed_chunk(variables, x, micro_batch)
     else:
       def embed(variables, x):
         return apply_in_chunks(lambda xs: embed_chunk(variables, xs), x, micro_batch)

@@ -652,13 +652,18 @@ def _fused_inverted_residual_bwd(stride, residual, layers_vjp, g):
 fused_inverted_residual.defvjp(_fused_inverted_residual_fwd, _fused_inverted_residual_bwd)
 
 
+def folded_native(fold_bn: bool, norm: str, depthwise: str, train: bool) -> bool:
+  """Whether frozen BatchNorm is folded (`fold_bn`, outside training) and
+  the native kernels run (`resolve_depthwise`): the expand 1x1's bias and
+  relu6 then run inside the depthwise kernel."""
+  return fold_bn and norm == "batch" and not train and resolve_depthwise(depthwise) == "native"
+
+
 def blocks_fuse(fold_bn: bool, norm: str, depthwise: str, fused_blocks: bool, dtype,
                 param_dtype, train: bool) -> bool:
   """Whether an inverted-residual block runs as one native pass
-  (`fused_inverted_residual`): folded frozen BatchNorm outside training,
-  the native kernels (`resolve_depthwise`), float32, `fused_blocks`."""
-  return (fold_bn and norm == "batch" and not train and fused_blocks
-          and resolve_depthwise(depthwise) == "native"
+  (`fused_inverted_residual`): `folded_native`, `fused_blocks`, float32."""
+  return (fused_blocks and folded_native(fold_bn, norm, depthwise, train)
           and dtype == jnp.float32 and param_dtype == jnp.float32)
 
 
@@ -710,8 +715,7 @@ class InvertedResidual(nn.Module):
     # Frozen BN folded and the native depthwise kernel: the expand layer's
     # bias and relu6 run inside the depthwise kernel (forward and backward)
     # instead of as passes over the block's largest tensor.
-    fuse = (self.fold_bn and self.norm == "batch" and not train
-            and resolve_depthwise(self.depthwise) == "native")
+    fuse = folded_native(self.fold_bn, self.norm, self.depthwise, train)
     if self.expansion != 1:
       expand = ConvBN(in_features * self.expansion, "pointwise", name="expand", **common)
       if fuse:
