@@ -13,12 +13,18 @@ runs it 3 times to warm up, then `--steps` times under `jax.profiler.trace`
 with the compiled module's text (its fusion names and the `op_name` of the
 JAX code it came from). Prints and writes (<out>[_unfolded][_<depthwise>].md
 / .json):
-  - milliseconds per step by (pass, layer kind): pass "bwd" when the JAX op
+  - per step: the wall time under the profiler, the time some operation ran
+    ("busy") and the sum of the operations' trace durations, which exceeds
+    the busy time where XLA ran operations at once (`attribute_concurrent`);
+  - milliseconds per step by (pass, layer kind), each instant split evenly
+    among the operations running then (the events' own durations beside
+    them): pass "bwd" when the JAX op
     is under `transpose(...)` (the backward pass, custom VJPs' rules
     included), else "fwd" (an operation XLA shares between the passes, e.g.
     a slice both need, counts as fwd); layer kind from the module path
     (stem, depthwise, expand, project, last, netvlad, other);
-  - the `--top` most expensive operations with their shapes.
+  - the `--top` most expensive operations (split time, and duration) with
+    their shapes.
 It runs as the main program does: re-executed with the glibc tunables of
 structvpr_jax/hugepages.py, synchronous CPU dispatch, and the XLA:CPU
 defaults of structvpr_jax/xla_flags.py. Times include the profiler's own overhead (a few %).
@@ -35,6 +41,7 @@ import os
 import re
 import sys
 import tempfile
+import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
@@ -73,19 +80,65 @@ def classify(op_name: str) -> tuple[str, str]:
   return ("bwd" if backward else "fwd"), kind
 
 
-def trace_durations(trace_dir: str, names) -> collections.Counter:
-  """Total microseconds per operation name over the Perfetto trace."""
+def trace_events(trace_dir: str, names) -> list:
+  """Complete ("X") events of the operations in `names` in the Perfetto
+  trace: [(name, thread, start us, end us)], thread = (pid, tid)."""
   found = glob.glob(os.path.join(trace_dir, "**", "*perfetto_trace.json.gz"), recursive=True)
   if not found:
     raise SystemExit(f"{trace_dir}: no perfetto_trace.json.gz written by jax.profiler")
   with gzip.open(found[0]) as f:
     trace = json.load(f)
   events = trace["traceEvents"] if isinstance(trace, dict) else trace
+  return [(e["name"], (e.get("pid"), e.get("tid")), e.get("ts", 0), e.get("ts", 0) + e.get("dur", 0))
+          for e in events if e.get("ph") == "X" and e.get("name") in names]
+
+
+def trace_durations(trace_dir: str, names) -> collections.Counter:
+  """Total microseconds per operation name over the Perfetto trace."""
   total = collections.Counter()
-  for e in events:
-    if e.get("ph") == "X" and e.get("name") in names:
-      total[e["name"]] += e.get("dur", 0)
+  for name, _, start, end in trace_events(trace_dir, names):
+    total[name] += end - start
   return total
+
+
+def attribute_concurrent(events) -> tuple[collections.Counter, float]:
+  """Splits the traced time among the operations running at each instant.
+
+  XLA:CPU runs independent operations of a step at once on its intra-op
+  pool (in the backward pass, a 1x1 layer's input and kernel gradients);
+  on a 2-core machine each then runs slower, and its trace event's
+  duration includes the other's share of the cores, so durations summed
+  per operation exceed the step's time and overstate what removing the
+  operation would save. Here every instant covered by at least one event
+  is charged evenly to the operations running then: on each thread the
+  innermost event (an operation inside a `while` body, not the loop), one
+  per thread. `events`: [(name, thread, start, end)] (`trace_events`).
+  Returns ({name: attributed time}, busy time = the time covered by at
+  least one event); the attributed times sum to the busy time.
+  """
+  points = []
+  for i, (_, _, start, end) in enumerate(events):
+    if end > start:
+      points.append((start, 1, i))
+      points.append((end, 0, i))    # at a tie, ends before starts
+  points.sort()
+  active = collections.defaultdict(list)   # thread -> indices of open events, oldest first
+  charged, busy, last = collections.Counter(), 0.0, None
+  for t, is_start, i in points:
+    if last is not None and t > last:
+      running = [stack[-1] for stack in active.values() if stack]
+      if running:
+        share = (t - last) / len(running)
+        for j in running:
+          charged[events[j][0]] += share
+        busy += t - last
+    last = t
+    stack = active[events[i][1]]
+    if is_start:
+      stack.append(i)
+    else:
+      stack.remove(i)
+  return charged, busy
 
 
 def profile(fold_bn: bool, size: int, steps: int, depthwise: str = "auto") -> dict:
@@ -111,35 +164,53 @@ def profile(fold_bn: bool, size: int, steps: int, depthwise: str = "auto") -> di
   jax.block_until_ready(state)
   with tempfile.TemporaryDirectory() as trace_dir:
     with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+      start = time.perf_counter()
       for _ in range(steps):
         state, _ = step(state, batch, rng)
       jax.block_until_ready(state)
-    per_op = trace_durations(trace_dir, meta)
-  by_kind = collections.Counter()
+      wall = time.perf_counter() - start
+    events = trace_events(trace_dir, meta)
+  per_op = collections.Counter()
+  for name, _, begin, end in events:
+    per_op[name] += end - begin
+  charged, busy = attribute_concurrent(events)
+  by_kind, charged_by_kind = collections.Counter(), collections.Counter()
   for name, us in per_op.items():
-    by_kind["/".join(classify(meta[name][1]))] += us
+    kind = "/".join(classify(meta[name][1]))
+    by_kind[kind] += us
+    charged_by_kind[kind] += charged[name]
   ms = lambda us: round(us / steps / 1000.0, 2)
   from structvpr_jax.models import mobilenet
   return {"fold_bn": fold_bn, "depthwise": mobilenet.resolve_depthwise(depthwise), "size": size, "images_per_step": 3 * triplets, "steps": steps,
+          "wall_ms_per_step": round(wall / steps * 1000.0, 2),
           "total_ms_per_step": ms(sum(per_op.values())),
-          "by_pass_and_layer_ms": {k: ms(v) for k, v in by_kind.most_common()},
-          "ops_ms": [{"name": n, "ms": ms(us), "shape": meta[n][0], "op_name": meta[n][1]}
-                     for n, us in per_op.most_common(TOP_OPS_SAVED)]}
+          "busy_ms_per_step": ms(busy),
+          "by_pass_and_layer_ms": {k: ms(v) for k, v in charged_by_kind.most_common()},
+          "by_pass_and_layer_durations_ms": {k: ms(by_kind[k]) for k, _ in charged_by_kind.most_common()},
+          "ops_ms": [{"name": n, "ms": ms(us), "duration_ms": ms(per_op[n]), "shape": meta[n][0],
+                      "op_name": meta[n][1]} for n, us in charged.most_common(TOP_OPS_SAVED)]}
 
 
 def markdown(res: dict, top: int, command: str) -> str:
-  total = res["total_ms_per_step"]
+  busy = res["busy_ms_per_step"]
   model = ("fold_bn" if res["fold_bn"] else "unfolded") + f", {res.get('depthwise', '?')} depthwise"
+  durations = res["by_pass_and_layer_durations_ms"]
   lines = [f"# Profile of the RGB train step (frozen BN, {model}, "
            f"{res['images_per_step']} images at {res['size']})", "", f"`{command}`", "",
-           f"Executed XLA operations: {total:.1f} ms per step.", "",
-           "| pass / layer | ms per step | share |", "|---|---|---|"]
+           f"Per step: {res['wall_ms_per_step']:.1f} ms wall under the profiler; operations "
+           f"running {busy:.1f} ms of it; their trace durations sum to "
+           f"{res['total_ms_per_step']:.1f} ms (the excess: operations XLA ran at once, "
+           "each event also covering the other's share of the cores). \"ms\" below "
+           "splits every instant evenly among the operations running then (sums to the "
+           "running time); \"durations\" are the events' own lengths.", "",
+           "| pass / layer | ms per step | share | durations |", "|---|---|---|---|"]
   for k, v in res["by_pass_and_layer_ms"].items():
-    lines.append(f"| {k} | {v:.1f} | {100 * v / total:.1f} % |")
-  lines += ["", f"Top {top} operations:", "", "| ms | operation | shape | JAX op |",
-            "|---|---|---|---|"]
+    lines.append(f"| {k} | {v:.1f} | {100 * v / busy:.1f} % | {durations[k]:.1f} |")
+  lines += ["", f"Top {top} operations:", "", "| ms | duration | operation | shape | JAX op |",
+            "|---|---|---|---|---|"]
   for op in res["ops_ms"][:top]:
-    lines.append(f"| {op['ms']:.2f} | {op['name']} | `{op['shape']}` | `{op['op_name'][-90:]}` |")
+    lines.append(f"| {op['ms']:.2f} | {op['duration_ms']:.2f} | {op['name']} | `{op['shape']}` "
+                 f"| `{op['op_name'][-90:]}` |")
   return "\n".join(lines) + "\n"
 
 
@@ -162,7 +233,9 @@ def main(argv=None) -> int:
       f"_{args.depthwise}" if args.depthwise != "auto" else "")
   out = args.out + suffix
   command = "python experiments/profile_step.py" + (" --unfolded" if args.unfolded else "") + (
-      f" --depthwise {args.depthwise}" if args.depthwise != "auto" else "")
+      f" --depthwise {args.depthwise}" if args.depthwise != "auto" else "") + (
+      f" --size {args.size}" if args.size != 224 else "") + (
+      f" --steps {args.steps}" if args.steps != 3 else "")
   text = markdown(res, args.top, command)
   files.write_json(out + ".json", res)
   files.write_text(out + ".md", text)
