@@ -93,14 +93,6 @@ def trace_events(trace_dir: str, names) -> list:
           for e in events if e.get("ph") == "X" and e.get("name") in names]
 
 
-def trace_durations(trace_dir: str, names) -> collections.Counter:
-  """Total microseconds per operation name over the Perfetto trace."""
-  total = collections.Counter()
-  for name, _, start, end in trace_events(trace_dir, names):
-    total[name] += end - start
-  return total
-
-
 def attribute_concurrent(events) -> tuple[collections.Counter, float]:
   """Splits the traced time among the operations running at each instant.
 

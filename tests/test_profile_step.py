@@ -39,16 +39,19 @@ def test_classify_pass_and_layer():
   assert profile_step.classify("jit(f)/encoder/block3/expanded/mul") == ("fwd", "other")
 
 
-def test_trace_durations_sums_complete_events_of_known_ops(tmp_path):
+def test_trace_events_reads_complete_events_of_known_ops(tmp_path):
   trace = {"traceEvents": [
-      {"ph": "X", "name": "fusion.1", "dur": 1500}, {"ph": "X", "name": "fusion.1", "dur": 500},
-      {"ph": "X", "name": "dot.7", "dur": 250}, {"ph": "B", "name": "dot.7"},
-      {"ph": "X", "name": "ThunkExecutor::Execute", "dur": 9999}]}
+      {"ph": "X", "name": "fusion.1", "pid": 1, "tid": 7, "ts": 10, "dur": 1500},
+      {"ph": "X", "name": "fusion.1", "pid": 1, "tid": 8, "ts": 20, "dur": 500},
+      {"ph": "X", "name": "dot.7", "pid": 1, "tid": 7, "ts": 2000, "dur": 250},
+      {"ph": "B", "name": "dot.7"},
+      {"ph": "X", "name": "ThunkExecutor::Execute", "pid": 1, "tid": 7, "ts": 0, "dur": 9999}]}
   os.makedirs(tmp_path / "plugins" / "profile" / "run")
   with gzip.open(tmp_path / "plugins" / "profile" / "run" / "vm.perfetto_trace.json.gz", "wt") as f:
     json.dump(trace, f)
-  got = profile_step.trace_durations(str(tmp_path), {"fusion.1": 0, "dot.7": 0})
-  assert got == {"fusion.1": 2000, "dot.7": 250}
+  got = profile_step.trace_events(str(tmp_path), {"fusion.1": 0, "dot.7": 0})
+  assert got == [("fusion.1", (1, 7), 10, 1510), ("fusion.1", (1, 8), 20, 520),
+                 ("dot.7", (1, 7), 2000, 2250)]
 
 
 def test_attribute_concurrent_hand_cases():
