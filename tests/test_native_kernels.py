@@ -387,6 +387,37 @@ SHARD_MAP = """
   y = jax.jit(jax.shard_map(lambda k, x: mobilenet.native_depthwise_conv3x3(x, k, 1), mesh=mesh,
                             in_specs=(P(), P("data")), out_specs=P("data")))(k, x)
   np.testing.assert_allclose(y, mobilenet.depthwise_conv3x3(xs, ks, 1), rtol=1e-5, atol=1e-5)
+
+  # The expand + depthwise backward in one pass (`_expand_depthwise_native`)
+  # inside shard_map, the weights cast to per-device as the train step does
+  # (`parallel.to_varying`; the project 1x1's custom VJP needs it), their
+  # gradients summed over devices.
+  from structvpr_jax import parallel
+  mobilenet.JOINT_EXPAND_BACKWARD_MIN_WIDTH = 8
+  xb = rng.standard_normal((8, 5, 9, 8)).astype(np.float32)
+  ws = ((rng.standard_normal((8, 48)) / 3, rng.standard_normal(48)),
+        (rng.standard_normal((3, 3, 48)) / 3, rng.standard_normal(48)),
+        (rng.standard_normal((48, 8)) / 7, rng.standard_normal(8)))
+  ws = jax.tree.map(lambda a: np.asarray(a, np.float32), ws)
+
+  def block_loss(w, x):
+    return jnp.sum(mobilenet._inverted_residual_layers(x, w, 1, True) ** 2)
+
+  def block_shard(w, x):
+    value, grads = jax.value_and_grad(block_loss)(parallel.to_varying(w, "data"), x)
+    return lax.psum(value, "data"), lax.psum(grads, "data")
+
+  step = jax.jit(jax.shard_map(block_shard, mesh=mesh, in_specs=(P(), P("data")),
+                               out_specs=(P(), P())))
+  args = (jax.device_put(ws, NamedSharding(mesh, P())),
+          jax.device_put(xb, NamedSharding(mesh, P("data"))))
+  assert "structvpr_expand_depthwise_backward" in step.lower(*args).as_text()
+  value, grads = step(*args)
+  mobilenet.JOINT_EXPAND_BACKWARD_MIN_WIDTH = 10 ** 9
+  ref_value, ref_grads = jax.value_and_grad(block_loss)(ws, xb)
+  np.testing.assert_allclose(value, ref_value, rtol=1e-5)
+  for a, r in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
+    np.testing.assert_allclose(a, r, rtol=1e-4, atol=1e-3 * np.abs(r).max())
   print("OK")
 """
 
@@ -505,3 +536,128 @@ def test_inverted_residual_rejects_bad_shapes():
   with pytest.raises(Exception, match="project kernel must be"):
     jax.block_until_ready(native.inverted_residual_forward(x, we, be, kd, bd, wp[:-1], bp, 1,
                                                            False))
+
+
+# --- the expand 1x1 + depthwise backward in one pass -----------------------
+
+def numpy_expand_depthwise_vjp(x, we, be, kd, bd, stride, dz):
+  """(z, (dx, dwe, dbe, dkd, dbd)) of z = relu6(depthwise(relu6(x we + be),
+  kd) + bd) for the cotangent dz, from the definition in float64; relu6's
+  derivative 1 where 0 < . < 6, else 0."""
+  x, we, be, kd, bd, dz = (np.asarray(a, np.float64) for a in (x, we, be, kd, bd, dz))
+  m = x @ we + be
+  e = np.clip(m, 0, 6)
+  y = numpy_depthwise(e, kd, stride) + bd
+  cot = dz * ((y > 0) & (y < 6))
+  de, dkd = numpy_depthwise_vjp(e, kd, cot, stride)
+  dm = de * ((m > 0) & (m < 6))
+  c = x.shape[-1]
+  dwe = x.reshape(-1, c).T @ dm.reshape(-1, we.shape[1])
+  return np.clip(y, 0, 6), (dm @ we.T, dwe, dm.sum((0, 1, 2)), dkd, cot.sum((0, 1, 2)))
+
+
+# (batch, h, w, c, ce, stride). Expanded widths cover the 96-, 48- and
+# 16-wide outer-product tiles and their sums (16, 48, 96, 112, 144); rows
+# not a multiple of the 16-pixel tiles (5, 9, 13, 30); odd and even sizes
+# at stride 2; batch x rows past the 32 fixed chunks (the per-chunk partial
+# sums); C of 4 and 24 (the 4-row tiles).
+JOINT_CASES = [(2, 7, 9, 4, 16, 1), (1, 6, 13, 8, 48, 2), (2, 5, 30, 24, 144, 1),
+               (1, 9, 5, 16, 96, 2), (40, 2, 3, 8, 112, 1), (3, 4, 17, 12, 48, 2)]
+
+
+@pytest.mark.parametrize("case", JOINT_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_joint_expand_depthwise_backward_equals_numpy_definition(case):
+  b, h, w, c, ce, stride = case
+  rng = np.random.default_rng(sum(case))
+  x = (2 * rng.standard_normal((b, h, w, c))).astype(np.float32)
+  we = (rng.standard_normal((c, ce)) / np.sqrt(c)).astype(np.float32)
+  be, bd = (2 * rng.standard_normal((2, ce))).astype(np.float32)
+  kd = (rng.standard_normal((3, 3, ce)) / 2).astype(np.float32)
+  z, vjp = jax.vjp(lambda *a: mobilenet._expand_depthwise_native(*a, stride), x, we, be, kd, bd)
+  dz = rng.standard_normal(z.shape).astype(np.float32)
+  ref_z, ref_grads = numpy_expand_depthwise_vjp(x, we, be, kd, bd, stride, dz)
+  np.testing.assert_allclose(z, ref_z, rtol=1e-5, atol=1e-5)
+  m = x.astype(np.float64) @ we + be   # both relu6 clamps are exercised
+  assert (m <= 0).any() and (m >= 6).any() and (ref_z == 0).any() and (ref_z == 6).any()
+  for name, got, ref in zip(("dx", "dwe", "dbe", "dkd", "dbd"), vjp(dz), ref_grads):
+    assert got.shape == ref.shape and got.dtype == jnp.float32, name
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max(), err_msg=name)
+
+
+def test_joint_expand_depthwise_backward_hand_case():
+  # One image, one pixel, C = 4 (x = 1, 0, 0, 0), Ce = 16: only the
+  # depthwise's centre tap k = 2 reads inside. Channel 0: m = 1 * 1 = 1,
+  # e = relu6(1 + 0.5) = 1.5, y = 1.5 * 2 + 0.25 = 3.25 (inside the clamp),
+  # so with dz = 1: dbd = 1, dkd[1, 1] = e = 1.5, dm = 1 * 2 = 2 = dbe,
+  # dwe[0, 0] = x0 * dm = 2, dx = dm * we[:, 0] = (2, 0, 0, 0). Channels
+  # 1..15 have we = 0 and be = -1: e = 0, dm = 0, dkd = 0, y = 0.25, dbd = 1.
+  x = jnp.asarray([1.0, 0.0, 0.0, 0.0]).reshape(1, 1, 1, 4)
+  we = jnp.zeros((4, 16)).at[0, 0].set(1.0)
+  be = jnp.full((16,), -1.0).at[0].set(0.5)
+  kd = jnp.full((3, 3, 16), 100.0).at[1, 1].set(2.0)
+  bd = jnp.full((16,), 0.25)
+  z, vjp = jax.vjp(lambda *a: mobilenet._expand_depthwise_native(*a, 1), x, we, be, kd, bd)
+  np.testing.assert_array_equal(z.reshape(-1), [3.25] + [0.25] * 15)
+  dx, dwe, dbe, dkd, dbd = vjp(jnp.ones_like(z))
+  np.testing.assert_array_equal(dx.reshape(-1), [2.0, 0.0, 0.0, 0.0])
+  np.testing.assert_array_equal(dwe, np.pad([[2.0]], ((0, 3), (0, 15))))
+  np.testing.assert_array_equal(dbe, [2.0] + [0.0] * 15)
+  np.testing.assert_array_equal(dkd, np.pad([[[1.5]]], ((1, 1), (1, 1), (0, 15))))
+  np.testing.assert_array_equal(dbd, np.ones(16))
+
+
+def block_case(rng, w, c=8, ce=48, cout=8):
+  x = jnp.asarray(2 * rng.standard_normal((2, 6, w, c)), jnp.float32)
+  weights = jax.tree.map(jnp.asarray, block_weights(rng, c, ce // c, cout))
+  return x, weights
+
+
+def test_block_takes_the_joint_backward_on_wide_rows_only(monkeypatch):
+  """`_inverted_residual_layers` differentiates the expand and depthwise
+  layers in one pass where rows are at least JOINT_EXPAND_BACKWARD_MIN_WIDTH
+  wide and channels fit: the same value bit for bit, gradients equal to the
+  layers' own up to float32 rounding and bitwise repeatable; narrow rows,
+  float64 and channels that do not fit take the layers' own backward."""
+  monkeypatch.setattr(mobilenet, "JOINT_EXPAND_BACKWARD_MIN_WIDTH", 12)
+  rng = np.random.default_rng(3)
+
+  def grad_fn(residual=True):
+    return jax.jit(jax.value_and_grad(
+        lambda x, w: jnp.sum(mobilenet._inverted_residual_layers(x, w, 1, residual) ** 2),
+        argnums=(0, 1)))
+
+  def joint(x, w, residual=True):
+    return "structvpr_expand_depthwise_backward" in grad_fn(residual).lower(x, w).as_text()
+
+  x, weights = block_case(rng, 12)
+  assert joint(x, weights)
+  value, grads = grad_fn()(x, weights)
+  again = grad_fn()(x, weights)
+  for a, b in zip(jax.tree.leaves((value, grads)), jax.tree.leaves(again)):
+    np.testing.assert_array_equal(a, b)
+  monkeypatch.setattr(mobilenet, "JOINT_EXPAND_BACKWARD_MIN_WIDTH", 13)
+  assert not joint(x, weights)
+  ref_value, ref_grads = grad_fn()(x, weights)
+  assert float(value) == float(ref_value)
+  for a, r in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
+    np.testing.assert_allclose(a, r, rtol=1e-5, atol=1e-5 * np.abs(r).max())
+  monkeypatch.setattr(mobilenet, "JOINT_EXPAND_BACKWARD_MIN_WIDTH", 1)
+  (we, be), (kd, bd), _ = weights
+  applies = mobilenet._joint_expand_backward_applies
+  assert applies(x, we, be, kd, bd, 1)
+  as64 = lambda a: jax.ShapeDtypeStruct(a.shape, jnp.float64)   # the exactness tests' dtype
+  assert not applies(as64(x), we, be, kd, bd, 1) and not applies(x, as64(we), be, kd, bd, 1)
+  x6, w6 = block_case(rng, 12, c=6, ce=36, cout=6)     # C % 4, Ce % 16 do not fit
+  assert not joint(x6, w6)
+  assert joint(*block_case(rng, 12, c=4, ce=16, cout=8), residual=False)
+
+
+def test_joint_backward_rejects_channels_it_cannot_tile():
+  x = jnp.ones((1, 3, 3, 6))
+  we, m = jnp.ones((6, 16)), jnp.ones((1, 3, 3, 16))
+  with pytest.raises(Exception, match="Ce a multiple of 16 and C a multiple of 4"):
+    jax.block_until_ready(native.expand_depthwise_backward(
+        x, we, m, jnp.ones((3, 3, 16)), jnp.ones(16), m, m, 1))
+  with pytest.raises(Exception, match="expand kernel must be"):
+    jax.block_until_ready(native.expand_depthwise_backward(
+        jnp.ones((1, 3, 3, 8)), we, m, jnp.ones((3, 3, 16)), jnp.ones(16), m, m, 1))

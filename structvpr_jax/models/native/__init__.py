@@ -45,6 +45,7 @@ _TARGETS = {
     "structvpr_conv3x3_forward": "StructvprConv3x3Forward",
     "structvpr_conv3x3_kernel_gradient": "StructvprConv3x3KernelGradient",
     "structvpr_inverted_residual_forward": "StructvprInvertedResidualForward",
+    "structvpr_expand_depthwise_backward": "StructvprExpandDepthwiseBackward",
 }
 _FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno",
           "-w")
@@ -264,3 +265,25 @@ def inverted_residual_forward(x: jax.Array, expand_kernel: Optional[jax.Array],
       x, expand_kernel, expand_bias, depthwise_kernel, depthwise_bias, project_kernel,
       project_bias, stride=np.int64(stride), expand=np.int64(expand),
       residual=np.int64(bool(residual)))
+
+
+def expand_depthwise_backward(x: jax.Array, expand_kernel: jax.Array, m: jax.Array,
+                              depthwise_kernel: jax.Array, expand_bias: jax.Array,
+                              z: jax.Array, dz: jax.Array, stride: int
+                              ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array]:
+  """The backward of MobileNetV2's expand 1x1 and depthwise layers (folded
+  BN) in one pass,
+    m = x @ expand_kernel,
+    z = relu6(depthwise(relu6(m + expand_bias), depthwise_kernel, stride) + bias):
+  (dx [B, H, W, C], dexpand_kernel [C, Ce], ddepthwise_kernel [3, 3, Ce],
+  dbias [Ce], dexpand_bias [Ce]) for the cotangent dz [B, Ho, Wo, Ce],
+  given x [B, H, W, C], m [B, H, W, Ce] and z. The gradient of m, the
+  block's largest, is made one row at a time and consumed at once, never
+  written out. float32; Ce a multiple of 16 and C of 4; requires `load()`
+  and one varying type (`match_varying`)."""
+  c, ce = expand_kernel.shape
+  shapes = (_result(x, x.shape), _result(x, (c, ce)), _result(x, (3, 3, ce)),
+            _result(x, (ce,)), _result(x, (ce,)))
+  return jax.ffi.ffi_call("structvpr_expand_depthwise_backward", shapes,
+                          vmap_method="sequential")(
+      x, expand_kernel, m, depthwise_kernel, expand_bias, z, dz, stride=np.int64(stride))

@@ -574,9 +574,14 @@ inline int64_t OwnerRow(const Geometry& g, int64_t r) {
 //   (taps in reverse order, as autodiff of the forward accumulates them),
 //   with a prologue masked by `PrologueGradient`; the previous layer's bias
 //   gradient, their sum, is formed afterwards (`SumRows`).
-template <bool kMasked, bool kPrologue>
+//
+// Each input row's gradient goes where `sink` says (`sink.Row(row)`, row =
+// b * H + r) and `sink.Finish(row)` runs once it is complete: straight into
+// dx (`InputGradientToOutput`), or into a one-row buffer that the expand
+// 1x1's backward consumes at once (`ExpandBackwardSink`).
+template <bool kMasked, bool kPrologue, class Sink>
 void BackwardRows(const Geometry& g, const float* x, const float* k, const float* pb,
-                  const float* dz, const float* z, float* acc, float* dx, int64_t begin,
+                  const float* dz, const float* z, float* acc, Sink& sink, int64_t begin,
                   int64_t end) {
   const int64_t n = g.c;
   auto in_rows = InputRows<kPrologue>(g, x, pb);
@@ -659,7 +664,8 @@ void BackwardRows(const Geometry& g, const float* x, const float* k, const float
         if (pi >= g.ho) continue;
         row_of[i] = cot_rows.Get(b, pi);
       }
-      float* dxrow = dx + (b * g.h + r) * g.w * n;
+      const int64_t row = b * g.h + r;
+      float* dxrow = sink.Row(row);
       for (int64_t s = 0; s < g.w; ++s) {
         int count = 0;
         for (int64_t i = 2; i >= 0; --i) {
@@ -674,12 +680,24 @@ void BackwardRows(const Geometry& g, const float* x, const float* k, const float
             ++count;
           }
         }
-        InputGradientPixel<kPrologue, false>(dxrow + s * n, cots, taps, count, n,
-                                             x + ((b * g.h + r) * g.w + s) * n, pb, nullptr);
+        InputGradientPixel<kPrologue, Sink::kSumPrologue>(
+            dxrow + s * n, cots, taps, count, n, x + (row * g.w + s) * n, pb,
+            sink.PrologueSum());
       }
+      sink.Finish(row);
     }
   }
 }
+
+// `BackwardRows`' input gradient written straight into dx [rows, W, C].
+struct InputGradientToOutput {
+  static constexpr bool kSumPrologue = false;  // summed afterwards (`SumRows`)
+  float* dx;
+  int64_t row_size;  // W * C
+  float* Row(int64_t row) { return dx + row * row_size; }
+  float* PrologueSum() { return nullptr; }
+  void Finish(int64_t) {}
+};
 
 // acc[0:n] += every pixel of rows [begin, end) of v [rows, w, n], pixel by
 // pixel in order.
@@ -800,14 +818,15 @@ ffi::Error DepthwiseBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
     std::vector<float> partial(chunks * n, 0.0f);
     ParallelFor(pool, out_rows, grain, helpers, [&](int64_t begin, int64_t end) {
       float* acc = partial.data() + (begin / grain) * n;
+      InputGradientToOutput sink{dxp, g.w * g.c};
       if (relu6 && prologue)
-        BackwardRows<true, true>(g, xp, kp, pp, gp, zp, acc, dxp, begin, end);
+        BackwardRows<true, true>(g, xp, kp, pp, gp, zp, acc, sink, begin, end);
       else if (relu6)
-        BackwardRows<true, false>(g, xp, kp, pp, gp, zp, acc, dxp, begin, end);
+        BackwardRows<true, false>(g, xp, kp, pp, gp, zp, acc, sink, begin, end);
       else if (prologue)
-        BackwardRows<false, true>(g, xp, kp, pp, gp, zp, acc, dxp, begin, end);
+        BackwardRows<false, true>(g, xp, kp, pp, gp, zp, acc, sink, begin, end);
       else
-        BackwardRows<false, false>(g, xp, kp, pp, gp, zp, acc, dxp, begin, end);
+        BackwardRows<false, false>(g, xp, kp, pp, gp, zp, acc, sink, begin, end);
     });
     std::vector<float> total(n);
     SumChunks(partial, chunks, n, total.data());
@@ -1400,6 +1419,131 @@ ffi::Error InvertedResidualForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x
   return ffi::Error::Success();
 }
 
+
+// ---------------------------------------------------------------------------
+// The backward of MobileNetV2's expand 1x1 and depthwise layers (folded BN)
+// in one pass: m = x @ we is the expand's pre-activation, relu6(m + be) the
+// depthwise's input (its prologue), z = relu6(depthwise(.) + bd). The
+// depthwise's backward (`BackwardRows`) makes dm, the gradient of m, one
+// input row at a time, and the expand's backward consumes the row at once:
+//   dx[row]  = dm[row] @ we^T
+//   dwe     += x[row]^T @ dm[row]   (per fixed chunk of rows, chunks summed in order)
+//   dbe     += sum of dm[row]
+// so dm, the block's largest gradient, is never written out and read back.
+// ---------------------------------------------------------------------------
+
+// acc[ci0 + i, c0 + 0:NV*16] += sum_{s < w} x[s, ci0 + i] * dm[s, c0 + 0:NV*16]
+// for i < 4 (x rows of stride cin, dm and acc rows of stride n): a 4 x NV
+// register tile, each x value broadcast once per pixel.
+template <int NV>
+inline void OuterProductTile(const float* x, int64_t cin, int64_t ci0, const float* dm,
+                             int64_t n, int64_t c0, int64_t w, float* acc) {
+  Vec16 a[4][NV];
+  for (int i = 0; i < 4; ++i)
+    for (int v = 0; v < NV; ++v) a[i][v] = Vec16{};
+  for (int64_t s = 0; s < w; ++s) {
+    Vec16 d[NV];
+    for (int v = 0; v < NV; ++v) d[v] = Load(dm + s * n + c0 + v * kLanes);
+    for (int i = 0; i < 4; ++i) {
+      const float xv = x[s * cin + ci0 + i];
+      for (int v = 0; v < NV; ++v) a[i][v] += xv * d[v];
+    }
+  }
+  for (int i = 0; i < 4; ++i)
+    for (int v = 0; v < NV; ++v) {
+      float* p = acc + (ci0 + i) * n + c0 + v * kLanes;
+      Store(p, Load(p) + a[i][v]);
+    }
+}
+
+// `BackwardRows`' input gradient (dm, one row at a time) fed to the expand
+// 1x1's backward. Needs n % 16 == 0 and cin % 4 == 0.
+struct ExpandBackwardSink {
+  static constexpr bool kSumPrologue = true;  // dbe, per chunk
+  int64_t w, n, cin;
+  const float* x;     // [rows, w, cin], the expand's input
+  const float* wet;   // we^T packed [n, Padded(cin)] (`PackColumns`)
+  const float* zero;  // [Padded(cin)] zeros (the Gemm's bias)
+  float* dx;          // [rows, w, cin]
+  float* dwe;         // [cin, n], this chunk's partial sum
+  float* dbe;         // [n], this chunk's partial sum
+  std::vector<float> dm;  // one row [kTile-padded w, n]
+
+  float* Row(int64_t) { return dm.data(); }
+  float* PrologueSum() { return dbe; }
+  void Finish(int64_t row) {
+    for (int64_t q0 = 0; q0 < w; q0 += kTile)
+      Gemm(dm.data() + q0 * n, n, std::min(kTile, w - q0), n, wet, cin, zero, false, nullptr, 0,
+           dx + (row * w + q0) * cin, cin);
+    const float* xr = x + row * w * cin;
+    for (int64_t ci0 = 0; ci0 < cin; ci0 += 4) {
+      int64_t c0 = 0;
+      for (; c0 + 6 * kLanes <= n; c0 += 6 * kLanes)
+        OuterProductTile<6>(xr, cin, ci0, dm.data(), n, c0, w, dwe);
+      for (; c0 + 3 * kLanes <= n; c0 += 3 * kLanes)
+        OuterProductTile<3>(xr, cin, ci0, dm.data(), n, c0, w, dwe);
+      for (; c0 + kLanes <= n; c0 += kLanes)
+        OuterProductTile<1>(xr, cin, ci0, dm.data(), n, c0, w, dwe);
+    }
+  }
+};
+
+// (dx, dwe, dkernel, dbias, dbe) of z = relu6(depthwise(relu6(x @ we + be),
+// kernel) + bias) for the cotangent dz, given m = x @ we and z.
+ffi::Error ExpandDepthwiseBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                                   ffi::Buffer<ffi::F32> we, ffi::Buffer<ffi::F32> m,
+                                   ffi::Buffer<ffi::F32> kernel, ffi::Buffer<ffi::F32> be,
+                                   ffi::Buffer<ffi::F32> z, ffi::Buffer<ffi::F32> dz,
+                                   ffi::ResultBuffer<ffi::F32> dx, ffi::ResultBuffer<ffi::F32> dwe,
+                                   ffi::ResultBuffer<ffi::F32> dk, ffi::ResultBuffer<ffi::F32> dbias,
+                                   ffi::ResultBuffer<ffi::F32> dbe, int64_t stride) {
+  if (auto e = CheckShapes(m.dimensions(), kernel.dimensions(), be.dimensions(), stride);
+      e.failure())
+    return e;
+  const Geometry g = MakeGeometry(m.dimensions(), stride);
+  const auto xd = x.dimensions(), wed = we.dimensions();
+  if (xd.size() != 4 || xd[0] != g.batch || xd[1] != g.h || xd[2] != g.w)
+    return ffi::Error::InvalidArgument("expand+depthwise backward: x must be [B, H, W, C] like m");
+  const int64_t cin = xd[3], n = g.c;
+  if (wed.size() != 2 || wed[0] != cin || wed[1] != n)
+    return ffi::Error::InvalidArgument("expand+depthwise backward: expand kernel must be [C, Ce]");
+  if (n % kLanes || cin % 4)
+    return ffi::Error::InvalidArgument(
+        "expand+depthwise backward: needs Ce a multiple of 16 and C a multiple of 4");
+  if (!SameShape(dz.dimensions(), g) || !SameShape(z.dimensions(), g))
+    return ffi::Error::InvalidArgument("expand+depthwise backward: z or dz has the wrong shape");
+  // we^T [n, cin], packed.
+  std::vector<float> transposed(n * cin);
+  const float* wp = we.typed_data();
+  for (int64_t ci = 0; ci < cin; ++ci)
+    for (int64_t c = 0; c < n; ++c) transposed[c * cin + ci] = wp[ci * n + c];
+  const std::vector<float> wet = PackColumns(transposed.data(), n, cin);
+  const std::vector<float> zero(Padded(cin), 0.0f);
+  // Per fixed chunk of output rows: dkernel [9, n], dbias [n], dwe [cin, n],
+  // dbe [n]; then summed in chunk order (bitwise repeatable).
+  const int64_t per = 10 * n + cin * n + n;
+  const int64_t out_rows = g.batch * g.ho;
+  const int64_t grain = (out_rows + kKernelGradientChunks - 1) / kKernelGradientChunks;
+  const int64_t chunks = (out_rows + grain - 1) / grain;
+  std::vector<float> partial(chunks * per, 0.0f);
+  ParallelFor(pool, out_rows, grain, Helpers(pool), [&](int64_t begin, int64_t end) {
+    float* acc = partial.data() + (begin / grain) * per;
+    ExpandBackwardSink sink{g.w, n, cin, x.typed_data(), wet.data(), zero.data(),
+                            dx->typed_data(), acc + 10 * n, acc + 10 * n + cin * n,
+                            std::vector<float>((g.w + kTile - 1) / kTile * kTile * n, 0.0f)};
+    BackwardRows<true, true>(g, m.typed_data(), kernel.typed_data(), be.typed_data(),
+                             dz.typed_data(), z.typed_data(), acc, sink, begin, end);
+  });
+  std::vector<float> total(per);
+  SumChunks(partial, chunks, per, total.data());
+  const float* t = total.data();
+  std::copy(t, t + 9 * n, dk->typed_data());
+  std::copy(t + 9 * n, t + 10 * n, dbias->typed_data());
+  std::copy(t + 10 * n, t + 10 * n + cin * n, dwe->typed_data());
+  std::copy(t + 10 * n + cin * n, t + per, dbe->typed_data());
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(StructvprDepthwiseForward, DepthwiseForward,
@@ -1465,3 +1609,20 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(StructvprInvertedResidualForward, InvertedResidual
                                   .Attr<int64_t>("stride")
                                   .Attr<int64_t>("expand")
                                   .Attr<int64_t>("residual"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(StructvprExpandDepthwiseBackward, ExpandDepthwiseBackward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // x [B, H, W, C]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // expand kernel [C, Ce]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // m = x @ we [B, H, W, Ce]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // depthwise kernel [3, 3, Ce]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // expand bias [Ce]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // z [B, Ho, Wo, Ce]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // dz
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // dx
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // dexpand kernel
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // ddepthwise kernel
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // ddepthwise bias
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // dexpand bias
+                                  .Attr<int64_t>("stride"));
