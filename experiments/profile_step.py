@@ -22,7 +22,8 @@ JAX code it came from). Prints and writes (<out>[_unfolded][_<depthwise>].md
     is under `transpose(...)` (the backward pass, custom VJPs' rules
     included), else "fwd" (an operation XLA shares between the passes, e.g.
     a slice both need, counts as fwd); layer kind from the module path
-    (stem, depthwise, expand, project, last, netvlad, other);
+    (stem, depthwise, expand, expand+depthwise, project, last, netvlad,
+    other);
   - the `--top` most expensive operations (split time, and duration) with
     their shapes.
 It runs as the main program does: re-executed with the glibc tunables of
@@ -53,9 +54,13 @@ from structvpr_jax import files, xla_flags  # noqa: E402  (stdlib only: no JAX y
 # A layer kind from its name in the op_name: "depthwise" and "netvlad"
 # anywhere; the others as a whole component, "/expand/" (a module) or
 # "jvp(expand)/" (a `jax.named_scope` under autodiff, as in
-# mobilenet._inverted_residual_layers, which the fused blocks' VJP runs).
+# mobilenet._inverted_residual_layers, which the fused blocks' VJP runs);
+# "expand_depthwise" (that function's scope where the expand 1x1 and the
+# depthwise layer share one native backward) as the pair: its forward 1x1,
+# its forward depthwise and the joint backward.
 LAYER_KINDS = tuple((re.compile(pattern), kind) for pattern, kind in (
-    (r"(?:^|[/(])stem(?:[/)]|$)", "stem"), (r"depthwise", "depthwise"),
+    (r"(?:^|[/(])stem(?:[/)]|$)", "stem"), (r"expand_depthwise", "expand+depthwise"),
+    (r"depthwise", "depthwise"),
     (r"(?:^|[/(])expand(?:[/)]|$)", "expand"), (r"(?:^|[/(])project(?:[/)]|$)", "project"),
     (r"(?:^|[/(])last(?:[/)]|$)", "last"), (r"netvlad", "netvlad")))
 TOP_OPS_SAVED = 200   # the JSON keeps the most expensive operations only

@@ -37,6 +37,8 @@ def test_classify_pass_and_layer():
   assert profile_step.classify(fused.format("transpose(jvp(Branch))/", "project")) == (
       "bwd", "project")
   assert profile_step.classify("jit(f)/encoder/block3/expanded/mul") == ("fwd", "other")
+  assert profile_step.classify(fused.format("transpose(jvp(Branch))/", "expand_depthwise")) == (
+      "bwd", "expand+depthwise")
 
 
 def test_trace_events_reads_complete_events_of_known_ops(tmp_path):

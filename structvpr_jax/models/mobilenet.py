@@ -671,8 +671,8 @@ def fused_inverted_residual(x: jax.Array, weights, stride: int, residual: bool) 
   and the depthwise output never leave the cache; at 480x640 the blocks ran
   1.4x faster than as separate layers). Differentiating it runs and
   differentiates the separate layers (`_inverted_residual_layers`), so
-  training computes exactly what it computed before; the fused values equal
-  those up to float rounding (another summation order).
+  training computes exactly what differentiating them computes; the fused
+  values equal those up to float rounding (another summation order).
 
   Args:
     x: [B, H, W, C] float32.
