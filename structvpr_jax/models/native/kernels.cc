@@ -1,7 +1,9 @@
 // 3x3 depthwise convolution ('SAME' padding, stride 1 or 2, NHWC, float32)
 // and its two gradients, as XLA FFI custom calls for the CPU backend; the
-// stem's full 3x3 convolution; and MobileNetV2's inverted-residual block as
-// one forward pass (`InvertedResidualForward`, at the end).
+// stem's full 3x3 convolution; MobileNetV2's inverted-residual block as
+// one forward pass (`InvertedResidualForward`); and the backward of a
+// block's expand 1x1 joined to its depthwise backward
+// (`ExpandDepthwiseBackward`, at the end).
 //
 // Why: on XLA:CPU the depthwise layers were ~half of the MobileNetV2 train
 // step (jax.profiler, experiments/profile_step.py), as fusions of 9 shifted
