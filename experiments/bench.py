@@ -656,6 +656,7 @@ def run_all(quick: bool, rounds: int, repeats: int, with_torch: bool) -> dict:
   inputs = [v for k, v in out.items() if k.startswith("input_") and k.endswith("_img_s")]
   out["input_vs_train_step_480x640"] = max(inputs) / out["train_step_480x640_frozen_img_s"]
   out["peak_rss_mb"] = peak["jax"]
+  out["pytorch_reference"] = with_torch      # False: torch not installed or --no-torch
   if with_torch:
     out["torch_peak_rss_mb"] = peak["torch"]
   return out
@@ -666,8 +667,13 @@ def markdown_table(b: dict) -> str:
   PyTorch (or the reference) and their ratio with the main program's
   allocator settings (huge pages, kept temporaries), then the same with
   glibc's defaults."""
+  # Results written before the key existed ran PyTorch exactly when its peak RSS is there.
+  torch_ran = b.get("pytorch_reference", "torch_peak_rss_mb" in b)
+
   def f(key, digits=1, unit=""):
-    return f"{b[key]:.{digits}f}{unit}" if key in b else "-"
+    if key in b:
+      return f"{b[key]:.{digits}f}{unit}"
+    return "not run" if key.startswith(("torch_", "ratio_")) and not torch_ran else "-"
 
   def pair(a, c, digits=(1, 1), unit=""):
     return f"{f(a, digits[0])} / {f(c, digits[1])}{unit}"

@@ -80,11 +80,16 @@ def test_quick_bench_prints_every_key(tmp_path):
   for key in ("forward_224_img_s", "train_step_224_frozen_shifted_img_s"):
     low, high = printed["round_min_max"][key]
     assert low * (1 - 1e-6) <= printed[key] <= high * (1 + 1e-6), key   # printed rounded
-  # The README table of this result: every figure filled in.
+  assert printed["pytorch_reference"] is HAVE_TORCH
+  # The README table of this result: every figure filled in, PyTorch's marked
+  # as not run where torch is not installed (a clean CI machine).
   table = bench.markdown_table(printed)
   for row in table.splitlines()[2:]:
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert not any(re.search(r"(^|\s)-(\s|$)", c) for c in cells), row
+  paired_row = table.splitlines()[2].strip("|").split("|")
+  assert ("not run" in paired_row[2]) is not HAVE_TORCH, paired_row
+  assert ("not run" in paired_row[3]) is not HAVE_TORCH, paired_row
 
 
 def test_nohuge_keys_put_the_suffix_before_the_unit():
