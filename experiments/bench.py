@@ -123,8 +123,10 @@ Keys (stable; later versions add keys, never rename):
   jax, devices, descriptor_dim, eval_descriptor_dim, torch, torch_threads,
   cpu_count, machine, cpu_model, rounds, repeats   the run's description
                           (cpu_model: `cpu_model()`, /proc/cpuinfo's name, family, model)
+  pytorch_reference       whether the PyTorch figures were measured
 The PyTorch figures need the optional extra `bench` (torch 2.13.0, CPU);
-without it they are skipped (torch_* and ratio_* keys absent).
+without it (or with --no-torch) they are skipped: torch_* and ratio_* keys
+absent, pytorch_reference false, and `--table` marks their cells "not run".
 """
 
 from __future__ import annotations

@@ -596,7 +596,8 @@ class ConvBN(nn.Module):
 # pass works row by row: in the frozen train step at 224 (in-process A/B,
 # alternating calls, 30 pairs each) the step took 0.96-0.97x the time with
 # it on rows of 112 and 56 pixels (blocks 1-3), 0.94-0.96x down to 28
-# (blocks 1-6), 1.00x down to 14 and 1.04x down to 7.
+# (blocks 1-6), 1.00x down to 14 and 1.04x down to 7 (a Zen 4 host; on a
+# Zen 5, down to 28: 0.99x, interval 0.98-1.00, 2026-12-04).
 JOINT_EXPAND_BACKWARD_MIN_WIDTH = 28
 
 
