@@ -780,7 +780,8 @@ def markdown_table(b: dict) -> str:
   rows.append(single(
       "peak RSS of a worker process",
       f"{b['peak_rss_mb'] / 1024:.1f} GB" if "peak_rss_mb" in b else "-",
-      f"{b['torch_peak_rss_mb'] / 1024:.1f} GB" if "torch_peak_rss_mb" in b else ""))
+      f"{b['torch_peak_rss_mb'] / 1024:.1f} GB" if "torch_peak_rss_mb" in b
+      else "-" if torch_ran else "not run"))
   lines = ["| figure | JAX | PyTorch / reference | ratio | JAX, glibc defaults | "
            "PyTorch, glibc defaults | ratio, glibc defaults | target |",
            "|---|---|---|---|---|---|---|---|"]

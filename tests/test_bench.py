@@ -90,6 +90,9 @@ def test_quick_bench_prints_every_key(tmp_path):
   paired_row = table.splitlines()[2].strip("|").split("|")
   assert ("not run" in paired_row[2]) is not HAVE_TORCH, paired_row
   assert ("not run" in paired_row[3]) is not HAVE_TORCH, paired_row
+  rss_row = next(r for r in table.splitlines() if "peak RSS" in r).strip("|").split("|")
+  torch_rss = rss_row[2].strip()
+  assert torch_rss.endswith(" GB") if HAVE_TORCH else torch_rss == "not run", rss_row
 
 
 def test_nohuge_keys_put_the_suffix_before_the_unit():
