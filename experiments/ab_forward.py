@@ -1,7 +1,8 @@
 """In-process A/B of the RGB forward: two model variants, single calls alternating.
 
   python experiments/ab_forward.py [--size 224 | 480x640] [--pairs 16]
-      [--b fused_blocks=False ...] [--a-micro-batch 0] [--b-micro-batch 0] [--quick]
+      [--b fused_blocks=False ...] [--a-micro-batch 0] [--b-micro-batch 0]
+      [--b-kernels OTHER/kernels.cc] [--quick]
 
 Both variants are the forward `bench.py` times (`bench.forward_call`: one
 host batch of 16 uint8 images to host descriptors through the extractor's
@@ -10,7 +11,10 @@ process on the same parameters; after two warm-up calls each, `--pairs`
 pairs of single calls run with the order alternating, so a slow minute of
 this shared VM slows both halves of a pair. Variant A is the default model;
 B changes spec fields (`--b FIELD=VALUE`, e.g. fused_blocks=False,
-fold_bn=False, depthwise=shifted) and/or the micro-batch. Prints one JSON
+fold_bn=False, depthwise=shifted), the micro-batch and/or the native
+kernels' source (`--b-kernels`: another kernels.cc, built with the same
+flags and registered under its own target names, so that a kernel change
+is measured against the current one in one process). Prints one JSON
 object: each side's median ms per call and img/s, and the speed-up of A
 over B (B's seconds / A's seconds, median of the pairs, 95 % bootstrap
 interval over 4 runs of consecutive pairs: `paired_ratio.ratio_summary`'s
@@ -24,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import json
 import os
 import sys
@@ -50,7 +55,51 @@ def parse_change(text: str) -> tuple:
 BLOCKS = 4   # runs of consecutive pairs the interval resamples
 
 
-def run(size: str, pairs: int, changes: dict, micro_batches: tuple, quick: bool) -> dict:
+VARIANT_SUFFIX = "_variant_b"
+
+
+def load_variant_kernels(source: str) -> None:
+  """Builds `source` (a kernels.cc) as native.build does and registers its
+  targets as native's names + VARIANT_SUFFIX."""
+  import ctypes
+  import tempfile
+  import jax
+  from structvpr_jax.models import native
+  compiler = native._compiler()
+  if compiler is None or not native.load():
+    raise SystemExit("--b-kernels needs the native kernels (a C++ compiler)")
+  target = os.path.join(tempfile.mkdtemp(prefix="ab_kernels_"), "kernels.so")
+  cmd = [compiler, *native._FLAGS, f"-I{jax.ffi.include_dir()}", source, "-o", target]
+  proc = __import__("subprocess").run(cmd, capture_output=True, text=True)
+  if proc.returncode:
+    raise SystemExit(f"--b-kernels {source}: {' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
+  lib = ctypes.cdll.LoadLibrary(target)
+  for name, symbol in native._TARGETS.items():
+    jax.ffi.register_ffi_target(name + VARIANT_SUFFIX, jax.ffi.pycapsule(getattr(lib, symbol)),
+                                platform="cpu")
+
+
+class variant_targets:
+  """While active, native's ffi calls traced use the variant's targets."""
+
+  def __enter__(self):
+    import jax
+    self.original = original = jax.ffi.ffi_call
+
+    def renamed(target_name, *args, **kwargs):
+      if target_name.startswith("structvpr_"):
+        target_name += VARIANT_SUFFIX
+      return original(target_name, *args, **kwargs)
+    jax.ffi.ffi_call = renamed
+    return self
+
+  def __exit__(self, *exc):
+    import jax
+    jax.ffi.ffi_call = self.original
+
+
+def run(size: str, pairs: int, changes: dict, micro_batches: tuple, quick: bool,
+        b_kernels: str = "") -> dict:
   import jax
   import bench
   import paired_ratio
@@ -71,8 +120,12 @@ def run(size: str, pairs: int, changes: dict, micro_batches: tuple, quick: bool)
   calls = {"a": bench.forward_call(spec, variables, mesh, 16, micro_batches[0]),
            "b": bench.forward_call(dict(spec, **changes), variables, mesh, 16,
                                    micro_batches[1])}
-  for call in calls.values():
-    for _ in range(3):                       # compile, then two warm-up calls
+  if b_kernels:
+    load_variant_kernels(b_kernels)
+  for name, call in calls.items():
+    with (variant_targets() if b_kernels and name == "b" else contextlib.nullcontext()):
+      call()                                 # compile (B: with the variant's kernels)
+    for _ in range(2):                       # then two warm-up calls
       call()
   times = {"a": [], "b": []}
   for i in range(pairs):
@@ -86,6 +139,7 @@ def run(size: str, pairs: int, changes: dict, micro_batches: tuple, quick: bool)
             for _ in range(size)]
   summary = paired_ratio.ratio_summary(times["a"], times["b"], images=16, clusters=blocks)
   return {"size": size, "pairs": pairs, "blocks": summary["clusters"], "b_changes": changes,
+          "b_kernels": b_kernels,
           "micro_batch": {"a": micro_batches[0], "b": micro_batches[1]},
           "a_img_s": summary["jax_img_s"], "b_img_s": summary["torch_img_s"],
           "speedup_a_over_b": summary["ratio"], "ci95": summary["ci95"],
@@ -100,15 +154,20 @@ def main(argv=None) -> int:
                       help="a spec change of variant B (repeatable)")
   parser.add_argument("--a-micro-batch", type=int, default=0, help="0 = auto")
   parser.add_argument("--b-micro-batch", type=int, default=0, help="0 = auto")
+  parser.add_argument("--b-kernels", default="", metavar="KERNELS_CC",
+                      help="variant B's native kernels built from this source")
   parser.add_argument("--quick", action="store_true", help="tiny sizes (figures meaningless)")
   args = parser.parse_args(argv)
   if args.pairs < 2:
     parser.error("--pairs must be at least 2")
   changes = dict(parse_change(c) for c in args.b)
-  if not changes and args.a_micro_batch == args.b_micro_batch:
-    parser.error("variant B equals A: give --b FIELD=VALUE or another --b-micro-batch")
+  if not changes and args.a_micro_batch == args.b_micro_batch and not args.b_kernels:
+    parser.error("variant B equals A: give --b FIELD=VALUE, another --b-micro-batch "
+                 "or --b-kernels")
+  if args.b_kernels and not os.path.isfile(args.b_kernels):
+    parser.error(f"--b-kernels {args.b_kernels}: no such file")
   out = run(args.size, args.pairs, changes, (args.a_micro_batch, args.b_micro_batch),
-            args.quick)
+            args.quick, args.b_kernels)
   print(json.dumps(out))
   return 0
 
