@@ -340,10 +340,11 @@ inline void ForwardPixel(float* __restrict out, const float* const* ins,
 // and 4 pixels run at once so that their sums are independent chains. Each
 // sum runs in ForwardPixel's order (taps 0..8 from zero, then the bias), so
 // the results are bitwise ForwardPixel's.
-template <bool kRelu6, int NV>
+template <bool kRelu6, int NV, bool kUnitStride>
 inline void InteriorChunk(float* __restrict out, int64_t ldo, const float* const* rows,
                           int64_t step, int64_t c, int64_t count, const float* k,
                           const float* bias, int64_t c0) {
+  if constexpr (kUnitStride) step = c;  // pixel p's tap j reads pixel p + 1's tap j - 1
   Vec16 kv[9][NV], bv[NV];
 #pragma GCC unroll 9
   for (int t = 0; t < 9; ++t)
@@ -359,14 +360,33 @@ inline void InteriorChunk(float* __restrict out, int64_t ldo, const float* const
     for (int p = 0; p < 4; ++p)
 #pragma GCC unroll 2
       for (int v = 0; v < NV; ++v) acc[p][v] = Vec16{};
-#pragma GCC unroll 9
-    for (int t = 0; t < 9; ++t) {
-      const int i = t / 3, j = t % 3;
-#pragma GCC unroll 4
-      for (int p = 0; p < 4; ++p) {
-        const float* src = r[i] + (n + p) * step + j * c;
+    if constexpr (kUnitStride) {
+      // Row i's 6 input pixels n..n+5 are loaded once each for the 4 output
+      // pixels (p reads n + p + j with tap j): per pixel the taps still add
+      // in order 0..8, so the sums are bitwise the general path's.
+#pragma GCC unroll 3
+      for (int i = 0; i < 3; ++i)
+#pragma GCC unroll 6
+        for (int col = 0; col < 6; ++col)
 #pragma GCC unroll 2
-        for (int v = 0; v < NV; ++v) acc[p][v] += Load(src + v * kLanes) * kv[t][v];
+          for (int v = 0; v < NV; ++v) {
+            const Vec16 in = Load(r[i] + (n + col) * c + v * kLanes);
+#pragma GCC unroll 4
+            for (int p = 0; p < 4; ++p) {
+              const int j = col - p;
+              if (j >= 0 && j < 3) acc[p][v] += in * kv[i * 3 + j][v];
+            }
+          }
+    } else {
+#pragma GCC unroll 9
+      for (int t = 0; t < 9; ++t) {
+        const int i = t / 3, j = t % 3;
+#pragma GCC unroll 4
+        for (int p = 0; p < 4; ++p) {
+          const float* src = r[i] + (n + p) * step + j * c;
+#pragma GCC unroll 2
+          for (int v = 0; v < NV; ++v) acc[p][v] += Load(src + v * kLanes) * kv[t][v];
+        }
       }
     }
 #pragma GCC unroll 4
@@ -406,10 +426,17 @@ __attribute__((noinline)) void ForwardInterior(float* __restrict out, int64_t ld
                                                const float* const* rows, int64_t step, int64_t c,
                                                int64_t count, const float* k, const float* bias) {
   int64_t c0 = 0;
-  for (; c0 + 2 * kLanes <= c; c0 += 2 * kLanes)
-    InteriorChunk<kRelu6, 2>(out, ldo, rows, step, c, count, k, bias, c0);
-  for (; c0 + kLanes <= c; c0 += kLanes)
-    InteriorChunk<kRelu6, 1>(out, ldo, rows, step, c, count, k, bias, c0);
+  if (step == c) {
+    for (; c0 + 2 * kLanes <= c; c0 += 2 * kLanes)
+      InteriorChunk<kRelu6, 2, true>(out, ldo, rows, step, c, count, k, bias, c0);
+    for (; c0 + kLanes <= c; c0 += kLanes)
+      InteriorChunk<kRelu6, 1, true>(out, ldo, rows, step, c, count, k, bias, c0);
+  } else {
+    for (; c0 + 2 * kLanes <= c; c0 += 2 * kLanes)
+      InteriorChunk<kRelu6, 2, false>(out, ldo, rows, step, c, count, k, bias, c0);
+    for (; c0 + kLanes <= c; c0 += kLanes)
+      InteriorChunk<kRelu6, 1, false>(out, ldo, rows, step, c, count, k, bias, c0);
+  }
   for (; c0 < c; ++c0)
     for (int64_t n = 0; n < count; ++n) {
       float a = 0.0f;
@@ -432,19 +459,25 @@ inline void InteriorColumns(const Geometry& g, int64_t* lo, int64_t* hi) {
 // padding; pixel q written at out + (q - q0) * g.c): computes the interior
 // ones through ForwardInterior when that pays, and returns in [*lo, *hi)
 // the pixels it did (empty otherwise), which the caller's per-pixel loop
-// (ForwardPixel) skips. It pays below 64 channels (MobileNetV2's first
-// block, 32): there ForwardPixel has only 16-channel steps, each a chain of
-// 9 dependent multiply-adds reloading the taps. Measured in-process, old
-// and new library alternating (16 images at 224, 2-core Zen 4 VM): block 0
-// fused 1.35-1.39x, its depthwise alone 1.5x, outputs bitwise unchanged. At
-// 64 and more channels the same path and a fixed-address pixel-major loop
-// measured 0.6-1.05x of ForwardPixel's, so those keep ForwardPixel.
+// (ForwardPixel) skips. First used below 64 channels only (MobileNetV2's
+// first block, 32: there ForwardPixel has only 16-channel steps, each a
+// chain of 9 dependent multiply-adds reloading the taps; in-process A/B, 16
+// images at 224, 2-core Zen 4 VM: block 0 fused 1.35-1.39x, its depthwise
+// alone 1.5x, outputs bitwise unchanged), as at 64 and more channels it
+// measured 0.6-1.05x of ForwardPixel's there. On the Zen 5 host (EPYC
+// family 26, 2026-12-04) ForwardPixel's two loads per multiply-add bound
+// it, and this path at every channel count, with stride 1's input pixels
+// loaded once for the 4 output pixels that share them, made the whole
+// forward 1.066x [1.052, 1.086] at 480x640 and 1.067x [1.019, 1.085] at
+// 224 (experiments/ab_forward.py --b-kernels, 40 pairs; stride-1 blocks
+// 1.05-1.17x, stride-2 0.98-1.07x), outputs bitwise unchanged. Not
+// re-measured on a Zen 4.
 template <bool kRelu6>
 inline void InteriorSpan(const Geometry& g, const float* const* row_of, const float* k,
                          const float* bias, int64_t q0, int64_t q1, float* out, int64_t* lo,
                          int64_t* hi) {
   *lo = *hi = q1;
-  if (g.c >= 4 * kLanes || row_of[0] == nullptr || row_of[1] == nullptr || row_of[2] == nullptr)
+  if (row_of[0] == nullptr || row_of[1] == nullptr || row_of[2] == nullptr)
     return;
   int64_t a, b;
   InteriorColumns(g, &a, &b);
