@@ -62,6 +62,7 @@ def load_variant_kernels(source: str) -> None:
   """Builds `source` (a kernels.cc) as native.build does and registers its
   targets as native's names + VARIANT_SUFFIX."""
   import ctypes
+  import subprocess
   import tempfile
   import jax
   from structvpr_jax.models import native
@@ -70,7 +71,7 @@ def load_variant_kernels(source: str) -> None:
     raise SystemExit("--b-kernels needs the native kernels (a C++ compiler)")
   target = os.path.join(tempfile.mkdtemp(prefix="ab_kernels_"), "kernels.so")
   cmd = [compiler, *native._FLAGS, f"-I{jax.ffi.include_dir()}", source, "-o", target]
-  proc = __import__("subprocess").run(cmd, capture_output=True, text=True)
+  proc = subprocess.run(cmd, capture_output=True, text=True)
   if proc.returncode:
     raise SystemExit(f"--b-kernels {source}: {' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
   lib = ctypes.cdll.LoadLibrary(target)
