@@ -55,41 +55,52 @@ def parse_change(text: str) -> tuple:
 BLOCKS = 4   # runs of consecutive pairs the interval resamples
 
 
-VARIANT_SUFFIX = "_variant_b"
+_REGISTERED_VARIANTS: set = set()   # suffixes registered in this process
 
 
-def load_variant_kernels(source: str) -> None:
-  """Builds `source` (a kernels.cc) as native.build does and registers its
-  targets as native's names + VARIANT_SUFFIX."""
-  import ctypes
-  import subprocess
+def load_variant_kernels(source: str) -> str:
+  """Builds `source` (a kernels.cc) with native's flags (`native.build`),
+  registers its targets under native's names + the returned suffix, and
+  deletes the built file (the loaded library stays mapped). The suffix
+  names the source's content, so a changed source is never served by
+  targets registered for an earlier one in the same process."""
+  import hashlib
   import tempfile
-  import jax
+  from pathlib import Path
   from structvpr_jax.models import native
   compiler = native._compiler()
   if compiler is None or not native.load():
     raise SystemExit("--b-kernels needs the native kernels (a C++ compiler)")
-  target = os.path.join(tempfile.mkdtemp(prefix="ab_kernels_"), "kernels.so")
-  cmd = [compiler, *native._FLAGS, f"-I{jax.ffi.include_dir()}", source, "-o", target]
-  proc = subprocess.run(cmd, capture_output=True, text=True)
-  if proc.returncode:
-    raise SystemExit(f"--b-kernels {source}: {' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
-  lib = ctypes.cdll.LoadLibrary(target)
-  for name, symbol in native._TARGETS.items():
-    jax.ffi.register_ffi_target(name + VARIANT_SUFFIX, jax.ffi.pycapsule(getattr(lib, symbol)),
-                                platform="cpu")
+  with open(source, "rb") as f:
+    suffix = "_variant_" + hashlib.sha256(f.read()).hexdigest()[:16]
+  if suffix in _REGISTERED_VARIANTS:       # XLA refuses a name registered twice
+    return suffix
+  with tempfile.TemporaryDirectory(prefix="ab_kernels_") as tmp:
+    target = Path(tmp) / "kernels.so"
+    try:
+      native.build(compiler, target, Path(source))
+    except RuntimeError as e:
+      raise SystemExit(f"--b-kernels {source}: {e}") from None
+    native.register_targets(target, suffix)
+  _REGISTERED_VARIANTS.add(suffix)
+  return suffix
 
 
 class variant_targets:
-  """While active, native's ffi calls traced use the variant's targets."""
+  """While active, native's ffi calls traced use the targets registered
+  with `suffix` (`load_variant_kernels`)."""
+
+  def __init__(self, suffix: str):
+    self.suffix = suffix
 
   def __enter__(self):
     import jax
     self.original = original = jax.ffi.ffi_call
+    suffix = self.suffix
 
     def renamed(target_name, *args, **kwargs):
       if target_name.startswith("structvpr_"):
-        target_name += VARIANT_SUFFIX
+        target_name += suffix
       return original(target_name, *args, **kwargs)
     jax.ffi.ffi_call = renamed
     return self
@@ -121,10 +132,9 @@ def run(size: str, pairs: int, changes: dict, micro_batches: tuple, quick: bool,
   calls = {"a": bench.forward_call(spec, variables, mesh, 16, micro_batches[0]),
            "b": bench.forward_call(dict(spec, **changes), variables, mesh, 16,
                                    micro_batches[1])}
-  if b_kernels:
-    load_variant_kernels(b_kernels)
+  suffix = load_variant_kernels(b_kernels) if b_kernels else ""
   for name, call in calls.items():
-    with (variant_targets() if b_kernels and name == "b" else contextlib.nullcontext()):
+    with (variant_targets(suffix) if suffix and name == "b" else contextlib.nullcontext()):
       call()                                 # compile (B: with the variant's kernels)
     for _ in range(2):                       # then two warm-up calls
       call()

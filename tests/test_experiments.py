@@ -190,7 +190,9 @@ def test_run_time_alternates_fresh_workdirs_and_names_a_failed_run(tmp_path):
 
 def test_ab_forward_variant_kernels_are_the_ones_b_runs(tmp_path):
   """--b-kernels: B's native calls are traced to the variant's own targets
-  (so a kernel change is timed against the current kernels in one process)."""
+  (so a kernel change is timed against the current kernels in one process),
+  named by the source's content (a changed source never reuses the targets
+  of an earlier one)."""
   sys.path.insert(0, os.path.join(REPO, "experiments"))
   import ab_forward
   import jax
@@ -199,19 +201,25 @@ def test_ab_forward_variant_kernels_are_the_ones_b_runs(tmp_path):
   if not native.load():
     pytest.skip("native kernels unavailable")
   source = os.path.join(REPO, "structvpr_jax", "models", "native", "kernels.cc")
-  ab_forward.load_variant_kernels(source)
+  suffix = ab_forward.load_variant_kernels(source)
   x = jnp.ones((1, 8, 8, 16), jnp.float32)
   k, b = jnp.ones((3, 3, 16), jnp.float32), jnp.zeros((16,), jnp.float32)
   f = lambda x: native.depthwise_forward(x, k, b, 1, True)
   plain = jax.jit(f).lower(x).as_text()
-  with ab_forward.variant_targets():   # a new function: jit caches traces per function
+  with ab_forward.variant_targets(suffix):   # a new function: jit caches traces per function
     variant_lowered = jax.jit(lambda x: native.depthwise_forward(x, k, b, 1, True)).lower(x)
   variant = variant_lowered.as_text()
-  assert "structvpr_depthwise_forward" + ab_forward.VARIANT_SUFFIX in variant
-  assert ab_forward.VARIANT_SUFFIX not in plain
+  assert "structvpr_depthwise_forward" + suffix in variant
+  assert suffix not in plain
   assert jax.ffi.ffi_call is not None and "renamed" not in jax.ffi.ffi_call.__name__
   # the same source: the variant computes what the current kernels do
   np.testing.assert_array_equal(np.asarray(variant_lowered.compile()(x)), np.asarray(jax.jit(f)(x)))
+  # the same content gives the same names; a changed one its own
+  assert ab_forward.load_variant_kernels(source) == suffix
+  changed = tmp_path / "kernels.cc"
+  changed.write_text(open(source).read() + "// changed\n")
+  assert ab_forward.load_variant_kernels(str(changed)) != suffix
+  assert not list(tmp_path.glob("*.so"))
   with pytest.raises(SystemExit):
     ab_forward.main(["--pairs", "2", "--b-kernels", str(tmp_path / "missing.cc")])
   broken = tmp_path / "broken.cc"

@@ -86,19 +86,29 @@ def library_path(compiler: str) -> Path:
   return cache_dir() / f"kernels-{digest.hexdigest()[:16]}.so"
 
 
-def build(compiler: str, target: Path) -> None:
-  """Compiles kernels.cc into `target` (a temporary name, then renamed:
-  `files.atomic_write`).
+def build(compiler: str, target: Path, source: Path = _SOURCE) -> None:
+  """Compiles `source` (kernels.cc; another version of it for an A/B,
+  `experiments/ab_forward.py --b-kernels`) into `target` (a temporary
+  name, then renamed: `files.atomic_write`).
 
   Raises RuntimeError with the compiler's message when it fails.
   """
   def compile_to(tmp: str) -> None:
-    cmd = [compiler, *_FLAGS, f"-I{jax.ffi.include_dir()}", str(_SOURCE), "-o", tmp]
+    cmd = [compiler, *_FLAGS, f"-I{jax.ffi.include_dir()}", str(source), "-o", tmp]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
       raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
 
   files.atomic_write(str(target), compile_to)
+
+
+def register_targets(path: Path, suffix: str = "") -> None:
+  """Loads the built library at `path` and registers each handler with
+  XLA's CPU backend as its target name + `suffix`."""
+  lib = ctypes.cdll.LoadLibrary(str(path))
+  for name, symbol in _TARGETS.items():
+    jax.ffi.register_ffi_target(name + suffix, jax.ffi.pycapsule(getattr(lib, symbol)),
+                                platform="cpu")
 
 
 def load() -> bool:
@@ -119,10 +129,7 @@ def load() -> bool:
         path = library_path(compiler)
         if not path.exists():
           build(compiler, path)
-        lib = ctypes.cdll.LoadLibrary(str(path))
-        for name, symbol in _TARGETS.items():
-          jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, symbol)),
-                                      platform="cpu")
+        register_targets(path)
         ok = True
         logging.info("native CPU kernels: %s", path)
       except (OSError, RuntimeError, AttributeError) as e:
