@@ -93,6 +93,8 @@ def get_config(arg=None):
   c.rgb.learning_rate = 0.0                  # 0: train.learning_rate
   c.rgb.batchnorm = ""                       # "" = train.batchnorm
   c.rgb.mining = ""                          # "" = train.mining
+  c.rgb.max_epochs = 0                     # 0: train.max_epochs
+  c.rgb.patience = 0                       # 0: train.patience
 
   c.seg = ml_collections.ConfigDict()
   c.seg.backbone = "mobilenet_light"
@@ -115,9 +117,13 @@ def get_config(arg=None):
   c.seg.learning_rate = 3e-4                 # from scratch: 3x the fine-tuning rate (see above)
   c.seg.batchnorm = ""                       # "" = train.batchnorm
   c.seg.mining = ""                          # "" = train.mining
+  c.seg.max_epochs = 0                     # 0: train.max_epochs
+  c.seg.patience = 0                       # 0: train.patience
 
   c.distill = ml_collections.ConfigDict()
-  c.distill.weighting = "sigmoid"            # sigmoid | group | uniform | teacher_only
+  # sigmoid (Eq. 3, ours) | group | uniform | teacher_only | gate (teacher_only's
+  # 0/1 weights with the KD normalised by the weights' sum instead of the batch)
+  c.distill.weighting = "sigmoid"
   c.distill.beta = 10.0
   # Which stage-1 branches judge the training queries (ours): "stage1" = the
   # run's own (the paper's partition: queries the student already fitted);
@@ -130,13 +136,20 @@ def get_config(arg=None):
   c.distill.learning_rate = 0.0              # 0: train.learning_rate
   c.distill.batchnorm = ""                   # "" = train.batchnorm
   c.distill.mining = ""                      # "" = train.mining
+  c.distill.max_epochs = 0                 # 0: train.max_epochs
+  c.distill.patience = 0                   # 0: train.patience
   c.distill.init_from_rgb = True             # student starts from the stage-1 RGB branch
   # KD form (ours; the paper names none): "feature" = ||s - t||^2 on normalised
   # descriptors; "adaptor" = the same after a trainable linear head on s (loss
   # only, not exported); "relational" = KL of softmax(-distance / temperature)
   # over each query's positive and negatives (teacher vs student).
+  # "relational_batch" = the same over every candidate of the batch (all
+  # triplets' positives and negatives), the teacher's softmax at
+  # teacher_temperature; "rkd" = RKD distance (query-to-candidate distances of
+  # the batch divided by their mean, smooth-L1).
   c.distill.kd = "feature"
-  c.distill.temperature = 0.1                # relational form
+  c.distill.temperature = 0.1                # relational forms: the student's softmax T
+  c.distill.teacher_temperature = 0.0        # relational forms: the teacher's T (0: temperature)
 
   c.train = ml_collections.ConfigDict()
   c.train.batch_size = 8 if not smoke else 2        # global triplets per step
@@ -145,6 +158,21 @@ def get_config(arg=None):
   c.train.num_candidates = 1000                     # random negatives per mining refresh
   c.train.refresh_every = 128 if not smoke else 8   # queries per mining-cache refresh
   c.train.num_steps = 100 if not smoke else 4      # rgb and distill (seg: seg.num_steps)
+  # Epochs and early stopping (the VPR convention; epoch_queries 0 = the step
+  # budget above, validated every eval_every steps): an epoch is epoch_queries
+  # training queries (mining refreshes inside it every refresh_every queries),
+  # validated after each; a stage stops after `patience` epochs without a
+  # better val select_metric (0: never early), or at max_epochs. The same rule
+  # for stage 1, stage 2 and the no-KD control; done.json says why it stopped.
+  c.train.epoch_queries = 0
+  c.train.patience = 0
+  c.train.max_epochs = 0
+  # Checkpoint selection and early stopping: "R@5" (the benchmark's; ties
+  # broken by R@1) or "R@1" (ties by R@5), on the val split.
+  c.train.select_metric = "R@5"
+  # Learning rate after warmup: "cosine" decay to final_lr_fraction over the
+  # budget (num_steps, or max_epochs epochs) or "constant" (the benchmark's Adam).
+  c.train.lr_schedule = "cosine"
   c.train.learning_rate = 1e-4                      # fine-tuning rate (seg overrides)
   c.train.warmup_steps = 20 if not smoke else 0
   c.train.final_lr_fraction = 0.01

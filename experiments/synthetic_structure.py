@@ -4,21 +4,31 @@ For each seed: stage 1 RGB and seg once (`base/`); then partition + stage 2 +
 test evaluation for each stage-2 variant in its own workdir, which links the
 base's data and stage-1 branches:
 
-  triplet_only   the same stage 2 (steps, init from stage 1) with lambda_kd = 0:
-                 the control; a KD variant's gain over it is the distillation's
+  triplet_only   the same stage 2 (same stopping rule, init from stage 1) with
+                 lambda_kd = 0: the control; a KD variant's gain over it is the
+                 distillation's
   uniform        KD with weight 1 on every query (plain distillation)
   teacher_only   KD only where the teacher retrieves correctly (1[r_T <= tau])
   sigmoid        KD weighted by our Eq. 3 reconstruction (StructVPR)
+  gate           teacher_only's 0/1 weights, the KD normalised by their sum
+                 (a reliability gate, as StructVPR++ zeroes "noisy" pairs)
   *_crossfit     the same with the cross-fitted partition (distill.partition =
                  crossfit: stage 1 on each spatial half of the training places
                  judges the other half; the folds train once per seed, in base/)
 
-The KD form of every KD variant is `--kd` (distill.kd: feature, adaptor,
-relational) and lambda `--lambda-kd`, or, with `--select-kd` / `--select-lambda`,
-the combination whose StructVPR (sigmoid) run has the best val R@1 (then
-R@5) on the first seed; selection reads only val, never test. Every run is
+The KD form of every KD variant is `--kd` (`KD_CHOICES`: feature, adaptor,
+relational, relational_batch with a sharper teacher, rkd) and lambda
+`--lambda-kd`, or, with `--select-kd` / `--select-lambda`, the combination
+whose StructVPR (sigmoid) run has the best val R@1 (then R@5) on the first
+seed; selection reads only val, never test. Every run is
 `python -m structvpr_jax.main` (the user's code path); finished stages are
 skipped, so an interrupted experiment resumes.
+
+Seeds are the unit of progress: each finished seed is written to
+`<out>_seeds/seed<k>.json` (and, with `--commit`, committed to git at once),
+and a later invocation reads it instead of training that seed again (the KD
+choice too), so the experiment may span sessions. The report aggregates
+every requested seed that has a file.
 
 Writes <out>.json:
   {"per_query": {method: {seed: [0/1 R@1 hit per test query]}},
@@ -27,25 +37,30 @@ Writes <out>.json:
    "table": {method: {"<condition> R@1": [mean, std, per-seed]}},
    "paired": {"<a> vs <b>": paired_bootstrap result},
    "partition": {seed: {"stage1" | "crossfit": D1-D4 counts}},
+   "stages": {seed: {method: {stop_reason, epochs, best_epoch, steps, best_val, seconds}}},
+   "teacher_vs_student": {seed: val R@1 per condition},
    "selection": {"<kd> lambda <l>": val R@1, R@5}, "seeds", "kd", "lambda_kd",
    "overrides", "wall_s"}
 and <out>.md: the table (mean +- std over seeds), the teacher and student per
-condition and regime, and paired differences with bootstrap 95 % CIs
-(queries resampled within seed, `structvpr_jax.stats`). Queries differ
-between seeds (each seed generates its own city), so the per-query lists are
-per seed; within a seed every method answers the same queries in the same
-order (sorted file names).
+condition and regime, paired differences with bootstrap 95 % CIs (queries
+resampled within seed, `structvpr_jax.stats`), how each stage stopped, and
+the per-seed teacher-vs-student gaps. Queries differ between seeds (each
+seed generates its own city), so the per-query lists are per seed; within a
+seed every method answers the same queries in the same order (sorted file
+names).
 
-  python experiments/synthetic_structure.py [--config=configs/distill.py]
-      [--seeds 0 1 2 3 4] [--test-places 400] [--kd feature] [--lambda-kd 1]
-      [--select-kd feature relational] [--select-lambda 0.3 1 3] [--variants ...]
-      [--workdir runs/synthetic_structure] [--override k=v ...] [--out PATH]
+  python experiments/synthetic_structure.py [--config=configs/ablation.py]
+      [--seeds 0 1 2 3 4] [--kd relational] [--lambda-kd 1]
+      [--select-kd relational relational_batch rkd] [--select-lambda 0.3 1 3]
+      [--variants ...] [--workdir runs/synthetic_structure] [--override k=v ...]
+      [--out PATH] [--commit] [--aggregate-only]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import platform
 import subprocess
 import sys
 import time
@@ -63,23 +78,38 @@ VARIANTS = {"triplet_only": ["distill.lambda_kd=0.0"],
             "uniform": ["distill.weighting=uniform"],
             "teacher_only": ["distill.weighting=teacher_only"],
             "sigmoid": ["distill.weighting=sigmoid"],
+            "gate": ["distill.weighting=gate"],
             "teacher_only_crossfit": ["distill.weighting=teacher_only",
                                       "distill.partition=crossfit"],
             "sigmoid_crossfit": ["distill.weighting=sigmoid", "distill.partition=crossfit"]}
+DEFAULT_VARIANTS = ("triplet_only", "uniform", "sigmoid", "gate")
+# KD forms as the ablation names them: the config overrides of each.
+KD_CHOICES = {"feature": ["distill.kd=feature"],
+              "adaptor": ["distill.kd=adaptor"],
+              "relational": ["distill.kd=relational"],
+              # every candidate of the batch, a sharper teacher (CSD / SEED / SFRS: 0.01-0.07)
+              "relational_batch": ["distill.kd=relational_batch", "distill.temperature=0.1",
+                                   "distill.teacher_temperature=0.05"],
+              "rkd": ["distill.kd=rkd"]}
 METHODS = (("rgb", "RGB baseline (stage 1)"), ("seg", "seg teacher"),
            ("triplet_only", "stage 2 without KD (control)"),
            ("uniform", "uniform KD"), ("teacher_only", "teacher_only KD"),
            ("sigmoid", "StructVPR sigmoid (Eq. 3, ours)"),
+           ("gate", "StructVPR gate (teacher-right pairs, ours)"),
            ("teacher_only_crossfit", "teacher_only KD, cross-fitted partition"),
            ("sigmoid_crossfit", "StructVPR sigmoid, cross-fitted partition"))
 # (other, base): the comparisons the method's claims rest on.
-COMPARISONS = (("sigmoid", "triplet_only"), ("sigmoid", "uniform"), ("sigmoid", "rgb"),
-               ("uniform", "triplet_only"), ("teacher_only", "triplet_only"),
+COMPARISONS = (("sigmoid", "triplet_only"), ("gate", "triplet_only"), ("sigmoid", "uniform"),
+               ("gate", "uniform"), ("uniform", "triplet_only"), ("gate", "sigmoid"),
+               ("triplet_only", "rgb"), ("sigmoid", "rgb"),
+               ("teacher_only", "triplet_only"),
                ("sigmoid_crossfit", "triplet_only"), ("sigmoid_crossfit", "uniform"),
                ("sigmoid_crossfit", "sigmoid"), ("teacher_only_crossfit", "triplet_only"),
                ("seg", "rgb"))
 APPEARANCE = ("dusk", "fog", "night", "repaint")
 SPLIT = "test"
+STAGE_FIELDS = ("stop_reason", "epochs", "best_epoch", "steps", "best_step", "best_val",
+                "seconds_this_run")
 
 
 def run_main(config, workdir, overrides):
@@ -144,17 +174,18 @@ def best_val(wd: Workdir, stage: str) -> tuple:
   return rec[-1]["val_R@1"], rec[-1]["val_R@5"]
 
 
-def select_on_val(args, common, base: Workdir, seed: int) -> tuple:
+def select_on_val(args, config, common, base: Workdir, seed: int) -> tuple:
   """(kd, lambda, {label: (val R@1, R@5)}): the StructVPR run with the best val
-  R@1 (ties: R@5) over --select-kd x --select-lambda, on one seed."""
+  R@1 (ties: R@5, then the smaller lambda) over --select-kd x --select-lambda,
+  on one seed."""
   scores = {}
   for kd in args.select_kd or [args.kd]:
     for lam in args.select_lambda or [args.lambda_kd]:
       wd = Workdir(os.path.join(args.workdir, f"seed{seed}", f"select_{kd}_lambda{lam:g}"))
       link_stage1(base, wd)
       # evaluated on val (eval_split), so that choosing never reads test
-      run_main(args.config, wd.root, common + VARIANTS["sigmoid"]
-               + [f"distill.kd={kd}", f"distill.lambda_kd={lam}", "eval_split=val"])
+      run_main(config, wd.root, common + VARIANTS["sigmoid"] + KD_CHOICES[kd]
+               + [f"distill.lambda_kd={lam}", "eval_split=val"])
       scores[(kd, lam)] = best_val(wd, "distill")
   kd, lam = max(scores, key=lambda k: (scores[k], -k[1]))
   return kd, lam, {f"{k} lambda {v:g}": list(sc) for (k, v), sc in scores.items()}
@@ -185,83 +216,122 @@ def fmt(values) -> str:
   return f"{np.mean(values):.1f} ± {np.std(values):.1f}" if len(values) else "-"
 
 
-def main():
-  parser = argparse.ArgumentParser(description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--config", default="configs/distill.py")
-  parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
-  parser.add_argument("--test-places", type=int, default=400,
-                      help="synthetic test places (2 queries each by default): >= 800 queries")
-  parser.add_argument("--kd", default="feature", help="distill.kd of the KD variants")
-  parser.add_argument("--lambda-kd", type=float, default=1.0, help="distill.lambda_kd")
-  parser.add_argument("--select-kd", nargs="*", default=[],
-                      help="KD forms to choose from on val (first seed)")
-  parser.add_argument("--select-lambda", type=float, nargs="*", default=[],
-                      help="lambda_kd values to choose from on val (first seed)")
-  parser.add_argument("--workdir", default="runs/synthetic_structure")
-  parser.add_argument("--override", nargs="*", default=[],
-                      help="config overrides without the --config. prefix, e.g. train.num_steps=50")
-  parser.add_argument("--out", default=os.path.join(REPO, "experiments", "results",
-                                                    "synthetic_structure"))
-  parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-  parser.add_argument("--resamples", type=int, default=10000)
-  parser.add_argument("--rerun-eval", action="store_true",
-                      help="evaluate every variant again even when its test evaluation "
-                           "already read its current stages with these settings")
-  args = parser.parse_args()
-  methods = [m for m, _ in METHODS if m in ("rgb", "seg") or m in args.variants]
-  labels = dict(METHODS)
-  t0 = time.time()
-  stage1_cfg = {b: args.config.replace("distill.py", f"{b}.py") for b in ("rgb", "seg")}
-  per_query = {m: {} for m in methods}
-  conditions, regimes, partitions, selection = {}, {}, {}, {}
-  for seed in args.seeds:
-    common = [f"seed={seed}", f"data.synthetic_places.test={args.test_places}"] + args.override
-    base = Workdir(os.path.join(args.workdir, f"seed{seed}", "base"))
-    for branch in ("rgb", "seg"):
-      run_main(stage1_cfg[branch], base.root, common)
-    if seed == args.seeds[0] and (args.select_kd or args.select_lambda):
-      args.kd, args.lambda_kd, selection = select_on_val(args, common, base, seed)
-      print(f"selected on val: kd {args.kd}, lambda {args.lambda_kd:g} ({selection})",
-            flush=True)
-    common += [f"distill.kd={args.kd}"]
-    for kind in args.variants:
-      variant = Workdir(os.path.join(args.workdir, f"seed{seed}", kind))
-      link_stage1(base, variant)
-      lam = [] if kind == "triplet_only" else [f"distill.lambda_kd={args.lambda_kd}"]
-      overrides = common + lam + VARIANTS[kind]
-      if args.rerun_eval or not evaluated_with(variant, overrides):
-        run_main(args.config, variant.root, overrides)
-      else:
-        print(f"[seed {seed}] {kind}: evaluated with these settings already; read as is",
-              flush=True)
-      per_query[kind][seed] = files.read_json(variant.per_query_json(SPLIT, "distill"))
-      if kind == args.variants[-1]:
-        for branch in ("rgb", "seg"):
-          per_query[branch][seed] = files.read_json(variant.per_query_json(SPLIT, branch))
-      if kind != "triplet_only":
-        part = files.read_json(variant.partition_summary)
-        partitions.setdefault(seed, {})[part.get("partition", "stage1")] = {
-            g: part[g]["count"] for g in ("D1", "D2", "D3", "D4")}
-    first = per_query[methods[0]][seed]
-    for m in methods:    # every method answered the same queries in the same order
-      if per_query[m][seed]["queries"] != first["queries"]:
-        raise RuntimeError(f"seed {seed}: {m} was evaluated on other queries")
-    conditions[seed] = first["conditions"]
-    regimes[seed] = query_regimes(base.data)
-    for m in methods:
-      per_query[m][seed] = per_query[m][seed]["hits"]["R@1"]
+def stage_record(wd: Workdir, stage: str) -> dict:
+  """How a finished training stage ran: its done.json's stopping fields."""
+  done = wd.done(stage) or {}
+  return {k: done.get(k) for k in STAGE_FIELDS}
 
-  conds = sorted({c for s in conditions.values() for c in s})
+
+def host() -> str:
+  """The CPU's model name (/proc/cpuinfo), else the platform's."""
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or platform.machine()
+
+
+def commit(path: str, message: str) -> None:
+  """`git add` + `git commit --only` of one file in its repository (retried
+  while another git command holds the index lock)."""
+  repo = subprocess.run(["git", "-C", os.path.dirname(path), "rev-parse", "--show-toplevel"],
+                        capture_output=True, text=True, check=True).stdout.strip()
+  for attempt in range(20):
+    add = subprocess.run(["git", "-C", repo, "add", path], capture_output=True, text=True)
+    done = add.returncode == 0 and subprocess.run(
+        ["git", "-C", repo, "commit", "-m", message, "--only", "--", path],
+        capture_output=True, text=True).returncode == 0
+    if done:
+      print(f"committed {os.path.relpath(path, repo)}", flush=True)
+      return
+    time.sleep(3 + attempt)
+  print(f"warning: could not commit {path}; commit it by hand", flush=True)
+
+
+def run_seed(args, seed: int, kd_choice) -> dict:
+  """Trains and evaluates every variant of one seed; returns its record."""
+  t0 = time.time()
+  config = args.config
+  common = [f"seed={seed}"] + args.override
+  base = Workdir(os.path.join(args.workdir, f"seed{seed}", "base"))
+  for branch in ("rgb", "seg"):
+    run_main(config, base.root, common + [f"mode=train_{branch}"])
+  selection = {}
+  if kd_choice is None:
+    kd, lam = args.kd, args.lambda_kd
+    if args.select_kd or args.select_lambda:
+      kd, lam, selection = select_on_val(args, config, common, base, seed)
+      print(f"selected on val: kd {kd}, lambda {lam:g} ({selection})", flush=True)
+  else:
+    kd, lam = kd_choice
+  record = {"seed": seed, "kd": kd, "lambda_kd": lam, "selection": selection,
+            "overrides": args.override, "config": config,
+            "native": os.environ.get("STRUCTVPR_NATIVE", "auto"), "host": host(),
+            "per_query": {}, "stages": {"rgb": stage_record(base, "rgb"),
+                                        "seg": stage_record(base, "seg")},
+            "partition": {}, "teacher_vs_student": None}
+  for kind in args.variants:
+    variant = Workdir(os.path.join(args.workdir, f"seed{seed}", kind))
+    link_stage1(base, variant)
+    lam_o = [] if kind == "triplet_only" else [f"distill.lambda_kd={lam}"]
+    overrides = common + KD_CHOICES[kd] + lam_o + VARIANTS[kind]
+    if args.rerun_eval or not evaluated_with(variant, overrides):
+      run_main(config, variant.root, overrides)
+    else:
+      print(f"[seed {seed}] {kind}: evaluated with these settings already; read as is",
+            flush=True)
+    hits = files.read_json(variant.per_query_json(SPLIT, "distill"))
+    record["per_query"][kind] = hits
+    record["stages"][kind] = stage_record(variant, "distill")
+    if kind == args.variants[-1]:
+      for branch in ("rgb", "seg"):
+        record["per_query"][branch] = files.read_json(variant.per_query_json(SPLIT, branch))
+    part = files.read_json(variant.partition_summary)
+    if kind != "triplet_only":
+      record["partition"][part.get("partition", "stage1")] = {
+          g: part[g]["count"] for g in ("D1", "D2", "D3", "D4")}
+    if part.get("val_teacher_vs_student") and record["teacher_vs_student"] is None:
+      record["teacher_vs_student"] = part["val_teacher_vs_student"]
+      record["teacher_warning"] = part.get("teacher_warning")
+  first = next(iter(record["per_query"].values()))
+  for m, rec in record["per_query"].items():   # every method answered the same queries
+    if rec["queries"] != first["queries"]:
+      raise RuntimeError(f"seed {seed}: {m} was evaluated on other queries")
+  record["conditions"] = first["conditions"]
+  record["queries"] = first["queries"]
+  record["regimes"] = query_regimes(base.data)
+  record["per_query"] = {m: [int(h) for h in rec["hits"]["R@1"]]
+                         for m, rec in record["per_query"].items()}
+  record["wall_s"] = time.time() - t0
+  return record
+
+
+def seed_path(args, seed: int) -> str:
+  return os.path.join(args.out + "_seeds", f"seed{seed}.json")
+
+
+def aggregate(args, records: dict) -> None:
+  """<out>.md / <out>.json from the seed records {seed: record}."""
+  seeds = sorted(records)
+  first = records[seeds[0]]
+  methods = [m for m, _ in METHODS if all(m in records[s]["per_query"] for s in seeds)]
+  labels = dict(METHODS)
+  per_query = {m: {s: records[s]["per_query"][m] for s in seeds} for m in methods}
+  conditions = {s: records[s]["conditions"] for s in seeds}
+  regimes = {s: records[s]["regimes"] for s in seeds}
+  conds = sorted({c for v in conditions.values() for c in v})
   by_condition = breakdown(per_query, conditions, methods, conds)
-  by_regime = breakdown(per_query, regimes, methods,
-                        sorted({r for s in regimes.values() for r in s}))
+  by_regime = breakdown(per_query, regimes, methods, sorted({r for v in regimes.values()
+                                                              for r in v}))
   appearance = [c for c in conds if c in APPEARANCE]
   table = {m: {**{f"{c} R@1": by_condition[m][c] for c in conds},
-               "all R@1": [rate(per_query[m][s]) for s in args.seeds],
+               "all R@1": [rate(per_query[m][s]) for s in seeds],
                "appearance R@1": [float(np.mean([rate(per_query[m][s],
                                                       np.asarray(conditions[s]) == c)
-                                                 for c in appearance])) for s in args.seeds]}
+                                                 for c in appearance])) for s in seeds]}
            for m in methods}
   paired = {}
   for other, base_m in COMPARISONS:
@@ -270,26 +340,31 @@ def main():
           "all": stats.paired_bootstrap(per_query[base_m], per_query[other], args.resamples),
           **{c: stats.paired_bootstrap(
               {s: np.asarray(per_query[base_m][s])[np.asarray(conditions[s]) == c]
-               for s in args.seeds},
+               for s in seeds},
               {s: np.asarray(per_query[other][s])[np.asarray(conditions[s]) == c]
-               for s in args.seeds}, args.resamples) for c in appearance}}
-  wall = time.time() - t0
-  command = (f"python experiments/synthetic_structure.py --config={args.config} --seeds "
-             f"{' '.join(map(str, args.seeds))} --test-places {args.test_places} --kd {args.kd} "
-             f"--lambda-kd {args.lambda_kd:g} --variants {' '.join(args.variants)}"
-             + (f" --override {' '.join(args.override)}" if args.override else ""))
-  n_queries = {s: len(conditions[s]) for s in args.seeds}
+               for s in seeds}, args.resamples) for c in appearance}}
+  kd, lam = first["kd"], first["lambda_kd"]
+  selection = first.get("selection") or {}
+  wall = sum(float(records[s].get("wall_s", 0.0)) for s in seeds)
+  command = (f"python experiments/synthetic_structure.py --config={first['config']} --seeds "
+             f"{' '.join(map(str, seeds))} --kd {kd} --lambda-kd {lam:g} --variants "
+             f"{' '.join(m for m in methods if m not in ('rgb', 'seg'))}"
+             + (f" --override {' '.join(first['overrides'])}" if first["overrides"] else ""))
+  n_queries = {s: len(conditions[s]) for s in seeds}
   lines = [
       "# StructVPR ablation on the synthetic city", "",
       f"Command: `{command}`", "",
-      f"Seeds {args.seeds}; test queries per seed {n_queries}; KD form `{args.kd}`, lambda "
-      f"{args.lambda_kd:g}" + (f" (chosen on val R@1 of seed {args.seeds[0]}: "
-                               + ", ".join(f"{k}: {v[0]:.1f}" for k, v in selection.items())
-                               + ")" if selection else "") + ". R@1 in "
-      "percent, mean ± std over seeds. The partition criterion, the Eq. 3 weight and the KD "
-      "form are our reconstruction (docs/design.md), not the paper's published constants; "
-      "these are our numbers, not the paper's.",
-      f"Wall time: {wall:.0f} s on {os.cpu_count()} CPU cores.", "",
+      f"Seeds {seeds} (each a file in `{os.path.relpath(args.out, REPO)}_seeds/`); test "
+      f"queries per seed {n_queries}; KD form `{kd}` ({', '.join(KD_CHOICES[kd])}), lambda "
+      f"{lam:g}" + (f" (chosen on val R@1 of seed {seeds[0]}: "
+                    + ", ".join(f"{k}: {v[0]:.1f}" for k, v in selection.items())
+                    + ")" if selection else "") + ". R@1 in "
+      "percent, mean ± std over seeds. The partition criterion, the Eq. 3 weight, the gate "
+      "and the KD forms are our reconstruction (docs/design.md), not the paper's published "
+      "constants; these are our numbers, not the paper's.",
+      f"Wall time: {wall:.0f} s for these seeds on {os.cpu_count()} CPU cores "
+      f"({first.get('host', '?')}; kernels STRUCTVPR_NATIVE={first.get('native', 'auto')}).",
+      "",
       "| method | " + " | ".join(conds) + " | appearance mean | all |",
       "|---|" + "---|" * (len(conds) + 2)]
   for m in methods:
@@ -303,11 +378,43 @@ def main():
     cells = [f"{r['diff']:+.1f} [{r['ci_low']:+.1f}, {r['ci_high']:+.1f}]"
              for r in [res["all"]] + [res[c] for c in appearance]]
     lines.append(f"| {name} | " + " | ".join(cells) + " |")
+  lines += ["", "## Per seed (test R@1, all conditions)", "",
+            "| seed | " + " | ".join(labels[m] for m in methods) + " |",
+            "|---|" + "---|" * len(methods)]
+  for s in seeds:
+    lines.append(f"| {s} | " + " | ".join(f"{rate(per_query[m][s]):.1f}" for m in methods)
+                 + " |")
+  lines += ["", "## How each stage stopped (epochs of the early-stopping rule; best epoch "
+            "by val R@1)", "",
+            "| seed | " + " | ".join(m for m in methods) + " |",
+            "|---|" + "---|" * len(methods)]
+  for s in seeds:
+    cells = []
+    for m in methods:
+      st = records[s]["stages"].get(m, {})
+      cells.append(f"{st.get('stop_reason') or '-'} {st.get('epochs', '-')} "
+                   f"(best {st.get('best_epoch', '-')})" if st.get("epochs") is not None
+                   else (st.get("stop_reason") or "-"))
+    lines.append(f"| {s} | " + " | ".join(cells) + " |")
+  tvs = {s: records[s].get("teacher_vs_student") for s in seeds
+         if records[s].get("teacher_vs_student")}
+  if tvs:
+    keys = list(next(iter(tvs.values()))["teacher"])
+    lines += ["", "## Stage-1 teacher vs student on val (R@1, teacher / student)", "",
+              "| seed | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
+    for s, c in tvs.items():
+      lines.append(f"| {s} | " + " | ".join(
+          f"{c['teacher'][k]:.1f} / {c['student'][k]:.1f}" for k in keys) + " |")
+    warned = [s for s in seeds if records[s].get("teacher_warning")]
+    if warned:
+      lines += ["", f"Teacher warning (not better than the student anywhere on val): seeds "
+                f"{warned}."]
   lines += ["", "## Teacher and student by the place's regime (R@1)", "",
             "| method | " + " | ".join(by_regime[methods[0]]) + " |",
             "|---|" + "---|" * len(by_regime[methods[0]])]
   for m in methods:
     lines.append(f"| {labels[m]} | " + " | ".join(fmt(v) for v in by_regime[m].values()) + " |")
+  partitions = {s: records[s]["partition"] for s in seeds if records[s]["partition"]}
   if partitions:
     lines += ["", "Partition of the training queries (D1 both right, D2 teacher only, D3 "
               "student only, D4 neither; `stage1` = the paper's, judged by the run's own "
@@ -316,18 +423,73 @@ def main():
     for s, by_kind in partitions.items():
       for kind, p in by_kind.items():
         lines.append(f"- seed {s}, {kind}: " + ", ".join(f"{g} {n}" for g, n in p.items()))
+  if os.path.exists(args.out + ".findings.md"):
+    with open(args.out + ".findings.md") as f:
+      lines += ["", f.read().rstrip()]
   files.write_text(args.out + ".md", "\n".join(lines) + "\n")
   files.write_json(args.out + ".json", {
-      "unit": "percent", "seeds": args.seeds, "kd": args.kd, "lambda_kd": args.lambda_kd,
-      "selection": selection, "overrides": args.override,
-      "test_places": args.test_places, "command": command, "wall_s": wall,
-      "per_query": {m: {str(s): [int(h) for h in v] for s, v in per_query[m].items()}
-                    for m in methods},
+      "unit": "percent", "seeds": seeds, "kd": kd, "lambda_kd": lam,
+      "selection": selection, "overrides": first["overrides"], "command": command,
+      "wall_s": wall,
+      "per_query": {m: {str(s): v for s, v in per_query[m].items()} for m in methods},
       "conditions": {str(s): v for s, v in conditions.items()},
       "regimes": {str(s): v for s, v in regimes.items()},
       "table": table, "by_regime": by_regime, "paired": paired,
-      "partition": {str(s): p for s, p in partitions.items()}}, sort_keys=False)
+      "partition": {str(s): p for s, p in partitions.items()},
+      "stages": {str(s): records[s]["stages"] for s in seeds},
+      "teacher_vs_student": {str(s): v for s, v in tvs.items()}}, sort_keys=False)
   print("\n".join(lines))
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--config", default="configs/ablation.py")
+  parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+  parser.add_argument("--kd", default="relational", choices=list(KD_CHOICES),
+                      help="the KD form of the KD variants")
+  parser.add_argument("--lambda-kd", type=float, default=1.0, help="distill.lambda_kd")
+  parser.add_argument("--select-kd", nargs="*", default=[], choices=list(KD_CHOICES),
+                      help="KD forms to choose from on val (first seed)")
+  parser.add_argument("--select-lambda", type=float, nargs="*", default=[],
+                      help="lambda_kd values to choose from on val (first seed)")
+  parser.add_argument("--workdir", default="runs/synthetic_structure")
+  parser.add_argument("--override", nargs="*", default=[],
+                      help="config overrides without the --config. prefix, e.g. train.patience=5")
+  parser.add_argument("--out", default=os.path.join(REPO, "experiments", "results",
+                                                    "synthetic_structure"))
+  parser.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS),
+                      choices=list(VARIANTS))
+  parser.add_argument("--resamples", type=int, default=10000)
+  parser.add_argument("--rerun-eval", action="store_true",
+                      help="evaluate every variant again even when its test evaluation "
+                           "already read its current stages with these settings")
+  parser.add_argument("--commit", action="store_true",
+                      help="git-commit each finished seed's file as soon as it is written")
+  parser.add_argument("--aggregate-only", action="store_true",
+                      help="train nothing: write the report from the seed files present")
+  args = parser.parse_args()
+  args.out = os.path.abspath(args.out)
+  records, kd_choice = {}, None
+  for seed in args.seeds:
+    path = seed_path(args, seed)
+    if os.path.exists(path):
+      records[seed] = files.read_json(path)
+      print(f"[seed {seed}] finished earlier: {os.path.relpath(path, REPO)}", flush=True)
+      continue
+    if args.aggregate_only:
+      continue
+    if records:
+      kd_choice = (records[min(records)]["kd"], records[min(records)]["lambda_kd"])
+    records[seed] = run_seed(args, seed, kd_choice)
+    files.write_json(path, records[seed])
+    if args.commit:
+      commit(path, f"synthetic_structure: seed {seed} finished ({len(records)} of "
+                   f"{len(args.seeds)} seeds; per-query test hits of every method)")
+    aggregate(args, records)
+  if not records:
+    raise SystemExit("no finished seed to report")
+  aggregate(args, records)
 
 
 if __name__ == "__main__":

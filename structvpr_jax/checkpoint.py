@@ -28,18 +28,33 @@ BEST_METRIC = "val_R@5"
 
 
 TIE_BREAK_METRIC = "val_R@1"
+# The fit loop's selection score (train.select_metric with its tie-break,
+# early_stopping.selection_score), saved with every checkpoint's metrics;
+# checkpoints written before it fall back to val R@5 + 1e-4 val R@1.
+SELECT_SCORE = "select_score"
 
 
 def _metric(metrics) -> float:
-  """val R@5, ties broken by val R@1 (small val splits saturate R@5)."""
+  """The selection score when recorded, else val R@5 with ties broken by val R@1
+  (small val splits saturate R@5)."""
+  if metrics.get(SELECT_SCORE) is not None:
+    return float(metrics[SELECT_SCORE])
   return float(metrics.get(BEST_METRIC, -1.0)) + 1e-4 * float(metrics.get(TIE_BREAK_METRIC, 0.0))
 
 
+def _rank(metrics, step) -> tuple:
+  """Checkpoints sort by (selection score, earlier step first among equal
+  scores): a tie is not an improvement, as for early stopping."""
+  return (_metric(metrics), -float(step))
+
+
 def manager(directory: str, read_only: bool = False, keep_best: bool = True):
-  """A CheckpointManager keeping the latest and the best (by val R@5)."""
+  """A CheckpointManager keeping the latest and the best (by the selection
+  score, the earliest of equal scores)."""
   policies = [cm.LatestN(n=1)]
   if keep_best:
-    policies.append(cm.BestN(get_metric_fn=_metric, reverse=False, n=1,
+    policies.append(cm.BestN(get_metric_fn=lambda m: _rank(m, m.get("step", 0)),
+                             reverse=False, n=1,
                              keep_checkpoints_without_metrics=False))
   options = ocp.CheckpointManagerOptions(
       preservation_policy=cm.AnyPreservationPolicy(policies),
@@ -61,22 +76,25 @@ def save(mngr, step: int, variables, meta: dict, opt=None, mining: Optional[dict
     items["opt"] = ocp.args.StandardSave(jax.device_get(opt))
   if mining is not None:
     items["mining"] = ocp.args.StandardSave({k: np.asarray(v) for k, v in mining.items()})
-  mngr.save(int(step), args=ocp.args.Composite(**items),
-            metrics={k: float(v) for k, v in (metrics or {}).items()}, force=True)
+  metrics = {k: float(v) for k, v in (metrics or {}).items()}
+  if metrics:
+    metrics["step"] = float(step)
+  mngr.save(int(step), args=ocp.args.Composite(**items), metrics=metrics, force=True)
   mngr.wait_until_finished()
 
 
 def best_step(mngr) -> Optional[int]:
-  """The step with the highest val R@5, then R@1, then the latest (latest step when
-  none has metrics)."""
+  """The step with the highest selection score (val R@5, then R@1, by default),
+  the earliest of equal scores (the latest step when none has metrics)."""
   steps = mngr.all_steps()
   if not steps:
     return None
   scored = []
   for s in steps:
     meta = mngr.restore(s, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-    if meta.get("metrics", {}).get(BEST_METRIC) is not None:
-      scored.append((_metric(meta["metrics"]), s))
+    if meta.get("metrics", {}).get(BEST_METRIC) is not None or \
+        meta.get("metrics", {}).get(SELECT_SCORE) is not None:
+      scored.append((_rank(meta["metrics"], s), s))
   return max(scored)[1] if scored else max(steps)
 
 

@@ -19,7 +19,7 @@ from typing import Optional
 
 import jax
 
-from structvpr_jax import augment, evaluation, losses, partition, retrieval, slme
+from structvpr_jax import augment, early_stopping, evaluation, losses, partition, retrieval, slme
 from structvpr_jax.data import convert, layout, records
 from structvpr_jax.models import mobilenet, pretrained, spec as model_spec
 
@@ -36,13 +36,18 @@ TRAIN_RESULT_FIELDS = ("batch_size", "num_negatives", "mining", "num_candidates"
                        "final_lr_fraction", "optimizer", "grad_clip", "weight_decay", "margin",
                        "batchnorm", "eval_at_start", "eval_every", "kmeans_images",
                        "kmeans_per_image", "log_term_grads", "dtype", "augment", "crop_scale",
-                       "color_jitter", "trainable_from", "remat")
-STAGE_OVERRIDES = ("num_steps", "learning_rate", "batchnorm", "mining")
+                       "color_jitter", "trainable_from", "remat", "epoch_queries",
+                       "patience", "max_epochs", "lr_schedule", "select_metric")
+# train.lr_schedule: warmup, then cosine decay over the budget, or constant
+LR_SCHEDULES = ("cosine", "constant")
+STAGE_OVERRIDES = ("num_steps", "learning_rate", "batchnorm", "mining", "max_epochs",
+                   "patience")
 
 
 def stage_train_config(config, stage: str) -> dict:
   """config.train with per-stage overrides: config.{rgb,seg,distill}.{num_steps,
-  learning_rate, batchnorm, mining} when set (non-zero / non-empty)."""
+  learning_rate, batchnorm, mining, max_epochs, patience} when set (non-zero /
+  non-empty)."""
   tc = config.train.to_dict() if hasattr(config.train, "to_dict") else dict(config.train)
   for key in STAGE_OVERRIDES:
     if config[stage].get(key):
@@ -154,6 +159,23 @@ def validate_config(config) -> None:
     raise ValueError(f"distill.kd={config.distill.kd!r}; expected one of {losses.KD_FORMS}")
   if float(config.distill.get("temperature", 0.1)) <= 0:
     raise ValueError(f"distill.temperature={config.distill.temperature} must be > 0")
+  if float(config.distill.get("teacher_temperature", 0.0)) < 0:
+    raise ValueError(f"distill.teacher_temperature={config.distill.teacher_temperature} must "
+                     f"be >= 0 (0: distill.temperature)")
+  if (config.train.get("lr_schedule", "cosine") or "cosine") not in LR_SCHEDULES:
+    raise ValueError(f"train.lr_schedule={config.train.lr_schedule!r}; expected one of "
+                     f"{LR_SCHEDULES}")
+  if (config.train.get("select_metric", "R@5") or "R@5") not in early_stopping.SELECT_METRICS:
+    raise ValueError(f"train.select_metric={config.train.select_metric!r}; expected one of "
+                     f"{early_stopping.SELECT_METRICS}")
+  for stage in TRAIN_STAGES:
+    tc = stage_train_config(config, stage)
+    for key in ("epoch_queries", "patience", "max_epochs"):
+      if int(tc.get(key, 0) or 0) < 0:
+        raise ValueError(f"train.{key}={tc[key]} must be >= 0")
+    if int(tc.get("epoch_queries", 0) or 0) and not int(tc.get("max_epochs", 0) or 0):
+      raise ValueError(f"train.epoch_queries={tc['epoch_queries']} needs train.max_epochs "
+                       f">= 1 (or {stage}.max_epochs): the cap of the early-stopping run")
   rerun = config.get("rerun_from", "") or ""
   if rerun and rerun not in STAGES:
     raise ValueError(f"rerun_from={rerun!r}; expected '' or one of {STAGES}")
@@ -246,7 +268,7 @@ def stage_fields(config, stage: str) -> dict:
     out.update(train_fields(config, "distill"))
     out.update({f"distill.{k}": config.distill.get(k, None)
                 for k in DISTILL_PARTITION_FIELDS + ("lambda_kd", "init_from_rgb", "kd",
-                                                     "temperature")})
+                                                     "temperature", "teacher_temperature")})
   elif stage == "eval":
     out.update({f"eval.{k}": config.eval.get(k, None)
                 for k in ("ns", "radius", "pca_dim", "pca_whiten", "index", "ivf_nlist",

@@ -15,7 +15,10 @@ wrong, 0 = excluded (no positive, or no negative to rank against).
 
 Eq. 3 (ours):  w = 1[r_T <= tau] * sigmoid(beta * (m_T - m_S)).
 Ablation kinds: "sigmoid" (default), "group" (a constant per group),
-"uniform" (1 everywhere: plain distillation), "teacher_only" (1[r_T <= tau]).
+"uniform" (1 everywhere: plain distillation), "teacher_only" (1[r_T <= tau]),
+"gate" (the same 0/1 weights as teacher_only, a reliability gate as
+StructVPR++ applies to "noisy" pairs; the KD loss is then normalised by the
+sum of the weights instead of the batch size: `KD_NORMALIZATION`).
 
 Cross-fitted partition (ours, `distill.partition = "crossfit"`): the training
 places are cut in two spatial folds (`crossfit_folds`); stage-1 branches
@@ -36,7 +39,17 @@ from jax.sharding import PartitionSpec as P
 
 from structvpr_jax.parallel import DATA_AXIS
 
-WEIGHTINGS = ("sigmoid", "group", "uniform", "teacher_only")
+WEIGHTINGS = ("sigmoid", "group", "uniform", "teacher_only", "gate")
+# How stage 2 normalises the weighted KD sum for each weighting
+# (`losses.weighted_mean`): by the batch size, or by the sum of the weights.
+KD_NORMALIZATION = {"gate": "weights"}
+
+
+def kd_normalization(kind: str) -> str:
+  """"weights" for the gate weighting, else "batch" (`losses.NORMALIZATIONS`)."""
+  if kind not in WEIGHTINGS:
+    raise ValueError(f"unknown distillation weighting {kind!r}; expected one of {WEIGHTINGS}")
+  return KD_NORMALIZATION.get(kind, "batch")
 PARTITIONS = ("stage1", "crossfit")
 GROUP_NAMES = ("excluded", "D1", "D2", "D3", "D4")
 # "group" weighting (ours): D1 both right 0.5, D2 teacher-only right 1.0,
@@ -225,7 +238,8 @@ def distill_weights(m_T, m_S, r_T, tau: int = 1, beta: float = 10.0, kind: str =
     beta: sigmoid sharpness.
     kind: "sigmoid" -> 1[r_T <= tau] * sigmoid(beta (m_T - m_S));
       "group" -> `group_weights[group - 1]` (needs `r_S`);
-      "uniform" -> 1; "teacher_only" -> 1[r_T <= tau].
+      "uniform" -> 1; "teacher_only" and "gate" -> 1[r_T <= tau] (gate's
+      loss is normalised by the weights' sum: `kd_normalization`).
     r_S: int [Q] student ranks (only for kind="group").
     valid: optional bool [Q]; weights are 0 where False.
     group_weights: weights of D1..D4 for kind="group".
@@ -245,7 +259,7 @@ def distill_weights(m_T, m_S, r_T, tau: int = 1, beta: float = 10.0, kind: str =
     w = jnp.asarray(group_weights, jnp.float32)[groups - 1]
   elif kind == "uniform":
     w = jnp.ones_like(m_T)
-  elif kind == "teacher_only":
+  elif kind in ("teacher_only", "gate"):
     w = teacher_right.astype(jnp.float32)
   else:
     raise ValueError(f"unknown distillation weighting {kind!r}; expected one of {WEIGHTINGS}")

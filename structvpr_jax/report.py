@@ -306,8 +306,15 @@ def write_report(wd: Workdir) -> str:
                 f"![examples]({rel(wd.examples_png)})", ""]
   if os.path.exists(wd.partition_summary):
     ps = files.read_json(wd.partition_summary)
-    lines += ["## Partition of the training queries", "",
-              "| group | count | mean weight |", "|---|---|---|"]
+    lines += ["## Partition of the training queries", ""]
+    cmp = ps.get("val_teacher_vs_student")
+    if cmp:
+      lines += ["Stage-1 branches on val (R@1, percent): " + ", ".join(
+          f"{c} teacher {cmp['teacher'][c]:.1f} / student {cmp['student'][c]:.1f}"
+          for c in cmp["teacher"]) + ".", ""]
+    if ps.get("teacher_warning"):
+      lines += [f"**{ps['teacher_warning']}**", ""]
+    lines += ["| group | count | mean weight |", "|---|---|---|"]
     for k, v in ps.items():
       if isinstance(v, dict) and "count" in v:
         mw = v.get("mean_weight")

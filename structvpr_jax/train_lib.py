@@ -30,7 +30,8 @@ import optax
 from absl import logging
 from flax.training import train_state
 
-from structvpr_jax import augment, checkpoint, config_lib, files, losses, mining, parallel, slme
+from structvpr_jax import (augment, checkpoint, config_lib, early_stopping, files, losses, mining,
+                           parallel, slme)
 from structvpr_jax.data import input_pipeline, layout
 from structvpr_jax.evaluation import Extractor, RecallEvaluator, extractor_from_config
 from structvpr_jax.models import netvlad
@@ -51,8 +52,9 @@ OPT_LAYOUT = "flat"
 def make_optimizer(tc: dict, trainable_mask: Optional[Any] = None, flat: bool = True):
   """(optax transform, learning-rate schedule) from a stage's training fields.
 
-  Adam (default) or SGD (momentum 0.9) with linear warmup + cosine decay to
-  `final_lr_fraction`; optional global-norm clipping and weight decay.
+  Adam (default) or SGD (momentum 0.9) with linear warmup, then (`lr_schedule`)
+  cosine decay to `final_lr_fraction` at `num_steps` (the stage's step budget)
+  or a constant rate; optional global-norm clipping and weight decay.
   `trainable_mask`: a pytree of bools shaped like the params (or a function
   of the params returning one); False leaves are frozen (zero update, no
   optimizer state), via `optax.multi_transform`.
@@ -70,9 +72,17 @@ def make_optimizer(tc: dict, trainable_mask: Optional[Any] = None, flat: bool = 
   """
   steps = max(int(tc["num_steps"]), 1)
   warmup = min(int(tc.get("warmup_steps", 0)), steps - 1) if steps > 1 else 0
-  schedule = optax.warmup_cosine_decay_schedule(
-      0.0 if warmup else tc["learning_rate"], tc["learning_rate"], max(warmup, 0),
-      steps, end_value=tc["learning_rate"] * tc.get("final_lr_fraction", 0.01))
+  kind = tc.get("lr_schedule", "cosine") or "cosine"
+  if kind == "cosine":
+    schedule = optax.warmup_cosine_decay_schedule(
+        0.0 if warmup else tc["learning_rate"], tc["learning_rate"], max(warmup, 0),
+        steps, end_value=tc["learning_rate"] * tc.get("final_lr_fraction", 0.01))
+  elif kind == "constant":
+    schedule = (optax.join_schedules([optax.linear_schedule(0.0, tc["learning_rate"], warmup),
+                                      optax.constant_schedule(tc["learning_rate"])], [warmup])
+                if warmup else optax.constant_schedule(tc["learning_rate"]))
+  else:
+    raise ValueError(f"train.lr_schedule={kind!r}; expected one of {config_lib.LR_SCHEDULES}")
   if tc.get("optimizer", "adam") == "adam":
     opt = optax.adam(schedule)
   elif tc["optimizer"] == "sgd":
@@ -159,7 +169,8 @@ ADAPTOR = "kd_adaptor"
 
 
 def make_train_step(spec: dict, tc: dict, mesh, teacher_spec: Optional[dict] = None,
-                    lambda_kd: float = 1.0, kd: str = "feature", temperature: float = 0.1):
+                    lambda_kd: float = 1.0, kd: str = "feature", temperature: float = 0.1,
+                    teacher_temperature: float = 0.0, kd_normalize: str = "batch"):
   """The data-parallel step for stage 1 (triplet) or stage 2 (triplet + KD).
 
   Returns `step(state, batch, rng[, teacher_variables]) -> (state, metrics)`.
@@ -170,7 +181,12 @@ def make_train_step(spec: dict, tc: dict, mesh, teacher_spec: Optional[dict] = N
   descriptors of query and positive with the teacher's; "adaptor" first maps
   the student's through the linear head `state.params[ADAPTOR]`;
   "relational" matches the softmax(-distance / `temperature`) of each query
-  to its positive and negatives (the teacher describes all 2 + M label maps).
+  to its positive and negatives (the teacher describes all 2 + M label maps);
+  "relational_batch" the same over every candidate of the global batch, the
+  teacher's softmax at `teacher_temperature` (0: `temperature`); "rkd" the
+  mean-normalised query-to-candidate distances of the batch (smooth-L1).
+  `kd_normalize`: "batch" (the weighted KD sum / B) or "weights" (/ sum of
+  the weights: the "gate" weighting), `losses.weighted_mean`.
   `tc["dtype"]` "bfloat16" runs the student's and teacher's forward and
   backward in bfloat16 (mixed precision for accelerators); parameters,
   optimizer state, BatchNorm statistics, NetVLAD's softmax and norms and the
@@ -224,7 +240,7 @@ def make_train_step(spec: dict, tc: dict, mesh, teacher_spec: Optional[dict] = N
     loss = triplet
     if teacher is not None:
       (teacher_vars,) = extra
-      views = k if kd == "relational" else 2             # all images, or query + positive
+      views = k if kd in losses.WIDE_KD_FORMS else 2     # all images, or query + positive
       seg = batch["seg"][:, :views].reshape((b * views,) + batch["seg"].shape[2:])
       t_keys = None if keys is None else keys.reshape((b, k) + keys.shape[1:])[:, :views]
       t_keys = None if t_keys is None else t_keys.reshape((b * views,) + keys.shape[1:])
@@ -232,14 +248,23 @@ def make_train_step(spec: dict, tc: dict, mesh, teacher_spec: Optional[dict] = N
       t_in = model_spec.model_input(teacher_spec, augmented(seg, t_keys, "seg"))
       t_desc = teacher.apply(teacher_vars, t_in, train=False).reshape(b, views, -1)
 
+      norm = dict(normalize=kd_normalize, axis_name=parallel.DATA_AXIS)
+
       def kd_of(d):
+        w = batch["weight"]
         if kd == "relational":
-          return losses.relational_distill_loss(d, t_desc, batch["weight"], temperature)
+          return losses.relational_distill_loss(d, t_desc, w, temperature, teacher_temperature,
+                                                **norm)
+        if kd == "relational_batch":
+          return losses.batch_relational_distill_loss(d, t_desc, w, temperature,
+                                                      teacher_temperature, **norm)
+        if kd == "rkd":
+          return losses.rkd_distance_loss(d, t_desc, w, **norm)
         student = d[:, :2].reshape(b * 2, -1)
         if kd == "adaptor":
           student = losses.adaptor_apply(params[ADAPTOR], student)
-        weights = jnp.repeat(batch["weight"], 2)         # each query's weight on q and p
-        return losses.distill_loss(student, t_desc.reshape(b * 2, -1), weights)
+        weights = jnp.repeat(w, 2)                       # each query's weight on q and p
+        return losses.distill_loss(student, t_desc.reshape(b * 2, -1), weights, **norm)
 
       kd_loss = kd_of(desc)
       loss = triplet + lambda_kd * kd_loss
@@ -366,7 +391,9 @@ class Teacher:
   weights: np.ndarray       # float32 [num training queries] (Eq. 3)
   lambda_kd: float = 1.0
   kd: str = "feature"       # losses.KD_FORMS
-  temperature: float = 0.1  # relational form
+  temperature: float = 0.1  # relational forms: the student's softmax temperature
+  teacher_temperature: float = 0.0   # relational forms: the teacher's (0: temperature)
+  normalize: str = "batch"  # losses.NORMALIZATIONS ("weights" for distill.weighting="gate")
   loss_heads: dict = dataclasses.field(default_factory=dict)
 
 
@@ -436,7 +463,15 @@ def fit(*, stage: str, spec: dict, tc: dict, mesh, batcher: input_pipeline.Tripl
         views, checkpoint_dir: str, init_variables: Callable[[], dict],
         extractor: Extractor, validate: Callable[[dict], dict], metrics: files.MetricsWriter,
         seed: int, teacher: Optional[Teacher] = None, meta: Optional[dict] = None) -> dict:
-  """Trains one stage to `tc["num_steps"]`, resuming from the latest checkpoint.
+  """Trains one stage, resuming from the latest checkpoint.
+
+  Two budgets (`training_plan`): `tc["num_steps"]` steps validated every
+  `tc["eval_every"]` steps (`epoch_queries` 0), or epochs of
+  `tc["epoch_queries"]` training queries, validated after each, until
+  `tc["patience"]` epochs pass without a better val selection score
+  (`tc["select_metric"]`, `early_stopping.selection_score`) or
+  `tc["max_epochs"]` is reached (the VPR convention). Either way the best
+  checkpoint by that score is kept with the latest.
 
   Args:
     stage: name in logs, metrics and checkpoint meta ("rgb", "seg", "distill").
@@ -455,15 +490,22 @@ def fit(*, stage: str, spec: dict, tc: dict, mesh, batcher: input_pipeline.Tripl
     meta: extra JSON stored in every checkpoint's meta.
 
   Returns:
-    {"steps", "best_step", "best_val_R@5", "checkpoint", "seconds_this_run"}.
+    {"steps" (trained), "best_step", "best_val_R@5", "best_val", "select_metric",
+     "checkpoint", "seconds_this_run", "stop_reason" ("patience" | "max_epochs" |
+     "num_steps"), "epochs" (validations, epoch mode), "best_epoch"}.
   """
   miner = batcher.miner
   steps_per_epoch = batcher.steps_per_epoch()
   if steps_per_epoch == 0:
     raise ValueError(f"train.batch_size={tc['batch_size']} is larger than the "
                      f"{len(miner.train_queries)} usable training queries")
+  plan = training_plan(tc)
+  num_steps, eval_every = plan["num_steps"], plan["eval_every"]
+  metric = plan["select_metric"]
+  tc = dict(tc, num_steps=num_steps)       # the schedule spans the whole budget
   trainable = frozen_below(int(tc.get("trainable_from", 0) or 0))
   tx, schedule = make_optimizer(tc, trainable)
+  stopper = early_stopping.EarlyStopping(plan["patience"], plan["max_epochs"])
   mngr = checkpoint.manager(checkpoint_dir)
   abstract_vars = model_spec.abstract_variables(spec)
   heads = dict(teacher.loss_heads) if teacher is not None else {}
@@ -494,7 +536,11 @@ def fit(*, stage: str, spec: dict, tc: dict, mesh, batcher: input_pipeline.Tripl
           f"where step {latest} is on this training split ({batcher.position_of(int(latest))}): "
           "the training images or batch settings changed since it was written")
     best = restored["meta"].get("best_val_R@5", -1.0)
-    print(f"[{stage}] resuming from step {latest} ({mngr.directory})")
+    if plan["epochs"] and "early_stopping" in restored["meta"]:
+      stopper = early_stopping.EarlyStopping.from_state(
+          restored["meta"]["early_stopping"], plan["patience"], plan["max_epochs"])
+    print(f"[{stage}] resuming from step {latest} ({mngr.directory})"
+          + (f"; {stopper.describe(metric)}" if plan["epochs"] else ""))
     opt_state, step = opt["opt_state"], int(latest)
     heads = opt.get("loss_heads", {})
   else:
@@ -507,17 +553,21 @@ def fit(*, stage: str, spec: dict, tc: dict, mesh, batcher: input_pipeline.Tripl
   train_step = make_train_step(
       spec, tc, mesh, teacher.spec if teacher else None,
       teacher.lambda_kd if teacher else 1.0, teacher.kd if teacher else "feature",
-      teacher.temperature if teacher else 0.1)
+      teacher.temperature if teacher else 0.1,
+      teacher.teacher_temperature if teacher else 0.0,
+      teacher.normalize if teacher else "batch")
   current = {"state": state}
 
-  num_steps = int(tc["num_steps"])
   images_per_step = tc["batch_size"] * (2 + tc["num_negatives"])
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(variables["params"]))
+  budget = (f"epochs of {plan['epoch_queries']} queries ({eval_every} steps) until val "
+            f"{metric} stops improving for {plan['patience'] or 'ever'} epochs, at most "
+            f"{plan['max_epochs']}" if plan["epochs"] else
+            f"{num_steps} steps ({steps_per_epoch} per pass over the queries)")
   print(f"[{stage}] {spec['backbone']} x{spec['width']} + NetVLAD-{spec['num_clusters']} "
         f"({n_params / 1e6:.2f}M params, descriptor {spec['num_clusters'] * spec['dim']}-d) on "
-        f"{mesh.size} device(s) [{jax.devices()[0].platform}], {num_steps} steps, "
-        f"{steps_per_epoch} steps/epoch, global batch {tc['batch_size']} triplets; starts "
-        f"from {_start_label(stage, spec, latest)}")
+        f"{mesh.size} device(s) [{jax.devices()[0].platform}], {budget}, global batch "
+        f"{tc['batch_size']} triplets; starts from {_start_label(stage, spec, latest)}")
 
   def state_variables():
     """The branch's variables (the loss heads stripped: not part of the model)."""
@@ -526,17 +576,31 @@ def fit(*, stage: str, spec: dict, tc: dict, mesh, batcher: input_pipeline.Tripl
             "batch_stats": s.batch_stats}
 
   def validate_and_checkpoint(step: int, best: float) -> float:
-    """Val recalls of the current state -> metrics.jsonl + a checkpoint; new best R@5."""
+    """Val recalls of the current state -> metrics.jsonl + a checkpoint (and,
+    in epoch mode, the early-stopping decision); returns the best val R@5."""
     rep = validate(jax.device_get(state_variables()))
     val = {f"val_{k}": rep[k] for k in rep if k.startswith("R@")}
+    val[checkpoint.SELECT_SCORE] = early_stopping.selection_score(val, metric)
     best = max(best, val["val_R@5"])
-    metrics.write({"stage": stage, "step": step, "event": "val", **val})
-    print(f"[{stage}] step {step} val R@1 {val['val_R@1']:.1f} R@5 {val['val_R@5']:.1f} "
-          f"(best R@5 {best:.1f})", flush=True)
+    epoch = step // eval_every
+    if plan["epochs"]:
+      stopper.update(epoch, val[checkpoint.SELECT_SCORE])
+    per_condition = {f"val_{c}_R@1": v["R@1"] for c, v in rep.get("per_condition", {}).items()
+                     if c != "all"}
+    metrics.write({"stage": stage, "step": step, "event": "val",
+                   **({"epoch": epoch} if plan["epochs"] else {}), **val, **per_condition})
+    where = f"epoch {epoch} (step {step})" if plan["epochs"] else f"step {step}"
+    tail = (f"best {metric} at epoch {stopper.best_epoch}, "
+            f"{stopper.epochs_without_improvement}/{plan['patience'] or '-'} without improvement"
+            if plan["epochs"] else f"best R@5 {best:.1f}")
+    print(f"[{stage}] {where} val R@1 {val['val_R@1']:.1f} R@5 {val['val_R@5']:.1f} "
+          f"({tail})", flush=True)
     s = current["state"]
     checkpoint.save(mngr, step, state_variables(),
                     {"spec": spec, "stage": stage, "step": step, "metrics": val,
                      "best_val_R@5": best, "seed": seed, "opt_layout": OPT_LAYOUT,
+                     "select_metric": metric,
+                     **({"early_stopping": stopper.state_dict()} if plan["epochs"] else {}),
                      "input": batcher.state() or batcher.position_of(step), **(meta or {})},
                     opt={"opt_state": s.opt_state, "step": s.step,
                          **({"loss_heads": {k: s.params[k] for k in heads}} if heads else {})},
@@ -556,8 +620,8 @@ def fit(*, stage: str, spec: dict, tc: dict, mesh, batcher: input_pipeline.Tripl
   root_rng = jax.random.PRNGKey(seed)
   inject_nan_at = int(tc.get("inject_nan_at_step", 0) or 0)
   t_log, step_log = time.time(), step
-  while step < num_steps:
-    epoch, start = divmod(step, steps_per_epoch)
+  while step < num_steps and stopper.stop_reason is None:
+    epoch, start = divmod(step, steps_per_epoch)     # the data pass (mining order)
     for batch in batcher.epoch(epoch, describe_for_mining, start):
       device_batch = {v: batch[v] for v in views}
       if teacher is not None:
@@ -574,7 +638,7 @@ def fit(*, stage: str, spec: dict, tc: dict, mesh, batcher: input_pipeline.Tripl
             params=jax.tree.map(lambda p: p * jnp.nan, current["state"].params))
       last = step >= num_steps
       log_now = step % tc["log_every"] == 0 or last
-      eval_now = step % tc["eval_every"] == 0 or last
+      eval_now = step % eval_every == 0 or last
       if log_now or eval_now:
         # Checked at every log and checkpoint step (one host sync there, none
         # in between): a NaN/Inf makes the parameters non-finite, so it is
@@ -590,21 +654,71 @@ def fit(*, stage: str, spec: dict, tc: dict, mesh, batcher: input_pipeline.Tripl
       if log_now:
         now = time.time()
         rate = (step - step_log) * images_per_step / max(now - t_log, 1e-9)
-        eta = (num_steps - step) * images_per_step / max(rate, 1e-9)
+        # epoch mode: the ETA of the current epoch (when the run stops is not known)
+        to_go = (-step % eval_every) if plan["epochs"] else num_steps - step
+        eta = to_go * images_per_step / max(rate, 1e-9)
         record = {"stage": stage, "step": step, "epoch": epoch, "lr": float(schedule(step - 1)),
                   "img_s": rate, **{k: float(v) for k, v in m.items()}}
+        if plan["epochs"]:
+          record["val_epoch"] = -(-step // eval_every)
         metrics.write(record)
         extra = f" kd {m['kd']:.4f}" if "kd" in m else ""
-        print(f"[{stage}] step {step}/{num_steps} loss {m['loss']:.4f}{extra} "
+        where = (f"epoch {record['val_epoch']}/{plan['max_epochs']} step "
+                 f"{(step - 1) % eval_every + 1}/{eval_every}" if plan["epochs"] else
+                 f"step {step}/{num_steps}")
+        print(f"[{stage}] {where} loss {m['loss']:.4f}{extra} "
               f"|g| {m['grad_norm']:.3f} lr {record['lr']:.2e} {rate:.1f} img/s "
-              f"ETA {format_eta(eta)}", flush=True)
+              f"ETA {format_eta(eta)}{' (epoch)' if plan['epochs'] else ''}", flush=True)
         t_log, step_log = time.time(), step
       if eval_now:
         best = validate_and_checkpoint(step, best)
         t_log, step_log = time.time(), step
-      if last:
+      if last or stopper.stop_reason is not None:
         break
   best_step = checkpoint.best_step(mngr)
-  return {"steps": num_steps, "best_step": best_step, "best_val_R@5": best,
-          "seconds_this_run": time.time() - t_start,
-          "checkpoint": os.path.join(str(mngr.directory), str(best_step))}
+  best_meta = checkpoint.read_meta(mngr, best_step) if best_step is not None else {}
+  result = {"steps": step, "best_step": best_step, "best_val_R@5": best,
+            "best_val": best_meta.get("metrics", {}), "select_metric": metric,
+            "seconds_this_run": time.time() - t_start,
+            "stop_reason": stopper.stop_reason or "num_steps",
+            "checkpoint": os.path.join(str(mngr.directory), str(best_step))}
+  if plan["epochs"]:
+    result.update(epochs=stopper.last_epoch, best_epoch=stopper.best_epoch,
+                  epoch_steps=eval_every, early_stopping=stopper.state_dict())
+    print(f"[{stage}] {stopper.describe(metric)}; best checkpoint step {best_step}", flush=True)
+  return result
+
+
+def training_plan(tc: dict) -> dict:
+  """The step budget and validation rhythm of a stage's training fields.
+
+  `epoch_queries` 0 (default): `num_steps` steps, validated every
+  `eval_every`. `epoch_queries` > 0: epochs of ceil(epoch_queries /
+  batch_size) steps, validated after each; at most `max_epochs` epochs,
+  stopping early after `patience` epochs without improvement (0: never).
+
+  Returns:
+    {"epochs" (bool), "num_steps", "eval_every", "epoch_queries", "patience",
+     "max_epochs", "select_metric"}.
+  """
+  metric = tc.get("select_metric", "R@5") or "R@5"
+  if metric not in early_stopping.SELECT_METRICS:
+    raise ValueError(f"train.select_metric={metric!r}; expected one of "
+                     f"{early_stopping.SELECT_METRICS}")
+  epoch_queries = int(tc.get("epoch_queries", 0) or 0)
+  patience = int(tc.get("patience", 0) or 0)
+  max_epochs = int(tc.get("max_epochs", 0) or 0)
+  if epoch_queries < 0 or patience < 0 or max_epochs < 0:
+    raise ValueError(f"train.epoch_queries={epoch_queries}, train.patience={patience} and "
+                     f"train.max_epochs={max_epochs} must be >= 0")
+  if not epoch_queries:
+    return {"epochs": False, "num_steps": int(tc["num_steps"]),
+            "eval_every": int(tc["eval_every"]), "epoch_queries": 0, "patience": 0,
+            "max_epochs": 0, "select_metric": metric}
+  if not max_epochs:
+    raise ValueError(f"train.epoch_queries={epoch_queries} needs train.max_epochs >= 1 "
+                     f"(the cap of the early-stopping run)")
+  per_epoch = -(-epoch_queries // int(tc["batch_size"]))
+  return {"epochs": True, "num_steps": per_epoch * max_epochs, "eval_every": per_epoch,
+          "epoch_queries": epoch_queries, "patience": patience, "max_epochs": max_epochs,
+          "select_metric": metric}

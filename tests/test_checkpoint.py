@@ -19,3 +19,23 @@ def test_best_by_r5_then_r1_and_latest_kept(tmp_path):
   assert checkpoint.best_step(mngr) == 20
   again = checkpoint.manager(str(tmp_path / "ckpt"), read_only=True)
   assert checkpoint.best_step(again) == 20
+
+
+def test_selection_score_and_earliest_of_equal_scores(tmp_path):
+  """With the fit loop's selection score recorded, it decides (here R@1
+  selection, recorded as "select_score"); among equal scores the earliest step
+  is the best, kept on disk and returned (a tie is no improvement, as for
+  early stopping)."""
+  from structvpr_jax import early_stopping
+  mngr = checkpoint.manager(str(tmp_path / "ckpt"))
+  runs = {4: {"val_R@5": 90.0, "val_R@1": 70.0},
+          8: {"val_R@5": 99.0, "val_R@1": 60.0},
+          12: {"val_R@5": 90.0, "val_R@1": 70.0},     # ties with step 4
+          16: {"val_R@5": 50.0, "val_R@1": 10.0}}     # latest
+  for step, metrics in runs.items():
+    metrics = dict(metrics, select_score=early_stopping.selection_score(metrics, "R@1"))
+    variables = {"params": {"w": np.full((2,), step, np.float32)}, "batch_stats": {}}
+    checkpoint.save(mngr, step, variables, {"step": step, "metrics": metrics}, metrics=metrics)
+  mngr.wait_until_finished()
+  assert sorted(mngr.all_steps()) == [4, 16]
+  assert checkpoint.best_step(mngr) == 4

@@ -15,17 +15,17 @@ pytestmark = pytest.mark.slow
 
 def test_synthetic_structure_smoke_writes_per_query_hits(tmp_path):
   out = str(tmp_path / "result")
-  cmd = [sys.executable, "experiments/synthetic_structure.py", "--config=configs/distill.py:smoke",
-         "--seeds", "0", "--test-places", "12", "--variants", "triplet_only", "sigmoid",
-         "sigmoid_crossfit",
+  cmd = [sys.executable, "experiments/synthetic_structure.py",
+         "--config=configs/ablation.py:smoke", "--seeds", "0", "--variants", "triplet_only",
+         "sigmoid", "gate", "sigmoid_crossfit",
          "--workdir", str(tmp_path / "runs"), "--out", out, "--resamples", "200",
-         "--select-kd", "feature", "relational"]
+         "--select-kd", "feature", "relational_batch"]
   proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1500,
                         env=dict(os.environ, JAX_PLATFORMS="cpu"))
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   with open(out + ".json") as f:
     res = json.load(f)
-  methods = {"rgb", "seg", "triplet_only", "sigmoid", "sigmoid_crossfit"}
+  methods = {"rgb", "seg", "triplet_only", "sigmoid", "gate", "sigmoid_crossfit"}
   assert set(res["per_query"]) == methods
   n = len(res["conditions"]["0"])
   assert n == 12 and len(res["regimes"]["0"]) == n
@@ -40,8 +40,8 @@ def test_synthetic_structure_smoke_writes_per_query_hits(tmp_path):
     summary = json.load(f)["branches"]
   assert summary["distill"]["R@1"] == pytest.approx(100 * np.mean(res["per_query"]["sigmoid"]["0"]))
   # the KD form was chosen on val among the two (the relational run went through the CLI)
-  assert set(res["selection"]) == {"feature lambda 1", "relational lambda 1"}
-  assert res["kd"] in ("feature", "relational")
+  assert set(res["selection"]) == {"feature lambda 1", "relational_batch lambda 1"}
+  assert res["kd"] in ("feature", "relational_batch")
   best = max(res["selection"].values())
   assert res["selection"][f"{res['kd']} lambda 1"] == best
   pair = res["paired"]["sigmoid vs triplet_only"]["all"]
@@ -55,14 +55,31 @@ def test_synthetic_structure_smoke_writes_per_query_hits(tmp_path):
   assert "Paired differences" in md and "| StructVPR sigmoid (Eq. 3, ours) |" in md
   assert "seed 0, crossfit: D1" in md
   # the selection runs were evaluated on val, never on test
-  for kd in ("feature", "relational"):
+  for kd in ("feature", "relational_batch"):
     sel = os.path.join(tmp_path, "runs", "seed0", f"select_{kd}_lambda1", "eval")
     assert os.path.isdir(os.path.join(sel, "val")) and not os.path.isdir(os.path.join(sel, "test"))
-  # run again: the finished variants are read, not evaluated again, same result
+  # every stage stopped by the epoch rule, and the record says why
+  stages = res["stages"]["0"]
+  for m in methods:
+    assert stages[m]["stop_reason"] in ("patience", "max_epochs"), (m, stages[m])
+    assert 1 <= stages[m]["epochs"] <= 3 and 1 <= stages[m]["best_epoch"] <= stages[m]["epochs"]
+  assert set(res["teacher_vs_student"]["0"]["teacher"]) >= {"all"}
+  assert "How each stage stopped" in md and "teacher vs student on val" in md
+  # the finished seed is a file of its own: a second run reads it and trains nothing
+  seed_file = out + "_seeds/seed0.json"
+  assert os.path.exists(seed_file)
   proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1500,
                         env=dict(os.environ, JAX_PLATFORMS="cpu"))
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-  assert proc.stdout.count("evaluated with these settings already; read as is") == 3
+  assert "[seed 0] finished earlier" in proc.stdout and "structvpr_jax.main" not in proc.stdout
+  with open(out + ".json") as f:
+    assert json.load(f)["per_query"] == res["per_query"]
+  # without the seed file the finished variants are read, not evaluated again
+  os.remove(seed_file)
+  proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1500,
+                        env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  assert proc.stdout.count("evaluated with these settings already; read as is") == 4
   with open(out + ".json") as f:
     assert json.load(f)["per_query"] == res["per_query"]
   # experiments/paired.py recomputes a comparison from the saved hits alone

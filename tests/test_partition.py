@@ -159,3 +159,25 @@ def test_crossfit_folds_cut_the_map_at_the_median_along_its_long_axis():
   np.testing.assert_array_equal(qf, q_fold)
   with pytest.raises(ValueError, match="fold 1 has 0 queries"):
     partition.crossfit_folds(np.zeros((4, 2)), db)
+
+
+def test_gate_weights_hand_case():
+  """gate: 0 where the teacher ranks the positive wrong (r_T > tau), 1 elsewhere,
+  whatever the margins; its KD is normalised by the weights' sum."""
+  m_T = np.array([0.5, -0.2, 0.1, 0.3])
+  m_S = np.array([0.0, 0.4, 0.2, -0.1])
+  r_T = np.array([1, 3, 1, 2])
+  w = partition.distill_weights(m_T, m_S, r_T, tau=1, kind="gate")
+  np.testing.assert_array_equal(np.asarray(w), [1.0, 0.0, 1.0, 0.0])
+  w2 = partition.distill_weights(m_T, m_S, r_T, tau=2, kind="gate",
+                                 valid=np.array([True, True, True, False]))
+  np.testing.assert_array_equal(np.asarray(w2), [1.0, 0.0, 1.0, 0.0])
+  assert partition.kd_normalization("gate") == "weights"
+  assert all(partition.kd_normalization(k) == "batch" for k in partition.WEIGHTINGS
+             if k != "gate")
+  with pytest.raises(ValueError, match="weighting"):
+    partition.kd_normalization("soft")
+  # the gate's loss: the teacher-right queries' mean (2 of 4 pass -> sum / 2)
+  from structvpr_jax import losses
+  per_query = np.array([0.2, 9.0, 0.4, 9.0], np.float32)
+  np.testing.assert_allclose(losses.weighted_mean(per_query, w, "weights"), 0.3, rtol=1e-6)

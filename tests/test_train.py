@@ -126,7 +126,7 @@ TEACHER = dict(SPEC, branch="seg")
 STUDENT = dict(SPEC, branch="distill", view="rgb", backbone="mobilenet_v2")
 
 
-@pytest.mark.parametrize("kd", ["feature", "adaptor", "relational"])
+@pytest.mark.parametrize("kd", ["feature", "adaptor", "relational", "relational_batch", "rkd"])
 def test_stage2_step_for_each_kd_form(kd):
   """One stage-2 step per KD form: finite loss, KD term present; the adaptor's
   head trains with the student; zero weights -> the KD term is exactly 0."""

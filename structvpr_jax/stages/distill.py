@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from structvpr_jax import checkpoint, config_lib, losses, parallel, train_lib
+from structvpr_jax import checkpoint, config_lib, losses, parallel, partition, train_lib
 from structvpr_jax.data import layout
 from structvpr_jax.models import spec as model_spec
 from structvpr_jax.workdir import Workdir
@@ -48,6 +48,9 @@ def run(config, wd: Workdir, root: str) -> dict:
                               variables=parallel.replicate(teacher_host, mesh),
                               weights=weights, lambda_kd=float(config.distill.lambda_kd),
                               kd=kd, temperature=float(config.distill.get("temperature", 0.1)),
+                              teacher_temperature=float(
+                                  config.distill.get("teacher_temperature", 0.0)),
+                              normalize=partition.kd_normalization(config.distill.weighting),
                               loss_heads=heads)
 
   def init_variables(database, tc):

@@ -9,6 +9,13 @@ criterion and the weight: docs/design.md, "Partition and weights").
   <workdir>/partition/summary.json    group counts and mean weights, fields, run id
   <workdir>/partition/groups.png
 
+Before the partition, both stage-1 branches are compared on the val split
+(R@1 overall and per query condition; `teacher_vs_student`): recorded in
+summary.json as "val_teacher_vs_student" and printed; when the teacher is
+not better than the student anywhere (e.g. a segmenter that fails on the
+user's images), one warning line says so in the log, summary.json and
+report.md, naming the numbers: distilling it can only copy its errors.
+
 With distill.partition = "crossfit" the branches of <workdir>/crossfit/fold<k>
 (trained on fold k's places) describe and partition the other fold's queries
 against the other fold's database; partition.npz then also holds `fold` [Q].
@@ -18,13 +25,15 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from typing import Optional
 
 import jax
 import numpy as np
+from absl import logging
 
 from structvpr_jax import checkpoint, config_lib, files, parallel, partition, report, slme
 from structvpr_jax.data import input_pipeline, layout
-from structvpr_jax.evaluation import extractor_from_config
+from structvpr_jax.evaluation import RecallEvaluator, extractor_from_config
 from structvpr_jax.workdir import Workdir
 
 UPSTREAM = ("rgb", "seg")
@@ -50,6 +59,14 @@ def run(config, wd: Workdir, root: str) -> dict:
         f"[{jax.devices()[0].platform}]; weighting {config.distill.weighting}"
         + ("; cross-fitted (each fold judged by the other fold's branches)" if crossfit
            else ""), flush=True)
+  comparison = teacher_vs_student(config, wd, root, mesh)
+  warning = teacher_warning(comparison)
+  print("[partition] val R@1 teacher (seg) / student (rgb): " + ", ".join(
+      f"{c} {comparison['teacher'][c]:.1f} / {comparison['student'][c]:.1f}"
+      for c in comparison["teacher"]), flush=True)
+  if warning:
+    logging.warning("%s", warning)
+    print(f"[partition] {warning}", flush=True)
   common = dict(pos_radius=layout.TRAIN_POSITIVE_RADIUS, neg_radius=layout.NEGATIVE_RADIUS,
                 tau=config.distill.tau, beta=config.distill.beta,
                 kind=config.distill.weighting, mesh=mesh)
@@ -71,6 +88,8 @@ def run(config, wd: Workdir, root: str) -> dict:
   summary["weighting"] = config.distill.weighting
   summary["partition"] = "crossfit" if crossfit else "stage1"
   summary["num_queries"] = int(len(result["groups"]))
+  summary["val_teacher_vs_student"] = comparison
+  summary["teacher_warning"] = warning
   summary["seconds"] = time.time() - t0
   if parallel.is_main_process():
     files.save_npz(wd.partition_npz, **result)
@@ -81,6 +100,41 @@ def run(config, wd: Workdir, root: str) -> dict:
                     if isinstance(v, dict) and "count" in v)
   print(f"[partition] {counts}")
   return summary
+
+
+def teacher_vs_student(config, wd: Workdir, root: str, mesh) -> dict:
+  """Val R@1 (percent) of the run's stage-1 seg teacher and RGB student,
+  overall ("all") and per query condition (the layout's notes).
+
+  Returns:
+    {"teacher": {"all": r, <condition>: r, ...}, "student": {...},
+     "teacher_better_on": [the keys where the teacher's R@1 is higher]}.
+  """
+  out = {}
+  for role, stage in (("teacher", "seg"), ("student", "rgb")):
+    spec, variables, _, _ = checkpoint.restore_variables(wd.checkpoints(stage), config=config)
+    vs = config_lib.read_split(config, root, "val", require_segmentations=spec["view"] == "seg")
+    rep = RecallEvaluator(spec, root, "val", mesh, config.eval.batch_size, ns=(1,),
+                          radius=config.eval.radius, vs=vs,
+                          extractor=extractor_from_config(config, spec, mesh)).run(variables)
+    rec = {"all": float(rep["R@1"])}
+    rec.update({c: float(v["R@1"]) for c, v in sorted(rep.get("per_condition", {}).items())
+                if c != "all" and len(rep["per_condition"]) > 1})
+    out[role] = rec
+  out["teacher_better_on"] = [c for c, r in out["teacher"].items() if r > out["student"][c]]
+  return out
+
+
+def teacher_warning(comparison: dict) -> Optional[str]:
+  """One warning line when the teacher is better than the student nowhere on
+  val (overall or in any condition), else None."""
+  if comparison["teacher_better_on"]:
+    return None
+  numbers = ", ".join(f"{c} {comparison['teacher'][c]:.1f} / {comparison['student'][c]:.1f}"
+                      for c in comparison["teacher"])
+  return (f"warning: the seg teacher is not better than the RGB student anywhere on val "
+          f"(R@1 teacher / student: {numbers}); distillation can only copy its errors: "
+          f"check the label maps (the segmenter on these images) before trusting stage 2")
 
 
 def _subsplit(split: layout.VprSplit, query_keep, database_keep) -> layout.VprSplit:
