@@ -44,4 +44,5 @@ def get_config(arg=None):
   c.train.lr_schedule = "constant"
   c.train.log_every = 25 if not smoke else 2
   c.seg.num_steps = 0          # the epoch rule, as every other stage
+  c.seg.max_epochs = 0         # train.max_epochs (base caps the default run's seg at 5)
   return c

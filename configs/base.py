@@ -113,11 +113,11 @@ def get_config(arg=None):
   # for stride 32 at lr 1e-3 (the earlier default), and steadier between evals.
   c.seg.output_stride = 16
   c.seg.blocks = ()                          # () = the light table; see models/mobilenet.py
-  c.seg.num_steps = 160 if not smoke else 0  # 0: train.num_steps
+  c.seg.num_steps = 160 if not smoke else 0  # 0: train.num_steps (step budget only)
   c.seg.learning_rate = 3e-4                 # from scratch: 3x the fine-tuning rate (see above)
   c.seg.batchnorm = ""                       # "" = train.batchnorm
   c.seg.mining = ""                          # "" = train.mining
-  c.seg.max_epochs = 0                     # 0: train.max_epochs
+  c.seg.max_epochs = 5 if not smoke else 0  # 0: train.max_epochs
   c.seg.patience = 0                       # 0: train.patience
 
   c.distill = ml_collections.ConfigDict()
@@ -164,9 +164,12 @@ def get_config(arg=None):
   # validated after each; a stage stops after `patience` epochs without a
   # better val select_metric (0: never early), or at max_epochs. The same rule
   # for stage 1, stage 2 and the no-KD control; done.json says why it stopped.
-  c.train.epoch_queries = 0
-  c.train.patience = 0
-  c.train.max_epochs = 0
+  # The default synthetic run keeps a small budget (epochs of 320 of its 400
+  # queries, at most 3, stop after 2 without improvement; seg at most 5);
+  # smoke runs keep the step budget (num_steps).
+  c.train.epoch_queries = 320 if not smoke else 0
+  c.train.patience = 2 if not smoke else 0
+  c.train.max_epochs = 3 if not smoke else 0
   # Checkpoint selection and early stopping: "R@5" (the benchmark's; ties
   # broken by R@1) or "R@1" (ties by R@5), on the val split.
   c.train.select_metric = "R@5"

@@ -416,3 +416,40 @@ def test_crossfit_partition_judges_each_fold_by_the_other(run1, tmp_path, cache)
   again = main("configs/distill.py:smoke", copy, "--config.distill.partition=crossfit",
                cache=cache)
   assert "[partition] already finished" in again and "[distill] already finished" in again
+
+
+def test_teacher_at_chance_is_named_in_one_warning(tmp_path, cache):
+  """A teacher forced to chance (every label map blank, as from a segmenter
+  that fails on the images) against a student that cannot miss (each val
+  query is a copy of its place's database image): the partition stage
+  prints one warning line naming both branches' val R@1, and summary.json
+  and report.md carry it."""
+  import glob
+  import shutil
+  from structvpr_jax.data import layout, synthetic
+  root = str(tmp_path / "data")
+  synthetic.generate(root, seed=0, image_size=(64, 80),
+                     num_places={"train": 24, "val": 12, "test": 12}, queries_per_place=1)
+  db = {layout.parse_name(p)["pano_id"]: p
+        for p in glob.glob(os.path.join(root, "images", "val", "database", "*.jpg"))}
+  for q in glob.glob(os.path.join(root, "images", "val", "queries", "*.jpg")):
+    shutil.copyfile(db[layout.parse_name(q)["pano_id"]], q)
+  for png in glob.glob(os.path.join(root, "segmentations", "*", "*", "*.png")):
+    blank = np.zeros_like(np.asarray(Image.open(png)))
+    Image.fromarray(blank).save(png)
+  work = str(tmp_path / "w")
+  data = ["--config.data.name=folder", f"--config.data.root={root}"]
+  outs = {mode: main("configs/distill.py:smoke", work, *data, f"--config.mode={mode}",
+                     cache=cache)
+          for mode in ("train_rgb", "train_seg", "partition", "report")}
+  with open(os.path.join(work, "partition", "summary.json")) as f:
+    summary = json.load(f)
+  cmp = summary["val_teacher_vs_student"]
+  assert cmp["student"]["all"] == 100.0 and cmp["teacher"]["all"] < 50.0, cmp
+  assert cmp["teacher_better_on"] == []
+  warning = summary["teacher_warning"]
+  assert warning.startswith("warning: the seg teacher is not better than the RGB student")
+  assert f"all {cmp['teacher']['all']:.1f} / 100.0" in warning
+  with open(os.path.join(work, "report.md")) as f:
+    assert warning in f.read()
+  assert outs["partition"].count("[partition] warning: the seg teacher") == 1

@@ -185,6 +185,10 @@ def test_eval_queries_without_positives(data, tmp_path):
     (["--config.distill.weighting=cubic"], "distill.weighting='cubic'", 1),
     (["--config.rgb.init=imagenet_tflite:/nope.tflite"], "rgb.init=", 1),
     (["--config.data.name=folder", "--config.data.root=/nonexistent"], "data.root=", 1),
+    (["--config.train.epoch_queries=8"], "train.epoch_queries=8 needs train.max_epochs", 1),
+    (["--config.train.select_metric=R@10"], "train.select_metric='R@10'", 1),
+    (["--config.train.lr_schedule=step"], "train.lr_schedule='step'", 1),
+    (["--config.distill.teacher_temperature=-1.0"], "distill.teacher_temperature=-1.0", 1),
 ])
 def test_bad_config_fields(tmp_path, override, needle, devices):
   work = str(tmp_path / "w")
@@ -409,3 +413,63 @@ def test_non_finite_guard_names_step_and_checkpoint(dataset, tmp_path, cache):
   mngr = checkpoint.manager(os.path.join(work, "rgb", "checkpoints"), read_only=True)
   assert mngr.all_steps() == [4]          # nothing non-finite was saved
   assert not os.path.exists(os.path.join(work, "rgb", "done.json"))
+
+
+EPOCHS = ["--config.train.epoch_queries=4", "--config.train.patience=2",
+          "--config.train.max_epochs=8", "--config.train.select_metric=R@1",
+          "--config.train.log_every=1"]
+
+
+def val_curve(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    recs = [json.loads(l) for l in f]
+  curve = {}
+  for r in recs:
+    if r.get("event") == "val":
+      curve[r["epoch"]] = r["select_score"]      # a resumed run logs an epoch again: the same
+  return curve
+
+
+@pytest.mark.slow
+def test_epochs_stop_by_patience_and_resume_mid_patience(dataset, tmp_path, cache):
+  """Epoch mode: an uninterrupted run stops where the early-stopping rule
+  replayed on its own val curve says, and records why; a run killed after
+  epoch 2's checkpoint resumes mid-patience and makes the same decision at
+  the same epoch, with the same best checkpoint."""
+  from structvpr_jax.early_stopping import EarlyStopping
+  ref = str(tmp_path / "ref")
+  cli("configs/seg.py:smoke", ref, *folder(dataset), *EPOCHS, cache=cache, check=0)
+  with open(os.path.join(ref, "seg", "done.json")) as f:
+    done = json.load(f)
+  assert done["stop_reason"] in ("patience", "max_epochs") and done["select_metric"] == "R@1"
+  curve = val_curve(ref)
+  assert sorted(curve) == list(range(1, done["epochs"] + 1))
+  replay = EarlyStopping(patience=2, max_epochs=8)
+  stopped = [e for e in sorted(curve) if replay.update(e, curve[e])]
+  assert stopped == [done["epochs"]] and replay.stop_reason == done["stop_reason"]
+  assert replay.best_epoch == done["best_epoch"] and done["best_step"] == 2 * done["best_epoch"]
+  assert done["steps"] == 2 * done["epochs"]
+  if done["epochs"] < 3:
+    pytest.skip(f"the reference stopped at epoch {done['epochs']}: nothing to resume mid-way")
+  work = str(tmp_path / "killed")
+  cmd = [sys.executable, "-m", "structvpr_jax.main", "--config=configs/seg.py:smoke",
+         f"--workdir={work}", *folder(dataset), *EPOCHS, f"--config.compilation_cache={cache}"]
+  proc = subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=subprocess.PIPE,
+                          stderr=subprocess.DEVNULL, text=True)
+  killed = False
+  for line in proc.stdout:
+    if line.startswith("[seg] epoch 3/8 step 1/2"):     # after epoch 2's checkpoint
+      proc.send_signal(signal.SIGKILL)
+      killed = True
+      break
+  proc.wait(timeout=120)
+  assert killed and not os.path.exists(os.path.join(work, "seg", "done.json"))
+  out = cli("configs/seg.py:smoke", work, *folder(dataset), *EPOCHS, cache=cache, check=0)
+  assert "resuming from step 4" in out.stdout and "epoch 2: best val R@1" in out.stdout
+  with open(os.path.join(work, "seg", "done.json")) as f:
+    again = json.load(f)
+  for key in ("stop_reason", "epochs", "best_epoch", "best_step", "steps"):
+    assert again[key] == done[key], (key, again[key], done[key])
+  assert val_curve(work) == curve
+  assert f"stopped after epoch {done['epochs']}" in out.stdout or \
+      f"cap of 8 epochs" in out.stdout

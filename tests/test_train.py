@@ -360,3 +360,36 @@ def test_convert_opt_state_rejects_another_optimizer():
   sgd_tensor = train_lib.make_optimizer(dict(TC, optimizer="sgd"), flat=False)[0]
   with pytest.raises(ValueError, match="optimizer state does not match"):
     train_lib.convert_opt_state(sgd_tensor.init(params), jax.eval_shape(adam_flat.init, params))
+
+
+def test_training_plan_epochs_and_steps():
+  """Step budget (epoch_queries 0) vs epochs: steps per epoch round up, the
+  budget is the cap, and the fields are checked."""
+  plan = train_lib.training_plan(dict(TC, num_steps=100, eval_every=40))
+  assert plan == {"epochs": False, "num_steps": 100, "eval_every": 40, "epoch_queries": 0,
+                  "patience": 0, "max_epochs": 0, "select_metric": "R@5"}
+  plan = train_lib.training_plan(dict(TC, batch_size=8, epoch_queries=1000, patience=3,
+                                      max_epochs=30, select_metric="R@1"))
+  assert plan["epochs"] and plan["eval_every"] == 125 and plan["num_steps"] == 125 * 30
+  assert plan["patience"] == 3 and plan["select_metric"] == "R@1"
+  assert train_lib.training_plan(dict(TC, batch_size=8, epoch_queries=20,
+                                      max_epochs=2))["eval_every"] == 3     # ceil(20 / 8)
+  with pytest.raises(ValueError, match="needs train.max_epochs"):
+    train_lib.training_plan(dict(TC, epoch_queries=8))
+  with pytest.raises(ValueError, match="select_metric"):
+    train_lib.training_plan(dict(TC, select_metric="R@20"))
+  with pytest.raises(ValueError, match=">= 0"):
+    train_lib.training_plan(dict(TC, epoch_queries=8, max_epochs=2, patience=-1))
+
+
+def test_constant_and_cosine_schedules():
+  tc = dict(TC, learning_rate=1e-3, warmup_steps=10, num_steps=100, final_lr_fraction=0.01)
+  _, constant = train_lib.make_optimizer(dict(tc, lr_schedule="constant"))
+  _, cosine = train_lib.make_optimizer(dict(tc, lr_schedule="cosine"))
+  assert float(constant(0)) == 0.0 and float(constant(5)) == pytest.approx(5e-4)
+  assert all(float(constant(s)) == pytest.approx(1e-3) for s in (10, 50, 99, 1000))
+  assert float(cosine(10)) == pytest.approx(1e-3) and float(cosine(100)) == pytest.approx(1e-5)
+  _, no_warmup = train_lib.make_optimizer(dict(tc, lr_schedule="constant", warmup_steps=0))
+  assert float(no_warmup(0)) == pytest.approx(1e-3)
+  with pytest.raises(ValueError, match="train.lr_schedule"):
+    train_lib.make_optimizer(dict(tc, lr_schedule="step"))
