@@ -1,13 +1,13 @@
 """The project's benchmark: prints one JSON object of performance figures.
 
-  python experiments/bench.py [--quick] [--rounds R] [--repeats N] [--no-torch] [--out FILE]
-  python experiments/bench.py --table experiments/results/bench.json   # README table
+  python experiments/performance/bench.py [--quick] [--rounds R] [--repeats N] [--no-torch] [--out FILE]
+  python experiments/performance/bench.py --table experiments/results/bench.json [--into docs/performance.md]
 
 Every figure is measured in a fresh worker process (this process only
 launches them and imports neither JAX nor PyTorch), so neither framework
 runs beside the other's threads and memory:
   - RGB workers (`bench.py --worker rgb`) and PyTorch workers
-    (`experiments/torch_reference.py`), interleaved (rgb, torch, rgb, torch,
+    (`experiments/performance/torch_reference.py`), interleaved (rgb, torch, rgb, torch,
     ...): `--rounds` rounds, each running both under both allocator
     settings. A figure is the median over the rounds of each worker's median
     of `--repeats` calls after the first call and 1 s of untimed warm-up calls.
@@ -21,9 +21,9 @@ dispatch synchronously, `hugepages.configure_jax`): unsuffixed keys; and
 "nohuge", without any of them (keys with `_nohuge` before the unit).
 The machine's speed drifts between workers that run minutes apart, so the
 ratio_* keys of one run are noisy (the same code measured forward-224
-ratios of 1.03 and 1.69); experiments/paired_ratio.py measures the issue's
+ratios of 1.03 and 1.69); experiments/performance/paired_ratio.py measures the
 target ratios call by call with both frameworks loaded, and is what the
-README's verdict on them reads.
+verdict on them in docs/performance.md reads.
 
 Keys (stable; later versions add keys, never rename):
   forward_224_img_s       RGB branch (MobileNetV2-1.0 + NetVLAD-64, 81,920-d;
@@ -51,7 +51,7 @@ Keys (stable; later versions add keys, never rename):
   torch_forward_224_img_s, torch_forward_480x640_img_s, torch_train_step_224_img_s,
   torch_train_step_480x640_img_s, torch_train_step_224_frozen_img_s,
   torch_train_step_480x640_frozen_img_s   the same RGB branch and step in PyTorch
-                          (experiments/torch_reference.py, channels_last)
+                          (experiments/performance/torch_reference.py, channels_last)
   ratio_forward_224, ratio_forward_480x640, ratio_train_step_224,
   ratio_train_step_480x640, ratio_train_step_224_frozen,
   ratio_train_step_480x640_frozen   JAX img/s / torch img/s, the program's
@@ -146,7 +146,7 @@ import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(HERE)
+REPO = os.path.dirname(os.path.dirname(HERE))   # the repository root
 sys.path.insert(0, REPO)
 
 from structvpr_jax import hugepages, xla_flags  # noqa: E402  (stdlib only: no JAX here)
@@ -329,7 +329,7 @@ def branch_figures(spec: dict, mesh, quick: bool, repeats: int, prefix: str = ""
   return out
 
 
-# JAX-only levers of the RGB branch at 224 (issue 18), measured in the same
+# JAX-only levers of the RGB branch at 224, measured in the same
 # fresh RGB workers as the paired figures, each one departure from the
 # pipeline's model: key suffix -> (spec changes, trainable_from, forward
 # sizes timed, whether the frozen train step is timed).
@@ -664,8 +664,29 @@ def run_all(quick: bool, rounds: int, repeats: int, with_torch: bool) -> dict:
   return out
 
 
+TABLE_BEGIN = "<!-- bench.py --table: begin -->"
+TABLE_END = "<!-- bench.py --table: end -->"
+
+
+def replace_table(path: str, table: str) -> None:
+  """Puts `table` between the TABLE_BEGIN and TABLE_END lines of the markdown
+  file `path` (each once, in that order), replacing what was there."""
+  with open(path) as f:
+    text = f.read()
+  lines = text.split("\n")
+  if lines.count(TABLE_BEGIN) != 1 or lines.count(TABLE_END) != 1 or (
+      lines.index(TABLE_BEGIN) > lines.index(TABLE_END)):
+    raise SystemExit(f"bench: {path} needs one '{TABLE_BEGIN}' line and, after it, one "
+                     f"'{TABLE_END}' line")
+  begin, end = lines.index(TABLE_BEGIN), lines.index(TABLE_END)
+  text = "\n".join(lines[:begin + 1] + table.split("\n") + lines[end:])
+  with open(path + ".tmp", "w") as f:
+    f.write(text)
+  os.replace(path + ".tmp", path)
+
+
 def markdown_table(b: dict) -> str:
-  """The README's performance table from one bench.py JSON object: JAX,
+  """The performance table (docs/performance.md) from one bench.py JSON object: JAX,
   PyTorch (or the reference) and their ratio with the main program's
   allocator settings (huge pages, kept temporaries), then the same with
   glibc's defaults."""
@@ -718,7 +739,7 @@ def markdown_table(b: dict) -> str:
     return [label, jax_cell, reference, ratio, "", "", "", goal]
 
   rows = [
-      # targets: issue 18 (forward 224 >= 1.5, forward 480x640 >= 2, frozen step >= 1.5)
+      # targets (forward 224 >= 1.5, forward 480x640 >= 2, frozen step >= 1.5)
       paired("RGB forward 16x224x224", "forward_224", bound=1.5),
       paired("RGB forward 16x480x640", "forward_480x640", bound=2),
       paired("RGB train step, 4 triplets at 224, BN batch statistics", "train_step_224"),
@@ -803,12 +824,20 @@ def main():
   parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference")
   parser.add_argument("--out", default="", help="also write the JSON to this file")
   parser.add_argument("--table", default="", metavar="JSON",
-                      help="print the README's markdown table of a saved result and exit")
+                      help="print the markdown table of a saved result and exit")
+  parser.add_argument("--into", default="", metavar="MARKDOWN",
+                      help="with --table: write the table into this file between its "
+                           f"'{TABLE_BEGIN}' and '{TABLE_END}' lines instead of printing it "
+                           "(docs/performance.md)")
   parser.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.table:
     with open(args.table) as f:
-      print(markdown_table(json.load(f)))
+      table = markdown_table(json.load(f))
+    if args.into:
+      replace_table(args.into, table)
+    else:
+      print(table)
     return
   if args.worker:
     global WARMUP_S

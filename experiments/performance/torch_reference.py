@@ -1,6 +1,6 @@
-"""PyTorch reference of the RGB branch, for `experiments/bench.py` only.
+"""PyTorch reference of the RGB branch, for `experiments/performance/bench.py` only.
 
-The same architecture as the spec `experiments/bench.py` times (the
+The same architecture as the spec `experiments/performance/bench.py` times (the
 `Branch("mobilenet_v2", width=1.0, dim=None, num_clusters=64)` of
 structvpr_jax): MobileNetV2-1.0 (stem 3x3/2 32 -> 17 inverted residual
 blocks -> 1x1 1280 with BatchNorm and no final ReLU6) -> NetVLAD-64 on the
@@ -19,7 +19,7 @@ Padding differs in one detail that does not change the FLOPs: torch pads
 3x3 convolutions symmetrically by 1, the JAX model uses TF "SAME" (pad 0
 before, 1 after for stride 2).
 
-  python experiments/torch_reference.py [--quick] [--repeats N]
+  python experiments/performance/torch_reference.py [--quick] [--repeats N]
 
 prints one JSON object {"figures": {...}, "info": {...}, "peak_rss_mb"}
 (the worker protocol of bench.py, which runs it in a fresh process). Needs

@@ -1,10 +1,16 @@
-"""JAX / PyTorch speed ratios measured call by call, paired (issue 18's targets).
+"""JAX / PyTorch speed ratios measured call by call, paired (the speed targets).
 
-  python experiments/paired_ratio.py [--pairs 24] [--blocks 6] [--only forward_224 ...]
-      [--quick] [--gap-s 0.25] [--out experiments/results/paired_ratio]
-  python experiments/paired_ratio.py --pool RUN.json RUN.json ... [--out FILE]
+  python experiments/performance/paired_ratio.py [--pairs 24] [--blocks 6] [--only forward_224 ...]
+      [--quick] [--gap-s 0.25] [--out experiments/results/paired_ratio_run]
+  python experiments/performance/paired_ratio.py --pool RUN.json RUN.json ...
+      [--out experiments/results/paired_ratio]
 
-Why: `experiments/bench.py` runs each framework's worker for minutes and
+A run writes `--out`.{json,md} (default `paired_ratio_run`, a scratch name: the
+repository keeps only the verdict); `--pool` writes the verdict over runs
+(default `experiments/results/paired_ratio`, the file docs/performance.md
+cites, which keeps every run's median and interval in its columns).
+
+Why: `experiments/performance/bench.py` runs each framework's worker for minutes and
 takes medians per fresh process; on this shared 2-core VM the speed of the
 machine drifts on that time scale (PyTorch's forward at 224 measured 183 and
 97 img/s in two runs of the same code), so its same-run ratios met a target
@@ -83,7 +89,7 @@ import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(HERE)
+REPO = os.path.dirname(os.path.dirname(HERE))   # the repository root
 sys.path.insert(0, REPO)
 sys.path.insert(0, HERE)
 
@@ -515,9 +521,11 @@ def main(argv=None) -> int:
                       help="idle seconds before each timed call (default 0.25, 0 with --quick)")
   parser.add_argument("--pool", nargs="+", metavar="RUN.json", default=None,
                       help="pool saved runs instead of measuring (default --out: "
-                           "experiments/results/paired_ratio_pooled)")
+                           "experiments/results/paired_ratio)")
   parser.add_argument("--out", default=None,
-                      help="output path without extension (experiments/results/paired_ratio)")
+                      help="output path without extension (default "
+                           "experiments/results/paired_ratio_run; with --pool "
+                           "experiments/results/paired_ratio)")
   parser.add_argument("--worker", choices=("jax", "torch"), help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
   if args.worker:
@@ -537,8 +545,8 @@ def main(argv=None) -> int:
       res = pool(runs)
     except ValueError as e:
       raise SystemExit(str(e))
-    out = args.out or os.path.join(REPO, "experiments", "results", "paired_ratio_pooled")
-    text = pool_markdown(res, "python experiments/paired_ratio.py --pool " + " ".join(
+    out = args.out or os.path.join(REPO, "experiments", "results", "paired_ratio")
+    text = pool_markdown(res, "python experiments/performance/paired_ratio.py --pool " + " ".join(
         os.path.relpath(p, REPO) if os.path.isabs(p) else p for p in args.pool))
     files.write_json(out + ".json", res)
     files.write_text(out + ".md", text)
@@ -556,13 +564,13 @@ def main(argv=None) -> int:
   if gap_s < 0:
     parser.error("--gap-s must be >= 0")
   res = run(names, args.pairs, args.quick, gap_s, args.blocks)
-  command = "python experiments/paired_ratio.py" + (
+  command = "python experiments/performance/paired_ratio.py" + (
       f" --pairs {args.pairs}" if args.pairs != 24 else "") + (
       f" --blocks {args.blocks}" if args.blocks != 6 else "") + (
       f" --gap-s {args.gap_s:g}" if args.gap_s is not None else "") + (
       " --only " + " ".join(args.only) if args.only else "") + (" --quick" if args.quick else "")
   text = markdown(res, command)
-  out = args.out or os.path.join(REPO, "experiments", "results", "paired_ratio")
+  out = args.out or os.path.join(REPO, "experiments", "results", "paired_ratio_run")
   files.write_json(out + ".json", res)
   files.write_text(out + ".md", text)
   print(text)

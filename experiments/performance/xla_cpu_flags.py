@@ -1,6 +1,6 @@
-"""XLA:CPU options on the RGB branch: speed and whether results change (issue 18).
+"""XLA:CPU options on the RGB branch: speed and whether results change.
 
-  python experiments/xla_cpu_flags.py [--rounds 3] [--repeats 5] [--quick]
+  python experiments/performance/xla_cpu_flags.py [--rounds 3] [--repeats 5] [--quick]
 
 Run it as the main program runs (huge pages: GLIBC_TUNABLES=glibc.malloc.hugetlb=1,
 structvpr_jax/hugepages.py); the workers inherit the environment.
@@ -8,7 +8,7 @@ structvpr_jax/hugepages.py); the workers inherit the environment.
 Each candidate XLA_FLAGS setting (names and values from the XLA flag
 reference of this jaxlib, `xla/debug_options_flags.cc`; none guessed) runs
 in a fresh process, interleaved over `--rounds` rounds, measuring what
-`experiments/bench.py` measures for the paired figures: the RGB branch
+`experiments/performance/bench.py` measures for the paired figures: the RGB branch
 (MobileNetV2-1.0 + NetVLAD-64) forward of 16 images at 224 through
 `evaluation.Extractor`, and the frozen-BatchNorm train step of 4 triplets at
 224. Each worker also writes the descriptors of a fixed batch; the report
@@ -29,7 +29,7 @@ import sys
 import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(HERE)
+REPO = os.path.dirname(os.path.dirname(HERE))   # the repository root
 sys.path.insert(0, REPO)
 sys.path.insert(0, HERE)
 
@@ -124,7 +124,7 @@ def main(argv=None) -> int:
     json.dump(out, f, indent=2, sort_keys=True)
   base = results.get("default", {})
   lines = ["# XLA:CPU options on the RGB branch (224, 1 device)", "",
-           f"`python experiments/xla_cpu_flags.py --rounds {args.rounds} --repeats "
+           f"`python experiments/performance/xla_cpu_flags.py --rounds {args.rounds} --repeats "
            f"{args.repeats}`: medians over rounds of fresh processes, [min, max].", "",
            "| option | forward 16x224 img/s | frozen train step img/s | vs default (fwd / step) "
            "| max descriptor change |", "|---|---|---|---|---|"]

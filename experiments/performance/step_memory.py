@@ -1,6 +1,6 @@
-"""XLA's compiled memory of the RGB train step at 480x640 (issues 16 and 18).
+"""XLA's compiled memory of the RGB train step at 480x640.
 
-  python experiments/step_memory.py [--variants plain remat grouped]
+  python experiments/performance/step_memory.py [--variants plain remat grouped]
 
 For each variant (plain; `train.remat`; `model.depthwise=grouped`) compiles
 `train_lib.make_train_step` (frozen BN, Adam, 2 triplets x (q, p, 4
@@ -20,7 +20,7 @@ import os
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))   # the repository root
 sys.path.insert(0, HERE)
 
 

@@ -1,6 +1,6 @@
-"""Memory and time of a short stage-1 run as the training set grows (issue 16).
+"""Memory and time of a short stage-1 run as the training set grows.
 
-  python experiments/scale.py [--sizes 1000 4000 16000] [--workdir /tmp/scale]
+  python experiments/performance/scale.py [--sizes 1000 4000 16000] [--workdir /tmp/scale]
                               [--format folder|array_record] [--image-size 480,640]
 
 For each size N builds a layout folder of N training images (N/2 database,
@@ -33,7 +33,7 @@ import subprocess
 import sys
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, REPO)
 
 from structvpr_jax import files  # noqa: E402
@@ -123,7 +123,7 @@ def main(argv=None) -> int:
          "results": results}
   files.write_json(args.out + ".json", out)
   lines = [f"# Stage-1 memory vs training-set size ({size[0]}x{size[1]}, {args.format})", "",
-           "`python experiments/scale.py` (a short RGB stage; the same work for every size).", "",
+           "`python experiments/performance/scale.py` (a short RGB stage; the same work for every size).", "",
            "| training images | all decoded would be (GB) | checked up front | peak RSS (GB) "
            "| wall (s) |", "|---|---|---|---|---|"]
   for n, r in results.items():

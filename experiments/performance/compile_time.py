@@ -1,7 +1,7 @@
 """What a first-time user waits for XLA compilation, and what the persistent
-compilation cache removes on a second run (issue 18).
+compilation cache removes on a second run.
 
-  python experiments/compile_time.py [--workdir /tmp/compile_time] [--config configs/rgb.py]
+  python experiments/performance/compile_time.py [--workdir /tmp/compile_time] [--config configs/rgb.py]
 
 Runs the same stage twice as a user would, with an empty persistent cache
 (`--config.compilation_cache=<fresh folder>`) and then with the cache the first
@@ -21,7 +21,7 @@ import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(HERE)
+REPO = os.path.dirname(os.path.dirname(HERE))   # the repository root
 sys.path.insert(0, REPO)
 sys.path.insert(0, HERE)
 
@@ -61,7 +61,7 @@ def main(argv=None) -> int:
   res["saved_by_cache_s"] = round(res["cold_cache"]["wall_s"] - res["warm_cache"]["wall_s"], 1)
   files.write_json(args.out + ".json", dict(res, config=args.config))
   lines = [f"# Compilation: first run vs a rerun with the persistent cache ({args.config})", "",
-           "`python experiments/compile_time.py` (each run in a new workdir; the second reads "
+           "`python experiments/performance/compile_time.py` (each run in a new workdir; the second reads "
            "the cache the first wrote).", "",
            "| run | wall s | start to first step log s | stage s |", "|---|---|---|---|"]
   for name in ("cold_cache", "warm_cache"):

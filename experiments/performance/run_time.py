@@ -1,6 +1,6 @@
 """Wall time and peak RSS of whole program runs, two variants alternating.
 
-  python experiments/run_time.py [--runs 3] [--config configs/distill.py]
+  python experiments/performance/run_time.py [--runs 3] [--config configs/distill.py]
       [--b=--config.model.fused_blocks=False --b=--config.eval.micro_batch=16 ...]
       [--out experiments/results/run_time]
 
@@ -29,7 +29,7 @@ import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(HERE)
+REPO = os.path.dirname(os.path.dirname(HERE))   # the repository root
 sys.path.insert(0, REPO)
 sys.path.insert(0, HERE)
 
@@ -76,7 +76,7 @@ def timed_run(command: list, env: dict | None = None, poll_s: float = 0.05) -> d
 
 def main_command(config: str, workdir: str, extra: list) -> list:
   """The program as the user runs it, on `config` in `workdir`, plus `extra`
-  flags (also experiments/compile_time.py's command)."""
+  flags (also experiments/performance/compile_time.py's command)."""
   return [sys.executable, "-m", "structvpr_jax.main", f"--config={config}",
           f"--workdir={workdir}", *extra]
 
@@ -157,7 +157,7 @@ def main(argv=None) -> int:
     parser.error(f"--b takes program flags (--config.FIELD=VALUE), not {bad}")
   with tempfile.TemporaryDirectory(prefix="run_time_") as scratch:
     res = run(args.config, args.b, args.runs, scratch)
-  command = ("python experiments/run_time.py" + (f" --runs {args.runs}" if args.runs != 3 else "")
+  command = ("python experiments/performance/run_time.py" + (f" --runs {args.runs}" if args.runs != 3 else "")
              + (f" --config {args.config}" if args.config != "configs/distill.py" else "")
              + "".join(f" --b={f}" for f in args.b))
   from structvpr_jax import files

@@ -1,7 +1,7 @@
 """Page faults, system CPU and wall time per train step under each allocator
 setting: why structvpr_jax/hugepages.py keeps XLA's temporaries.
 
-  python experiments/step_faults.py [--steps 20] [--out experiments/results/step_faults]
+  python experiments/performance/step_faults.py [--steps 20] [--out experiments/results/step_faults]
 
 Runs the frozen-BN RGB train step at 224 (`bench.train_step_call`: 4
 triplets, Adam, the pipeline's model; one device), after 3 warm-up steps,
@@ -30,7 +30,7 @@ import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(HERE)
+REPO = os.path.dirname(os.path.dirname(HERE))   # the repository root
 sys.path.insert(0, REPO)
 sys.path.insert(0, HERE)
 
@@ -96,7 +96,7 @@ def main(argv=None) -> int:
     print(f"step_faults: {name}: {results[name]}", file=sys.stderr, flush=True)
   out = {"steps": args.steps, "started": time.strftime("%Y-%m-%d %H:%M"), "settings": results}
   lines = ["# Page faults and system CPU per train step, by allocator setting", "",
-           f"`python experiments/step_faults.py --steps {args.steps}` ({out['started']}; frozen-BN "
+           f"`python experiments/performance/step_faults.py --steps {args.steps}` ({out['started']}; frozen-BN "
            "RGB step at 224, 12 images, one fresh process per setting, run one after another)",
            "", "| setting | GLIBC_TUNABLES | sync dispatch | wall ms | user ms | sys ms | "
            "minor faults | voluntary switches |", "|---|---|---|---|---|---|---|---|"]

@@ -1,9 +1,9 @@
 """Where the RGB train step's time goes on XLA:CPU: a per-operation profile.
 
-  python experiments/profile_step.py [--unfolded] [--depthwise shifted] [--size 224]
+  python experiments/performance/profile_step.py [--unfolded] [--depthwise shifted] [--size 224]
       [--steps 3] [--top 25] [--out experiments/results/profile_step]
 
-Builds the step `experiments/bench.py` times (train_lib.make_train_step,
+Builds the step `experiments/performance/bench.py` times (train_lib.make_train_step,
 frozen BatchNorm, 4 triplets x (q, p, 1 negative) at 224, Adam, one device)
 for the pipeline's default model (model.fold_bn, model.depthwise="auto": the
 native kernels on the CPU) or, with --unfolded / --depthwise, a departure
@@ -45,7 +45,7 @@ import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(HERE)
+REPO = os.path.dirname(os.path.dirname(HERE))   # the repository root
 sys.path.insert(0, REPO)
 sys.path.insert(0, HERE)
 
@@ -229,7 +229,7 @@ def main(argv=None) -> int:
   suffix = ("_unfolded" if args.unfolded else "") + (
       f"_{args.depthwise}" if args.depthwise != "auto" else "")
   out = args.out + suffix
-  command = "python experiments/profile_step.py" + (" --unfolded" if args.unfolded else "") + (
+  command = "python experiments/performance/profile_step.py" + (" --unfolded" if args.unfolded else "") + (
       f" --depthwise {args.depthwise}" if args.depthwise != "auto" else "") + (
       f" --size {args.size}" if args.size != 224 else "") + (
       f" --steps {args.steps}" if args.steps != 3 else "")

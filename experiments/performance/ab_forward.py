@@ -1,6 +1,6 @@
 """In-process A/B of the RGB forward: two model variants, single calls alternating.
 
-  python experiments/ab_forward.py [--size 224 | 480x640] [--pairs 16]
+  python experiments/performance/ab_forward.py [--size 224 | 480x640] [--pairs 16]
       [--b fused_blocks=False ...] [--a-micro-batch 0] [--b-micro-batch 0]
       [--b-kernels OTHER/kernels.cc] [--quick]
 
@@ -35,7 +35,7 @@ import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(HERE)
+REPO = os.path.dirname(os.path.dirname(HERE))   # the repository root
 sys.path.insert(0, REPO)
 sys.path.insert(0, HERE)
 
