@@ -160,15 +160,26 @@ def test_torch_train_step_batchnorm_modes(batchnorm):
   assert not torch.equal(new["netvlad.centroids"], params["netvlad.centroids"])
 
 
-def test_readme_performance_table_is_generated_from_the_saved_result():
+def test_performance_table_is_generated_from_the_saved_result(tmp_path):
+  """docs/performance.md holds, between its markers, exactly what
+  `bench.py --table experiments/results/bench.json` prints, and `--into`
+  rewrites only those lines."""
   proc = subprocess.run([sys.executable, "experiments/performance/bench.py", "--table",
                          "experiments/results/bench.json"], cwd=REPO, capture_output=True,
                         text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-2000:]
   table = proc.stdout.strip()
   assert table.count("\n") >= 10 and re.search(r"\b(met|missed)\b", table)
-  with open(os.path.join(REPO, "README.md")) as f:
-    assert table in f.read()
+  with open(os.path.join(REPO, "docs", "performance.md")) as f:
+    doc = f.read()
+  assert f"{bench.TABLE_BEGIN}\n{table}\n{bench.TABLE_END}\n" in doc
+  copy = tmp_path / "performance.md"
+  copy.write_text(doc.replace(table, "| stale |"))
+  bench.replace_table(str(copy), table)
+  assert copy.read_text() == doc
+  copy.write_text("no markers\n")
+  with pytest.raises(SystemExit, match="needs one"):
+    bench.replace_table(str(copy), table)
 
 
 def test_bench_measures_the_pipelines_default_model():
