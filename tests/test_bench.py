@@ -81,7 +81,7 @@ def test_quick_bench_prints_every_key(tmp_path):
     low, high = printed["round_min_max"][key]
     assert low * (1 - 1e-6) <= printed[key] <= high * (1 + 1e-6), key   # printed rounded
   assert printed["pytorch_reference"] is HAVE_TORCH
-  # The README table of this result: every figure filled in, PyTorch's marked
+  # The performance table (docs/performance.md) of this result: every figure filled in, PyTorch's marked
   # as not run where torch is not installed (a clean CI machine).
   table = bench.markdown_table(printed)
   for row in table.splitlines()[2:]:
