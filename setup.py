@@ -41,8 +41,8 @@ setup(
         # MobileNetV2 weights from .tflite (models/pretrained.py).
         "segment": ["ai-edge-litert"],
         "test": ["pytest", "ai-edge-litert"],
-        # experiments/bench.py's PyTorch reference (experiments/torch_reference.py):
-        # the CPU wheel of torch 2.13.0.
+        # experiments/performance/bench.py's PyTorch reference
+        # (experiments/performance/torch_reference.py): the CPU wheel of torch 2.13.0.
         "bench": ["torch==2.13.0"],
     },
 )

@@ -227,7 +227,7 @@ def get_config(arg=None):
   # chunks; must divide eval.batch_size). 0 = auto: on the CPU chunks of at
   # most 2^20 pixels (16 images at 224, 2 at 480x640), whose largest
   # activation stays about the L3 cache's size (evaluation.MICRO_BATCH_PIXELS;
-  # experiments/bench.py `*_whole` lever); with the native fused blocks only
+  # experiments/performance/bench.py `*_whole` lever); with the native fused blocks only
   # the half-resolution layers (stem and the blocks reading it) go in chunks.
   # The whole batch on GPU/TPU. Descriptors equal up to float rounding.
   c.eval.micro_batch = 0

@@ -1,5 +1,5 @@
 """Does a change of kernels (same function, other float rounding) change what
-the RGB stage learns? Validation only (issue 18).
+the RGB stage learns? Validation only.
 
   python experiments/kernel_val.py --baseline-repo /path/to/checkout/of/the/old/code
       [--other NAME=FLAGS ...] [--workdir /tmp/kernel_val] [--seeds 0 1 2]

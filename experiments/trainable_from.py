@@ -1,4 +1,4 @@
-"""What `train.trainable_from` costs in recall and saves in time (issue 18).
+"""What `train.trainable_from` costs in recall and saves in time.
 
   python experiments/trainable_from.py [--workdir /tmp/trainable_from]
       [--values 0 14] [--seeds 0 1 2] [--gardens-point]

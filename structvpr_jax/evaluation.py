@@ -37,7 +37,7 @@ DESCRIPTOR_DTYPES = ("float32", "float16")       # eval.descriptor_dtype
 # (`mobilenet.fused_inverted_residual`) the largest activation evaluation
 # writes is the stem's output (32 channels at H/2 x W/2: 32 bytes per input
 # pixel), ~32 MB for a chunk of 2^20 pixels, about a server core complex's
-# L3 cache. Measured (experiments/bench.py's `forward_*_whole` lever and
+# L3 cache. Measured (experiments/performance/bench.py's `forward_*_whole` lever and
 # paired_ratio's `*_both_whole` rows, 2026-12-03): 16 images at 224 in one
 # chunk 1.08-1.15x faster than in chunks of 4 (the earlier 2^18); at 480x640
 # chunks of 1 and the whole batch equal on one host, the whole batch 1.10x

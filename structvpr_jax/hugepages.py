@@ -13,13 +13,13 @@ it. Two steps, measured on this project's 2-core VM:
    172 ms system CPU; with the tunable malloc asks for transparent huge
    pages: 620 faults, 68 ms. On the whole model forward 16x224x224 went
    from 52 to 79 img/s, the 4-triplet train step from 4.8 to 7.5 img/s
-   (experiments/bench.py).
+   (experiments/performance/bench.py).
 2. Keeping the block (`glibc.malloc.mmap_max=0`,
    `glibc.malloc.trim_threshold` 16 GiB, and JAX's synchronous dispatch on
    the CPU, `configure_jax`): the run then executes on the calling thread,
    whose allocations come from glibc's main arena; with mmap off and no
    trimming that arena keeps the freed block for the next run. Train step
-   at 224 (`experiments/step_faults.py --steps 20`): 707 -> 0 minor faults
+   at 224 (`experiments/performance/step_faults.py --steps 20`): 707 -> 0 minor faults
    and 28 -> 1.7 ms system CPU per step, 131 -> 117 ms wall. Either half
    alone changes nothing (729 and 741 faults): asynchronous dispatch runs
    on a worker thread, whose arena falls back to mmap above 64 MB whatever

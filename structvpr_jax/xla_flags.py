@@ -4,14 +4,14 @@
 scheduler orders a program for concurrency, which keeps more temporaries
 alive at once. Measured on this project's 2-core machine:
 - the compiled RGB train step of 2 triplets x 6 images at 480x640 needs
-  5.1 GB of temporaries instead of 10.5 GB (experiments/step_memory.py); a
+  5.1 GB of temporaries instead of 10.5 GB (experiments/performance/step_memory.py); a
   short 480x640 RGB stage peaks at 7.9 instead of 13.1 GB RSS
-  (experiments/scale.py);
+  (experiments/performance/scale.py);
 - with huge pages (what the entry points run with) speed is unchanged within
   noise (frozen step at 224: 27.4 vs 28.2 img/s, 2 rounds of fresh
   processes, experiments/results/xla_cpu_flags.md);
 - descriptors are bitwise equal (scheduling does not change what is computed).
-It was found with experiments/xla_cpu_flags.py among the options of this
+It was found with experiments/performance/xla_cpu_flags.py among the options of this
 jaxlib's flag reference; none of the others (XNNPACK / oneDNN fusion, fast
 math, vector width, the memory-optimised scheduler) was faster beyond noise.
 

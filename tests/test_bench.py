@@ -1,4 +1,4 @@
-"""experiments/bench.py runs and prints every key; the PyTorch reference has
+"""experiments/performance/bench.py runs and prints every key; the PyTorch reference has
 the architecture of the spec bench.py times (parameter count, output size)
 and its frozen-BatchNorm step trains the parameters, not the statistics."""
 
@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "experiments"))
+sys.path.insert(0, os.path.join(REPO, "experiments", "performance"))
 import bench  # noqa: E402
 
 # Figures the RGB and PyTorch workers measure under both allocator settings.
@@ -54,7 +54,7 @@ def test_quick_bench_prints_every_key(tmp_path):
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_backend_optimization_level=0",
              JAX_COMPILATION_CACHE_DIR=str(tmp_path / "xla_cache"),
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
-  proc = subprocess.run([sys.executable, "experiments/bench.py", "--quick", "--repeats", "1",
+  proc = subprocess.run([sys.executable, "experiments/performance/bench.py", "--quick", "--repeats", "1",
                          "--out", str(out)], cwd=REPO, capture_output=True, text=True,
                         timeout=900, env=env)
   assert proc.returncode == 0, proc.stderr[-3000:]
@@ -81,7 +81,7 @@ def test_quick_bench_prints_every_key(tmp_path):
     low, high = printed["round_min_max"][key]
     assert low * (1 - 1e-6) <= printed[key] <= high * (1 + 1e-6), key   # printed rounded
   assert printed["pytorch_reference"] is HAVE_TORCH
-  # The README table of this result: every figure filled in, PyTorch's marked
+  # The performance table (docs/performance.md) of this result: every figure filled in, PyTorch's marked
   # as not run where torch is not installed (a clean CI machine).
   table = bench.markdown_table(printed)
   for row in table.splitlines()[2:]:
@@ -160,15 +160,26 @@ def test_torch_train_step_batchnorm_modes(batchnorm):
   assert not torch.equal(new["netvlad.centroids"], params["netvlad.centroids"])
 
 
-def test_readme_performance_table_is_generated_from_the_saved_result():
-  proc = subprocess.run([sys.executable, "experiments/bench.py", "--table",
+def test_performance_table_is_generated_from_the_saved_result(tmp_path):
+  """docs/performance.md holds, between its markers, exactly what
+  `bench.py --table experiments/results/bench.json` prints, and `--into`
+  rewrites only those lines."""
+  proc = subprocess.run([sys.executable, "experiments/performance/bench.py", "--table",
                          "experiments/results/bench.json"], cwd=REPO, capture_output=True,
                         text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-2000:]
   table = proc.stdout.strip()
   assert table.count("\n") >= 10 and re.search(r"\b(met|missed)\b", table)
-  with open(os.path.join(REPO, "README.md")) as f:
-    assert table in f.read()
+  with open(os.path.join(REPO, "docs", "performance.md")) as f:
+    doc = f.read()
+  assert f"{bench.TABLE_BEGIN}\n{table}\n{bench.TABLE_END}\n" in doc
+  copy = tmp_path / "performance.md"
+  copy.write_text(doc.replace(table, "| stale |"))
+  bench.replace_table(str(copy), table)
+  assert copy.read_text() == doc
+  copy.write_text("no markers\n")
+  with pytest.raises(SystemExit, match="needs one"):
+    bench.replace_table(str(copy), table)
 
 
 def test_bench_measures_the_pipelines_default_model():
@@ -333,7 +344,7 @@ def test_paired_ratio_order_effect_hand_case():
 def test_quick_paired_ratio_runs_both_workers(tmp_path):
   out = tmp_path / "paired"
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_backend_optimization_level=0")
-  proc = subprocess.run([sys.executable, "experiments/paired_ratio.py", "--quick", "--pairs", "3",
+  proc = subprocess.run([sys.executable, "experiments/performance/paired_ratio.py", "--quick", "--pairs", "3",
                          "--blocks", "2", "--only", "forward_224", "train_step_224_frozen",
                          "forward_480x640_both_chunked", "forward_224_torch_default_env",
                          "--out", str(out)],

@@ -122,8 +122,7 @@ def test_kernel_val_baseline_must_share_the_data(tmp_path):
 
 
 def test_step_faults_settings_and_arguments():
-  sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                  "experiments"))
+  sys.path.insert(0, os.path.join(REPO, "experiments", "performance"))
   import step_faults
   from structvpr_jax import hugepages
   # "program" is what the main program runs; the others each drop one part
@@ -136,7 +135,7 @@ def test_step_faults_settings_and_arguments():
 
 
 def test_ab_forward_parses_changes_and_runs_quick():
-  sys.path.insert(0, os.path.join(REPO, "experiments"))
+  sys.path.insert(0, os.path.join(REPO, "experiments", "performance"))
   import ab_forward
   assert ab_forward.parse_change("fused_blocks=False") == ("fused_blocks", False)
   assert ab_forward.parse_change("depthwise=shifted") == ("depthwise", "shifted")
@@ -146,15 +145,15 @@ def test_ab_forward_parses_changes_and_runs_quick():
   with pytest.raises(SystemExit):                  # B would equal A
     ab_forward.main(["--pairs", "4"])
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  proc = subprocess.run([sys.executable, "experiments/ab_forward.py", "--quick", "--pairs", "2",
+  proc = subprocess.run([sys.executable, "experiments/performance/ab_forward.py", "--quick", "--pairs", "2",
                          "--b", "fused_blocks=False", "--b", "no_such_field=1"],
                         cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
   assert proc.returncode != 0 and "no_such_field" in proc.stderr
-  proc = subprocess.run([sys.executable, "experiments/ab_forward.py", "--quick", "--pairs", "2",
+  proc = subprocess.run([sys.executable, "experiments/performance/ab_forward.py", "--quick", "--pairs", "2",
                          "--b", "fused_blocks=maybe"],
                         cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
   assert proc.returncode != 0 and "fused_blocks='maybe': expected a bool" in proc.stderr
-  proc = subprocess.run([sys.executable, "experiments/ab_forward.py", "--quick", "--pairs", "2",
+  proc = subprocess.run([sys.executable, "experiments/performance/ab_forward.py", "--quick", "--pairs", "2",
                          "--b", "fused_blocks=False", "--b-micro-batch", "4"],
                         cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
   assert proc.returncode == 0, proc.stderr[-2000:]
@@ -166,11 +165,11 @@ def test_ab_forward_parses_changes_and_runs_quick():
 
 
 def test_run_time_alternates_fresh_workdirs_and_names_a_failed_run(tmp_path):
-  """experiments/run_time.py with a stand-in for the program: one untimed run
+  """experiments/performance/run_time.py with a stand-in for the program: one untimed run
   per variant, then pairs in alternating order, each in its own fresh
   workdir (removed after), B's flags added; B's stand-in holds ~200 MB more
   and sleeps longer, which the peak RSS and the ratio show."""
-  sys.path.insert(0, os.path.join(REPO, "experiments"))
+  sys.path.insert(0, os.path.join(REPO, "experiments", "performance"))
   import run_time
   log = tmp_path / "log.txt"
   code = ("import os, sys, time; b = '--big' in sys.argv; wd = sys.argv[1]; "
@@ -210,7 +209,7 @@ def test_ab_forward_variant_kernels_are_the_ones_b_runs(tmp_path):
   (so a kernel change is timed against the current kernels in one process),
   named by the source's content (a changed source never reuses the targets
   of an earlier one)."""
-  sys.path.insert(0, os.path.join(REPO, "experiments"))
+  sys.path.insert(0, os.path.join(REPO, "experiments", "performance"))
   import ab_forward
   import jax
   import jax.numpy as jnp

@@ -1,4 +1,4 @@
-"""experiments/profile_step.py: joining a profile with the compiled module's text."""
+"""experiments/performance/profile_step.py: joining a profile with the compiled module's text."""
 
 import gzip
 import json
@@ -6,7 +6,7 @@ import os
 import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "experiments"))
+sys.path.insert(0, os.path.join(REPO, "experiments", "performance"))
 
 import profile_step  # noqa: E402
 
