@@ -445,7 +445,10 @@ def test_teacher_at_chance_is_named_in_one_warning(tmp_path, cache):
   with open(os.path.join(work, "partition", "summary.json")) as f:
     summary = json.load(f)
   cmp = summary["val_teacher_vs_student"]
-  assert cmp["student"]["all"] == 100.0 and cmp["teacher"]["all"] < 50.0, cmp
+  # constant teacher descriptors: the search returns the first database rows,
+  # right only where they lie within 25 m (a few neighbouring places)
+  assert cmp["student"]["all"] == 100.0, cmp
+  assert all(cmp["teacher"][k] < cmp["student"][k] for k in cmp["teacher"]), cmp
   assert cmp["teacher_better_on"] == []
   warning = summary["teacher_warning"]
   assert warning.startswith("warning: the seg teacher is not better than the RGB student")
