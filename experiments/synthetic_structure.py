@@ -423,6 +423,36 @@ def aggregate(args, records: dict) -> None:
     for s, by_kind in partitions.items():
       for kind, p in by_kind.items():
         lines.append(f"- seed {s}, {kind}: " + ", ".join(f"{g} {n}" for g, n in p.items()))
+  robustness = {}
+  if args.compare_to:
+    other = {}
+    for s_ in seeds:
+      path = os.path.join(os.path.abspath(args.compare_to) + "_seeds", f"seed{s_}.json")
+      if os.path.exists(path):
+        other[s_] = files.read_json(path)
+    if other:
+      o_first = other[min(other)]
+      lines += ["", f"## Robustness: the same seeds with other kernels "
+                f"(STRUCTVPR_NATIVE={o_first.get('native', '?')}; "
+                f"`{os.path.relpath(os.path.abspath(args.compare_to), REPO)}`)", "",
+                "Test R@1, all conditions: this run, the other run, and other − this "
+                "(bootstrap 95 % CI over queries within seed).", "",
+                "| method | " + " | ".join(f"seed {s_}" for s_ in other) + " | other − this |",
+                "|---|" + "---|" * (len(other) + 1)]
+      for m in methods:
+        if not all(m in other[s_]["per_query"] for s_ in other):
+          continue
+        for s_ in other:
+          if other[s_]["queries"] != records[s_]["queries"]:
+            raise RuntimeError(f"seed {s_}: the compared run answered other queries")
+        mine = {s_: records[s_]["per_query"][m] for s_ in other}
+        theirs = {s_: other[s_]["per_query"][m] for s_ in other}
+        res = stats.paired_bootstrap(mine, theirs, args.resamples)
+        robustness[m] = {"this": {str(s_): rate(mine[s_]) for s_ in other},
+                         "other": {str(s_): rate(theirs[s_]) for s_ in other}, **res}
+        cells = [f"{rate(mine[s_]):.1f} / {rate(theirs[s_]):.1f}" for s_ in other]
+        lines.append(f"| {labels[m]} | " + " | ".join(cells)
+                     + f" | {res['diff']:+.1f} [{res['ci_low']:+.1f}, {res['ci_high']:+.1f}] |")
   if os.path.exists(args.out + ".findings.md"):
     with open(args.out + ".findings.md") as f:
       lines += ["", f.read().rstrip()]
@@ -437,7 +467,8 @@ def aggregate(args, records: dict) -> None:
       "table": table, "by_regime": by_regime, "paired": paired,
       "partition": {str(s): p for s, p in partitions.items()},
       "stages": {str(s): records[s]["stages"] for s in seeds},
-      "teacher_vs_student": {str(s): v for s, v in tvs.items()}}, sort_keys=False)
+      "teacher_vs_student": {str(s): v for s, v in tvs.items()},
+      "robustness": robustness}, sort_keys=False)
   print("\n".join(lines))
 
 
@@ -466,6 +497,9 @@ def main():
                            "already read its current stages with these settings")
   parser.add_argument("--commit", action="store_true",
                       help="git-commit each finished seed's file as soon as it is written")
+  parser.add_argument("--compare-to", default="",
+                      help="another run's --out (e.g. the same seeds with STRUCTVPR_NATIVE=0): "
+                           "a robustness table of every method, this run vs that one")
   parser.add_argument("--aggregate-only", action="store_true",
                       help="train nothing: write the report from the seed files present")
   args = parser.parse_args()

@@ -82,6 +82,27 @@ def test_synthetic_structure_smoke_writes_per_query_hits(tmp_path):
   assert proc.stdout.count("evaluated with these settings already; read as is") == 4
   with open(out + ".json") as f:
     assert json.load(f)["per_query"] == res["per_query"]
+  # a robustness table against another run of the same seed (here: its hits
+  # with the first query of every method flipped), from the seed files alone
+  other = str(tmp_path / "other")
+  os.makedirs(other + "_seeds")
+  with open(out + "_seeds/seed0.json") as f:
+    rec = json.load(f)
+  for m in rec["per_query"]:
+    rec["per_query"][m][0] = 1 - rec["per_query"][m][0]
+  rec["native"] = "0"
+  with open(other + "_seeds/seed0.json", "w") as f:
+    json.dump(rec, f)
+  proc = subprocess.run(cmd + ["--aggregate-only", "--compare-to", other], cwd=REPO,
+                        capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  with open(out + ".json") as f:
+    rob = json.load(f)["robustness"]
+  assert set(rob) == methods
+  for m in methods:
+    flipped = 1 - 2 * res["per_query"][m]["0"][0]          # +1 if the flip made a hit
+    assert rob[m]["diff"] == pytest.approx(100 * flipped / n)
+  assert "Robustness: the same seeds with other kernels (STRUCTVPR_NATIVE=0" in open(out + ".md").read()
   # experiments/paired.py recomputes a comparison from the saved hits alone
   proc = subprocess.run([sys.executable, "experiments/paired.py", out + ".json:triplet_only",
                          out + ".json:sigmoid", "--resamples", "200"], cwd=REPO,
