@@ -23,11 +23,13 @@ Stages handed forward through the workdir never import each other.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import shutil
 import uuid
-from typing import Optional
+from typing import Iterator, Optional
 
 from structvpr_jax import config_lib, files, parallel
 
@@ -223,6 +225,31 @@ class Workdir:
         f"{self.record_path(stage)}: stage {stage!r} was run with other settings: {'; '.join(diffs)}. "
         f"Use another --workdir, or --config.rerun_from={stage} to redo it and every later "
         f"stage")
+
+  @contextlib.contextmanager
+  def stage_lock(self, stage: str) -> Iterator[None]:
+    """Holds `<workdir>/.<stage>.lock` (an exclusive `flock`) while a stage runs,
+    so two commands on one workdir (e.g. an experiment's chains) never train
+    or write the same stage at once: the second waits, saying so, then finds
+    the stage finished and skips it. The OS releases the lock when a process
+    dies, so a killed run leaves nothing to clean up. Process 0 only (the
+    writer; the others meet it at the stage's collectives)."""
+    if not parallel.is_main_process():
+      yield
+      return
+    os.makedirs(self.root, exist_ok=True)
+    path = self.path(f".{stage}.lock")
+    with open(path, "a+") as f:
+      try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+      except BlockingIOError:
+        print(f"[{stage}] waiting: another process is running stage {stage} in {self.root} "
+              f"(lock {path})", flush=True)
+        fcntl.flock(f, fcntl.LOCK_EX)
+      try:
+        yield
+      finally:
+        fcntl.flock(f, fcntl.LOCK_UN)
 
   def begin(self, stage: str, fields: dict, consumed: dict, rerun_from: str = "") -> str:
     """`check_stage`, then (training stages, when new) writes stage.json with

@@ -123,3 +123,33 @@ def test_remove_stage_drops_its_metrics_lines(tmp_path):
   wd.remove_stage("distill")
   assert [r["stage"] for r in files.read_jsonl(wd.metrics)] == ["rgb", "rgb"]
   assert not os.path.exists(wd.stage_dir("distill"))
+
+
+def test_stage_lock_makes_a_second_process_wait(tmp_path, capsys):
+  """Another process holding a stage's lock: this one says it waits, and
+  enters once the other releases it; a different stage is not blocked."""
+  import subprocess
+  import sys
+  import time
+  from structvpr_jax.workdir import Workdir
+  wd = Workdir(str(tmp_path / "w"))
+  with wd.stage_lock("rgb"):
+    pass                                   # creates the lock file
+  holder = subprocess.Popen(
+      [sys.executable, "-c",
+       "import fcntl, sys, time; f = open(sys.argv[1], 'a+'); fcntl.flock(f, fcntl.LOCK_EX); "
+       "print('held', flush=True); time.sleep(2); print('releasing', flush=True); "
+       "fcntl.flock(f, fcntl.LOCK_UN); time.sleep(1)", wd.path(".rgb.lock")],
+      stdout=subprocess.PIPE, text=True)
+  assert holder.stdout.readline().strip() == "held"
+  with wd.stage_lock("seg"):
+    pass                                   # not blocked by rgb's lock
+  assert "waiting" not in capsys.readouterr().out
+  t0 = time.monotonic()
+  with wd.stage_lock("rgb"):
+    waited = time.monotonic() - t0
+    assert holder.stdout.readline().strip() == "releasing"
+  out = capsys.readouterr().out
+  # entered after the holder's 2 s (a lower bound: an ordering, not a speed check)
+  assert "[rgb] waiting: another process is running stage rgb" in out and waited > 1.0
+  holder.wait()

@@ -21,6 +21,12 @@ from structvpr_jax.workdir import Workdir
 def prepare(config, wd: Workdir) -> str:
   """The layout root of this run (generated / converted on process 0), with
   its records exported when data.format="array_record"."""
+  with wd.stage_lock("data"):
+    return _prepare_unlocked(config, wd)
+
+
+def _prepare_unlocked(config, wd: Workdir) -> str:
+  """`prepare` inside the stage lock (`Workdir.stage_lock`)."""
   root = _layout_root(config, wd)
   ensure_records(config, root)
   return root

@@ -24,6 +24,12 @@ UPSTREAM = ("rgb", "seg", "partition")
 
 def run(config, wd: Workdir, root: str) -> dict:
   """Trains the distilled RGB branch on the layout at `root`; returns done.json."""
+  with wd.stage_lock("distill"):
+    return _run_unlocked(config, wd, root)
+
+
+def _run_unlocked(config, wd: Workdir, root: str) -> dict:
+  """`run` inside the stage lock (`Workdir.stage_lock`)."""
   stage = "distill"
   fields = config_lib.stage_fields(config, stage)
   consumed = wd.consumed(UPSTREAM)

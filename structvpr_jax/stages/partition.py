@@ -41,6 +41,12 @@ UPSTREAM = ("rgb", "seg")
 
 def run(config, wd: Workdir, root: str) -> dict:
   """Partitions the training queries of `root`; returns summary.json."""
+  with wd.stage_lock("partition"):
+    return _run_unlocked(config, wd, root)
+
+
+def _run_unlocked(config, wd: Workdir, root: str) -> dict:
+  """`run` inside the stage lock (`Workdir.stage_lock`)."""
   fields = config_lib.stage_fields(config, "partition")
   crossfit = config.distill.get("partition", "stage1") == "crossfit"
   if crossfit:

@@ -26,6 +26,12 @@ def run(config, wd: Workdir, branch: str, root: str) -> dict:
 
   Skipped when finished with the same settings; resumed when started.
   """
+  with wd.stage_lock(branch):
+    return _run_unlocked(config, wd, branch, root)
+
+
+def _run_unlocked(config, wd: Workdir, branch: str, root: str) -> dict:
+  """`run` inside the stage lock (`Workdir.stage_lock`)."""
   if branch not in BRANCHES:
     raise ValueError(f"stage 1 trains 'rgb' or 'seg', not {branch!r}")
   fields = config_lib.stage_fields(config, branch)
