@@ -276,6 +276,14 @@ def run_seed(args, seed: int, kd_choice) -> dict:
   for kind in args.variants:
     variant = Workdir(os.path.join(args.workdir, f"seed{seed}", kind))
     link_stage1(base, variant)
+    if kind == "sigmoid" and selection:
+      # the chosen selection run is this variant's stage 2 (the same fields;
+      # only its evaluation read val): reuse its partition and stage 2
+      chosen = Workdir(os.path.join(args.workdir, f"seed{seed}", f"select_{kd}_lambda{lam:g}"))
+      for stage_dir in (chosen.partition_dir, chosen.stage_dir("distill")):
+        dst = os.path.join(variant.root, os.path.basename(stage_dir))
+        if not os.path.exists(dst):
+          os.symlink(os.path.abspath(stage_dir), dst)
     lam_o = [] if kind == "triplet_only" else [f"distill.lambda_kd={lam}"]
     overrides = common + KD_CHOICES[kd] + lam_o + VARIANTS[kind]
     if args.rerun_eval or not evaluated_with(variant, overrides):
