@@ -28,7 +28,8 @@ from tqdm import tqdm
 
 from structvpr_jax import files, parallel, rerank, retrieval, slme, whitening
 from structvpr_jax.data import input_pipeline, layout
-from structvpr_jax.models import spec as model_spec
+from structvpr_jax.models import mobilenet, spec as model_spec
+from structvpr_jax.models.netvlad import NetVLAD
 
 
 DESCRIPTOR_STORES = ("memory", "disk")          # eval.descriptors
@@ -125,10 +126,8 @@ class Extractor:
 
     def embed_chunk(variables, x, micro_batch=0):
       if local is not None:
-        return model.apply(variables, model_spec.model_input(spec, x), train=False,
-                           micro_batch=micro_batch, method="describe",
-                           windows=self.layout.cells, features=local.features,
-                           max_features=int(local.max_features))
+        return describe_with_local(model, spec, variables, x, local, self.layout.cells,
+                                   micro_batch)
       return model.apply(variables, model_spec.model_input(spec, x), train=False,
                          micro_batch=micro_batch)
 
@@ -238,7 +237,8 @@ def rerank_settings(config) -> Optional[rerank.Settings]:
   strides = tuple(int(p) for p in (ev.get("rerank_patch_strides", ()) or ())) or (1,) * len(sizes)
   settings = rerank.Settings(
       method=method, topk=int(ev.get("rerank_topk", 100)),
-      features=ev.get("rerank_features", "local") or "local", patch_sizes=sizes,
+      features=ev.get("rerank_features", "local") or "local",
+      layer=ev.get("rerank_layer", "final") or "final", patch_sizes=sizes,
       strides=strides, weights=tuple(float(w) for w in (ev.get("rerank_patch_weights", ())
                                                          or ())),
       max_features=int(ev.get("rerank_max_features", 0) or 0),
@@ -248,14 +248,67 @@ def rerank_settings(config) -> Optional[rerank.Settings]:
   return settings
 
 
+def rerank_block(spec: dict, layer: str) -> str:
+  """The backbone module whose output `eval.rerank_layer` names: "" for
+  "final" (the projected local features), else "block<i>", the last block
+  whose output lies at that stride (MobileNetV2: stride16 = block12, 96
+  channels at width 1)."""
+  if layer == "final":
+    return ""
+  if layer not in rerank.LAYERS:
+    raise ValueError(f"eval.rerank_layer={layer!r}; expected one of {rerank.LAYERS}")
+  stride = int(layer[len("stride"):])
+  kwargs = {"blocks": tuple(tuple(b) for b in spec["blocks"])} if spec.get("blocks") else {}
+  backbone = mobilenet.get_backbone(spec["backbone"], width=float(spec["width"]),
+                                    output_stride=int(spec.get("output_stride", 32) or 32),
+                                    **kwargs)
+  found = [index for index, _, _, s, in_stride in backbone._block_table()
+           if in_stride * s == stride]
+  if not found:
+    raise ValueError(f"eval.rerank_layer={layer!r}: the {spec['branch']} branch's "
+                     f"{spec['backbone']} has no block at stride {stride}")
+  return f"block{found[-1]}"
+
+
+def describe_with_local(model, spec: dict, variables, x, settings: rerank.Settings,
+                        cells, micro_batch: int = 0):
+  """(global [B, K * D], local float16 [B, P, F], keep int32 [B, P]) of uint8
+  images `x` in one pass of the branch (`Branch.global_and_local`; a
+  backbone block's output taken on the way with flax's capture_intermediates
+  for eval.rerank_layer != "final"; `rerank.describe_windows`)."""
+  inp = model_spec.model_input(spec, x)
+  block = rerank_block(spec, settings.layer)
+  if block:
+    (global_desc, _), state = model.apply(
+        variables, inp, train=False, micro_batch=micro_batch, method="global_and_local",
+        capture_intermediates=lambda m, _: m.name == block, mutable=["intermediates"])
+    features = state["intermediates"]["encoder"][block]["__call__"][0]
+  else:
+    global_desc, features = model.apply(variables, inp, train=False, micro_batch=micro_batch,
+                                        method="global_and_local")
+  aggregate = None
+  if settings.features == "patchnetvlad":
+    vlad = NetVLAD(int(spec["num_clusters"]))
+    aggregate = lambda w: vlad.apply({"params": variables["params"]["netvlad"]}, w)  # noqa: E731
+  local, keep = rerank.describe_windows(features, cells, settings.features, aggregate,
+                                        int(settings.max_features))
+  return global_desc, local, keep
+
+
 def local_layout(spec: dict, settings: rerank.Settings) -> rerank.Layout:
   """The windows of a branch's local feature map at its image size (the
   map's size from the model itself, `jax.eval_shape`: no compute)."""
   model = model_spec.build_model(spec)
   x = jax.ShapeDtypeStruct(model_spec.raw_input_shape(spec), np.uint8)
-  out = jax.eval_shape(lambda x: model.init_with_output(
-      jax.random.PRNGKey(0), model_spec.model_input(spec, x), train=False,
-      method="local_features")[0], x)
+  block = rerank_block(spec, settings.layer)
+
+  def shape(x):
+    out, state = model.init_with_output(
+        jax.random.PRNGKey(0), model_spec.model_input(spec, x), train=False,
+        method="global_and_local", capture_intermediates=lambda m, _: m.name == block)
+    return state["intermediates"]["encoder"][block]["__call__"][0] if block else out[1]
+
+  out = jax.eval_shape(shape, x)
   return rerank.make_layout(spec["image_size"], out.shape[1:3], settings.patch_sizes,
                             settings.strides)
 

@@ -49,6 +49,9 @@ import numpy as np
 METHODS = ("none", "rss", "ransac")          # eval.rerank
 FEATURES = ("local", "patchnetvlad")         # eval.rerank_features
 GEOMETRIES = ("homography", "fundamental")   # eval.rerank_geometry
+# eval.rerank_layer: the branch's projected local features (what NetVLAD
+# aggregates) or the output of the backbone's last block at that stride
+LAYERS = ("final", "stride8", "stride16", "stride32")
 # fewest correspondences each model is fitted from
 MIN_MATCHES = {"homography": 4, "fundamental": 8}
 
@@ -58,7 +61,8 @@ class Settings:
   """What `eval.rerank*` asks for (`evaluation.rerank_settings` reads the config).
 
   method: "rss" or "ransac"; topk: candidates re-ranked per query;
-  features: "local" or "patchnetvlad"; patch_sizes, strides: one set per
+  features: "local" or "patchnetvlad"; layer: which feature map the windows
+  lie on (`LAYERS`); patch_sizes, strides: one set per
   pair, in feature cells; weights: per set (empty: equal); max_features: the
   most local features kept per image (0: all); geometry: RANSAC's model;
   ransac_threshold: in units of output stride x patch stride.
@@ -66,6 +70,7 @@ class Settings:
   method: str = "rss"
   topk: int = 100
   features: str = "local"
+  layer: str = "final"
   patch_sizes: tuple = (1,)
   strides: tuple = (1,)
   weights: tuple = ()
@@ -75,8 +80,8 @@ class Settings:
 
   def describe(self) -> str:
     sizes = ",".join(f"{p}/{s}" for p, s in zip(self.patch_sizes, self.strides))
-    return (f"{self.method} re-ranking of the top {self.topk} ({self.features} features, "
-            f"patch/stride {sizes})")
+    return (f"{self.method} re-ranking of the top {self.topk} ({self.features} features of "
+            f"the {self.layer} layer, patch/stride {sizes})")
 
 
 def check_settings(s: Settings) -> None:
@@ -85,6 +90,12 @@ def check_settings(s: Settings) -> None:
     raise ValueError(f"eval.rerank={s.method!r}; expected one of {METHODS}")
   if s.features not in FEATURES:
     raise ValueError(f"eval.rerank_features={s.features!r}; expected one of {FEATURES}")
+  if s.layer not in LAYERS:
+    raise ValueError(f"eval.rerank_layer={s.layer!r}; expected one of {LAYERS}")
+  if s.features == "patchnetvlad" and s.layer != "final":
+    raise ValueError(f"eval.rerank_features='patchnetvlad' aggregates the final local features "
+                     f"with the branch's NetVLAD: it needs eval.rerank_layer='final', got "
+                     f"{s.layer!r}")
   if s.geometry not in GEOMETRIES:
     raise ValueError(f"eval.rerank_geometry={s.geometry!r}; expected one of {GEOMETRIES}")
   if int(s.topk) < 1:
@@ -185,6 +196,43 @@ def window_features(features: jax.Array, cells: np.ndarray) -> jax.Array:
   window (`Layout.cells[s]`)."""
   b, hf, wf, d = features.shape
   return jnp.reshape(features, (b, hf * wf, d))[:, jnp.asarray(cells)]
+
+
+def describe_windows(features: jax.Array, cells: Sequence[np.ndarray], kind: str = "local",
+                     aggregate=None, max_features: int = 0):
+  """The local features of a batch of images, one row per kept window.
+
+  Args:
+    features: [B, Hf, Wf, D] a layer's local feature map.
+    cells: per set, int [P_s, p * p] (`Layout.cells`).
+    kind: "local": the mean of the window's L2-normalised features,
+      normalised ([.., D]); "patchnetvlad": `aggregate([B * P_s, p * p, D])`
+      -> [B * P_s, F] (the branch's NetVLAD layer).
+    max_features: `select_features`; a window's strength is the mean norm
+      of its cells' features.
+
+  Returns:
+    (float16 [B, P', F], int32 [B, P'] layout indices).
+  """
+  f = features.astype(jnp.float32)
+  norms = jnp.sqrt(jnp.sum(jnp.square(f), axis=-1, keepdims=True))
+  feats, strength = [], []
+  for c in cells:
+    win = window_features(f, c)                                         # [B, Ps, pp, D]
+    strength.append(jnp.mean(window_features(norms, c)[..., 0], axis=-1))
+    if kind == "local":
+      feats.append(_l2(jnp.mean(_l2(win), axis=2)))
+    elif kind == "patchnetvlad":
+      b, ps, pp, d = win.shape
+      feats.append(jnp.reshape(aggregate(jnp.reshape(win, (b * ps, pp, d))), (b, ps, -1)))
+    else:
+      raise ValueError(f"eval.rerank_features={kind!r}; expected one of {FEATURES}")
+  return select_features(jnp.concatenate(feats, axis=1), jnp.concatenate(strength, axis=1),
+                         max_features)
+
+
+def _l2(x, eps: float = 1e-12):
+  return x / jnp.maximum(jnp.sqrt(jnp.sum(jnp.square(x), axis=-1, keepdims=True)), eps)
 
 
 def select_features(features: jax.Array, strength: jax.Array, max_features: int):

@@ -12,8 +12,6 @@ from typing import Any, Optional
 import flax.linen as nn
 import jax.numpy as jnp
 
-from structvpr_jax import rerank
-from structvpr_jax.losses import l2_normalize
 from structvpr_jax.models import mobilenet
 from structvpr_jax.models.netvlad import NetVLAD
 
@@ -107,40 +105,9 @@ class Branch(nn.Module):
   def __call__(self, x, train: bool = False, micro_batch: int = 0):
     return self.netvlad(self.local_features(x, train, micro_batch))
 
-  def describe(self, x, train: bool = False, micro_batch: int = 0, *, windows: tuple = (),
-               features: str = "local", max_features: int = 0):
-    """One pass for re-ranking: the global descriptor and the local features.
 
-    Args:
-      x, train, micro_batch: as `__call__`.
-      windows: per set, int [P_s, p * p] cell indices of its windows
-        (`rerank.Layout.cells`).
-      features: "local" (mean of the windows' L2-normalised local features,
-        normalised: [.., local_dim]) or "patchnetvlad" (this branch's NetVLAD
-        of each window: [.., K * local_dim]).
-      max_features: the most windows kept per image (0: all), by the mean
-        norm of their local features (`rerank.select_features`).
-
-    Returns:
-      (global [B, K * D] float32 unit-norm as `__call__`, local float16
-      [B, P', F] unit-norm rows, keep int32 [B, P'] indices into the
-      concatenated windows of all sets).
-    """
-    f = self.local_features(x, train, micro_batch)
-    global_desc = self.netvlad(f)
-    norms = jnp.sqrt(jnp.sum(jnp.square(f.astype(jnp.float32)), axis=-1, keepdims=True))
-    feats, strength = [], []
-    for cells in windows:
-      win = rerank.window_features(f, cells).astype(jnp.float32)        # [B, Ps, pp, D]
-      strength.append(jnp.mean(rerank.window_features(norms, cells)[..., 0], axis=-1))
-      if features == "local":
-        feats.append(l2_normalize(jnp.mean(l2_normalize(win), axis=2)))
-      elif features == "patchnetvlad":
-        b, ps, pp, d = win.shape
-        feats.append(jnp.reshape(self.netvlad(jnp.reshape(win, (b * ps, pp, d))), (b, ps, -1)))
-      else:
-        raise ValueError(f"eval.rerank_features={features!r}; expected one of "
-                         f"{rerank.FEATURES}")
-    local, keep = rerank.select_features(jnp.concatenate(feats, axis=1),
-                                         jnp.concatenate(strength, axis=1), max_features)
-    return global_desc, local, keep
+  def global_and_local(self, x, train: bool = False, micro_batch: int = 0):
+    """One pass for re-ranking: (`__call__`'s global descriptor [B, K * D],
+    the local features [B, Hf, Wf, D] it aggregates)."""
+    features = self.local_features(x, train, micro_batch)
+    return self.netvlad(features), features
