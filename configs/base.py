@@ -265,11 +265,17 @@ def get_config(arg=None):
   # The feature map the windows lie on: "final" (the projected local features
   # NetVLAD aggregates) or "stride8" / "stride16" / "stride32": the backbone's
   # last block at that stride (MobileNetV2 stride16 = block12, 96 channels).
-  c.eval.rerank_layer = "final"
-  c.eval.rerank_patch_sizes = (1,)            # windows of p x p feature cells, one set each
+  # Defaults chosen on the Gardens Point val places (experiments/results/
+  # rerank_gardens_point.md: stride16, 2x2 windows, rss; there top-K 10).
+  c.eval.rerank_layer = "stride16"
+  c.eval.rerank_patch_sizes = (2,)            # windows of p x p feature cells, one set each
   c.eval.rerank_patch_strides = (1,)          # one per patch size
   c.eval.rerank_patch_weights = ()            # one per patch size; () = equal
-  c.eval.rerank_max_features = 0              # local features kept per image (0: all)
+  # Local features kept per image (0: all), the windows whose features have the
+  # largest mean norm: bounds storage (float16) and the matching's P x P work.
+  # Gardens Point at 144x256 has 120 (stride16, 2x2 windows): all kept;
+  # 480x640 has 1131.
+  c.eval.rerank_max_features = 512
   c.eval.rerank_geometry = "homography"       # ransac: "homography" | "fundamental"
   c.eval.rerank_ransac_threshold = 1.5        # x output stride x patch stride pixels
   c.eval_split = "test"

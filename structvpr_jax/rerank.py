@@ -308,7 +308,8 @@ def rapid_spatial_score(q_grid: jax.Array, db_grid: jax.Array, fw: jax.Array,
   return jnp.where(n > 0, total / jnp.maximum(q_count.astype(jnp.float32), 1.0), 0.0)
 
 
-def _candidate_scores(q_feat, q_keep, db_feat, db_keep, set_id, grid, grid_max):
+def _candidate_scores(q_feat, q_keep, db_feat, db_keep, set_id, grid, grid_max,
+                      sequential=False):
   q_set = jnp.where(q_keep >= 0, set_id[jnp.maximum(q_keep, 0)], -2)
   q_grid = grid[jnp.maximum(q_keep, 0)]
   q_count = jnp.sum(q_set[None, :] == jnp.arange(grid_max.shape[0])[:, None], axis=1)
@@ -321,13 +322,23 @@ def _candidate_scores(q_feat, q_keep, db_feat, db_keep, set_id, grid, grid_max):
                                 grid_max, q_count)
     return score, fw, mutual
 
+  if sequential:     # one candidate at a time: its [P, P] similarities stay in cache
+    return jax.lax.map(lambda a: one(*a), (db_feat, db_keep))
   return jax.vmap(one)(db_feat, db_keep)
 
 
-# Jitted once per shape; runs on the default device (an accelerator when there
-# is one), the K candidates batched.
-candidate_scores = jax.jit(_candidate_scores)
-candidate_scores.__doc__ = """Scores of K candidates against one query.
+_jitted = jax.jit(_candidate_scores, static_argnames=("sequential",))
+
+
+def candidate_scores(q_feat, q_keep, db_feat, db_keep, set_id, grid, grid_max):
+  return _jitted(q_feat, q_keep, db_feat, db_keep, set_id, grid, grid_max,
+                 sequential=jax.default_backend() == "cpu")
+
+
+candidate_scores.__doc__ = """Scores of K candidates against one query, jitted
+on the default device: on an accelerator the K candidates in one batch
+(`vmap`), on the CPU one after another inside the same program (`lax.map`:
+each candidate's [P, P] similarities stay cache-sized; same values).
 
 Args:
   q_feat: [P, D] float16/32, q_keep: int32 [P] layout indices (-1: padding);

@@ -96,6 +96,13 @@ def test_candidate_scores_match_numpy_reference():
   rss, fw, mutual = rerank.candidate_scores(q, q_keep, db, db_keep, lay.set_id, lay.grid,
                                             lay.grid_max)
   rss, fw, mutual = map(np.asarray, (rss, fw, mutual))
+  # the CPU's one-candidate-at-a-time program and the accelerators' batch agree
+  for sequential in (True, False):
+    other = rerank._jitted(q, q_keep, db, db_keep, lay.set_id, lay.grid, lay.grid_max,
+                           sequential=sequential)
+    np.testing.assert_allclose(np.asarray(other[0]), rss, rtol=1e-6)
+    assert np.array_equal(np.asarray(other[1]), fw) and np.array_equal(np.asarray(other[2]),
+                                                                       mutual)
   for c in range(k):
     for s in range(lay.num_sets):
       q_sel = np.flatnonzero(lay.set_id[q_keep] == s)
