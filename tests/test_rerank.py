@@ -371,6 +371,7 @@ def test_rerank_none_is_bitwise_the_global_evaluation(tiny, tmp_path):
   assert np.array_equal(none["_predictions"], plain["_predictions"])
   # with re-ranking: the global part of the report is unchanged, "+R" beside it
   config.eval.rerank = "rss"
+  config.eval.rerank_layer = "stride8"        # the tiny backbone's deepest block stride
   rep = evaluation.RecallEvaluator(
       SPEC, root, "test", mesh, 4, radius=25.0,
       extractor=evaluation.extractor_from_config(config, SPEC, mesh, local=True)).run(variables)
