@@ -1,16 +1,19 @@
 """Re-ranking the global top-K with local features (StructVPR + R).
 
-Pure numerics; the extraction of the local features is the branch's
-(`models/branch.Branch.describe`), the I/O is `evaluation.py`'s.
+Pure numerics; the local features come from the same jitted pass as the
+global descriptor (`evaluation.describe_with_local`: `Branch.global_and_local`
+and, for eval.rerank_layer != "final", a backbone block's output), the I/O is
+`evaluation.py`'s.
 
-Local features of an image are a fixed list of P windows on the branch's
-local feature map (`Layout`): for each patch size p and stride s (one "set"
-each, as Patch-NetVLAD's patch sizes), every p x p window of cells starting
-at a multiple of s. A window is described either by the mean of its cells'
-L2-normalised projected local features, normalised (`features="local"`,
-`local_dim` floats; p = 1 is the backbone's own local features) or by the
-branch's NetVLAD layer applied to its cells (`features="patchnetvlad"`,
-Hausler et al. CVPR 2021; K x local_dim floats). An image keeps at most
+Local features of an image are a fixed list of P windows on one of the
+branch's feature maps (`Layout`): for each patch size p and stride s (one
+"set" each, as Patch-NetVLAD's patch sizes), every p x p window of cells
+starting at a multiple of s. A window is described either by the mean of its
+cells' L2-normalised features, normalised (`features="local"`, as many
+floats as the map has channels; p = 1 is the backbone's own local features)
+or by the branch's NetVLAD layer applied to its cells
+(`features="patchnetvlad"`, Hausler et al. CVPR 2021; K x local_dim floats;
+the final map only). An image keeps at most
 `max_features` of them (the windows whose cells' local features have the
 largest mean norm) as float16, with their index into the layout (`keep`).
 
@@ -24,11 +27,13 @@ similarity (`mutual_nearest_neighbours`), then a geometric score:
   s = (1 / n_q) sum_i (x_max - |d_ix - d_bar_x|)^2 + (y_max - |d_iy - d_bar_y|)^2,
   x_max, y_max the set's largest patch-grid column and row, n_q the query's
   feature count in the set (0 without a mutual match). Higher is better.
-  Pure JAX, jitted, batched over the candidates (`candidate_scores`).
+  Pure JAX, jitted (`candidate_scores`): batched over the candidates on an
+  accelerator, one at a time inside the program on the CPU.
 - `ransac`: the number of mutual matches that are inliers of a homography
   (or fundamental matrix) fitted by OpenCV's USAC between the windows' pixel
-  centres, threshold `ransac_threshold` x output stride x patch stride
-  pixels (Patch-NetVLAD's 1.5 x feature stride x patch stride), divided by n_q.
+  centres, threshold `ransac_threshold` x cell size x patch stride pixels
+  (Patch-NetVLAD's 1.5 x feature stride x patch stride), divided by n_q.
+  Host code, one candidate and set at a time.
 
 Several sets: each set's scores are z-normalised over the K candidates and
 summed with the set weights (Patch-NetVLAD's `normalise_func`). The K
