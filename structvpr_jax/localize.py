@@ -204,9 +204,9 @@ def run_localize(config, wd: Workdir) -> dict:
   global_rank = {int(i): r for r, i in enumerate(idx[0], 1)}
   order, scores = idx[0][:k], {}
   if settings is not None:
-    layout = local_layout(spec, settings)
+    windows = local_layout(spec, settings)
     t1 = time.time()
-    out = rerank.rerank(idx, (res[1], res[2]), db["local"], layout, settings)
+    out = rerank.rerank(idx, (res[1], res[2]), db["local"], windows, settings)
     t_rerank = time.time() - t1
     order = out["predictions"][0][:k]
     scores = dict(zip(out["predictions"][0][:len(out["scores"][0])].tolist(),
