@@ -35,6 +35,9 @@ setup(
         # ImageNet MobileNetV2 .tflite file (models/pretrained.py) when found;
         # segment.py uses it too.
         "ai-edge-litert",
+        # eval.rerank="ransac": USAC homography / fundamental matrix (rerank.py;
+        # imported only when used)
+        "opencv-python-headless",
     ],
     extras_require={
         # TFLite runtime: offline segmentation (segment.py) and ImageNet

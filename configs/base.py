@@ -252,6 +252,32 @@ def get_config(arg=None):
   c.eval.search_block_rows = 0
   c.eval.pca_dim = 0
   c.eval.pca_whiten = True
+  # Re-ranking of the global top-K with local features of the same branch
+  # ("StructVPR + R"; docs/usage.md#re-ranking-structvpr--r): "none" | "rss"
+  # (Patch-NetVLAD's rapid spatial scoring of mutual nearest neighbours, jitted)
+  # | "ransac" (inliers of an OpenCV USAC homography / fundamental matrix).
+  # Every evaluated branch gets a "+R" row beside its global row.
+  c.eval.rerank = "none"
+  c.eval.rerank_topk = 100                    # candidates re-ranked per query (as TransVPR)
+  # "local": each window's mean L2-normalised projected local feature (rgb.dim
+  # floats); "patchnetvlad": the branch's NetVLAD of each window (K x dim floats).
+  c.eval.rerank_features = "local"
+  # The feature map the windows lie on: "final" (the projected local features
+  # NetVLAD aggregates) or "stride8" / "stride16" / "stride32": the backbone's
+  # last block at that stride (MobileNetV2 stride16 = block12, 96 channels).
+  # Defaults chosen on the Gardens Point val places (experiments/results/
+  # rerank_gardens_point.md: stride16, 2x2 windows, rss; there top-K 10).
+  c.eval.rerank_layer = "stride16"
+  c.eval.rerank_patch_sizes = (2,)            # windows of p x p feature cells, one set each
+  c.eval.rerank_patch_strides = (1,)          # one per patch size
+  c.eval.rerank_patch_weights = ()            # one per patch size; () = equal
+  # Local features kept per image (0: all), the windows whose features have the
+  # largest mean norm: bounds storage (float16) and the matching's P x P work.
+  # Gardens Point at 144x256 has 120 (stride16, 2x2 windows): all kept;
+  # 480x640 has 1131.
+  c.eval.rerank_max_features = 512
+  c.eval.rerank_geometry = "homography"       # ransac: "homography" | "fundamental"
+  c.eval.rerank_ransac_threshold = 1.5        # x output stride x patch stride pixels
   c.eval_split = "test"
   c.checkpoint = ""                          # eval: Orbax directory to restore
   return c

@@ -19,7 +19,8 @@ from typing import Optional
 
 import jax
 
-from structvpr_jax import augment, early_stopping, evaluation, losses, partition, retrieval, slme
+from structvpr_jax import (augment, early_stopping, evaluation, losses, partition, rerank,
+                           retrieval, slme)
 from structvpr_jax.data import convert, layout, records
 from structvpr_jax.models import mobilenet, pretrained, spec as model_spec
 
@@ -149,6 +150,14 @@ def validate_config(config) -> None:
   if int(config.eval.get("search_block_rows", 0) or 0) < 0:
     raise ValueError(f"eval.search_block_rows={config.eval.get('search_block_rows')} must be "
                      ">= 0 (0: the whole database at once)")
+  # eval.rerank*: methods, sizes, weights (`rerank.check_settings`, naming the field)
+  settings = evaluation.rerank_settings(config)
+  if (config.eval.get("rerank", "none") or "none") not in rerank.METHODS:
+    raise ValueError(f"eval.rerank={config.eval.rerank!r}; expected one of {rerank.METHODS}")
+  if settings is not None and config.get("mode", "") in ("structvpr", "train_rgb", "train_seg",
+                                                          "distill"):
+    for name in ("rgb", "seg"):    # the windows fit the local feature map (shapes only)
+      evaluation.local_layout(model_spec.branch_spec(config, name), settings)
   # eval.micro_batch: >= 0 and dividing eval.batch_size (the Extractor's own check, early)
   evaluation.micro_batch_size(config.eval.batch_size, config.data.image_size,
                               int(config.eval.get("micro_batch", 0) or 0), backend="cpu")
@@ -253,6 +262,10 @@ def train_fields(config, stage: str) -> dict:
 
 
 DISTILL_PARTITION_FIELDS = ("weighting", "beta", "tau", "partition")
+# eval.* fields of re-ranking (results of the "+R" rows depend on them)
+RERANK_FIELDS = ("rerank", "rerank_topk", "rerank_features", "rerank_layer", "rerank_patch_sizes",
+                 "rerank_patch_strides", "rerank_patch_weights", "rerank_max_features",
+                 "rerank_geometry", "rerank_ransac_threshold")
 
 
 def stage_fields(config, stage: str) -> dict:
@@ -272,7 +285,9 @@ def stage_fields(config, stage: str) -> dict:
   elif stage == "eval":
     out.update({f"eval.{k}": config.eval.get(k, None)
                 for k in ("ns", "radius", "pca_dim", "pca_whiten", "index", "ivf_nlist",
-                          "pq_m", "nprobe", "descriptor_dtype")})
+                          "pq_m", "nprobe", "descriptor_dtype", "rerank")})
+    if (config.eval.get("rerank", "none") or "none") != "none":
+      out.update({f"eval.{k}": config.eval.get(k, None) for k in RERANK_FIELDS})
     out["eval_split"] = config.get("eval_split", "test")
   else:
     raise ValueError(f"unknown stage {stage!r}; expected one of {STAGES}")

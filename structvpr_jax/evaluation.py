@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import time
@@ -25,9 +26,10 @@ import numpy as np
 from absl import logging
 from tqdm import tqdm
 
-from structvpr_jax import files, parallel, retrieval, slme, whitening
+from structvpr_jax import files, parallel, rerank, retrieval, slme, whitening
 from structvpr_jax.data import input_pipeline, layout
-from structvpr_jax.models import spec as model_spec
+from structvpr_jax.models import mobilenet, spec as model_spec
+from structvpr_jax.models.netvlad import NetVLAD
 
 
 DESCRIPTOR_STORES = ("memory", "disk")          # eval.descriptors
@@ -108,7 +110,8 @@ class Extractor:
   batch's up to float rounding).
   """
 
-  def __init__(self, spec: dict, mesh, per_device_batch: int = 32, micro_batch: int = 0):
+  def __init__(self, spec: dict, mesh, per_device_batch: int = 32, micro_batch: int = 0,
+               local: Optional[rerank.Settings] = None):
     self.spec = spec
     self.mesh = mesh
     per_device_batch = max(1, int(per_device_batch))
@@ -116,8 +119,15 @@ class Extractor:
     self.micro_batch = micro_batch = micro_batch_size(per_device_batch, spec["image_size"],
                                                       micro_batch)
     model = model_spec.build_model(spec)
+    # With `local` (re-ranking settings) the same jitted pass also returns the
+    # local features (`Branch.describe`): (global, float16 local, keep).
+    self.local = local
+    self.layout = None if local is None else local_layout(spec, local)
 
     def embed_chunk(variables, x, micro_batch=0):
+      if local is not None:
+        return describe_with_local(model, spec, variables, x, local, self.layout.cells,
+                                   micro_batch)
       return model.apply(variables, model_spec.model_input(spec, x), train=False,
                          micro_batch=micro_batch)
 
@@ -134,7 +144,8 @@ class Extractor:
 
   def __call__(self, variables, source: input_pipeline.ImageSource, indices=None,
                progress: bool = False, desc: str = "extract",
-               allocate: Optional[Callable[[int, int], Any]] = None) -> np.ndarray:
+               allocate: Optional[Callable[[int, int], Any]] = None,
+               allocate_local: Optional[Callable[[int, tuple, tuple], tuple]] = None):
     """float32 [n, D] for `indices` (default all) of `source`.
 
     `variables` should be replicated on the mesh (`parallel.replicate`).
@@ -144,6 +155,11 @@ class Extractor:
     `allocate`: (n, D) -> an array to write into instead (e.g. a float16
     `np.lib.format.open_memmap`: descriptors stream to disk, host memory
     stays one batch), called at the first batch; that array is returned.
+
+    With `local` settings the result is (global [n, D] as above, local
+    float16 [n, P, F], keep int32 [n, P]) (`Branch.describe`);
+    `allocate_local`: (n, (P, F), (P,)) -> (features, keep) arrays to write
+    into instead (memmaps on disk), like `allocate`.
     """
     indices = np.arange(len(source)) if indices is None else np.asarray(indices, np.int64)
     view = self.spec["view"]
@@ -160,11 +176,21 @@ class Extractor:
 
     bar = progress_bar(len(indices), desc) if progress else None
     chunks, out = [], None
+    local_chunks, local_out = [], None
     done = 0
     for padded, n in input_pipeline.stream(load, len(starts), 2):
       desc_b = self._apply(variables, parallel.shard_batch(padded, self.mesh))
       if jax.process_count() > 1:
         desc_b = multihost_utils.process_allgather(desc_b, tiled=True)
+      if self.local is not None:
+        desc_b, feat_b, keep_b = (np.asarray(a)[:n] for a in jax.device_get(desc_b))
+        if allocate_local is not None:
+          if local_out is None:
+            local_out = allocate_local(len(indices), feat_b.shape[1:], keep_b.shape[1:])
+          local_out[0][done:done + n] = feat_b
+          local_out[1][done:done + n] = keep_b
+        else:
+          local_chunks.append((feat_b, keep_b))
       desc_b = np.asarray(jax.device_get(desc_b))[:n]
       if allocate is not None:
         if out is None:
@@ -177,18 +203,114 @@ class Extractor:
         bar.update(n)
     if bar is not None:
       bar.close()
-    if out is not None:
+    if out is None:
+      out = (np.concatenate(chunks).astype(np.float32) if chunks
+             else np.zeros((0, 0), np.float32))
+    if self.local is None:
       return out
-    if not chunks:
-      return np.zeros((0, 0), np.float32)
-    return np.concatenate(chunks).astype(np.float32)
+    if local_out is None:
+      local_out = ((np.concatenate([c[0] for c in local_chunks]),
+                    np.concatenate([c[1] for c in local_chunks])) if local_chunks else
+                   (np.zeros((0, 0, 0), np.float16), np.zeros((0, 0), np.int32)))
+    return out, local_out[0], local_out[1]
 
 
-def extractor_from_config(config, spec: dict, mesh) -> Extractor:
+def extractor_from_config(config, spec: dict, mesh, local: bool = False) -> Extractor:
   """The `Extractor` of eval.batch_size images per device, run
-  eval.micro_batch at a time (0 = auto)."""
+  eval.micro_batch at a time (0 = auto); `local`: with the local features
+  of `rerank_settings(config)` when re-ranking is on."""
   return Extractor(spec, mesh, config.eval.batch_size,
-                   int(config.eval.get("micro_batch", 0) or 0))
+                   int(config.eval.get("micro_batch", 0) or 0),
+                   local=rerank_settings(config) if local else None)
+
+
+def rerank_settings(config) -> Optional[rerank.Settings]:
+  """`rerank.Settings` from eval.rerank, eval.rerank_topk, eval.rerank_features,
+  eval.rerank_patch_sizes / _patch_strides / _patch_weights,
+  eval.rerank_max_features, eval.rerank_geometry, eval.rerank_ransac_threshold;
+  None when eval.rerank is "none" (or absent). Checked (`rerank.check_settings`)."""
+  ev = config.eval
+  method = ev.get("rerank", "none") or "none"
+  if method == "none":
+    return None
+  sizes = tuple(int(p) for p in (ev.get("rerank_patch_sizes", (1,)) or ()))
+  strides = tuple(int(p) for p in (ev.get("rerank_patch_strides", ()) or ())) or (1,) * len(sizes)
+  settings = rerank.Settings(
+      method=method, topk=int(ev.get("rerank_topk", 100)),
+      features=ev.get("rerank_features", "local") or "local",
+      layer=ev.get("rerank_layer", "final") or "final", patch_sizes=sizes,
+      strides=strides, weights=tuple(float(w) for w in (ev.get("rerank_patch_weights", ())
+                                                         or ())),
+      max_features=int(ev.get("rerank_max_features", 0) or 0),
+      geometry=ev.get("rerank_geometry", "homography") or "homography",
+      ransac_threshold=float(ev.get("rerank_ransac_threshold", 1.5)))
+  rerank.check_settings(settings)
+  return settings
+
+
+def rerank_block(spec: dict, layer: str) -> str:
+  """The backbone module whose output `eval.rerank_layer` names: "" for
+  "final" (the projected local features), else "block<i>", the last block
+  whose output lies at that stride (MobileNetV2: stride16 = block12, 96
+  channels at width 1)."""
+  if layer == "final":
+    return ""
+  if layer not in rerank.LAYERS:
+    raise ValueError(f"eval.rerank_layer={layer!r}; expected one of {rerank.LAYERS}")
+  stride = int(layer[len("stride"):])
+  kwargs = {"blocks": tuple(tuple(b) for b in spec["blocks"])} if spec.get("blocks") else {}
+  backbone = mobilenet.get_backbone(spec["backbone"], width=float(spec["width"]),
+                                    output_stride=int(spec.get("output_stride", 32) or 32),
+                                    **kwargs)
+  found = [index for index, _, _, s, in_stride in backbone._block_table()
+           if in_stride * s == stride]
+  if not found:
+    raise ValueError(f"eval.rerank_layer={layer!r}: the {spec['branch']} branch's "
+                     f"{spec['backbone']} has no block at stride {stride}")
+  return f"block{found[-1]}"
+
+
+def describe_with_local(model, spec: dict, variables, x, settings: rerank.Settings,
+                        cells, micro_batch: int = 0):
+  """(global [B, K * D], local float16 [B, P, F], keep int32 [B, P]) of uint8
+  images `x` in one pass of the branch (`Branch.global_and_local`; a
+  backbone block's output taken on the way with flax's capture_intermediates
+  for eval.rerank_layer != "final"; `rerank.describe_windows`)."""
+  inp = model_spec.model_input(spec, x)
+  block = rerank_block(spec, settings.layer)
+  if block:
+    (global_desc, _), state = model.apply(
+        variables, inp, train=False, micro_batch=micro_batch, method="global_and_local",
+        capture_intermediates=lambda m, _: m.name == block, mutable=["intermediates"])
+    features = state["intermediates"]["encoder"][block]["__call__"][0]
+  else:
+    global_desc, features = model.apply(variables, inp, train=False, micro_batch=micro_batch,
+                                        method="global_and_local")
+  aggregate = None
+  if settings.features == "patchnetvlad":
+    vlad = NetVLAD(int(spec["num_clusters"]))
+    aggregate = lambda w: vlad.apply({"params": variables["params"]["netvlad"]}, w)  # noqa: E731
+  local, keep = rerank.describe_windows(features, cells, settings.features, aggregate,
+                                        int(settings.max_features))
+  return global_desc, local, keep
+
+
+def local_layout(spec: dict, settings: rerank.Settings) -> rerank.Layout:
+  """The windows of a branch's local feature map at its image size (the
+  map's size from the model itself, `jax.eval_shape`: no compute)."""
+  model = model_spec.build_model(spec)
+  x = jax.ShapeDtypeStruct(model_spec.raw_input_shape(spec), np.uint8)
+  block = rerank_block(spec, settings.layer)
+
+  def shape(x):
+    out, state = model.init_with_output(
+        jax.random.PRNGKey(0), model_spec.model_input(spec, x), train=False,
+        method="global_and_local", capture_intermediates=lambda m, _: m.name == block)
+    return state["intermediates"]["encoder"][block]["__call__"][0] if block else out[1]
+
+  out = jax.eval_shape(shape, x)
+  return rerank.make_layout(spec["image_size"], out.shape[1:3], settings.patch_sizes,
+                            settings.strides)
 
 
 def progress_bar(total: int, desc: str):
@@ -199,21 +321,26 @@ def progress_bar(total: int, desc: str):
 
 def recall_report(q_desc, db_desc, query_utm, db_utm, notes: Optional[Sequence[str]] = None,
                   ns=(1, 5, 10, 20), radius: float = 25.0,
-                  index: Optional[dict] = None) -> dict:
+                  index: Optional[dict] = None, predictions=None) -> dict:
   """{"R@n": percent, ..., "per_condition": {note: {...}}, counts, and the private
   "_predictions" int [Q, max(ns)] and "_hits" {n: bool [Q]} (a positive in the top n).
 
   `index`: keyword arguments of `retrieval.search` (e.g. {"index": "ivf_pq",
   "nprobe": 16}); None = exact search. Recorded in the report as "index".
+  `predictions`: int [Q, >= max(ns)] rankings already made (e.g. re-ranked):
+  no search, only their first max(ns) columns are scored.
   """
   index = dict(index or {})
-  _, predictions = retrieval.search(q_desc, db_desc, max(ns), **index)
+  if predictions is None:
+    _, predictions = retrieval.search(q_desc, db_desc, max(ns), **index)
+  else:
+    predictions = np.asarray(predictions)[:, :max(ns)]
   overall = retrieval.recall_from_predictions(predictions, query_utm, db_utm, ns, radius)
   found = np.cumsum(retrieval.correct_at_k(predictions, query_utm, db_utm, radius), axis=1) > 0
   report = {f"R@{n}": v for n, v in overall.items()}
-  report.update(num_queries=int(len(q_desc)), num_database=int(len(db_desc)),
+  report.update(num_queries=int(len(predictions)), num_database=int(len(db_utm)),
                 index=index.get("index", "flat"))
-  if index.get("index", "flat") == "ivf_pq":
+  if index.get("index", "flat") == "ivf_pq" and db_desc is not None:
     report["index_params"] = dict(
         retrieval.ivf_pq_params(len(db_desc), int(np.shape(db_desc)[1]),
                                 int(index.get("nlist", 0)), int(index.get("pq_m", 0))),
@@ -250,27 +377,74 @@ def describe_split(spec: dict, variables, vs: layout.VprSplit, mesh, batch_size:
   replicated = parallel.replicate(variables, mesh)
   if dtype not in DESCRIPTOR_DTYPES:
     raise ValueError(f"eval.descriptor_dtype={dtype!r}; expected one of {DESCRIPTOR_DTYPES}")
-  out = {}
+  with_local = extractor.local is not None
+  out = {"local": {}} if with_local else {}
   for role in ("database", "queries"):
     desc = f"{label} {role}".strip()
     if store is None:
-      out[role] = extractor(replicated, images.sources[role], progress=progress, desc=desc)
+      res = extractor(replicated, images.sources[role], progress=progress, desc=desc)
+      if with_local:
+        res, feats, keep = res
+        out["local"][role] = (feats, keep)
+      out[role] = res
       continue
     path = os.path.join(store, f"{role}.npy")
+    local_paths = local_feature_paths(store, role)
 
-    def write(tmp, role=role, desc=desc):
-      arr = extractor(replicated, images.sources[role], progress=progress, desc=desc,
-                      allocate=lambda n, d: np.lib.format.open_memmap(tmp, "w+", dtype, (n, d)))
-      arr.flush()
-      del arr
+    def write(tmp, tmp_feat=None, tmp_keep=None, role=role, desc=desc):
+      def allocate_local(n, feat_shape, keep_shape):
+        return (np.lib.format.open_memmap(tmp_feat, "w+", np.float16, (n,) + tuple(feat_shape)),
+                np.lib.format.open_memmap(tmp_keep, "w+", np.int32, (n,) + tuple(keep_shape)))
+      res = extractor(replicated, images.sources[role], progress=progress, desc=desc,
+                      allocate=lambda n, d: np.lib.format.open_memmap(tmp, "w+", dtype, (n, d)),
+                      allocate_local=allocate_local if with_local else None)
+      for arr in (res if with_local else (res,)):
+        if hasattr(arr, "flush"):
+          arr.flush()
+      del res
 
     if parallel.is_main_process():
-      files.atomic_write(path, write)
+      if with_local:   # the local features first, the global descriptors last
+        files.atomic_write(path, lambda tmp: files.atomic_write(
+            local_paths[0], lambda tf: files.atomic_write(
+                local_paths[1], lambda tk: write(tmp, tf, tk))))
+        files.write_json(os.path.join(store, "local_layout.json"),
+                         local_meta(extractor.layout, extractor.local))
+      else:
+        files.atomic_write(path, write)
     else:   # every process takes part in the extraction; process 0 writes
       extractor(replicated, images.sources[role], desc=desc)
     parallel.sync(f"descriptors {desc}")
     out[role] = np.load(path, mmap_mode="r")
+    if with_local:
+      out["local"][role] = load_local_features(store, role)
   return out
+
+
+def local_feature_paths(store: str, role: str) -> tuple:
+  """(<store>/<role>_local.npy: float16 [n, P, F], <store>/<role>_local_keep.npy:
+  int32 [n, P] layout indices) of one role's local features on disk."""
+  return (os.path.join(store, f"{role}_local.npy"), os.path.join(store, f"{role}_local_keep.npy"))
+
+
+def load_local_features(store: str, role: str) -> tuple:
+  """(features, keep) of one role as memory maps; a missing or inconsistent
+  file is an error naming it."""
+  feat_path, keep_path = local_feature_paths(store, role)
+  for p in (feat_path, keep_path):
+    if not os.path.exists(p):
+      raise ValueError(f"{p}: missing (local features for re-ranking; rerun the extraction)")
+  feats, keep = np.load(feat_path, mmap_mode="r"), np.load(keep_path, mmap_mode="r")
+  if feats.ndim != 3 or keep.shape != feats.shape[:2]:
+    raise ValueError(f"{feat_path}: local features of shape {feats.shape} do not match "
+                     f"{keep_path} {keep.shape}")
+  return feats, keep
+
+
+def local_meta(layout: rerank.Layout, settings: rerank.Settings) -> dict:
+  """What the stored local features are (local_layout.json)."""
+  return {"layout": layout.to_json(), "features": settings.features,
+          "max_features": int(settings.max_features), "dtype": "float16"}
 
 
 class RecallEvaluator:
@@ -309,7 +483,11 @@ class RecallEvaluator:
 
   def run(self, variables, pca: Optional[dict] = None) -> dict:
     """The recall report of host `variables`; `pca`: a `whitening.fit` result
-    applied to queries and database before the search."""
+    applied to queries and database before the search.
+
+    With an extractor of local features (`Extractor(local=...)`) the report
+    also holds "_rerank": the same report for the re-ranked top-K
+    (`rerank_report`), and "_local" the split's local features."""
     t0 = time.perf_counter()
     descs = describe_split(self.spec, variables, self.vs, self.mesh, self.batch_size,
                            self.progress, self.extractor, self.cache, label=self.split,
@@ -318,14 +496,61 @@ class RecallEvaluator:
     q, db = descs["queries"], descs["database"]
     if pca is not None:
       q, db = whitening.apply(pca, q), whitening.apply(pca, db)
+    settings = self.extractor.local
+    predictions = None
+    if settings is not None:    # one search deep enough for both rankings
+      _, predictions = retrieval.search(q, db, max(max(self.ns), settings.topk),
+                                        **(self.index or {}))
     report = recall_report(q, db, self.vs.query_utm, self.vs.database_utm,
-                           self.vs.query_notes(), self.ns, self.radius, self.index)
+                           self.vs.query_notes(), self.ns, self.radius, self.index,
+                           predictions=predictions)
     report["extract_s"] = extract_s
     report["split"] = self.split
     report["num_queries_without_positive"] = self.num_without_positive
     report["descriptor_dim"] = int(q.shape[1])
     report["_descriptors"] = {"queries": q, "database": db}
+    if settings is not None:
+      report["_local"] = descs["local"]
+      report["_rerank"] = rerank_report(
+          predictions, descs["local"], self.extractor.layout, settings, self.vs,
+          self.ns, self.radius, self.index)
     return report
+
+
+def rerank_report(predictions, local: dict, layout: rerank.Layout,
+                  settings: rerank.Settings, vs: layout.VprSplit, ns=(1, 5, 10, 20),
+                  radius: float = 25.0, index: Optional[dict] = None) -> dict:
+  """`recall_report` of the re-ranked global predictions (int [Q, >= K]),
+  with "rerank": {settings, "ms_per_query", "local_bytes_per_image",
+  "num_local_features", "local_dim"}, and the private "_predictions" (the
+  whole re-ranked list), "_global_rank" (int [Q, W]: 1-based global rank of
+  each re-ranked prediction) and "_scores"."""
+  res = rerank.rerank(predictions, local["queries"], local["database"], layout, settings)
+  new = res["predictions"]
+  report = recall_report(None, None, vs.query_utm, vs.database_utm, vs.query_notes(), ns,
+                         radius, index, predictions=new)
+  feats = local["database"][0]
+  report["rerank"] = dict(
+      dataclasses.asdict(settings), layout=layout.to_json(),
+      ms_per_query=1000.0 * res["seconds"] / max(len(new), 1),
+      num_local_features=int(feats.shape[1]), local_dim=int(feats.shape[2]),
+      local_bytes_per_image=rerank.bytes_per_image(feats.shape[1], feats.shape[2]))
+  report["num_database"] = int(len(vs.database_utm))
+  report["_predictions"] = new
+  report["_global_rank"] = global_ranks(predictions, new)
+  report["_scores"] = res["scores"]
+  return report
+
+
+def global_ranks(global_predictions, reranked) -> np.ndarray:
+  """int [Q, W]: the 1-based rank each re-ranked prediction had in the
+  global list (0 where it was not in it)."""
+  g = np.asarray(global_predictions)
+  out = np.zeros(np.shape(reranked), np.int64)
+  for i, row in enumerate(np.asarray(reranked)):
+    pos = {int(d): r + 1 for r, d in enumerate(g[i]) if d >= 0}
+    out[i] = [pos.get(int(d), 0) for d in row]
+  return out
 
 
 def evaluate_split(spec: dict, variables, root: str, split: str, mesh, batch_size: int = 32,

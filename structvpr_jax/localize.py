@@ -7,7 +7,8 @@
   localize: python -m structvpr_jax.main --config=configs/localize.py \
                 --config.checkpoint=CKPT --config.localize.database=FOLDER \
                 --config.localize.query=PHOTO [--config.localize.utm_csv=FILE]
-            -> prints the top-k database images with UTM and distance, saves
+            -> prints the top-k database images with UTM and distance (with
+               eval.rerank: the re-ranked top-k and each one's global rank), saves
                <workdir>/localize_<photo>.png
 
 Database UTM comes from datasets_vg names (`@east@north@...`) or, for plain
@@ -23,15 +24,18 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import json
 import os
 import time
+from typing import Optional
 
 import faiss
 import numpy as np
 
-from structvpr_jax import checkpoint, files, parallel, report
+from structvpr_jax import checkpoint, files, parallel, report, rerank
 from structvpr_jax.data import input_pipeline, layout
-from structvpr_jax.evaluation import Extractor
+from structvpr_jax.evaluation import (Extractor, load_local_features, local_feature_paths,
+                                      local_layout, rerank_settings)
 from structvpr_jax.workdir import Workdir
 
 
@@ -61,13 +65,15 @@ def checkpoint_key(checkpoint_dir: str) -> str:
 
 
 def describe_paths(spec: dict, variables, paths: list, batch_size: int,
-                   progress: bool = True) -> np.ndarray:
-  """float32 [len(paths), D] descriptors of image files (rgb) or label maps (seg)."""
+                   progress: bool = True, local: Optional[rerank.Settings] = None):
+  """float32 [len(paths), D] descriptors of image files (rgb) or label maps (seg);
+  with `local` (re-ranking settings) (descriptors, float16 local features
+  [n, P, F], int32 keep [n, P]) from the same pass."""
   mesh = parallel.make_mesh()
   seg = spec["view"] == "seg"
   source = input_pipeline.ImageSource(paths, paths if seg else None, spec["image_size"],
                                       cache=False)
-  extractor = Extractor(spec, mesh, batch_size)
+  extractor = Extractor(spec, mesh, batch_size, local=local)
   return extractor(parallel.replicate(variables, mesh), source, progress=progress,
                    desc="describe")
 
@@ -128,12 +134,20 @@ def _database_folder(folder: str) -> str:
   return folder
 
 
-def cached_database(config, wd: Workdir, spec: dict, variables) -> dict:
-  """{paths, utm, descriptors, index, cache_dir, reused} for config.localize.database."""
+def cached_database(config, wd: Workdir, spec: dict, variables,
+                    local: Optional[rerank.Settings] = None) -> dict:
+  """{paths, utm, descriptors, index, cache_dir, reused} for config.localize.database;
+  with `local` (re-ranking settings) also "local": (float16 features, keep) of
+  every database image, cached beside the descriptors (memory-mapped when
+  reused; the settings that shape them are part of the cache key)."""
   folder = _database_folder(config.localize.database)
   paths = list_images(folder)
+  shape = "" if local is None else "|" + json.dumps(
+      {"features": local.features, "layer": local.layer, "patch_sizes": local.patch_sizes,
+       "strides": local.strides, "max_features": local.max_features}, sort_keys=True)
   key = hashlib.sha256((checkpoint_key(config.checkpoint) + "|" + "|".join(
-      f"{os.path.relpath(p, folder)}:{os.path.getsize(p)}" for p in paths)).encode()).hexdigest()[:16]
+      f"{os.path.relpath(p, folder)}:{os.path.getsize(p)}" for p in paths) + shape
+  ).encode()).hexdigest()[:16]
   cache_dir = os.path.join(folder, ".structvpr_cache", key)
   if not os.access(folder, os.W_OK):
     cache_dir = wd.path("cache", key)
@@ -141,17 +155,27 @@ def cached_database(config, wd: Workdir, spec: dict, variables) -> dict:
   index_path = os.path.join(cache_dir, "index.faiss")
   utm = database_utm(folder, paths, config.localize.get("utm_csv", ""))
   if os.path.exists(desc_path) and os.path.exists(index_path):
-    return {"paths": paths, "utm": utm, "descriptors": np.load(desc_path),
-            "index": faiss.read_index(index_path), "cache_dir": cache_dir, "reused": True}
-  desc = describe_paths(spec, variables, paths, config.eval.batch_size)
+    out = {"paths": paths, "utm": utm, "descriptors": np.load(desc_path),
+           "index": faiss.read_index(index_path), "cache_dir": cache_dir, "reused": True}
+    if local is not None:
+      out["local"] = load_local_features(cache_dir, "database")
+    return out
+  res = describe_paths(spec, variables, paths, config.eval.batch_size, local=local)
+  desc = res if local is None else res[0]
   index = faiss.IndexFlatL2(desc.shape[1])
   index.add(np.ascontiguousarray(desc))
   files.atomic_write(index_path, lambda tmp: faiss.write_index(index, tmp))
+  out = {"paths": paths, "utm": utm, "descriptors": desc, "index": index,
+         "cache_dir": cache_dir, "reused": False}
+  if local is not None:
+    feat_path, keep_path = local_feature_paths(cache_dir, "database")
+    files.save_npy(feat_path, res[1])
+    files.save_npy(keep_path, res[2])
+    out["local"] = (res[1], res[2])
   files.save_npy(desc_path, desc)       # written last: its presence marks a complete entry
   files.write_text(os.path.join(cache_dir, "names.txt"),
               "\n".join(os.path.relpath(p, folder) for p in paths) + "\n")
-  return {"paths": paths, "utm": utm, "descriptors": desc, "index": index,
-          "cache_dir": cache_dir, "reused": False}
+  return out
 
 
 def run_localize(config, wd: Workdir) -> dict:
@@ -167,19 +191,39 @@ def run_localize(config, wd: Workdir) -> dict:
   if spec["view"] != "rgb":
     raise ValueError(f"checkpoint: {config.checkpoint} is a {spec['branch']} branch; "
                      "localisation needs an RGB branch (rgb or distill)")
+  settings = rerank_settings(config)       # None: eval.rerank="none"
   t0 = time.time()
-  db = cached_database(config, wd, spec, variables)
+  db = cached_database(config, wd, spec, variables, local=settings)
   t_db = time.time() - t0
-  q = describe_paths(spec, variables, [query], 1, progress=False)
+  res = describe_paths(spec, variables, [query], 1, progress=False, local=settings)
+  q = res if settings is None else res[0]
   k = int(min(config.localize.top_k, len(db["paths"])))
-  dist, idx = db["index"].search(np.ascontiguousarray(q), k)
+  depth = k if settings is None else int(min(max(k, settings.topk), len(db["paths"])))
+  dist, idx = db["index"].search(np.ascontiguousarray(q), depth)
+  distance = dict(zip(idx[0].tolist(), np.sqrt(np.maximum(dist[0], 0)).tolist()))
+  global_rank = {int(i): r for r, i in enumerate(idx[0], 1)}
+  order, scores = idx[0][:k], {}
+  if settings is not None:
+    windows = local_layout(spec, settings)
+    t1 = time.time()
+    out = rerank.rerank(idx, (res[1], res[2]), db["local"], windows, settings)
+    t_rerank = time.time() - t1
+    order = out["predictions"][0][:k]
+    scores = dict(zip(out["predictions"][0][:len(out["scores"][0])].tolist(),
+                      out["scores"][0].tolist()))
   rows = []
-  for rank, (d, i) in enumerate(zip(np.sqrt(np.maximum(dist[0], 0)), idx[0]), 1):
-    rows.append({"rank": rank, "image": db["paths"][i], "utm_east": float(db["utm"][i, 0]),
-                 "utm_north": float(db["utm"][i, 1]), "descriptor_distance": float(d)})
+  for rank, i in enumerate(order, 1):
+    row = {"rank": rank, "image": db["paths"][i], "utm_east": float(db["utm"][i, 0]),
+           "utm_north": float(db["utm"][i, 1]), "descriptor_distance": float(distance[int(i)])}
+    if settings is not None:
+      row.update(global_rank=global_rank[int(i)], rerank_score=float(scores.get(int(i), np.nan)))
+    rows.append(row)
   print(f"[localize] {query} against {len(db['paths'])} database images "
         f"({'cached' if db['reused'] else 'described'} in {t_db:.1f} s; cache "
         f"{db['cache_dir']})")
+  if settings is not None:
+    print(f"[localize] +R: {settings.describe()} in {1000 * t_rerank:.0f} ms; rank = "
+          f"re-ranked, global = rank by descriptor distance")
   try:    # a query named @east@north@...: report how far each match really is
     q_utm = np.array(layout.parse_utm(query))
   except ValueError:
@@ -188,10 +232,13 @@ def run_localize(config, wd: Workdir) -> dict:
     for r in rows:
       r["metres_from_query"] = float(np.hypot(r["utm_east"] - q_utm[0],
                                               r["utm_north"] - q_utm[1]))
-  print(f"{'rank':>4}  {'utm_east':>12} {'utm_north':>12}  {'distance':>8}"
+  ranked = settings is not None
+  print(f"{'rank':>4}" + (f"  {'global':>6}" if ranked else "")
+        + f"  {'utm_east':>12} {'utm_north':>12}  {'distance':>8}"
         + ("  metres" if q_utm is not None else "") + "  image")
   for r in rows:
-    print(f"{r['rank']:>4}  {r['utm_east']:>12.2f} {r['utm_north']:>12.2f}  "
+    print(f"{r['rank']:>4}" + (f"  {r['global_rank']:>6}" if ranked else "")
+          + f"  {r['utm_east']:>12.2f} {r['utm_north']:>12.2f}  "
           f"{r['descriptor_distance']:>8.4f}"
           + (f"  {r['metres_from_query']:>6.1f}" if q_utm is not None else "")
           + f"  {os.path.basename(r['image'])}")
@@ -202,6 +249,7 @@ def run_localize(config, wd: Workdir) -> dict:
     files.write_json(wd.path(f"localize_{stem}.json"),
                                {"query": os.path.abspath(query), "step": step,
                                 "checkpoint": os.path.abspath(config.checkpoint),
+                                "rerank": None if settings is None else settings.describe(),
                                 "matches": rows})
   print(f"[localize] picture: {picture}")
   return {"matches": rows, "picture": picture, "reused_cache": db["reused"]}
@@ -215,7 +263,9 @@ def _plot(query: str, rows: list, image_size, path: str) -> None:
   axes[0].set_title("query", fontsize=8)
   for ax, r in zip(axes[1:], rows):
     ax.imshow(input_pipeline.read_rgb(r["image"], image_size))
-    ax.set_title(f"#{r['rank']} ({r['utm_east']:.0f}, {r['utm_north']:.0f})\n"
+    ax.set_title(f"#{r['rank']}" + (f" (global #{r['global_rank']})" if "global_rank" in r
+                                     else "")
+                 + f" ({r['utm_east']:.0f}, {r['utm_north']:.0f})\n"
                  f"d={r['descriptor_distance']:.3f}", fontsize=7)
   for ax in axes:
     ax.set_xticks([])

@@ -24,6 +24,7 @@ import numpy as np
 
 matplotlib.use("Agg")  # headless: before pyplot is imported
 import matplotlib.pyplot as plt  # noqa: E402
+from PIL import Image, ImageDraw  # noqa: E402
 
 from structvpr_jax import files, partition, retrieval  # noqa: E402
 from structvpr_jax.data import input_pipeline, layout  # noqa: E402
@@ -150,12 +151,14 @@ def examples_for_split(root: str, split: str, predictions: np.ndarray, image_siz
 
 def save_predictions(out_dir: str, vs: layout.VprSplit, predictions: np.ndarray, k: int,
                      image_size, radius: float, labelled: bool = True,
-                     only_wrong: bool = False) -> int:
+                     only_wrong: bool = False, global_rank: Optional[np.ndarray] = None) -> int:
   """preds/NNN.jpg (the query, then its top-k, framed green when within
   `radius` of the query, red when not, grey without labels) and preds/NNN.txt
   (query path, prediction paths, positive paths) per query, NNN = the query's
   index in name order; `only_wrong`: only queries whose top-1 is wrong (as
-  VPR-methods-evaluation's save_only_wrong_preds). Returns the count written."""
+  VPR-methods-evaluation's save_only_wrong_preds). `global_rank` (int [Q, >= k],
+  re-ranked predictions): each tile is marked "R<rank> g<global rank>" and the
+  txt gives the global rank of each prediction. Returns the count written."""
   preds = np.asarray(predictions)[:, :k]
   q_count = len(vs.query_paths)
   correct = (retrieval.correct_at_k(preds, vs.query_utm, vs.database_utm, radius)
@@ -178,17 +181,35 @@ def save_predictions(out_dir: str, vs: layout.VprSplit, predictions: np.ndarray,
       tile = np.empty((h + 2 * border, w + 2 * border, 3), np.uint8)
       tile[:] = color
       tile[border:-border, border:-border] = input_pipeline.read_rgb(vs.database_paths[d], (h, w))
+      if global_rank is not None:
+        tile = _mark(tile, f"R{j + 1} g{int(global_rank[i, j])}")
       tiles.append(tile)
     name = f"{i:0{width}d}"
     files.save_image(os.path.join(out_dir, name + ".jpg"), np.concatenate(tiles, axis=1),
                      quality=90)
-    lines = ["query:", vs.query_paths[i], "", "predictions (nearest first):"]
-    lines += [vs.database_paths[d] for d in preds[i] if d >= 0]
+    lines = ["query:", vs.query_paths[i], ""]
+    if global_rank is None:
+      lines += ["predictions (nearest first):"]
+      lines += [vs.database_paths[d] for d in preds[i] if d >= 0]
+    else:
+      lines += ["predictions (re-ranked top-K, best first; [global rank]):"]
+      lines += [f"{vs.database_paths[d]} [{int(global_rank[i, j])}]"
+                for j, d in enumerate(preds[i]) if d >= 0]
     lines += ["", "positives (within %g m):" % radius if labelled else "positives: unknown"]
     lines += [vs.database_paths[d] for d in positives[i]]
     files.write_text(os.path.join(out_dir, name + ".txt"), "\n".join(lines) + "\n")
     written += 1
   return written
+
+
+def _mark(tile: np.ndarray, text: str) -> np.ndarray:
+  """The tile with `text` on a white box in its top-left corner (PIL's default font)."""
+  image = Image.fromarray(tile)
+  draw = ImageDraw.Draw(image)
+  box = draw.textbbox((6, 6), text)
+  draw.rectangle((box[0] - 2, box[1] - 2, box[2] + 2, box[3] + 2), fill=(255, 255, 255))
+  draw.text((6, 6), text, fill=(0, 0, 0))
+  return np.asarray(image)
 
 
 def plot_training_curves(metrics_path: str, path: str) -> Optional[str]:
@@ -243,8 +264,9 @@ def plot_groups(result: dict, path: str) -> str:
 
 
 def ordered(branches: dict) -> dict:
-  """rgb, seg, distill first (pipeline order), then anything else."""
-  order = list(BRANCH_LABELS)
+  """rgb, seg, distill first (pipeline order), each followed by its re-ranked
+  "<branch>+R" row, then anything else."""
+  order = [k for b in BRANCH_LABELS for k in (b, f"{b}+R")]
   keys = [k for k in order if k in branches] + [k for k in branches if k not in order]
   return {k: branches[k] for k in keys}
 

@@ -14,7 +14,7 @@ import pytest
 PKG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "structvpr_jax")
 
 PURE = {"slme", "losses", "partition", "retrieval", "mining", "parallel", "whitening", "stats",
-        "hugepages", "xla_flags", "files", "events", "augment", "early_stopping"}
+        "hugepages", "xla_flags", "files", "events", "augment", "early_stopping", "rerank"}
 LIBRARIES = {"checkpoint", "config_lib", "workdir", "train_lib", "evaluation", "report",
              "localize", "weights"}
 

@@ -456,3 +456,67 @@ def test_teacher_at_chance_is_named_in_one_warning(tmp_path, cache):
   with open(os.path.join(work, "report.md")) as f:
     assert warning in f.read()
   assert outs["partition"].count("[partition] warning: the seg teacher") == 1
+
+
+def test_rerank_in_the_pipeline_eval_mode_and_localize(run1, tmp_path, cache):
+  """eval.rerank=rss: every branch row gets a "+R" row (recalls, per-query
+  hits, report.md) while the global rows keep their recalls; eval mode prints
+  one line per stage, writes the +R hits and marks the re-ranked preds/ with
+  the global rank; localize shows both ranks."""
+  import shutil
+  workdir, _ = run1
+  copy = str(tmp_path / "rerank_run")
+  shutil.copytree(workdir, copy, symlinks=True)
+  main("configs/distill.py:smoke", copy, "--config.eval.rerank=rss", "--config.rerun_from=eval",
+       cache=cache)
+  with open(os.path.join(copy, "eval", "summary.json")) as f:
+    table = json.load(f)["branches"]
+  with open(os.path.join(workdir, "eval", "summary.json")) as f:
+    recorded = json.load(f)["branches"]
+  assert sorted(table) == ["distill", "distill+R", "rgb", "rgb+R", "seg", "seg+R"]
+  for b in ("rgb", "seg", "distill"):
+    assert table[b]["R@1"] == recorded[b]["R@1"]
+    assert table[f"{b}+R"]["label"].endswith("+R")
+    assert table[f"{b}+R"]["rerank"]["method"] == "rss"
+    assert table[f"{b}+R"]["num_queries"] == recorded[b]["num_queries"]
+    with open(os.path.join(copy, "eval", "test", f"per_query_{b}+R.json")) as f:
+      hits = json.load(f)
+    assert 100 * np.mean(hits["hits"]["R@1"]) == pytest.approx(table[f"{b}+R"]["R@1"])
+  report = open(os.path.join(copy, "report.md")).read()
+  assert "| StructVPR-distilled RGB +R |" in report
+  # eval mode, layout form
+  out = str(tmp_path / "eval_rerank")
+  log = main("configs/eval.py", out, f"--config.checkpoint={workdir}/distill/checkpoints",
+             f"--config.data.root={workdir}/data", "--config.eval.rerank=rss", cache=cache)
+  line = ", ".join(f"R@{k}: {recorded['distill'][f'R@{k}']:.1f}" for k in (1, 5, 10, 20))
+  assert f"{line} (global retrieval)" in log
+  plus = ", ".join(f"R@{k}: {table['distill+R'][f'R@{k}']:.1f}" for k in (1, 5, 10, 20))
+  assert f"{plus} (+R: rss re-ranking of the top 100" in log
+  with open(os.path.join(out, "eval", "test", "recalls.json")) as f:
+    rec = json.load(f)
+  assert rec["rerank"]["R@1"] == table["distill+R"]["R@1"]
+  assert os.path.isfile(os.path.join(out, "eval", "test", "per_query_distill+R.json"))
+  # two folders, preds of the re-ranked top-2 marked with their global rank
+  test = os.path.join(workdir, "data", "images", "test")
+  out = str(tmp_path / "eval_rerank_folders")
+  log = main("configs/eval.py", out, f"--config.checkpoint={workdir}/distill/checkpoints",
+             f"--config.eval.database_folder={os.path.join(test, 'database')}",
+             f"--config.eval.queries_folder={os.path.join(test, 'queries')}",
+             "--config.eval.rerank=ransac", "--config.eval.num_preds_to_save=2", cache=cache)
+  assert "(global retrieval)" in log and "(+R: ransac re-ranking" in log
+  txt = open(os.path.join(out, "eval", "folders", "preds", "000.txt")).read().splitlines()
+  first = txt.index("predictions (re-ranked top-K, best first; [global rank]):")
+  assert all(t.endswith("]") for t in txt[first + 1:first + 3])
+  # localize: the re-ranked top-3 with each one's global rank
+  qdir = os.path.join(test, "queries")
+  query = os.path.join(qdir, sorted(os.listdir(qdir))[0])
+  loc = str(tmp_path / "loc_rerank")
+  log = main("configs/localize.py", loc, f"--config.checkpoint={workdir}/distill/checkpoints",
+             f"--config.localize.database={workdir}/data", f"--config.localize.query={query}",
+             "--config.localize.top_k=3", "--config.eval.rerank=rss", cache=cache)
+  assert "+R: rss re-ranking" in log and "global" in log
+  jsons = [n for n in os.listdir(loc) if n.startswith("localize_") and n.endswith(".json")]
+  with open(os.path.join(loc, jsons[0])) as f:
+    result = json.load(f)
+  assert [m["rank"] for m in result["matches"]] == [1, 2, 3]
+  assert all(m["global_rank"] >= 1 for m in result["matches"])

@@ -1,6 +1,7 @@
 """The project's benchmark: prints one JSON object of performance figures.
 
   python experiments/performance/bench.py [--quick] [--rounds R] [--repeats N] [--no-torch] [--out FILE]
+  python experiments/performance/bench.py --rerank [--quick] [--out FILE]   # rerank_* keys only
   python experiments/performance/bench.py --table experiments/results/bench.json [--into docs/performance.md]
 
 Every figure is measured in a fresh worker process (this process only
@@ -548,7 +549,71 @@ def other_worker(quick: bool, repeats: int) -> dict:
   return {"figures": figures, "info": info}
 
 
-WORKERS = {"rgb": rgb_worker, "other": other_worker}
+# Re-ranking (`--rerank`): the settings chosen on the Gardens Point val places
+# (experiments/results/rerank_gardens_point.md), both geometric scores.
+RERANK_SETTINGS = {"layer": "stride16", "patch_sizes": (2,), "strides": (1,), "topk": 100,
+                   "max_features": 512}
+RERANK_DATABASE = 10000          # global descriptors searched (random, 4096-d)
+
+
+def rerank_worker(quick: bool, repeats: int) -> dict:
+  """Per query, at 96x128 and 480x640 (the default RGB branch, random
+  weights): extraction of one query with and without its local features
+  (`evaluation.Extractor`, batch 1), the exact faiss search of its top 100
+  among `RERANK_DATABASE` global descriptors, and re-ranking those 100
+  candidates (`rerank.rerank`: candidates' float16 local features read from
+  host memory, mutual nearest neighbours, then RSS (jitted) or USAC RANSAC
+  per candidate); milliseconds, medians of `repeats` calls after warm-up.
+  rerank_<size>_<method>_vs_extract = re-ranking / global extraction of the
+  query (the target: <= 10 at 480x640)."""
+  import numpy as np
+  from structvpr_jax import evaluation, parallel, rerank, retrieval
+  from structvpr_jax.models import spec as model_spec
+  mesh = parallel.make_mesh()
+  sizes = {"96x128": (96, 128), "480x640": (96, 128) if quick else (480, 640)}
+  out = {}
+  for name, hw in sizes.items():
+    spec = make_spec("rgb", hw, quick, dim=16 if quick else 128, num_clusters=4 if quick else 32)
+    layer = "final" if quick else RERANK_SETTINGS["layer"]
+    settings = {m: rerank.Settings(method=m, layer=layer, topk=RERANK_SETTINGS["topk"],
+                                   patch_sizes=RERANK_SETTINGS["patch_sizes"],
+                                   strides=RERANK_SETTINGS["strides"],
+                                   max_features=RERANK_SETTINGS["max_features"])
+                for m in ("rss", "ransac")}
+    variables = parallel.replicate(model_spec.init_variables(spec, seed=0), mesh)
+    plain = evaluation.Extractor(spec, mesh, 1)
+    both = evaluation.Extractor(spec, mesh, 1, local=settings["rss"])
+    one = RandomImages(spec, 1, seed=5)
+    _, t_global = timed(lambda: plain(variables, one), repeats)
+    _, t_both = timed(lambda: both(variables, one), repeats)
+    # a database of local features: 16 distinct random images, tiled to 100 rows
+    _, feats, keep = both(variables, RandomImages(spec, 16, seed=6))
+    k = RERANK_SETTINGS["topk"]
+    db_local = (np.ascontiguousarray(feats[np.arange(k) % 16]),
+                np.ascontiguousarray(keep[np.arange(k) % 16]))
+    q_global, q_feats, q_keep = both(variables, one)
+    rng = np.random.default_rng(0)
+    db = rng.normal(size=(200 if quick else RERANK_DATABASE, q_global.shape[1])).astype(np.float32)
+    _, t_search = timed(lambda: retrieval.search(q_global, db, k), repeats)
+    preds = np.arange(k)[None]
+    prefix = f"rerank_{name}"
+    for method, st in settings.items():
+      _, t = timed(lambda st=st: rerank.rerank(preds, (q_feats, q_keep), db_local,
+                                               both.layout, st)["predictions"], repeats)
+      out[f"{prefix}_{method}_ms"] = 1000 * t
+      out[f"{prefix}_{method}_vs_extract"] = t / t_global
+    out.update({f"{prefix}_extract_global_ms": 1000 * t_global,
+                f"{prefix}_extract_with_local_ms": 1000 * t_both,
+                f"{prefix}_search_top{k}_of_{len(db)}_ms": 1000 * t_search,
+                f"{prefix}_local_features": int(feats.shape[1]),
+                f"{prefix}_local_dim": int(feats.shape[2]),
+                f"{prefix}_local_bytes_per_image": rerank.bytes_per_image(*feats.shape[1:])})
+  out["rerank_settings"] = {k: (list(v) if isinstance(v, tuple) else v)
+                            for k, v in RERANK_SETTINGS.items()}
+  return out
+
+
+WORKERS = {"rgb": rgb_worker, "other": other_worker, "rerank": rerank_worker}
 
 
 # --------------------------------------------------------------------------
@@ -829,6 +894,10 @@ def main():
                       help="with --table: write the table into this file between its "
                            f"'{TABLE_BEGIN}' and '{TABLE_END}' lines instead of printing it "
                            "(docs/performance.md)")
+  parser.add_argument("--rerank", action="store_true",
+                      help="only the re-ranking figures (rerank_* keys: ms per query for "
+                           "extraction, search and re-ranking the top 100, at 96x128 and "
+                           "480x640), in one fresh worker")
   parser.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.table:
@@ -848,6 +917,19 @@ def main():
     print(json.dumps(out))
     return
 
+  if args.rerank:
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", "rerank",
+           "--repeats", str(args.repeats)] + (["--quick"] if args.quick else [])
+    out = run_worker(cmd, allocator_environments()["hugepages"])
+    out["cpu"] = cpu_model()
+    out["date"] = time.strftime("%Y-%m-%d %H:%M")
+    text = json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in out.items()})
+    if args.out:
+      with open(args.out + ".tmp", "w") as f:
+        f.write(text + "\n")
+      os.replace(args.out + ".tmp", args.out)
+    print(text)
+    return
   with_torch = not args.no_torch and importlib.util.find_spec("torch") is not None
   if not args.no_torch and not with_torch:
     print("bench: PyTorch figures skipped (torch not installed); pip install -e '.[bench]'",

@@ -104,3 +104,10 @@ class Branch(nn.Module):
 
   def __call__(self, x, train: bool = False, micro_batch: int = 0):
     return self.netvlad(self.local_features(x, train, micro_batch))
+
+
+  def global_and_local(self, x, train: bool = False, micro_batch: int = 0):
+    """One pass for re-ranking: (`__call__`'s global descriptor [B, K * D],
+    the local features [B, Hf, Wf, D] it aggregates)."""
+    features = self.local_features(x, train, micro_batch)
+    return self.netvlad(features), features

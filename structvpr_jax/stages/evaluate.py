@@ -13,14 +13,17 @@
 from __future__ import annotations
 
 import os
+from typing import Optional
 
 import numpy as np
 from absl import logging
 
-from structvpr_jax import checkpoint, config_lib, files, parallel, report, retrieval
+from structvpr_jax import (checkpoint, config_lib, files, parallel, report, rerank, retrieval,
+                           stats)
 from structvpr_jax.data import layout, synthetic
 from structvpr_jax.evaluation import (RecallEvaluator, describe_split, extractor_from_config,
-                                      index_from_config, pca_from_config, public)
+                                      global_ranks, index_from_config, pca_from_config, public,
+                                      rerank_settings)
 from structvpr_jax.workdir import Workdir
 
 
@@ -37,7 +40,7 @@ def _evaluate_checkpoint(config, spec, variables, root, mesh, split, store: dict
   pca = pca_from_config(config, spec, variables, root, mesh)
   return RecallEvaluator(spec, root, split, mesh, config.eval.batch_size,
                          tuple(config.eval.ns), config.eval.radius, progress=True,
-                         extractor=extractor_from_config(config, spec, mesh),
+                         extractor=extractor_from_config(config, spec, mesh, local=True),
                          index=index_from_config(config),
                          vs=config_lib.read_split(config, root, split, spec["view"] == "seg"),
                          **store).run(variables, pca)
@@ -61,10 +64,23 @@ def run(config, wd: Workdir, root: str, stages=("rgb", "seg", "distill")) -> dic
     record.update(branch=stage, label=label, step=step,
                   checkpoint=os.path.join(wd.checkpoints(stage), str(step)))
     table[stage] = record
+    rows = [(stage, rep, record)]
+    if "_rerank" in rep:        # the same branch, its top-K re-ranked: the "+R" row
+      plus = rerank_key(stage)
+      rerank_record = public(rep["_rerank"])
+      rerank_record.update(branch=plus, label=f"{label} +R", step=step,
+                           checkpoint=record["checkpoint"],
+                           extract_s=rep["extract_s"], split=split)
+      table[plus] = rerank_record
+      rows.append((plus, rep["_rerank"], rerank_record))
+      print(f"[eval] {label}: R@1 {record['R@1']:.1f} global, {rerank_record['R@1']:.1f} +R "
+            f"({rerank_record['rerank']['ms_per_query']:.1f} ms per query to re-rank)",
+            flush=True)
     if parallel.is_main_process():
-      files.write_json(wd.recalls_json(split, stage), record)
-      files.write_json(wd.per_query_json(split, stage), per_query(rep, root, split),
-                       indent=None)
+      for key, r, rec in rows:
+        files.write_json(wd.recalls_json(split, key), rec)
+        files.write_json(wd.per_query_json(split, key), per_query(r, root, split),
+                         indent=None)
       if stage == "distill":  # the deliverable: the distilled RGB branch
         files.write_json(wd.recalls_json(split), record)
   wd.finish("eval", {"split": split, "branches": table}, fields, consumed,
@@ -73,6 +89,12 @@ def run(config, wd: Workdir, root: str, stages=("rgb", "seg", "distill")) -> dic
     write_figures_and_report(config, wd, root, split, predictions)
   print(report.format_table(table))
   return table
+
+
+def rerank_key(branch: str) -> str:
+  """The table key and file suffix of a branch's re-ranked row: "<branch>+R"
+  (recalls_<branch>+R.json, per_query_<branch>+R.json)."""
+  return f"{branch}+R"
 
 
 def per_query(report: dict, root: str, split: str, vs=None) -> dict:
@@ -152,27 +174,50 @@ def run_checkpoint(config, wd: Workdir) -> dict:
   print(f"< #queries: {vs.num_queries}; #database: {vs.num_database} >", flush=True)
   mesh = parallel.make_mesh()
   k = max(tuple(ev.ns))
+  extractor = extractor_from_config(config, spec, mesh, local=True)
+  settings = extractor.local        # None: eval.rerank="none"
+  global_rank = None
   if labelled:
     pca = pca_from_config(config, spec, variables, root, mesh) if root else None
     if pca is None and int(ev.get("pca_dim", 0) or 0):
       raise ValueError("eval.pca_dim needs a layout folder (data.root) with a train split")
     rep = RecallEvaluator(spec, root, split, mesh, ev.batch_size, tuple(ev.ns), ev.radius,
-                          progress=True, extractor=extractor_from_config(config, spec, mesh),
+                          progress=True, extractor=extractor,
                           index=index_from_config(config), vs=vs,
                           **descriptor_store(config, wd, split, spec["branch"])
                           ).run(variables, pca)
     predictions, descs = rep["_predictions"], rep["_descriptors"]
-    print(", ".join(f"R@{n}: {rep[f'R@{n}']:.1f}" for n in ev.ns), flush=True)
+    line = ", ".join(f"R@{n}: {rep[f'R@{n}']:.1f}" for n in ev.ns)
     out = public(rep)
+    if settings is None:
+      print(line, flush=True)
+    else:       # one line per stage, each saying which it is
+      plus = rep["_rerank"]
+      print(f"{line} (global retrieval)", flush=True)
+      print(", ".join(f"R@{n}: {plus[f'R@{n}']:.1f}" for n in ev.ns)
+            + f" (+R: {settings.describe()}; {plus['rerank']['ms_per_query']:.1f} ms per query)",
+            flush=True)
+      out["rerank"] = public(plus)
+      predictions, global_rank = plus["_predictions"], plus["_global_rank"]
   else:
     descs = describe_split(spec, variables, vs, mesh, ev.batch_size, progress=True,
-                           extractor=extractor_from_config(config, spec, mesh),
+                           extractor=extractor,
                            **descriptor_store(config, wd, split, spec["branch"]))
-    _, predictions = retrieval.search(descs["queries"], descs["database"], k,
+    depth = k if settings is None else max(k, settings.topk)
+    _, predictions = retrieval.search(descs["queries"], descs["database"], depth,
                                       **index_from_config(config))
     out = {"num_queries": vs.num_queries, "num_database": vs.num_database,
            "descriptor_dim": int(descs["queries"].shape[1]), "labels": False}
     print("no labels (eval.no_labels): predictions only", flush=True)
+    if settings is not None:
+      res = rerank.rerank(predictions, descs["local"]["queries"], descs["local"]["database"],
+                          extractor.layout, settings)
+      global_rank = global_ranks(predictions, res["predictions"])
+      predictions = res["predictions"]
+      out["rerank"] = {"ms_per_query": 1000.0 * res["seconds"] / max(vs.num_queries, 1),
+                       "method": settings.method, "topk": settings.topk}
+      print(f"+R: {settings.describe()} ({out['rerank']['ms_per_query']:.1f} ms per query)",
+            flush=True)
   out.update(branch=spec["branch"], checkpoint=os.path.abspath(config.checkpoint), step=step,
              radius=float(ev.radius), image_size=list(size), trained_image_size=list(trained_size),
              files_sha256=layout.files_sha256(vs), split=split,
@@ -183,14 +228,67 @@ def run_checkpoint(config, wd: Workdir) -> dict:
     if labelled:
       files.write_json(wd.per_query_json(split, spec["branch"]),
                        per_query(rep, root, split, vs))
+      if settings is not None:
+        files.write_json(wd.per_query_json(split, rerank_key(spec["branch"])),
+                         per_query(rep["_rerank"], root, split, vs))
     num_preds = int(ev.get("num_preds_to_save", 0) or 0)
-    if num_preds:
+    if num_preds:     # with eval.rerank: the re-ranked top-K, each marked with its global rank
       n = report.save_predictions(os.path.join(wd.eval_split_dir(split), "preds"), vs,
                                   predictions, num_preds, size, float(ev.radius), labelled,
-                                  bool(ev.get("save_only_wrong", False)))
+                                  bool(ev.get("save_only_wrong", False)),
+                                  global_rank=global_rank)
       print(f"preds: {n} queries -> {os.path.join(wd.eval_split_dir(split), 'preds')}")
     if ev.get("save_descriptors", False):
       for role in ("database", "queries"):
         files.save_npy(os.path.join(wd.eval_split_dir(split), f"{role}_descriptors.npy"),
                        np.asarray(descs[role], np.float32))
   return out
+
+def rerank_checkpoint(config, checkpoint_dir: str, root: str, split: str = "test",
+                      store: Optional[str] = None) -> dict:
+  """Global retrieval and its re-ranking for one checkpoint on a layout split,
+  paired on the same queries: the function ablations call (e.g.
+  experiments/synthetic_structure.py on each seed's workdir, or
+  experiments/rerank_gardens_point.py), without touching the workdir.
+
+  Args:
+    config: a run config whose eval.rerank* fields say how to re-rank
+      (eval.rerank must not be "none"); eval.ns, eval.radius, eval.index and
+      eval.batch_size apply as in the pipeline's evaluation.
+    checkpoint_dir: an Orbax directory, e.g. `Workdir(w).checkpoints("distill")`.
+    root: the layout root (e.g. `Workdir(w).data`); split: its split.
+    store: a folder to stream descriptors and local features to (float16 local
+      features, eval.descriptor_dtype descriptors), else memory.
+
+  Returns:
+    {"global": public recall report, "rerank": the re-ranked one (with
+     "rerank": settings, ms per query, local bytes per image),
+     "per_query": {"global": per_query(...), "rerank": ...},
+     "paired": {"R@n": stats.paired_bootstrap of rerank vs global hits}
+     (overall and per condition under "per_condition"), "step": checkpoint step}.
+  """
+  if rerank_settings(config) is None:
+    raise ValueError("eval.rerank: rerank_checkpoint needs a re-ranking method "
+                     f"(one of {rerank.METHODS[1:]}), got 'none'")
+  spec, variables, step, _ = checkpoint.restore_variables(checkpoint_dir, config=config)
+  mesh = parallel.make_mesh()
+  kw = {} if store is None else {"store": store,
+                                 "dtype": config.eval.get("descriptor_dtype", "float32")}
+  rep = _evaluate_checkpoint(config, spec, variables, root, mesh, split, kw)
+  plus = rep["_rerank"]
+  vs = config_lib.read_split(config, root, split, spec["view"] == "seg")
+  notes = np.asarray(vs.query_notes())
+  paired = {}
+  for n, hits in rep["_hits"].items():
+    paired[f"R@{n}"] = stats.paired_bootstrap({0: hits}, {0: plus["_hits"][n]})
+  per_condition = {}
+  for note in sorted(set(notes.tolist())):
+    sel = notes == note
+    per_condition[note or "all"] = {
+        f"R@{n}": stats.paired_bootstrap({0: hits[sel]}, {0: plus["_hits"][n][sel]})
+        for n, hits in rep["_hits"].items()}
+  paired["per_condition"] = per_condition
+  return {"global": public(rep), "rerank": public(plus), "step": step,
+          "per_query": {"global": per_query(rep, root, split, vs),
+                        "rerank": per_query(plus, root, split, vs)},
+          "paired": paired}
