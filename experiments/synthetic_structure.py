@@ -293,10 +293,14 @@ def run_seed(args, seed: int, kd_choice) -> dict:
             flush=True)
     hits = files.read_json(variant.per_query_json(SPLIT, "distill"))
     record["per_query"][kind] = hits
+    if os.path.exists(variant.per_query_json(SPLIT, "distill+R")):   # eval.rerank on
+      record["per_query"][f"{kind}+R"] = files.read_json(
+          variant.per_query_json(SPLIT, "distill+R"))
     record["stages"][kind] = stage_record(variant, "distill")
     if kind == args.variants[-1]:
-      for branch in ("rgb", "seg"):
-        record["per_query"][branch] = files.read_json(variant.per_query_json(SPLIT, branch))
+      for branch in ("rgb", "seg", "rgb+R", "seg+R"):
+        if branch in ("rgb", "seg") or os.path.exists(variant.per_query_json(SPLIT, branch)):
+          record["per_query"][branch] = files.read_json(variant.per_query_json(SPLIT, branch))
     part = files.read_json(variant.partition_summary)
     if kind != "triplet_only":
       record["partition"][part.get("partition", "stage1")] = {
@@ -317,6 +321,18 @@ def run_seed(args, seed: int, kd_choice) -> dict:
   return record
 
 
+def method_labels() -> tuple:
+  """METHODS with each method's re-ranked row ("<method>+R") after it."""
+  out = []
+  for m, label in METHODS:
+    out += [(m, label), (f"{m}+R", f"{label} +R")]
+  return tuple(out)
+
+
+# the re-ranked rows against their global-only rows
+RERANK_COMPARISONS = tuple((f"{m}+R", m) for m, _ in METHODS)
+
+
 def seed_path(args, seed: int) -> str:
   return os.path.join(args.out + "_seeds", f"seed{seed}.json")
 
@@ -325,8 +341,9 @@ def aggregate(args, records: dict) -> None:
   """<out>.md / <out>.json from the seed records {seed: record}."""
   seeds = sorted(records)
   first = records[seeds[0]]
-  methods = [m for m, _ in METHODS if all(m in records[s]["per_query"] for s in seeds)]
-  labels = dict(METHODS)
+  methods = [m for m, _ in method_labels()
+             if all(m in records[s]["per_query"] for s in seeds)]
+  labels = dict(method_labels())
   per_query = {m: {s: records[s]["per_query"][m] for s in seeds} for m in methods}
   conditions = {s: records[s]["conditions"] for s in seeds}
   regimes = {s: records[s]["regimes"] for s in seeds}
@@ -342,7 +359,7 @@ def aggregate(args, records: dict) -> None:
                                                  for c in appearance])) for s in seeds]}
            for m in methods}
   paired = {}
-  for other, base_m in COMPARISONS:
+  for other, base_m in COMPARISONS + RERANK_COMPARISONS:
     if other in methods and base_m in methods:
       paired[f"{other} vs {base_m}"] = {
           "all": stats.paired_bootstrap(per_query[base_m], per_query[other], args.resamples),
@@ -356,7 +373,7 @@ def aggregate(args, records: dict) -> None:
   wall = sum(float(records[s].get("wall_s", 0.0)) for s in seeds)
   command = (f"python experiments/synthetic_structure.py --config={first['config']} --seeds "
              f"{' '.join(map(str, seeds))} --kd {kd} --lambda-kd {lam:g} --variants "
-             f"{' '.join(m for m in methods if m not in ('rgb', 'seg'))}"
+             f"{' '.join(m for m in methods if m not in ('rgb', 'seg') and not m.endswith('+R'))}"
              + (f" --override {' '.join(first['overrides'])}" if first["overrides"] else ""))
   n_queries = {s: len(conditions[s]) for s in seeds}
   lines = [
@@ -392,13 +409,14 @@ def aggregate(args, records: dict) -> None:
   for s in seeds:
     lines.append(f"| {s} | " + " | ".join(f"{rate(per_query[m][s]):.1f}" for m in methods)
                  + " |")
+  trained = [m for m in methods if not m.endswith("+R")]
   lines += ["", "## How each stage stopped (epochs of the early-stopping rule; best epoch "
             "by val R@1)", "",
-            "| seed | " + " | ".join(m for m in methods) + " |",
-            "|---|" + "---|" * len(methods)]
+            "| seed | " + " | ".join(m for m in trained) + " |",
+            "|---|" + "---|" * len(trained)]
   for s in seeds:
     cells = []
-    for m in methods:
+    for m in trained:
       st = records[s]["stages"].get(m, {})
       cells.append(f"{st.get('stop_reason') or '-'} {st.get('epochs', '-')} "
                    f"(best {st.get('best_epoch', '-')})" if st.get("epochs") is not None

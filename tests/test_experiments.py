@@ -25,8 +25,11 @@ def test_synthetic_structure_smoke_writes_per_query_hits(tmp_path):
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   with open(out + ".json") as f:
     res = json.load(f)
-  methods = {"rgb", "seg", "triplet_only", "sigmoid", "gate", "sigmoid_crossfit"}
+  trained = {"rgb", "seg", "triplet_only", "sigmoid", "gate", "sigmoid_crossfit"}
+  # configs/ablation.py re-ranks every branch's top 100 too: a "+R" row each
+  methods = trained | {f"{m}+R" for m in trained}
   assert set(res["per_query"]) == methods
+  assert "sigmoid+R vs sigmoid" in res["paired"] and "rgb+R vs rgb" in res["paired"]
   n = len(res["conditions"]["0"])
   assert n == 12 and len(res["regimes"]["0"]) == n
   assert set(res["conditions"]["0"]) <= {"dusk", "fog", "night", "repaint"}
@@ -60,7 +63,7 @@ def test_synthetic_structure_smoke_writes_per_query_hits(tmp_path):
     assert os.path.isdir(os.path.join(sel, "val")) and not os.path.isdir(os.path.join(sel, "test"))
   # every stage stopped by the epoch rule, and the record says why
   stages = res["stages"]["0"]
-  for m in methods:
+  for m in trained:
     assert stages[m]["stop_reason"] in ("patience", "max_epochs"), (m, stages[m])
     assert 1 <= stages[m]["epochs"] <= 3 and 1 <= stages[m]["best_epoch"] <= stages[m]["epochs"]
   assert set(res["teacher_vs_student"]["0"]["teacher"]) >= {"all"}
