@@ -689,6 +689,17 @@ def fit(*, stage: str, spec: dict, tc: dict, mesh, batcher: input_pipeline.Tripl
   return result
 
 
+def finished_line(done: dict) -> str:
+  """How a finished stage's done.json reads in one line (skipped stages)."""
+  metric = done.get("select_metric") or "R@5"
+  best = (done.get("best_val") or {}).get(f"val_{metric}", done.get("best_val_R@5"))
+  text = f"best val {metric} {best}"
+  if done.get("epochs") is not None:
+    text += (f" at epoch {done.get('best_epoch')} of {done['epochs']} "
+             f"(stopped: {done.get('stop_reason')})")
+  return text
+
+
 def training_plan(tc: dict) -> dict:
   """The step budget and validation rhythm of a stage's training fields.
 

@@ -393,3 +393,11 @@ def test_constant_and_cosine_schedules():
   assert float(no_warmup(0)) == pytest.approx(1e-3)
   with pytest.raises(ValueError, match="train.lr_schedule"):
     train_lib.make_optimizer(dict(tc, lr_schedule="step"))
+
+
+def test_finished_line_names_the_selection_and_the_stop():
+  assert train_lib.finished_line({"best_val_R@5": 96.0}) == "best val R@5 96.0"
+  done = {"select_metric": "R@1", "best_val": {"val_R@1": 88.0, "val_R@5": 96.8},
+          "best_val_R@5": 96.8, "epochs": 18, "best_epoch": 15, "stop_reason": "patience"}
+  assert train_lib.finished_line(done) == \
+      "best val R@1 88.0 at epoch 15 of 18 (stopped: patience)"

@@ -35,7 +35,7 @@ def _run_unlocked(config, wd: Workdir, root: str) -> dict:
   consumed = wd.consumed(UPSTREAM)
   if wd.begin(stage, fields, consumed, config.get("rerun_from", "")) == "done":
     done = wd.done(stage)
-    print(f"[{stage}] already finished: best val R@5 {done.get('best_val_R@5')}")
+    print(f"[{stage}] already finished: {train_lib.finished_line(done)}")
     return done
   spec = model_spec.branch_spec(config, stage)
   mesh = parallel.make_mesh()

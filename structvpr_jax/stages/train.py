@@ -39,7 +39,7 @@ def _run_unlocked(config, wd: Workdir, branch: str, root: str) -> dict:
   if status == "done":
     done = wd.done(branch)
     logging.info("stage %s already finished (%s); skipping", branch, wd.done_json(branch))
-    print(f"[{branch}] already finished: best val R@5 {done.get('best_val_R@5')}")
+    print(f"[{branch}] already finished: {train_lib.finished_line(done)}")
     return done
   spec = model_spec.branch_spec(config, branch)
   mesh = parallel.make_mesh()
