@@ -127,7 +127,8 @@ def test_gardens_point_smoke_pipeline(tmp_path):
     assert branches[stage]["num_database"] == 100
   assert os.path.exists(os.path.join(work, "report.md"))
   # train.eval_at_start: the starting weights are validated and checkpointed as
-  # step 0 and compete in the selection (val R@5, then R@1, then the latest).
+  # step 0 and compete in the selection (val R@5, then R@1, then the earliest:
+  # a tie is no improvement).
   with open(os.path.join(work, "metrics.jsonl")) as f:
     records = [json.loads(line) for line in f]
   for stage in ("rgb", "seg", "distill"):
@@ -136,5 +137,5 @@ def test_gardens_point_smoke_pipeline(tmp_path):
     assert [r["step"] for r in vals] == sorted(r["step"] for r in vals)
     with open(os.path.join(work, stage, "done.json")) as f:
       done = json.load(f)
-    expected = max(vals, key=lambda r: (r["val_R@5"], r["val_R@1"], r["step"]))["step"]
+    expected = max(vals, key=lambda r: (r["val_R@5"], r["val_R@1"], -r["step"]))["step"]
     assert done["best_step"] == expected, (stage, done, vals)
