@@ -151,6 +151,12 @@ class Check:
                         f"{type(e).__name__}: {e}", output_tail=output[-TAIL:])
     return self._add(record)
 
+  def demote(self, record: dict, reason: str) -> None:
+    """A step that ran but found what the check needs missing: failed."""
+    record.update(status="failed", reason=reason)
+    self.write()
+    print(f"device_check: {record['name']}: failed ({reason})", flush=True)
+
   def fail(self, name: str, cmd: list, reason: str) -> dict:
     """A step found broken without running it."""
     return self._add({"name": name, "command": " ".join(cmd), "status": "failed",
@@ -241,12 +247,13 @@ def run(args) -> int:
   probe = check.step("jax_devices", [py, "-c", JAX_PROBE], 90,
                      skip="" if installed else "install_project failed", parse=last_json_line)
   jax_platform = (probe.get("result") or {}).get("platform")
-  if args.dry_run:
-    jax_skip = "" if probe["status"] == "ok" else "jax_devices failed"
-  elif cuda["status"] != "ok":
+  if not args.dry_run and probe["status"] == "ok" and jax_platform != "gpu":
+    check.demote(probe, f"JAX sees no GPU: platform {jax_platform!r} (jax[{args.jax_extra}] "
+                        "installed? a driver?)")
+  if probe["status"] != "ok":
+    jax_skip = f"jax_devices {probe['status']}"
+  elif not args.dry_run and cuda["status"] != "ok":
     jax_skip = f"install_jax_cuda {cuda['status']}: JAX would run on the CPU"
-  elif jax_platform != "gpu":
-    jax_skip = f"JAX sees no GPU (platform {jax_platform!r}; see jax_devices)"
   else:
     jax_skip = ""
   have_torch = not args.dry_run or _importable("torch")
@@ -254,14 +261,11 @@ def run(args) -> int:
                       skip=("" if installed else "install_project failed") or
                       ("" if have_torch else "torch not installed (the bench extra)"),
                       parse=last_json_line)
-  if args.dry_run:
-    torch_skip = "" if tprobe["status"] == "ok" else f"torch_devices {tprobe['status']}"
-  elif tprobe["status"] != "ok":
-    torch_skip = f"torch_devices {tprobe['status']}"
-  elif not (tprobe.get("result") or {}).get("cuda"):
-    torch_skip = "PyTorch sees no CUDA device (a CPU-only wheel?)"
-  else:
-    torch_skip = ""
+  if not args.dry_run and tprobe["status"] == "ok" and not tprobe["result"].get("cuda"):
+    check.demote(tprobe, f"PyTorch {tprobe['result'].get('torch')} sees no CUDA device "
+                         "(a CPU-only wheel, or no driver)")
+  torch_skip = "" if tprobe["status"] in ("ok",) else (
+      tprobe["reason"] if tprobe["status"] == "skipped" else f"torch_devices {tprobe['status']}")
 
   smoke_dir = os.path.join(work, "smoke")
   smoke = [py, "-m", "structvpr_jax.main", f"--config={SMOKE_CONFIG}", f"--workdir={smoke_dir}",
@@ -270,7 +274,7 @@ def run(args) -> int:
   if args.dry_run and not os.path.isfile(os.path.join(REPO, config_file)):
     check.fail("smoke", smoke, f"{config_file} not found in {REPO}")
   else:
-    check.step("smoke", smoke, 210, parse=smoke_result(smoke_dir),
+    check.step("smoke", smoke, 150, parse=smoke_result(smoke_dir),
                skip=jax_skip or (f"dry run ({config_file} present)" if args.dry_run else ""))
   quick = ["--quick", "--sizes", "224", "--repeats", "1"] if args.dry_run else [
       "--repeats", str(args.repeats)]
