@@ -52,7 +52,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
-# bench.py may move (experiments/performance/): this line is the only one to change.
+# bench.py and torch_reference.py (its neighbour) live here: if they move, change this line.
 BENCH = os.path.join(HERE, "performance", "bench.py")
 TORCH_REFERENCE = os.path.join(os.path.dirname(BENCH), "torch_reference.py")
 SMOKE_CONFIG = "configs/distill.py:smoke"
