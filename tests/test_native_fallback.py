@@ -44,7 +44,8 @@ def test_disabled_native_falls_back_to_xla_silently():
 
 
 def test_missing_compiler_falls_back_with_one_warning(tmp_path):
-  proc = _run(FALLBACK, CXX=str(tmp_path / "no-such-g++"), STRUCTVPR_NATIVE_CACHE=str(tmp_path))
+  proc = _run(FALLBACK, CXX=str(tmp_path / "no-such-g++"), STRUCTVPR_NATIVE_CACHE=str(tmp_path),
+              STRUCTVPR_NATIVE="1")       # also in .ci/run's STRUCTVPR_NATIVE=0 pass
   assert "no C++ compiler" in proc.stdout
   assert proc.stderr.count("native CPU kernels unavailable") == 1
 
@@ -59,7 +60,7 @@ def test_failed_build_falls_back_naming_the_compiler_error(tmp_path):
                     "echo 'kernels.cc:1:1: error: expected unqualified-id' >&2\nexit 1\n")
   broken.chmod(0o755)
   cache = tmp_path / "cache"
-  proc = _run(FALLBACK, CXX=str(broken), STRUCTVPR_NATIVE_CACHE=str(cache))
+  proc = _run(FALLBACK, CXX=str(broken), STRUCTVPR_NATIVE_CACHE=str(cache), STRUCTVPR_NATIVE="1")
   assert "expected unqualified-id" in proc.stdout, proc.stdout
   assert proc.stderr.count("native CPU kernels unavailable") == 1, proc.stderr
   assert cache.is_dir() and not list(cache.iterdir())   # the partial library not kept
