@@ -141,6 +141,8 @@ def pytest_make_collect_report(collector):
 
 def pytest_terminal_summary(terminalreporter):
   required = required_groups()
+  if not required and not any(any(c.values()) for c in _counts.values()):
+    return                                   # no group test in this session
   parts = []
   for g, c in _counts.items():
     flag = "required" if g in required else "not required"
