@@ -1,8 +1,9 @@
 """The native (C++, XLA FFI) kernels: the depthwise convolution and the
 stem's full 3x3 convolution, values and gradients against plain-numpy
 convolutions written from the definition and against XLA's convolutions;
-hand cases; determinism; the build cache and the fallbacks when no library
-can be had."""
+hand cases; determinism; the build cache. (The fallbacks when no library
+can be had: tests/test_native_fallback.py, which runs where this module is
+skipped.)"""
 
 import os
 import subprocess
@@ -327,33 +328,6 @@ def _run(code, **env):
                         text=True, env=full, timeout=300)
   assert proc.returncode == 0, proc.stderr
   return proc
-
-
-FALLBACK = """
-  import jax.numpy as jnp, numpy as np, pytest
-  from structvpr_jax.models import mobilenet, native
-  assert not native.load()
-  print("REASON", native.status()["reason"])
-  assert mobilenet.resolve_depthwise("auto", "cpu") == "shifted"
-  with pytest.raises(ValueError, match="model.depthwise='native' is unavailable"):
-    mobilenet.resolve_depthwise("native", "cpu")
-  x = jnp.ones((1, 3, 3, 1)); k = jnp.ones((3, 3, 1))
-  layer = mobilenet.DepthwiseConv3x3()
-  y = layer.apply({"params": {"kernel": k}}, x)
-  np.testing.assert_array_equal(y[0, :, :, 0], [[4, 6, 4], [6, 9, 6], [4, 6, 4]])
-"""
-
-
-def test_disabled_native_falls_back_to_xla_silently():
-  proc = _run(FALLBACK, STRUCTVPR_NATIVE="0")
-  assert "REASON disabled by STRUCTVPR_NATIVE=0" in proc.stdout
-  assert "unavailable" not in proc.stderr
-
-
-def test_missing_compiler_falls_back_with_one_warning(tmp_path):
-  proc = _run(FALLBACK, CXX=str(tmp_path / "no-such-g++"), STRUCTVPR_NATIVE_CACHE=str(tmp_path))
-  assert "no C++ compiler" in proc.stdout
-  assert proc.stderr.count("native CPU kernels unavailable") == 1
 
 
 SHARD_MAP = """

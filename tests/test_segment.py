@@ -51,7 +51,8 @@ def test_camvid_mapping_is_a_partition():
 
 
 @needs_model
-@pytest.mark.skipif(not os.path.isdir(os.path.join(CAMVID, "valannot")), reason="no CamVid")
+@pytest.mark.skipif(not os.path.isdir(os.path.join(CAMVID, "valannot")),
+                    reason=f"no CamVid in {CAMVID}")
 def test_camvid_subset_pixel_accuracy():
   images = sorted(glob.glob(os.path.join(CAMVID, "val", "*.png")))[::10][:10]
   labels = [os.path.join(CAMVID, "valannot", os.path.basename(p)) for p in images]
@@ -124,7 +125,7 @@ def test_segment_plain_folder_needs_out(tmp_path, capsys):
 
 
 @needs_model
-@pytest.mark.skipif(not os.path.isfile(CLASSIFIER), reason="no classifier model")
+@pytest.mark.skipif(not os.path.isfile(CLASSIFIER), reason=f"{CLASSIFIER} missing")
 def test_classifier_is_refused(tmp_path):
   _write_rgb(str(tmp_path / "plain" / "a.png"), 30, 50, 0)
   with pytest.raises(ValueError) as info:

@@ -270,7 +270,7 @@ def test_trainable_from_leaves_the_frozen_blocks_bitwise_unchanged(trainable_fro
   assert train_lib.frozen_below(0) is None
 
 
-@pytest.mark.parametrize("train", [True])   # BatchNorm with batch statistics: the harder case
+@pytest.mark.parametrize("train", [True, False])
 def test_remat_gives_the_plain_values_and_gradients(train):
   """train.remat recomputes block activations in the backward pass: the same
   parameter tree, outputs, BatchNorm statistics and gradients as the plain

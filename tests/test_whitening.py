@@ -50,12 +50,36 @@ def test_hand_case_points_on_a_line():
   assert y[0, 0] == -y[1, 0]
 
 
-def test_apply_unit_norm_and_plain_pca_keeps_distances_order():
+def test_apply_gives_unit_norm_rows():
   x = _descriptors(seed=2)
-  params = whitening.fit(x, 31, whiten=False)           # full rank - 1: almost a rotation
+  params = whitening.fit(x, 31, whiten=False)
   y = whitening.apply(params, x)
   np.testing.assert_allclose(np.linalg.norm(y, axis=1), 1.0, rtol=1e-5)
   assert y.shape == (200, 31) and y.dtype == np.float32
+
+
+def _pairwise(a):
+  a = a.astype(np.float64)
+  sq = np.sum(a * a, axis=1)
+  return np.sqrt(np.maximum(sq[:, None] + sq[None, :] - 2 * a @ a.T, 0.0))
+
+
+def test_full_rank_plain_pca_keeps_distances_and_their_order():
+  """Plain PCA to the full dimension rotates the centred descriptors, so
+  after the L2 norm every pairwise distance, and each descriptor's order of
+  neighbours, is that of the centred, L2-normalised descriptors (numpy
+  reference); a rank-deficient projection (PCA to 4 dims) does not keep it."""
+  x = _descriptors(seed=2)
+  centred = x.astype(np.float64) - x.astype(np.float64).mean(0)
+  reference = _pairwise(centred / np.linalg.norm(centred, axis=1, keepdims=True))
+  y = whitening.apply(whitening.fit(x, 32, whiten=False), x)
+  got = _pairwise(y)
+  np.testing.assert_allclose(got, reference, atol=2e-5)
+  # the order of each row's 10 nearest neighbours (itself first)
+  np.testing.assert_array_equal(np.argsort(got, axis=1)[:, :10],
+                                np.argsort(reference, axis=1)[:, :10])
+  low = _pairwise(whitening.apply(whitening.fit(x, 4, whiten=False), x))
+  assert not np.array_equal(np.argsort(low, axis=1)[:, :10], np.argsort(reference, axis=1)[:, :10])
 
 
 @pytest.mark.parametrize("dim", [0, 33, 200])

@@ -224,6 +224,12 @@ class RandomImages:
 # is not enough for the first figure a worker measures.
 WARMUP_S = 1.0
 
+# Worker options (main sets them from --sizes and --no-levers; the parent's
+# own runs leave them alone: every size, every lever). experiments/device_check.py
+# runs the RGB worker on a GPU with the paired figures only.
+ONLY_SIZES: tuple = ()     # keys of image_sizes() the model figures are measured at; () = all
+WITH_LEVERS = True
+
 
 def timed(fn, repeats: int) -> tuple[float, float]:
   """(first-call seconds, median seconds of `repeats` further calls, timed
@@ -318,6 +324,8 @@ def branch_figures(spec: dict, mesh, quick: bool, repeats: int, prefix: str = ""
   replicated = parallel.replicate(variables, mesh)
   out = {}
   for key, hw in image_sizes(quick).items():
+    if ONLY_SIZES and key not in ONLY_SIZES:
+      continue
     sized = dict(spec, image_size=list(hw))
     for unit, value in bench_forward(sized, replicated, mesh, repeats).items():
       out[f"{prefix}forward_{key}_{unit}"] = value
@@ -389,13 +397,20 @@ def rgb_worker(quick: bool, repeats: int) -> dict:
   spec = make_spec("rgb", image_sizes(quick)["224"], quick, dim=0,
                    num_clusters=8 if quick else 64)
   figures = branch_figures(spec, mesh, quick, repeats)
-  figures.update(lever_figures(spec, mesh, quick, repeats))
+  if WITH_LEVERS:
+    figures.update(lever_figures(spec, mesh, quick, repeats))
   from structvpr_jax.models import mobilenet, native
-  return {"figures": figures,
-          "info": {"jax": jax.__version__, "devices": [str(d) for d in jax.devices()],
-                   "descriptor_dim": model_spec.build_model(spec).descriptor_dim,
-                   "depthwise_resolved": mobilenet.resolve_depthwise(spec["depthwise"]),
-                   "native_kernels": native.status()}}
+  info = {"jax": jax.__version__, "devices": [str(d) for d in jax.devices()],
+          "descriptor_dim": model_spec.build_model(spec).descriptor_dim,
+          "depthwise_resolved": mobilenet.resolve_depthwise(spec["depthwise"]),
+          "native_kernels": native.status()}
+  device = jax.devices()[0]
+  if device.platform != "cpu":     # an accelerator: its allocator's peak over this worker
+    stats = device.memory_stats() or {}
+    info["device_kind"] = device.device_kind
+    info["device_memory"] = {k: int(stats[k]) for k in ("peak_bytes_in_use", "bytes_limit")
+                             if k in stats}
+  return {"figures": figures, "info": info}
 
 
 def bench_partition(repeats: int, nq: int = 1000, ndb: int = 10000, dim: int = 4096) -> dict:
@@ -899,6 +914,11 @@ def main():
                            "extraction, search and re-ranking the top 100, at 96x128 and "
                            "480x640), in one fresh worker")
   parser.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
+  parser.add_argument("--sizes", default="",
+                      help="with --worker: comma list of the model figures' sizes "
+                           f"({','.join(image_sizes(False))}; default all)")
+  parser.add_argument("--no-levers", action="store_true",
+                      help="with --worker rgb: the paired figures only, not the JAX-only levers")
   args = parser.parse_args()
   if args.table:
     with open(args.table) as f:
@@ -909,8 +929,14 @@ def main():
       print(table)
     return
   if args.worker:
-    global WARMUP_S
+    global WARMUP_S, ONLY_SIZES, WITH_LEVERS
     WARMUP_S = 0.0 if args.quick else WARMUP_S
+    ONLY_SIZES = tuple(k for k in args.sizes.split(",") if k)
+    unknown = set(ONLY_SIZES) - set(image_sizes(False))
+    if unknown:
+      parser.error(f"--sizes: unknown {sorted(unknown)}; expected some of "
+                   f"{list(image_sizes(False))}")
+    WITH_LEVERS = not args.no_levers
     hugepages.configure_jax()      # what the main program sets (structvpr_jax/hugepages.py)
     out = WORKERS[args.worker](args.quick, args.repeats)
     out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

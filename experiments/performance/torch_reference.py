@@ -19,12 +19,16 @@ Padding differs in one detail that does not change the FLOPs: torch pads
 3x3 convolutions symmetrically by 1, the JAX model uses TF "SAME" (pad 0
 before, 1 after for stride 2).
 
-  python experiments/performance/torch_reference.py [--quick] [--repeats N]
+  python experiments/performance/torch_reference.py [--quick] [--repeats N] [--device cuda]
+      [--sizes 224,480x640]
 
 prints one JSON object {"figures": {...}, "info": {...}, "peak_rss_mb"}
 (the worker protocol of bench.py, which runs it in a fresh process). Needs
 the optional extra `bench` (`pip install -e ".[bench]"`, torch 2.13.0 CPU).
 Layout: channels_last (NHWC in memory), measured faster on this CPU.
+`--device cuda` (experiments/device_check.py) runs the same figures on the
+GPU, each timed call waited for (torch.cuda.synchronize), and adds the
+device's name and peak allocated memory to "info"; the default is the CPU.
 """
 
 from __future__ import annotations
@@ -177,6 +181,8 @@ def forward_call(model: nn.Module, images: torch.Tensor, chunk: int = 0):
 
 # Untimed warm-up after the first call, in seconds (0 with --quick), as bench.py's.
 WARMUP_S = 1.0
+# Waits for a call's device work (main sets torch.cuda.synchronize with --device cuda).
+SYNC = lambda: None  # noqa: E731
 
 
 def _median_time(fn, repeats: int) -> tuple[float, float]:
@@ -184,30 +190,37 @@ def _median_time(fn, repeats: int) -> tuple[float, float]:
   after `WARMUP_S` seconds of untimed calls)."""
   t0 = time.perf_counter()
   fn()
+  SYNC()
   first = time.perf_counter() - t0
   t0 = time.perf_counter()
   while time.perf_counter() - t0 < WARMUP_S:
     fn()
+    SYNC()
   times = []
   for _ in range(repeats):
     t0 = time.perf_counter()
     fn()
+    SYNC()
     times.append(time.perf_counter() - t0)
   return first, statistics.median(times)
 
 
-def bench(repeats: int = 3, quick: bool = False) -> dict:
+def bench(repeats: int = 3, quick: bool = False, device: str = "cpu",
+          only_sizes: tuple = ()) -> dict:
   """img/s of forward (16 images at 224x224 and 480x640) and of the train step
   (4 triplets at 224, 2 at 480x640; BatchNorm "batch" and "frozen"), the
   shapes of bench.py's JAX figures; --quick: 64x64 / 96x128, NetVLAD-8.
+  `device`: where the model and images live ("cpu", "cuda"); `only_sizes`:
+  some of "224", "480x640" (() = both).
 
   Returns {"figures": {"torch_<figure>_img_s", "torch_<figure>_first_s"}, "info"}.
   """
   torch.manual_seed(0)
   sizes = {"224": (64, 64) if quick else (224, 224),
            "480x640": (96, 128) if quick else (480, 640)}
+  sizes = {k: v for k, v in sizes.items() if not only_sizes or k in only_sizes}
   triplets = {"224": 4, "480x640": 2}
-  model = RGBBranch(8 if quick else 64).to(memory_format=torch.channels_last)
+  model = RGBBranch(8 if quick else 64).to(device=device, memory_format=torch.channels_last)
   figures = {}
 
   def record(name: str, images: int, fn):
@@ -217,19 +230,24 @@ def bench(repeats: int = 3, quick: bool = False) -> dict:
 
   model.eval()
   for key, hw in sizes.items():
-    x = torch.randint(0, 256, (16, *hw, 3), dtype=torch.uint8)
+    x = torch.randint(0, 256, (16, *hw, 3), dtype=torch.uint8, device=device)
     record(f"forward_{key}", 16, forward_call(model, x))
     record(f"forward_{key}_chunked", 16, forward_call(model, x, micro_batch_size(16, hw)))
 
   optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
   for key, hw in sizes.items():
-    images = torch.randint(0, 256, (triplets[key], 3, *hw, 3), dtype=torch.uint8)
+    images = torch.randint(0, 256, (triplets[key], 3, *hw, 3), dtype=torch.uint8,
+                           device=device)
     for batchnorm, suffix in (("batch", ""), ("frozen", "_frozen")):
       set_batchnorm(model, batchnorm)
       record(f"train_step_{key}{suffix}", images.shape[0] * images.shape[1],
              lambda: train_step(model, optimizer, images))
-  return {"figures": figures,
-          "info": {"torch": torch.__version__, "torch_threads": torch.get_num_threads()}}
+  info = {"torch": torch.__version__, "torch_threads": torch.get_num_threads()}
+  if device != "cpu":
+    info["torch_device"] = torch.cuda.get_device_name(torch.device(device))
+    info["torch_device_peak_bytes"] = int(torch.cuda.max_memory_allocated(torch.device(device)))
+    info["cudnn_benchmark"] = bool(torch.backends.cudnn.benchmark)
+  return {"figures": figures, "info": info}
 
 
 def main():
@@ -237,10 +255,22 @@ def main():
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--repeats", type=int, default=3, help="timed calls after the first call and 1 s of warm-up calls")
   parser.add_argument("--quick", action="store_true", help="tiny sizes (figures meaningless)")
+  parser.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
+  parser.add_argument("--sizes", default="", help="comma list of 224,480x640 (default both)")
   args = parser.parse_args()
-  global WARMUP_S
+  global WARMUP_S, SYNC
   WARMUP_S = 0.0 if args.quick else WARMUP_S
-  out = bench(args.repeats, args.quick)
+  only_sizes = tuple(k for k in args.sizes.split(",") if k)
+  if set(only_sizes) - {"224", "480x640"}:
+    parser.error(f"--sizes {args.sizes!r}: expected some of 224,480x640")
+  if args.device != "cpu":
+    if not torch.cuda.is_available():
+      parser.error(f"--device {args.device}: torch {torch.__version__} sees no CUDA device "
+                   "(a CPU-only wheel, or no driver)")
+    SYNC = torch.cuda.synchronize
+    # cuDNN picks its convolution algorithms by timing them, as XLA:GPU autotunes its own
+    torch.backends.cudnn.benchmark = True
+  out = bench(args.repeats, args.quick, args.device, only_sizes)
   out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
   print(json.dumps(out))
 
