@@ -25,7 +25,6 @@ import argparse
 import os
 import subprocess
 import sys
-import time
 
 import numpy as np
 
@@ -58,7 +57,6 @@ def main():
   parser.add_argument("--out", default=os.path.join(REPO, "experiments", "results",
                                                     "teacher_choice"))
   args = parser.parse_args()
-  t0 = time.time()
   results = {c: {} for c in args.candidates}
   for seed in args.seeds:
     first = None
@@ -81,13 +79,15 @@ def main():
     r1 = [v["val_R@1"] for v in per_seed.values()]
     summary[cand] = {"mean_R@1": float(np.mean(r1)), "std_R@1": float(np.std(r1)),
                      "min_R@1": float(np.min(r1)), "max_R@1": float(np.max(r1))}
+  train_s = sum(float(v["seconds"] or 0.0) for r in results.values() for v in r.values())
   chosen = max(summary, key=lambda c: (summary[c]["mean_R@1"], -summary[c]["std_R@1"]))
   lines = ["# Seg teacher: training choice on val", "",
            f"Command: `python experiments/teacher_choice.py --config={args.config} --seeds "
            f"{' '.join(map(str, args.seeds))} --candidates {' '.join(args.candidates)}`", "",
            "Val R@1 / R@5 (percent) of the selected checkpoint of the seg branch, trained "
-           "from scratch by the config's stopping rule; val only (test not read). Wall "
-           f"time {time.time() - t0:.0f} s on {os.cpu_count()} CPU cores.", "",
+           "from scratch by the config's stopping rule; val only (test not read). "
+           f"Training time {train_s:.0f} s in all (the runs' own seconds, on a machine "
+           f"shared with other jobs) on {os.cpu_count()} CPU cores.", "",
            "| candidate | " + " | ".join(f"seed {s}" for s in args.seeds)
            + " | mean ± std R@1 |", "|---|" + "---|" * (len(args.seeds) + 1)]
   for cand, per_seed in results.items():
