@@ -23,6 +23,7 @@ from structvpr_jax import (augment, early_stopping, evaluation, losses, partitio
                            retrieval, slme)
 from structvpr_jax.data import convert, layout, records
 from structvpr_jax.models import mobilenet, pretrained, spec as model_spec
+from structvpr_jax.models.ops import dispatch
 
 # Pipeline order; each stage's results depend on the ones before it (eval on all).
 STAGES = ("rgb", "seg", "partition", "distill", "eval")
@@ -136,9 +137,9 @@ def validate_config(config) -> None:
                      f"images kept in memory; 0 = none)")
   if (config.train.get("dtype", "float32") or "float32") not in model_spec.DTYPES:
     raise ValueError(f"train.dtype={config.train.dtype!r}; expected one of {model_spec.DTYPES}")
-  if config.get("model", {}).get("depthwise", "auto") not in mobilenet.DEPTHWISE:
+  if config.get("model", {}).get("depthwise", "auto") not in dispatch.DEPTHWISE:
     raise ValueError(f"model.depthwise={config.model.depthwise!r}; expected one of "
-                     f"{mobilenet.DEPTHWISE}")
+                     f"{dispatch.DEPTHWISE}")
   if (config.eval.get("index", "flat") or "flat") not in retrieval.INDEXES:
     raise ValueError(f"eval.index={config.eval.index!r}; expected one of {retrieval.INDEXES}")
   if config.eval.get("descriptors", "memory") not in evaluation.DESCRIPTOR_STORES:

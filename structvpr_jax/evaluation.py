@@ -36,7 +36,7 @@ DESCRIPTOR_STORES = ("memory", "disk")          # eval.descriptors
 DESCRIPTOR_DTYPES = ("float32", "float16")       # eval.descriptor_dtype
 # eval.micro_batch = 0 on the CPU: chunks of at most this many pixels
 # (images x H x W). With the native fused blocks
-# (`mobilenet.fused_inverted_residual`) the largest activation evaluation
+# (`ops.fused.fused_inverted_residual`) the largest activation evaluation
 # writes is the stem's output (32 channels at H/2 x W/2: 32 bytes per input
 # pixel), ~32 MB for a chunk of 2^20 pixels, about a server core complex's
 # L3 cache. Measured (experiments/performance/bench.py's `forward_*_whole` lever and

@@ -6,7 +6,10 @@ import numpy as np
 import pytest
 from jax import lax
 
-from structvpr_jax.models import mobilenet
+from structvpr_jax.models import mobilenet, native
+from structvpr_jax.models.ops import depthwise as depthwise_ops
+from structvpr_jax.models.ops import dispatch
+from structvpr_jax.models.ops import pointwise as pointwise_ops
 
 
 def grouped_conv(x, kernel, stride):
@@ -21,12 +24,12 @@ def test_depthwise_equals_grouped_conv_values_and_grads(stride, hw):
   kx, kk, kc = jax.random.split(jax.random.PRNGKey(stride), 3)
   x = jax.random.normal(kx, (2,) + hw + (6,))
   kernel = jax.random.normal(kk, (3, 3, 6))
-  ours = jax.jit(mobilenet.depthwise_conv3x3, static_argnums=2)(x, kernel, stride)
+  ours = jax.jit(depthwise_ops.depthwise_conv3x3, static_argnums=2)(x, kernel, stride)
   ref = grouped_conv(x, kernel, stride)
   assert ours.shape == ref.shape
   np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-5)
   cot = jax.random.normal(kc, ref.shape)
-  g_ours = jax.grad(lambda x, k: jnp.sum(mobilenet.depthwise_conv3x3(x, k, stride) * cot),
+  g_ours = jax.grad(lambda x, k: jnp.sum(depthwise_ops.depthwise_conv3x3(x, k, stride) * cot),
                     argnums=(0, 1))(x, kernel)
   g_ref = jax.grad(lambda x, k: jnp.sum(grouped_conv(x, k, stride) * cot), argnums=(0, 1))(
       x, kernel)
@@ -38,10 +41,10 @@ def test_depthwise_hand_case():
   # one channel, 3x3 input of ones, kernel of ones: SAME stride 1 counts the
   # in-image neighbours: corners 4, edges 6, centre 9.
   x = jnp.ones((1, 3, 3, 1))
-  out = mobilenet.depthwise_conv3x3(x, jnp.ones((3, 3, 1)), 1)[0, :, :, 0]
+  out = depthwise_ops.depthwise_conv3x3(x, jnp.ones((3, 3, 1)), 1)[0, :, :, 0]
   np.testing.assert_array_equal(out, [[4, 6, 4], [6, 9, 6], [4, 6, 4]])
   # stride 2 on 4x4: TF SAME pads 0 before / 1 after; outputs at rows/cols 0, 2
-  out = mobilenet.depthwise_conv3x3(jnp.ones((1, 4, 4, 1)), jnp.ones((3, 3, 1)), 2)[0, :, :, 0]
+  out = depthwise_ops.depthwise_conv3x3(jnp.ones((1, 4, 4, 1)), jnp.ones((3, 3, 1)), 2)[0, :, :, 0]
   np.testing.assert_array_equal(out, [[9, 6], [6, 4]])
 
 
@@ -127,27 +130,27 @@ def test_output_stride_16_doubles_the_feature_map_with_the_same_parameters():
   assert jax.tree.map(jnp.shape, v16) == jax.tree.map(jnp.shape, v)
 
 
-NATIVE = mobilenet.native.load()   # a C++ compiler on this machine
+NATIVE = native.load()   # a C++ compiler on this machine
 needs_native = pytest.mark.skipif(not NATIVE, reason="native kernels did not build here")
 
 
 def test_resolve_depthwise():
   cpu_default = "native" if NATIVE else "shifted"
-  assert mobilenet.resolve_depthwise("auto", "cpu") == cpu_default
-  assert mobilenet.resolve_depthwise("auto", "gpu") == "grouped"
-  assert mobilenet.resolve_depthwise("auto", "tpu") == "grouped"
-  assert mobilenet.resolve_depthwise("grouped", "cpu") == "grouped"
-  assert mobilenet.resolve_depthwise("shifted", "gpu") == "shifted"
-  assert mobilenet.resolve_depthwise("auto") == cpu_default      # this machine: CPU
+  assert dispatch.resolve_depthwise("auto", "cpu") == cpu_default
+  assert dispatch.resolve_depthwise("auto", "gpu") == "grouped"
+  assert dispatch.resolve_depthwise("auto", "tpu") == "grouped"
+  assert dispatch.resolve_depthwise("grouped", "cpu") == "grouped"
+  assert dispatch.resolve_depthwise("shifted", "gpu") == "shifted"
+  assert dispatch.resolve_depthwise("auto") == cpu_default      # this machine: CPU
   if NATIVE:
-    assert mobilenet.resolve_depthwise("native", "cpu") == "native"
+    assert dispatch.resolve_depthwise("native", "cpu") == "native"
   else:
     with pytest.raises(ValueError, match="is unavailable"):
-      mobilenet.resolve_depthwise("native", "cpu")
+      dispatch.resolve_depthwise("native", "cpu")
   with pytest.raises(ValueError, match="CPU backend only"):
-    mobilenet.resolve_depthwise("native", "gpu")
+    dispatch.resolve_depthwise("native", "gpu")
   with pytest.raises(ValueError, match="depthwise='fast'"):
-    mobilenet.resolve_depthwise("fast")
+    dispatch.resolve_depthwise("fast")
 
 
 @pytest.mark.parametrize("output_stride", [32, 16])
@@ -310,8 +313,8 @@ def test_folded_batchnorm_equals_the_unfolded_frozen_branch_in_float64():
 def shifted_autodiff_reference(x, kernel, stride):
   """The shifted multiply-adds with no custom VJP (plain autodiff)."""
   b, h, w, c = x.shape
-  ho, top, bottom = mobilenet._same_padding(h, stride)
-  wo, left, right = mobilenet._same_padding(w, stride)
+  ho, top, bottom = depthwise_ops.same_padding(h, stride)
+  wo, left, right = depthwise_ops.same_padding(w, stride)
   xp = jnp.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)))
   out = 0.0
   for i in range(3):
@@ -331,7 +334,7 @@ def test_depthwise_custom_vjp_equals_autodiff_in_float64(stride, hw):
     rng = np.random.default_rng(stride * 100 + hw[0] * 10 + hw[1])
     x = jnp.asarray(rng.normal(size=(2,) + hw + (3,)))
     kernel = jnp.asarray(rng.normal(size=(3, 3, 3)))
-    y, vjp = jax.vjp(lambda x, k: mobilenet.depthwise_conv3x3(x, k, stride), x, kernel)
+    y, vjp = jax.vjp(lambda x, k: depthwise_ops.depthwise_conv3x3(x, k, stride), x, kernel)
     y_ref, vjp_ref = jax.vjp(lambda x, k: shifted_autodiff_reference(x, k, stride), x, kernel)
     assert y.dtype == jnp.float64
     np.testing.assert_allclose(y, y_ref, rtol=1e-13, atol=1e-13)
@@ -347,7 +350,7 @@ def test_depthwise_vjp_hand_case():
   # everywhere) and tap (i, j) of it reads x[i, j] (dk = x).
   x = jnp.arange(9.0).reshape(1, 3, 3, 1)
   cot = jnp.zeros((1, 3, 3, 1)).at[0, 1, 1, 0].set(1.0)
-  _, vjp = jax.vjp(lambda x, k: mobilenet.depthwise_conv3x3(x, k, 1), x, jnp.ones((3, 3, 1)))
+  _, vjp = jax.vjp(lambda x, k: depthwise_ops.depthwise_conv3x3(x, k, 1), x, jnp.ones((3, 3, 1)))
   dx, dk = vjp(cot)
   np.testing.assert_array_equal(dx[0, :, :, 0], np.ones((3, 3)))
   np.testing.assert_array_equal(dk[:, :, 0], np.arange(9.0).reshape(3, 3))
@@ -355,7 +358,7 @@ def test_depthwise_vjp_hand_case():
   # 2..4, of which 4 is padding; cotangent 1 there.
   x = jnp.arange(16.0).reshape(1, 4, 4, 1)
   cot = jnp.zeros((1, 2, 2, 1)).at[0, 1, 1, 0].set(1.0)
-  _, vjp = jax.vjp(lambda x, k: mobilenet.depthwise_conv3x3(x, k, 2), x, jnp.ones((3, 3, 1)))
+  _, vjp = jax.vjp(lambda x, k: depthwise_ops.depthwise_conv3x3(x, k, 2), x, jnp.ones((3, 3, 1)))
   dx, dk = vjp(cot)
   expect_dx = np.zeros((4, 4))
   expect_dx[2:, 2:] = 1.0
@@ -368,7 +371,7 @@ def test_pointwise_custom_vjp_equals_autodiff_in_float64():
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.normal(size=(2, 5, 3, 4)))
     kernel = jnp.asarray(rng.normal(size=(4, 6)))
-    y, vjp = jax.vjp(mobilenet.pointwise, x, kernel)
+    y, vjp = jax.vjp(pointwise_ops.pointwise, x, kernel)
     cot = jnp.asarray(rng.normal(size=y.shape))
     dx, dk = vjp(cot)
     # numpy from the definitions: y = x @ K, dx = g K^T, dK = sum over rows x^T g
@@ -382,11 +385,11 @@ def test_pointwise_custom_vjp_equals_autodiff_in_float64():
 
 def test_relu6_values_and_derivative_with_ties():
   x = jnp.array([-1.0, 0.0, 0.5, 3.0, 6.0, 7.5])
-  np.testing.assert_array_equal(mobilenet.relu6(x), [0.0, 0.0, 0.5, 3.0, 6.0, 6.0])
+  np.testing.assert_array_equal(pointwise_ops.relu6(x), [0.0, 0.0, 0.5, 3.0, 6.0, 6.0])
   # derivative 1 strictly inside (0, 6), 0 at the ties and outside (PyTorch's)
-  np.testing.assert_array_equal(jax.grad(lambda x: jnp.sum(mobilenet.relu6(x)))(x),
+  np.testing.assert_array_equal(jax.grad(lambda x: jnp.sum(pointwise_ops.relu6(x)))(x),
                                 [0.0, 0.0, 1.0, 1.0, 0.0, 0.0])
   # the same as jnp.clip's derivative away from the ties
   inside = jnp.array([-2.0, 0.25, 5.0, 9.0])
-  np.testing.assert_array_equal(jax.grad(lambda x: jnp.sum(mobilenet.relu6(x) * x))(inside),
+  np.testing.assert_array_equal(jax.grad(lambda x: jnp.sum(pointwise_ops.relu6(x) * x))(inside),
                                 jax.grad(lambda x: jnp.sum(jnp.clip(x, 0, 6) * x))(inside))

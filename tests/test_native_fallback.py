@@ -25,11 +25,12 @@ def _run(code, **env):
 FALLBACK = """
   import jax.numpy as jnp, numpy as np, pytest
   from structvpr_jax.models import mobilenet, native
+  from structvpr_jax.models.ops import dispatch
   assert not native.load()
   print("REASON", native.status()["reason"])
-  assert mobilenet.resolve_depthwise("auto", "cpu") == "shifted"
+  assert dispatch.resolve_depthwise("auto", "cpu") == "shifted"
   with pytest.raises(ValueError, match="model.depthwise='native' is unavailable"):
-    mobilenet.resolve_depthwise("native", "cpu")
+    dispatch.resolve_depthwise("native", "cpu")
   x = jnp.ones((1, 3, 3, 1)); k = jnp.ones((3, 3, 1))
   layer = mobilenet.DepthwiseConv3x3()
   y = layer.apply({"params": {"kernel": k}}, x)

@@ -16,7 +16,10 @@ import numpy as np
 import pytest
 from jax import lax
 
-from structvpr_jax.models import mobilenet, native
+from structvpr_jax.models import native
+from structvpr_jax.models.ops import conv as conv_ops
+from structvpr_jax.models.ops import depthwise as depthwise_ops
+from structvpr_jax.models.ops import dispatch, fused
 
 pytestmark = pytest.mark.skipif(not native.load(), reason="native kernels did not build")
 
@@ -85,7 +88,7 @@ def test_native_equals_numpy_definition_values_and_gradients(shape, stride):
   rng = np.random.default_rng(sum(shape) * 10 + stride)
   x = rng.standard_normal(shape).astype(np.float32)
   k = rng.standard_normal((3, 3, shape[-1])).astype(np.float32)
-  y, vjp = jax.vjp(lambda a, b: mobilenet.native_depthwise_conv3x3(a, b, stride), x, k)
+  y, vjp = jax.vjp(lambda a, b: depthwise_ops.native_depthwise_conv3x3(a, b, stride), x, k)
   assert y.dtype == jnp.float32
   ref = numpy_depthwise(x, k, stride)
   assert y.shape == ref.shape
@@ -97,7 +100,7 @@ def test_native_equals_numpy_definition_values_and_gradients(shape, stride):
   np.testing.assert_allclose(dk, dk_ref, rtol=1e-5, atol=2e-5 * np.sqrt(dy.size / shape[-1]))
   # and XLA's own grouped convolution, under jit
   y_xla, vjp_xla = jax.vjp(lambda a, b: grouped(a, b, stride), x, k)
-  np.testing.assert_allclose(jax.jit(mobilenet.native_depthwise_conv3x3, static_argnums=2)(
+  np.testing.assert_allclose(jax.jit(depthwise_ops.native_depthwise_conv3x3, static_argnums=2)(
       x, k, stride), y_xla, rtol=1e-5, atol=1e-5)
   for a, b in zip((dx, dk), vjp_xla(dy)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
@@ -117,7 +120,7 @@ def test_fused_bias_relu6_equals_numpy_definition(shape, stride, activation):
   x = (3 * rng.standard_normal(shape)).astype(np.float32)   # about a fifth above 6
   k = rng.standard_normal((3, 3, shape[-1])).astype(np.float32)
   bias = rng.standard_normal(shape[-1]).astype(np.float32)
-  z, vjp = jax.vjp(lambda a, b, c: mobilenet.native_depthwise_bias_relu6(a, b, c, stride,
+  z, vjp = jax.vjp(lambda a, b, c: depthwise_ops.native_depthwise_bias_relu6(a, b, c, stride,
                                                                           activation), x, k, bias)
   pre = numpy_depthwise(x, k, stride) + bias
   assert 0.1 < np.mean(pre > 6) and 0.3 < np.mean(pre < 0)              # both bounds bite
@@ -146,7 +149,7 @@ def test_fused_prologue_equals_numpy_definition(shape, stride):
   pbias = rng.standard_normal(shape[-1]).astype(np.float32)
   k = rng.standard_normal((3, 3, shape[-1])).astype(np.float32)
   bias = rng.standard_normal(shape[-1]).astype(np.float32)
-  z, vjp = jax.vjp(lambda a, b, c, d: mobilenet.native_depthwise_bias_relu6(
+  z, vjp = jax.vjp(lambda a, b, c, d: depthwise_ops.native_depthwise_bias_relu6(
       a, b, c, stride, True, d), m, k, bias, pbias)
   a_in = np.clip(m.astype(np.float64) + pbias, 0, 6)
   gate_in = (m.astype(np.float64) + pbias > 0) & (m.astype(np.float64) + pbias < 6)
@@ -168,9 +171,9 @@ def test_fused_hand_case():
   # 3x3 image of ones, kernel of ones, bias -5: pre-activations corners -1,
   # edges 1, centre 4 -> relu6 0 / 1 / 4; bias 0: 4 / 6 / 9 -> 4 / 6 / 6.
   ones = jnp.ones((1, 3, 3, 1))
-  z = mobilenet.native_depthwise_bias_relu6(ones, jnp.ones((3, 3, 1)), jnp.full((1,), -5.0))
+  z = depthwise_ops.native_depthwise_bias_relu6(ones, jnp.ones((3, 3, 1)), jnp.full((1,), -5.0))
   np.testing.assert_array_equal(z[0, :, :, 0], [[0, 1, 0], [1, 4, 1], [0, 1, 0]])
-  z, vjp = jax.vjp(lambda b: mobilenet.native_depthwise_bias_relu6(
+  z, vjp = jax.vjp(lambda b: depthwise_ops.native_depthwise_bias_relu6(
       ones, jnp.ones((3, 3, 1)), b), jnp.zeros((1,)))
   np.testing.assert_array_equal(z[0, :, :, 0], [[4, 6, 4], [6, 6, 6], [4, 6, 4]])
   # only the 4 corners (0 < 4 < 6) pass the cotangent: dbias = 4 x 1
@@ -219,7 +222,7 @@ def test_native_stem_conv_equals_numpy_definition(shape, cout, stride, activatio
   x = (3 * rng.standard_normal(shape)).astype(np.float32)
   w = rng.standard_normal((3, 3, shape[-1], cout)).astype(np.float32)
   bias = rng.standard_normal(cout).astype(np.float32)
-  z, vjp = jax.vjp(lambda a, b, c: mobilenet.native_conv3x3_bias_relu6(a, b, c, stride,
+  z, vjp = jax.vjp(lambda a, b, c: conv_ops.native_conv3x3_bias_relu6(a, b, c, stride,
                                                                         activation), x, w, bias)
   pre = numpy_conv(x, w, stride) + bias
   np.testing.assert_allclose(z, np.clip(pre, 0, 6) if activation else pre, rtol=1e-5, atol=2e-5)
@@ -240,7 +243,7 @@ def test_native_stem_hand_case():
   # and of twos, bias (0, -10), stride 1: counts of in-image neighbours
   # (4 / 6 / 9), doubled and shifted by -10 in the second channel, relu6.
   w = jnp.stack([jnp.ones((3, 3, 1)), 2 * jnp.ones((3, 3, 1))], axis=-1)
-  z = mobilenet.native_conv3x3_bias_relu6(jnp.ones((1, 3, 3, 1)), w, jnp.array([0.0, -10.0]))
+  z = conv_ops.native_conv3x3_bias_relu6(jnp.ones((1, 3, 3, 1)), w, jnp.array([0.0, -10.0]))
   np.testing.assert_array_equal(z[0, :, :, 0], [[4, 6, 4], [6, 6, 6], [4, 6, 4]])
   np.testing.assert_array_equal(z[0, :, :, 1], [[0, 2, 0], [2, 6, 2], [0, 2, 0]])
 
@@ -248,21 +251,21 @@ def test_native_stem_hand_case():
 def test_native_hand_cases():
   # ones everywhere, stride 1 on 3x3: each output counts its in-image neighbours
   ones = jnp.ones((3, 3, 1))
-  out = mobilenet.native_depthwise_conv3x3(jnp.ones((1, 3, 3, 1)), ones, 1)[0, :, :, 0]
+  out = depthwise_ops.native_depthwise_conv3x3(jnp.ones((1, 3, 3, 1)), ones, 1)[0, :, :, 0]
   np.testing.assert_array_equal(out, [[4, 6, 4], [6, 9, 6], [4, 6, 4]])
   # stride 2 on 4x4: SAME pads 0 before / 1 after; outputs at rows/cols 0, 2
-  out = mobilenet.native_depthwise_conv3x3(jnp.ones((1, 4, 4, 1)), ones, 2)[0, :, :, 0]
+  out = depthwise_ops.native_depthwise_conv3x3(jnp.ones((1, 4, 4, 1)), ones, 2)[0, :, :, 0]
   np.testing.assert_array_equal(out, [[9, 6], [6, 4]])
   # cotangent 1 at the centre of a 3x3 image: dx = 1 everywhere, dk = x
   x = jnp.arange(9.0).reshape(1, 3, 3, 1)
   cot = jnp.zeros((1, 3, 3, 1)).at[0, 1, 1, 0].set(1.0)
-  dx, dk = jax.vjp(lambda a, b: mobilenet.native_depthwise_conv3x3(a, b, 1), x, ones)[1](cot)
+  dx, dk = jax.vjp(lambda a, b: depthwise_ops.native_depthwise_conv3x3(a, b, 1), x, ones)[1](cot)
   np.testing.assert_array_equal(dx[0, :, :, 0], np.ones((3, 3)))
   np.testing.assert_array_equal(dk[:, :, 0], np.arange(9.0).reshape(3, 3))
   # stride 2 on 4x4, cotangent 1 at output (1, 1): it reads rows/cols 2..4, 4 is padding
   x = jnp.arange(16.0).reshape(1, 4, 4, 1)
   cot = jnp.zeros((1, 2, 2, 1)).at[0, 1, 1, 0].set(1.0)
-  dx, dk = jax.vjp(lambda a, b: mobilenet.native_depthwise_conv3x3(a, b, 2), x, ones)[1](cot)
+  dx, dk = jax.vjp(lambda a, b: depthwise_ops.native_depthwise_conv3x3(a, b, 2), x, ones)[1](cot)
   expect_dx = np.zeros((4, 4))
   expect_dx[2:, 2:] = 1.0
   np.testing.assert_array_equal(dx[0, :, :, 0], expect_dx)
@@ -277,7 +280,7 @@ def test_native_gradients_are_bitwise_repeatable():
   k = rng.standard_normal((3, 3, 96)).astype(np.float32)
   dy = rng.standard_normal((16, 14, 14, 96)).astype(np.float32)
   grad = jax.jit(lambda a, b, g: jax.vjp(
-      lambda u, v: mobilenet.native_depthwise_conv3x3(u, v, 2), a, b)[1](g))
+      lambda u, v: depthwise_ops.native_depthwise_conv3x3(u, v, 2), a, b)[1](g))
   first = [np.asarray(t) for t in grad(x, k, dy)]
   for _ in range(5):
     for a, b in zip(first, grad(x, k, dy)):
@@ -288,18 +291,18 @@ def test_other_dtypes_take_the_xla_kernel():
   with jax.enable_x64():
     x = jnp.asarray(np.random.default_rng(1).standard_normal((2, 5, 6, 4)))
     k = jnp.asarray(np.random.default_rng(2).standard_normal((3, 3, 4)))
-    y = mobilenet.native_depthwise_conv3x3(x, k, 2)
+    y = depthwise_ops.native_depthwise_conv3x3(x, k, 2)
     assert y.dtype == jnp.float64
-    np.testing.assert_array_equal(y, mobilenet.depthwise_conv3x3(x, k, 2))
+    np.testing.assert_array_equal(y, depthwise_ops.depthwise_conv3x3(x, k, 2))
 
 
 def test_vmap_over_an_extra_axis_equals_a_loop():
   rng = np.random.default_rng(3)
   x = rng.standard_normal((3, 2, 6, 7, 5)).astype(np.float32)
   k = rng.standard_normal((3, 3, 5)).astype(np.float32)
-  out = jax.vmap(lambda a: mobilenet.native_depthwise_conv3x3(a, k, 1))(x)
+  out = jax.vmap(lambda a: depthwise_ops.native_depthwise_conv3x3(a, k, 1))(x)
   for n in range(3):
-    np.testing.assert_array_equal(out[n], mobilenet.native_depthwise_conv3x3(x[n], k, 1))
+    np.testing.assert_array_equal(out[n], depthwise_ops.native_depthwise_conv3x3(x[n], k, 1))
 
 
 def test_build_writes_atomically_and_reports_compiler_errors(tmp_path):
@@ -334,7 +337,8 @@ SHARD_MAP = """
   import jax, jax.numpy as jnp, numpy as np
   from jax import lax
   from jax.sharding import NamedSharding, PartitionSpec as P
-  from structvpr_jax.models import mobilenet
+  from structvpr_jax.models.ops import depthwise as depthwise_ops, dispatch, fused
+  from structvpr_jax.models.ops import pointwise as pointwise_ops
   mesh = jax.make_mesh((4,), ("data",))
   rng = np.random.default_rng(0)
   xs = rng.standard_normal((8, 9, 10, 20)).astype(np.float32)
@@ -344,7 +348,7 @@ SHARD_MAP = """
   k, b = (jax.device_put(a, NamedSharding(mesh, P())) for a in (ks, bs))
 
   def loss(k, b, x):
-    return jnp.sum(mobilenet.native_depthwise_bias_relu6(x, k, b, 2) ** 2)
+    return jnp.sum(depthwise_ops.native_depthwise_bias_relu6(x, k, b, 2) ** 2)
 
   def per_shard(k, b, x):   # replicated k, b: their gradients are summed over devices
     value, grads = jax.value_and_grad(loss, argnums=(0, 1))(k, b, x)
@@ -353,21 +357,21 @@ SHARD_MAP = """
   value, (dk, db) = jax.jit(jax.shard_map(per_shard, mesh=mesh, in_specs=(P(), P(), P("data")),
                                           out_specs=(P(), P())))(k, b, x)
   ref_value, (ref_dk, ref_db) = jax.value_and_grad(
-      lambda k, b: jnp.sum(mobilenet.relu6(mobilenet.depthwise_conv3x3(xs, k, 2) + b) ** 2),
+      lambda k, b: jnp.sum(pointwise_ops.relu6(depthwise_ops.depthwise_conv3x3(xs, k, 2) + b) ** 2),
       argnums=(0, 1))(ks, bs)
   np.testing.assert_allclose(value, ref_value, rtol=1e-5)
   np.testing.assert_allclose(dk, ref_dk, rtol=1e-4, atol=1e-3)
   np.testing.assert_allclose(db, ref_db, rtol=1e-4, atol=1e-3)
-  y = jax.jit(jax.shard_map(lambda k, x: mobilenet.native_depthwise_conv3x3(x, k, 1), mesh=mesh,
+  y = jax.jit(jax.shard_map(lambda k, x: depthwise_ops.native_depthwise_conv3x3(x, k, 1), mesh=mesh,
                             in_specs=(P(), P("data")), out_specs=P("data")))(k, x)
-  np.testing.assert_allclose(y, mobilenet.depthwise_conv3x3(xs, ks, 1), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(y, depthwise_ops.depthwise_conv3x3(xs, ks, 1), rtol=1e-5, atol=1e-5)
 
   # The expand + depthwise backward in one pass (`_expand_depthwise_native`)
   # inside shard_map, the weights cast to per-device as the train step does
   # (`parallel.to_varying`; the project 1x1's custom VJP needs it), their
   # gradients summed over devices.
   from structvpr_jax import parallel
-  mobilenet.JOINT_EXPAND_BACKWARD_MIN_WIDTH = 8
+  dispatch.JOINT_EXPAND_BACKWARD_MIN_WIDTH = 8
   xb = rng.standard_normal((8, 5, 9, 8)).astype(np.float32)
   ws = ((rng.standard_normal((8, 48)) / 3, rng.standard_normal(48)),
         (rng.standard_normal((3, 3, 48)) / 3, rng.standard_normal(48)),
@@ -375,7 +379,7 @@ SHARD_MAP = """
   ws = jax.tree.map(lambda a: np.asarray(a, np.float32), ws)
 
   def block_loss(w, x):
-    return jnp.sum(mobilenet._inverted_residual_layers(x, w, 1, True) ** 2)
+    return jnp.sum(fused.inverted_residual_layers(x, w, 1, True) ** 2)
 
   def block_shard(w, x):
     value, grads = jax.value_and_grad(block_loss)(parallel.to_varying(w, "data"), x)
@@ -387,7 +391,7 @@ SHARD_MAP = """
           jax.device_put(xb, NamedSharding(mesh, P("data"))))
   assert "structvpr_expand_depthwise_backward" in step.lower(*args).as_text()
   value, grads = step(*args)
-  mobilenet.JOINT_EXPAND_BACKWARD_MIN_WIDTH = 10 ** 9
+  dispatch.JOINT_EXPAND_BACKWARD_MIN_WIDTH = 10 ** 9
   ref_value, ref_grads = jax.value_and_grad(block_loss)(ws, xb)
   np.testing.assert_allclose(value, ref_value, rtol=1e-5)
   for a, r in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
@@ -458,7 +462,7 @@ def test_inverted_residual_equals_numpy_definition(case):
   if e is not None:
     assert (e == 0).any() and (e == 6).any()
   # the same as the separate layers the model differentiates instead
-  layers = mobilenet._inverted_residual_layers(jnp.asarray(x), (expand, depthwise, project),
+  layers = fused.inverted_residual_layers(jnp.asarray(x), (expand, depthwise, project),
                                                stride, residual)
   np.testing.assert_allclose(y, layers, rtol=1e-5, atol=1e-5)
 
@@ -489,16 +493,16 @@ def test_fused_block_gradients_are_the_layers_own():
   def loss(fn):
     return jax.jit(jax.value_and_grad(lambda x, w: jnp.sum(fn(x, w, 1, True) * cot),
                                       argnums=(0, 1)))
-  v_f, g_f = loss(mobilenet.fused_inverted_residual)(x, weights)
-  v_l, g_l = loss(mobilenet._inverted_residual_layers)(x, weights)
+  v_f, g_f = loss(fused.fused_inverted_residual)(x, weights)
+  v_l, g_l = loss(fused.inverted_residual_layers)(x, weights)
   assert float(v_f) == float(v_l)
   for a, b in zip(jax.tree.leaves(g_f), jax.tree.leaves(g_l)):
     np.testing.assert_array_equal(a, b)
-  lowered = jax.jit(lambda x, w: mobilenet.fused_inverted_residual(x, w, 1, True)).lower(
+  lowered = jax.jit(lambda x, w: fused.fused_inverted_residual(x, w, 1, True)).lower(
       x, weights).as_text()
   assert "structvpr_inverted_residual_forward" in lowered
   assert "structvpr_inverted_residual_forward" not in jax.jit(
-      jax.grad(lambda x, w: jnp.sum(mobilenet.fused_inverted_residual(x, w, 1, True)),
+      jax.grad(lambda x, w: jnp.sum(fused.fused_inverted_residual(x, w, 1, True)),
                argnums=1)).lower(x, weights).as_text()
 
 
@@ -547,7 +551,7 @@ def test_joint_expand_depthwise_backward_equals_numpy_definition(case):
   we = (rng.standard_normal((c, ce)) / np.sqrt(c)).astype(np.float32)
   be, bd = (2 * rng.standard_normal((2, ce))).astype(np.float32)
   kd = (rng.standard_normal((3, 3, ce)) / 2).astype(np.float32)
-  z, vjp = jax.vjp(lambda *a: mobilenet._expand_depthwise_native(*a, stride), x, we, be, kd, bd)
+  z, vjp = jax.vjp(lambda *a: fused._expand_depthwise_native(*a, stride), x, we, be, kd, bd)
   dz = rng.standard_normal(z.shape).astype(np.float32)
   ref_z, ref_grads = numpy_expand_depthwise_vjp(x, we, be, kd, bd, stride, dz)
   np.testing.assert_allclose(z, ref_z, rtol=1e-5, atol=1e-5)
@@ -570,7 +574,7 @@ def test_joint_expand_depthwise_backward_hand_case():
   be = jnp.full((16,), -1.0).at[0].set(0.5)
   kd = jnp.full((3, 3, 16), 100.0).at[1, 1].set(2.0)
   bd = jnp.full((16,), 0.25)
-  z, vjp = jax.vjp(lambda *a: mobilenet._expand_depthwise_native(*a, 1), x, we, be, kd, bd)
+  z, vjp = jax.vjp(lambda *a: fused._expand_depthwise_native(*a, 1), x, we, be, kd, bd)
   np.testing.assert_array_equal(z.reshape(-1), [3.25] + [0.25] * 15)
   dx, dwe, dbe, dkd, dbd = vjp(jnp.ones_like(z))
   np.testing.assert_array_equal(dx.reshape(-1), [2.0, 0.0, 0.0, 0.0])
@@ -592,12 +596,12 @@ def test_block_takes_the_joint_backward_on_wide_rows_only(monkeypatch):
   wide and channels fit: the same value bit for bit, gradients equal to the
   layers' own up to float32 rounding and bitwise repeatable; narrow rows,
   float64 and channels that do not fit take the layers' own backward."""
-  monkeypatch.setattr(mobilenet, "JOINT_EXPAND_BACKWARD_MIN_WIDTH", 12)
+  monkeypatch.setattr(dispatch, "JOINT_EXPAND_BACKWARD_MIN_WIDTH", 12)
   rng = np.random.default_rng(3)
 
   def grad_fn(residual=True):
     return jax.jit(jax.value_and_grad(
-        lambda x, w: jnp.sum(mobilenet._inverted_residual_layers(x, w, 1, residual) ** 2),
+        lambda x, w: jnp.sum(fused.inverted_residual_layers(x, w, 1, residual) ** 2),
         argnums=(0, 1)))
 
   def joint(x, w, residual=True):
@@ -609,15 +613,15 @@ def test_block_takes_the_joint_backward_on_wide_rows_only(monkeypatch):
   again = grad_fn()(x, weights)
   for a, b in zip(jax.tree.leaves((value, grads)), jax.tree.leaves(again)):
     np.testing.assert_array_equal(a, b)
-  monkeypatch.setattr(mobilenet, "JOINT_EXPAND_BACKWARD_MIN_WIDTH", 13)
+  monkeypatch.setattr(dispatch, "JOINT_EXPAND_BACKWARD_MIN_WIDTH", 13)
   assert not joint(x, weights)
   ref_value, ref_grads = grad_fn()(x, weights)
   assert float(value) == float(ref_value)
   for a, r in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
     np.testing.assert_allclose(a, r, rtol=1e-5, atol=1e-5 * np.abs(r).max())
-  monkeypatch.setattr(mobilenet, "JOINT_EXPAND_BACKWARD_MIN_WIDTH", 1)
+  monkeypatch.setattr(dispatch, "JOINT_EXPAND_BACKWARD_MIN_WIDTH", 1)
   (we, be), (kd, bd), _ = weights
-  applies = mobilenet._joint_expand_backward_applies
+  applies = dispatch.joint_expand_backward_applies
   assert applies(x, we, be, kd, bd, 1)
   as64 = lambda a: jax.ShapeDtypeStruct(a.shape, jnp.float64)   # the exactness tests' dtype
   assert not applies(as64(x), we, be, kd, bd, 1) and not applies(x, as64(we), be, kd, bd, 1)

@@ -399,10 +399,11 @@ def rgb_worker(quick: bool, repeats: int) -> dict:
   figures = branch_figures(spec, mesh, quick, repeats)
   if WITH_LEVERS:
     figures.update(lever_figures(spec, mesh, quick, repeats))
-  from structvpr_jax.models import mobilenet, native
+  from structvpr_jax.models import native
+  from structvpr_jax.models.ops import dispatch
   info = {"jax": jax.__version__, "devices": [str(d) for d in jax.devices()],
           "descriptor_dim": model_spec.build_model(spec).descriptor_dim,
-          "depthwise_resolved": mobilenet.resolve_depthwise(spec["depthwise"]),
+          "depthwise_resolved": dispatch.resolve_depthwise(spec["depthwise"]),
           "native_kernels": native.status()}
   device = jax.devices()[0]
   if device.platform != "cpu":     # an accelerator: its allocator's peak over this worker

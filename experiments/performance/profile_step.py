@@ -54,7 +54,7 @@ from structvpr_jax import files, xla_flags  # noqa: E402  (stdlib only: no JAX y
 # A layer kind from its name in the op_name: "depthwise" and "netvlad"
 # anywhere; the others as a whole component, "/expand/" (a module) or
 # "jvp(expand)/" (a `jax.named_scope` under autodiff, as in
-# mobilenet._inverted_residual_layers, which the fused blocks' VJP runs);
+# ops.fused.inverted_residual_layers, which the fused blocks' VJP runs);
 # "expand_depthwise" (that function's scope where the expand 1x1 and the
 # depthwise layer share one native backward) as the pair: its forward 1x1,
 # its forward depthwise and the joint backward.
@@ -177,8 +177,8 @@ def profile(fold_bn: bool, size: int, steps: int, depthwise: str = "auto") -> di
     by_kind[kind] += us
     charged_by_kind[kind] += charged[name]
   ms = lambda us: round(us / steps / 1000.0, 2)
-  from structvpr_jax.models import mobilenet
-  return {"fold_bn": fold_bn, "depthwise": mobilenet.resolve_depthwise(depthwise), "size": size, "images_per_step": 3 * triplets, "steps": steps,
+  from structvpr_jax.models.ops import dispatch
+  return {"fold_bn": fold_bn, "depthwise": dispatch.resolve_depthwise(depthwise), "size": size, "images_per_step": 3 * triplets, "steps": steps,
           "wall_ms_per_step": round(wall / steps * 1000.0, 2),
           "total_ms_per_step": ms(sum(per_op.values())),
           "busy_ms_per_step": ms(busy),

@@ -30,13 +30,13 @@ class Branch(nn.Module):
     norm: backbone normalisation, "batch" or "group" (`mobilenet.NORMS`).
     output_stride: the backbone's, 32 (default), 16 or 8.
     depthwise: the backbone's 3x3 depthwise kernel ("auto" | "native" |
-      "shifted" | "grouped", `mobilenet.resolve_depthwise`; equal results up
+      "shifted" | "grouped", `ops.dispatch.resolve_depthwise`; equal results up
       to float rounding).
     trainable_from: first backbone block that gets gradients (0: all).
     remat: recompute block activations in the backward pass (training memory).
     fold_bn: fold frozen BatchNorm into the convolutions (`mobilenet.ConvBN`).
     fused_blocks: evaluate each folded inverted-residual block as one native
-      pass (`mobilenet.fused_inverted_residual`; training unaffected).
+      pass (`ops.fused.fused_inverted_residual`; training unaffected).
     bn_axis_name: mesh axis for synchronised BatchNorm (inside shard_map).
     dtype: compute dtype.
     param_dtype: parameter dtype.
