@@ -100,7 +100,8 @@ def _residual_sums_bwd(residuals, g):
   centroid_term = jnp.einsum("bkd,kd->bk", g, centroids)
   d_assign = jnp.einsum("bnd,bkd->bnk", x.astype(acc), g) - centroid_term[:, None, :]
   d_x = jnp.einsum("bnk,bkd->bnd", assign, g)
-  d_centroids = -jnp.einsum("bk,bkd->kd", jnp.sum(assign, axis=1), g)
+  d_centroids = -jnp.einsum("bk,bkd->kd", jnp.sum(assign, axis=1), g,
+                            out_sharding=native.weight_gradient_sharding(g, centroids))
   return d_assign, d_x.astype(x.dtype), d_centroids
 
 

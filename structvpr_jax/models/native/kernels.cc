@@ -1669,3 +1669,17 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(StructvprExpandDepthwiseBackward, ExpandDepthwiseB
                                   .Ret<ffi::Buffer<ffi::F32>>()  // ddepthwise bias
                                   .Ret<ffi::Buffer<ffi::F32>>()  // dexpand bias
                                   .Attr<int64_t>("stride"));
+
+// The vector instruction set this library was compiled for (-march):
+// `native.library_isa`, which "auto" consults (models/ops/dispatch.py).
+extern "C" const char* StructvprTargetIsa() {
+#if defined(__AVX512F__)
+  return "avx512";
+#elif defined(__AVX2__)
+  return "avx2";
+#elif defined(__aarch64__)
+  return "aarch64";
+#else
+  return "other";
+#endif
+}

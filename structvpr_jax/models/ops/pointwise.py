@@ -7,6 +7,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from structvpr_jax.models import native
+
 
 @jax.custom_jvp
 def relu6(x: jax.Array) -> jax.Array:
@@ -54,7 +56,10 @@ def _pointwise_bwd(residuals, g):
   x, kernel = residuals
   c_in, c_out = kernel.shape
   rows_x, rows_g = lax.optimization_barrier((x.reshape(-1, c_in), g.reshape(-1, c_out)))
-  return (g @ kernel.T).astype(x.dtype), (rows_x.T @ rows_g).astype(kernel.dtype)
+  explicit = native.weight_gradient_sharding(x, kernel)   # rows split over a mesh
+  dk = rows_x.T @ rows_g if explicit is None else jnp.matmul(rows_x.T, rows_g,
+                                                             out_sharding=explicit)
+  return (g @ kernel.T).astype(x.dtype), dk.astype(kernel.dtype)
 
 
 pointwise.defvjp(_pointwise_fwd, _pointwise_bwd)
