@@ -174,6 +174,8 @@ def test_ab_forward_parses_changes_and_runs_quick():
     ab_forward.parse_change("fused_blocks")
   with pytest.raises(SystemExit):                  # B would equal A
     ab_forward.main(["--pairs", "4"])
+  with pytest.raises(SystemExit):                  # the same change on both sides
+    ab_forward.main(["--pairs", "4", "--a", "depthwise=native", "--b", "depthwise=native"])
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   proc = subprocess.run([sys.executable, "experiments/performance/ab_forward.py", "--quick", "--pairs", "2",
                          "--b", "fused_blocks=False", "--b", "no_such_field=1"],

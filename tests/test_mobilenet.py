@@ -135,7 +135,7 @@ needs_native = pytest.mark.skipif(not NATIVE, reason="native kernels did not bui
 
 
 def test_resolve_depthwise():
-  cpu_default = "native" if NATIVE else "shifted"
+  cpu_default = "native" if dispatch.native_measured_faster() else "shifted"
   assert dispatch.resolve_depthwise("auto", "cpu") == cpu_default
   assert dispatch.resolve_depthwise("auto", "gpu") == "grouped"
   assert dispatch.resolve_depthwise("auto", "tpu") == "grouped"
@@ -151,6 +151,29 @@ def test_resolve_depthwise():
     dispatch.resolve_depthwise("native", "gpu")
   with pytest.raises(ValueError, match="depthwise='fast'"):
     dispatch.resolve_depthwise("fast")
+
+
+def test_auto_takes_native_only_where_it_was_measured_faster(monkeypatch):
+  """The rule itself (ops/dispatch.py), not timings: "auto" takes the native
+  kernels on the CPU only when they loaded and were built for an
+  instruction set in NATIVE_FASTER_ISAS (AVX-512); an AVX2 build, or one of
+  unknown target, takes XLA's shifted path; an explicit "native" is honoured
+  on any build that loads."""
+  assert dispatch.NATIVE_FASTER_ISAS == ("avx512",)
+  assert dispatch.auto_takes_native({"ok": True, "isa": "avx512"})
+  for status in ({"ok": True, "isa": "avx2"}, {"ok": True, "isa": "unknown"},
+                 {"ok": True, "isa": "aarch64"}, {"ok": False, "isa": None}, {}):
+    assert not dispatch.auto_takes_native(status), status
+  for isa, auto in (("avx512", "native"), ("avx2", "shifted"), ("other", "shifted")):
+    monkeypatch.setattr(native, "load", lambda: True)
+    monkeypatch.setattr(native, "status", lambda isa=isa: {"ok": True, "isa": isa, "reason": ""})
+    assert dispatch.resolve_depthwise("auto", "cpu") == auto
+    assert dispatch.resolve_depthwise("native", "cpu") == "native"
+    assert dispatch.resolve_depthwise("auto", "gpu") == "grouped"
+    # the stem follows the same rule (ConvBN._folded: native 3x3 where "native")
+    assert dispatch.folded_native(True, "batch", "auto", False) == (auto == "native")
+    assert dispatch.blocks_fuse(True, "batch", "auto", True, jnp.float32, jnp.float32,
+                                False) == (auto == "native")
 
 
 @pytest.mark.parametrize("output_stride", [32, 16])
@@ -180,7 +203,7 @@ def test_depthwise_kinds_give_the_same_network_values_and_gradients(output_strid
     np.testing.assert_allclose(results[kind][1], results["shifted"][1], rtol=1e-4, atol=1e-5)
     for a, b in zip(jax.tree.leaves(results[kind][0]), jax.tree.leaves(results["shifted"][0])):
       np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4)
-  cpu_default = "native" if NATIVE else "shifted"
+  cpu_default = "native" if dispatch.native_measured_faster() else "shifted"
   for a, b in zip(jax.tree.leaves(results["auto"]), jax.tree.leaves(results[cpu_default])):
     np.testing.assert_array_equal(a, b)                       # auto is the CPU default
 

@@ -130,7 +130,7 @@ CALLS = ("forward", "train_step_frozen")
 
 def run(size: str, pairs: int, changes: dict, micro_batches: tuple, quick: bool,
         b_kernels: str = "", a_changes: Optional[dict] = None, b_march: str = "",
-        call: str = "forward") -> dict:
+        what: str = "forward") -> dict:
   import jax
   import bench
   import paired_ratio
@@ -152,17 +152,17 @@ def run(size: str, pairs: int, changes: dict, micro_batches: tuple, quick: bool,
   host_variables = model_spec.init_variables(spec, seed=0)
   variables = parallel.replicate(host_variables, mesh)
   specs = {"a": dict(spec, **a_changes), "b": dict(spec, **changes)}
-  if call == "forward":
+  if what == "forward":
     images = 16
     calls = {name: bench.forward_call(specs[name], variables, mesh, images, mb)
              for name, mb in zip(("a", "b"), micro_batches)}
-  elif call == "train_step_frozen":
+  elif what == "train_step_frozen":
     triplets = bench.TRAIN_TRIPLETS[size]
     images = 3 * triplets
     calls = {name: bench.train_step_call(specs[name], host_variables, mesh, "frozen", triplets)
              for name in ("a", "b")}
   else:
-    raise SystemExit(f"--call {call!r}: expected one of {CALLS}")
+    raise SystemExit(f"--call {what!r}: expected one of {CALLS}")
   suffix = load_variant_kernels(b_kernels or DEFAULT_KERNELS, b_march) if (
       b_kernels or b_march) else ""
   for name, call in calls.items():
@@ -183,7 +183,7 @@ def run(size: str, pairs: int, changes: dict, micro_batches: tuple, quick: bool,
   summary = paired_ratio.ratio_summary(times["a"], times["b"], images=images, clusters=blocks)
   from structvpr_jax.models import native
   from structvpr_jax.models.ops import dispatch
-  return {"size": size, "call": call, "images_per_call": images, "pairs": pairs,
+  return {"size": size, "call": what, "images_per_call": images, "pairs": pairs,
           "blocks": summary["clusters"], "a_changes": a_changes, "b_changes": changes,
           "depthwise_resolved": {n: dispatch.resolve_depthwise(specs[n]["depthwise"])
                                  for n in specs},

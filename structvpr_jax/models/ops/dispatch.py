@@ -8,9 +8,10 @@ the rest of the code only asks:
    - "native": the C++ kernels (`models/native/`); the CPU backend only, and
      an error naming the reason when their library cannot be had.
    - "auto" (the default): on GPU / TPU "grouped" (cuDNN's and the TPU's own
-     kernel); on the CPU "native" where the library loads *and* its build is
-     one the native path was measured faster on (`native_measured_faster`),
-     else "shifted" (XLA's 9 shifted multiply-adds).
+     kernel); on the CPU "native" where the library loads *and* was built
+     for an instruction set the native path was measured faster on
+     (`auto_takes_native`: AVX-512, `NATIVE_FASTER_ISAS`), else "shifted"
+     (XLA's 9 shifted multiply-adds).
    The same rule picks the stem: the native 3x3 convolution where the
    depthwise kernel resolves to "native", else XLA's convolution.
 2. A native call takes an op only for float32 and stride 1 or 2
@@ -42,11 +43,27 @@ from structvpr_jax.models import native
 DEPTHWISE = ("auto", "native", "shifted", "grouped")
 
 
+# The instruction sets (`native.status()["isa"]`, what the library was
+# compiled for) on which the native kernels were measured faster than XLA's
+# path: AVX-512 (Zen 4 / Zen 5, the README's performance tables). Built for
+# AVX2 (-march=x86-64-v3) they ran 0.05x XLA's speed in the forward (224 and
+# 480x640) and 0.35x in the frozen train step, while the AVX-512 build ran
+# 1.5x / 1.7x on the same machine (paired A/B, Zen 4 VM, 2026-12-07:
+# experiments/results/native_avx2.md). Nothing else was measured, so
+# nothing else is in.
+NATIVE_FASTER_ISAS = ("avx512",)
+
+
+def auto_takes_native(status: dict) -> bool:
+  """Whether "auto" takes the native kernels, from `native.status()`: they
+  loaded and were built for an instruction set in `NATIVE_FASTER_ISAS`."""
+  return bool(status.get("ok")) and status.get("isa") in NATIVE_FASTER_ISAS
+
+
 def native_measured_faster() -> bool:
-  """Whether "auto" takes the native kernels on this CPU (see the module
-  docstring): they load, and their build is one they were measured faster
-  than XLA's path on."""
-  return native.load()
+  """`auto_takes_native` of this process's native kernels (building them
+  on first use)."""
+  return native.load() and auto_takes_native(native.status())
 
 
 def resolve_depthwise(kind: str, backend: Optional[str] = None) -> str:
