@@ -298,7 +298,7 @@ def test_remat_gives_the_plain_values_and_gradients(train):
   plain = jax.jit(jax.grad(lambda p: loss(p, model_spec.build_model(SPEC))[0])
                   ).lower(variables["params"]).as_text()
   # it does recompute: remat's fences come on top of the 1x1 kernel
-  # gradients' own barriers (mobilenet.pointwise)
+  # gradients' own barriers (models/ops/pointwise.pointwise)
   assert text.count("optimization_barrier") > plain.count("optimization_barrier")
   mesh = parallel.make_mesh(jax.devices()[:1])
   tx, _ = train_lib.make_optimizer(TC)
