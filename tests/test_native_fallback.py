@@ -56,12 +56,17 @@ def test_failed_build_falls_back_naming_the_compiler_error(tmp_path):
   load() is False, status() carries the compiler's message (what .ci/run
   prints), one warning, and the model runs on XLA."""
   broken = tmp_path / "broken-cxx"
-  # writes a partial output (its last argument, after -o) before failing
-  broken.write_text("#!/bin/sh\nfor a; do out=$a; done\necho partial > \"$out\"\n"
+  # answers the version queries (part of the cache key); a build writes a
+  # partial output (its last argument, after -o) before failing
+  broken.write_text("#!/bin/sh\ncase \"$1\" in --version|-dumpfullversion) echo 1.0; exit 0;; esac\n"
+                    "for a; do out=$a; done\necho partial > \"$out\"\n"
                     "echo 'kernels.cc:1:1: error: expected unqualified-id' >&2\nexit 1\n")
   broken.chmod(0o755)
   cache = tmp_path / "cache"
   proc = _run(FALLBACK, CXX=str(broken), STRUCTVPR_NATIVE_CACHE=str(cache), STRUCTVPR_NATIVE="1")
   assert "expected unqualified-id" in proc.stdout, proc.stdout
   assert proc.stderr.count("native CPU kernels unavailable") == 1, proc.stderr
-  assert cache.is_dir() and not list(cache.iterdir())   # the partial library not kept
+  # the partial library not kept; the compiler's messages in the build log beside it
+  kept = list(cache.iterdir())
+  assert [p.suffix for p in kept] == [".log"], kept
+  assert "expected unqualified-id" in kept[0].read_text()
