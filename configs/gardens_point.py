@@ -73,6 +73,7 @@ def get_config(arg=None):
   c.train.epoch_queries = 160 if not smoke else 0
   c.train.patience = 3 if not smoke else 0
   c.train.max_epochs = 10 if not smoke else 0
+  c.train.select_metric = "R@5"                  # as its results file was made
   c.seg.max_epochs = 0
   c.train.kmeans_images = 80 if not smoke else 16
   return c
