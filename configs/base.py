@@ -282,6 +282,10 @@ def get_config(arg=None):
   c.eval.rerank_max_features = 512
   c.eval.rerank_geometry = "homography"       # ransac: "homography" | "fundamental"
   c.eval.rerank_ransac_threshold = 1.5        # x output stride x patch stride pixels
+  # Fusion: the re-ranking score adds this weight x each candidate's global
+  # similarity, z-normalised over the top-K as each set's local score is
+  # (rerank.fuse_global). 0: the local score alone (Patch-NetVLAD's re-ranking).
+  c.eval.rerank_global_weight = 0.0
   c.eval_split = "test"
   c.checkpoint = ""                          # eval: Orbax directory to restore
   return c

@@ -266,7 +266,7 @@ DISTILL_PARTITION_FIELDS = ("weighting", "beta", "tau", "partition")
 # eval.* fields of re-ranking (results of the "+R" rows depend on them)
 RERANK_FIELDS = ("rerank", "rerank_topk", "rerank_features", "rerank_layer", "rerank_patch_sizes",
                  "rerank_patch_strides", "rerank_patch_weights", "rerank_max_features",
-                 "rerank_geometry", "rerank_ransac_threshold")
+                 "rerank_geometry", "rerank_ransac_threshold", "rerank_global_weight")
 
 
 def stage_fields(config, stage: str) -> dict:

@@ -227,8 +227,8 @@ def extractor_from_config(config, spec: dict, mesh, local: bool = False) -> Extr
 def rerank_settings(config) -> Optional[rerank.Settings]:
   """`rerank.Settings` from eval.rerank, eval.rerank_topk, eval.rerank_features,
   eval.rerank_patch_sizes / _patch_strides / _patch_weights,
-  eval.rerank_max_features, eval.rerank_geometry, eval.rerank_ransac_threshold;
-  None when eval.rerank is "none" (or absent). Checked (`rerank.check_settings`)."""
+  eval.rerank_max_features, eval.rerank_geometry, eval.rerank_ransac_threshold,
+  eval.rerank_global_weight; None when eval.rerank is "none" (or absent). Checked (`rerank.check_settings`)."""
   ev = config.eval
   method = ev.get("rerank", "none") or "none"
   if method == "none":
@@ -243,7 +243,8 @@ def rerank_settings(config) -> Optional[rerank.Settings]:
                                                          or ())),
       max_features=int(ev.get("rerank_max_features", 0) or 0),
       geometry=ev.get("rerank_geometry", "homography") or "homography",
-      ransac_threshold=float(ev.get("rerank_ransac_threshold", 1.5)))
+      ransac_threshold=float(ev.get("rerank_ransac_threshold", 1.5)),
+      global_weight=float(ev.get("rerank_global_weight", 0.0) or 0.0))
   rerank.check_settings(settings)
   return settings
 
@@ -487,7 +488,10 @@ class RecallEvaluator:
 
     With an extractor of local features (`Extractor(local=...)`) the report
     also holds "_rerank": the same report for the re-ranked top-K
-    (`rerank_report`), and "_local" the split's local features."""
+    (`rerank_report`), "_local" the split's local features and "_search"
+    {"distances", "predictions"} the search as deep as the re-ranking's
+    top-K (what `rerank_report` takes, for other settings of the same
+    features)."""
     t0 = time.perf_counter()
     descs = describe_split(self.spec, variables, self.vs, self.mesh, self.batch_size,
                            self.progress, self.extractor, self.cache, label=self.split,
@@ -497,10 +501,10 @@ class RecallEvaluator:
     if pca is not None:
       q, db = whitening.apply(pca, q), whitening.apply(pca, db)
     settings = self.extractor.local
-    predictions = None
+    predictions = distances = None
     if settings is not None:    # one search deep enough for both rankings
-      _, predictions = retrieval.search(q, db, max(max(self.ns), settings.topk),
-                                        **(self.index or {}))
+      distances, predictions = retrieval.search(q, db, max(max(self.ns), settings.topk),
+                                                **(self.index or {}))
     report = recall_report(q, db, self.vs.query_utm, self.vs.database_utm,
                            self.vs.query_notes(), self.ns, self.radius, self.index,
                            predictions=predictions)
@@ -511,21 +515,32 @@ class RecallEvaluator:
     report["_descriptors"] = {"queries": q, "database": db}
     if settings is not None:
       report["_local"] = descs["local"]
+      report["_search"] = {"distances": distances, "predictions": predictions}
       report["_rerank"] = rerank_report(
           predictions, descs["local"], self.extractor.layout, settings, self.vs,
-          self.ns, self.radius, self.index)
+          self.ns, self.radius, self.index, global_distances=distances)
     return report
 
 
 def rerank_report(predictions, local: dict, layout: rerank.Layout,
                   settings: rerank.Settings, vs: layout.VprSplit, ns=(1, 5, 10, 20),
-                  radius: float = 25.0, index: Optional[dict] = None) -> dict:
+                  radius: float = 25.0, index: Optional[dict] = None,
+                  global_distances=None) -> dict:
   """`recall_report` of the re-ranked global predictions (int [Q, >= K]),
   with "rerank": {settings, "ms_per_query", "local_bytes_per_image",
   "num_local_features", "local_dim"}, and the private "_predictions" (the
   whole re-ranked list), "_global_rank" (int [Q, W]: 1-based global rank of
-  each re-ranked prediction) and "_scores"."""
-  res = rerank.rerank(predictions, local["queries"], local["database"], layout, settings)
+  each re-ranked prediction) and "_scores". `global_distances`: the search's
+  distances aligned with `predictions` (settings.global_weight > 0 needs
+  them). ms_per_query leaves compilation out: the first query is re-ranked
+  once before the timed run (the jitted matching compiles per K and feature
+  count)."""
+  if len(predictions):
+    rerank.rerank(np.asarray(predictions)[:1], local["queries"], local["database"], layout,
+                  settings, global_distances=None if global_distances is None else
+                  np.asarray(global_distances)[:1])
+  res = rerank.rerank(predictions, local["queries"], local["database"], layout, settings,
+                      global_distances=global_distances)
   new = res["predictions"]
   report = recall_report(None, None, vs.query_utm, vs.database_utm, vs.query_notes(), ns,
                          radius, index, predictions=new)

@@ -206,7 +206,8 @@ def run_localize(config, wd: Workdir) -> dict:
   if settings is not None:
     windows = local_layout(spec, settings)
     t1 = time.time()
-    out = rerank.rerank(idx, (res[1], res[2]), db["local"], windows, settings)
+    out = rerank.rerank(idx, (res[1], res[2]), db["local"], windows, settings,
+                        global_distances=dist)
     t_rerank = time.time() - t1
     order = out["predictions"][0][:k]
     scores = dict(zip(out["predictions"][0][:len(out["scores"][0])].tolist(),

@@ -36,9 +36,16 @@ similarity (`mutual_nearest_neighbours`), then a geometric score:
   Host code, one candidate and set at a time.
 
 Several sets: each set's scores are z-normalised over the K candidates and
-summed with the set weights (Patch-NetVLAD's `normalise_func`). The K
-candidates are re-ordered by that score (ties keep the global order); ranks
-beyond K keep the global order.
+summed with the set weights (Patch-NetVLAD's `normalise_func`). With
+`global_weight` w_g > 0 (eval.rerank_global_weight) the global similarity
+of each candidate, z-normalised over the same K candidates, is added with
+weight w_g (`fuse_global`): the local score alone (w_g = 0, the default,
+Patch-NetVLAD's re-ranking) forgets how close the global descriptors were,
+and a local match among many look-alike candidates can then outrank the
+global first choice; the z-score of the global similarity keeps that
+information on the same scale as each set's. The K candidates are
+re-ordered by the score (ties keep the global order); ranks beyond K keep
+the global order.
 """
 
 from __future__ import annotations
@@ -70,7 +77,10 @@ class Settings:
   lie on (`LAYERS`); patch_sizes, strides: one set per
   pair, in feature cells; weights: per set (empty: equal); max_features: the
   most local features kept per image (0: all); geometry: RANSAC's model;
-  ransac_threshold: in units of output stride x patch stride.
+  ransac_threshold: in units of output stride x patch stride;
+  global_weight: >= 0, the weight of the candidates' z-normalised global
+  similarity added to the local score (`fuse_global`; 0: the local score
+  alone).
   """
   method: str = "rss"
   topk: int = 100
@@ -82,11 +92,13 @@ class Settings:
   max_features: int = 0
   geometry: str = "homography"
   ransac_threshold: float = 1.5
+  global_weight: float = 0.0
 
   def describe(self) -> str:
     sizes = ",".join(f"{p}/{s}" for p, s in zip(self.patch_sizes, self.strides))
+    fused = (f", + {self.global_weight:g} x global similarity" if self.global_weight else "")
     return (f"{self.method} re-ranking of the top {self.topk} ({self.features} features of "
-            f"the {self.layer} layer, patch/stride {sizes})")
+            f"the {self.layer} layer, patch/stride {sizes}{fused})")
 
 
 def check_settings(s: Settings) -> None:
@@ -119,6 +131,9 @@ def check_settings(s: Settings) -> None:
     raise ValueError(f"eval.rerank_max_features={s.max_features} must be >= 0 (0: all)")
   if not float(s.ransac_threshold) > 0:
     raise ValueError(f"eval.rerank_ransac_threshold={s.ransac_threshold} must be > 0")
+  if not (np.isfinite(float(s.global_weight)) and float(s.global_weight) >= 0):
+    raise ValueError(f"eval.rerank_global_weight={s.global_weight} must be a finite number "
+                     ">= 0 (0: the local score alone)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -422,6 +437,33 @@ def combine_scores(scores: np.ndarray, weights: Sequence[float] = ()) -> np.ndar
   return z @ w
 
 
+def fuse_global(local: np.ndarray, distances: np.ndarray, candidates: np.ndarray,
+                weight: float) -> np.ndarray:
+  """float64 [K]: `local` (`combine_scores`) + weight x the candidates' global
+  similarity z-normalised over the K candidates.
+
+  The global similarity is the negated squared L2 distance of the search
+  (for unit descriptors 2 - 2 cosine: the same z-scores as the cosine).
+  Padding (-1 candidates) and non-finite distances are left out of the mean
+  and standard deviation and get no global term; so does every candidate
+  when the distances are all equal. weight 0 returns `local` unchanged.
+  """
+  local = np.asarray(local, np.float64)
+  if not weight:
+    return local
+  sim = -np.asarray(distances, np.float64)
+  if local.shape != sim.shape or np.shape(candidates) != sim.shape:
+    raise ValueError(f"local scores {local.shape}, global distances {sim.shape} and "
+                     f"candidates {np.shape(candidates)} differ in shape")
+  valid = (np.asarray(candidates) >= 0) & np.isfinite(sim)
+  z = np.zeros_like(sim)
+  if valid.any():
+    mean, std = sim[valid].mean(), sim[valid].std()
+    if std > 0:
+      z[valid] = (sim[valid] - mean) / std
+  return local + float(weight) * z
+
+
 def reorder(candidates: np.ndarray, score: np.ndarray) -> np.ndarray:
   """int [K]: `candidates` (global order) sorted by `score` descending; ties
   and padding (-1 candidates, always last) keep the global order."""
@@ -431,7 +473,8 @@ def reorder(candidates: np.ndarray, score: np.ndarray) -> np.ndarray:
 
 
 def rerank(predictions: np.ndarray, q_local: tuple, db_local: tuple, layout: Layout,
-           settings: Settings, query_rows: Optional[Sequence[int]] = None) -> dict:
+           settings: Settings, query_rows: Optional[Sequence[int]] = None,
+           global_distances=None) -> dict:
   """Re-ranks every query's global top-K.
 
   Args:
@@ -441,6 +484,8 @@ def rerank(predictions: np.ndarray, q_local: tuple, db_local: tuple, layout: Lay
       float16 memmap on disk is read one query's candidates at a time).
     layout, settings: how the features were made, what to do.
     query_rows: the rows of `q_local` of each prediction row (default 0..Q-1).
+    global_distances: float [Q, >= K] the search's distances, aligned with
+      `predictions`; needed by settings.global_weight > 0 (`fuse_global`).
 
   Returns:
     {"predictions": int64 [Q, W] (the first min(K, W) re-ranked, the rest as
@@ -451,6 +496,15 @@ def rerank(predictions: np.ndarray, q_local: tuple, db_local: tuple, layout: Lay
   check_settings(settings)
   preds = np.asarray(predictions, np.int64)
   k = int(min(settings.topk, preds.shape[1]))
+  fuse = float(settings.global_weight) > 0
+  if fuse:
+    if global_distances is None:
+      raise ValueError(f"eval.rerank_global_weight={settings.global_weight}: fusing the "
+                       "global similarity needs the search's distances (global_distances)")
+    dists = np.asarray(global_distances)
+    if dists.shape[0] != preds.shape[0] or dists.shape[1] < k:
+      raise ValueError(f"global_distances of shape {dists.shape} do not cover the top {k} "
+                       f"of predictions {preds.shape}")
   set_id, grid = jnp.asarray(layout.set_id), jnp.asarray(layout.grid)
   grid_max = jnp.asarray(layout.grid_max)
   out = preds.copy()
@@ -475,6 +529,8 @@ def rerank(predictions: np.ndarray, q_local: tuple, db_local: tuple, layout: Lay
       per_set = ransac_scores(layout, q_keep, db_keep, np.asarray(fw), np.asarray(mutual),
                               settings.ransac_threshold, settings.geometry)
     combined = combine_scores(per_set, settings.weights)
+    if fuse:
+      combined = fuse_global(combined, dists[i, :k], cand, settings.global_weight)
     new = reorder(cand, combined)
     out[i, :k] = new
     lookup = dict(zip(cand.tolist(), combined.tolist()))

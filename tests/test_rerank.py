@@ -200,6 +200,73 @@ def test_combine_scores_and_reorder():
       [7, 5, 9, -1]
 
 
+def test_fuse_global_hand_case_and_numpy_reference():
+  local = np.array([0.5, -1.0, 2.0, 0.0])
+  dist = np.array([0.2, 0.4, 0.6, 0.8])           # squared L2, nearest first
+  cand = np.array([3, 1, 4, 1])
+  # weight 0: the local score itself, untouched
+  assert np.array_equal(rerank.fuse_global(local, dist, cand, 0.0), local)
+  # hand case: -d = [-.2, -.4, -.6, -.8], mean -.5, std sqrt(.05)
+  z = np.array([0.3, 0.1, -0.1, -0.3]) / np.sqrt(0.05)
+  assert np.allclose(rerank.fuse_global(local, dist, cand, 2.0), local + 2.0 * z)
+  # numpy reference with padding and a non-finite distance left out of the statistics
+  rng = np.random.default_rng(1)
+  local, dist = rng.normal(size=8), np.sort(rng.uniform(0, 2, size=8))
+  cand = np.array([5, 2, 7, 0, 1, 3, -1, -1])
+  dist[5] = np.inf
+  ok = np.array([1, 1, 1, 1, 1, 0, 0, 0], bool)
+  ref = np.zeros(8)
+  ref[ok] = (-dist[ok] - (-dist[ok]).mean()) / (-dist[ok]).std()
+  np.testing.assert_allclose(rerank.fuse_global(local, dist, cand, 0.7), local + 0.7 * ref)
+  # equal distances: no global information, no global term
+  assert np.array_equal(rerank.fuse_global(local, np.ones(8), cand, 3.0), local)
+  with pytest.raises(ValueError, match="differ"):
+    rerank.fuse_global(local, dist[:4], cand, 1.0)
+
+
+def test_rerank_fusion_default_is_bitwise_and_a_large_weight_keeps_the_global_order():
+  rng = np.random.default_rng(2)
+  lay = rerank.make_layout((48, 64), (3, 4), (1, 2), (1, 1))
+  nq, nd, d = 5, 9, 8
+  q = (unit(rng.normal(size=(nq, lay.size, d))).astype(np.float16),
+       np.tile(np.arange(lay.size, dtype=np.int32), (nq, 1)))
+  db = (unit(rng.normal(size=(nd, lay.size, d))).astype(np.float16),
+        np.tile(np.arange(lay.size, dtype=np.int32), (nd, 1)))
+  db[0][3] = q[0][0]                          # database 3 is query 0's own image
+  preds = np.stack([rng.permutation(nd) for _ in range(nq)])
+  dist = np.sort(rng.uniform(0.5, 1.5, size=(nq, nd)), axis=1)
+  base = rerank.Settings(method="rss", topk=6, patch_sizes=(1, 2), strides=(1, 1))
+  plain = rerank.rerank(preds, q, db, lay, base)
+  zero = rerank.rerank(preds, q, db, lay, rerank.Settings(**{**base.__dict__,
+                                                              "global_weight": 0.0}),
+                       global_distances=dist)
+  assert np.array_equal(plain["predictions"], zero["predictions"])
+  assert np.array_equal(plain["scores"], zero["scores"], equal_nan=True)
+  # the fused score is the local one plus w x z(global similarity), per query
+  w = 0.5
+  fused = rerank.rerank(preds, q, db, lay, rerank.Settings(**{**base.__dict__,
+                                                               "global_weight": w}),
+                        global_distances=dist)
+  for i in range(nq):
+    cand = preds[i, :6]
+    local = dict(zip(plain["predictions"][i, :6].tolist(), plain["scores"][i].tolist()))
+    sim = -dist[i, :6]
+    ref = {c: local[c] + w * (s - sim.mean()) / sim.std() for c, s in zip(cand.tolist(), sim)}
+    got = dict(zip(fused["predictions"][i, :6].tolist(), fused["scores"][i].tolist()))
+    assert got.keys() == ref.keys()
+    for c in got:
+      assert got[c] == pytest.approx(ref[c], rel=1e-9, abs=1e-12)
+    assert sorted(fused["predictions"][i, :6].tolist()) == sorted(cand.tolist())
+    assert fused["predictions"][i, 6:].tolist() == preds[i, 6:].tolist()
+  # a weight that swamps the local score keeps the global order
+  big = rerank.rerank(preds, q, db, lay, rerank.Settings(**{**base.__dict__,
+                                                             "global_weight": 1e6}),
+                      global_distances=dist)
+  assert np.array_equal(big["predictions"], preds)
+  with pytest.raises(ValueError, match="eval.rerank_global_weight"):
+    rerank.rerank(preds, q, db, lay, rerank.Settings(global_weight=1.0))
+
+
 def test_select_features_keeps_the_strongest_in_layout_order():
   feats = np.arange(2 * 5 * 3, dtype=np.float32).reshape(2, 5, 3)
   strength = np.array([[0.1, 0.9, 0.5, 0.8, 0.2], [5, 4, 3, 2, 1]], np.float32)
@@ -222,7 +289,9 @@ def test_settings_errors_name_the_field():
                      "eval.rerank_patch_weights"),
                     ({"max_features": -1}, "eval.rerank_max_features"),
                     ({"geometry": "affine"}, "eval.rerank_geometry"),
-                    ({"ransac_threshold": 0.0}, "eval.rerank_ransac_threshold")]:
+                    ({"ransac_threshold": 0.0}, "eval.rerank_ransac_threshold"),
+                    ({"global_weight": -1.0}, "eval.rerank_global_weight"),
+                    ({"global_weight": float("nan")}, "eval.rerank_global_weight")]:
     with pytest.raises(ValueError, match=field):
       rerank.check_settings(rerank.Settings(**kw))
 
@@ -239,6 +308,11 @@ def test_config_validation_names_the_field():
   config.eval.rerank_patch_sizes = (40, 1)    # larger than the local feature map
   with pytest.raises(ValueError, match="eval.rerank_patch_sizes"):
     config_lib.validate_config(config)
+  config.eval.rerank_patch_sizes = (1, 2)
+  config.eval.rerank_global_weight = -0.5
+  with pytest.raises(ValueError, match="eval.rerank_global_weight"):
+    config_lib.validate_config(config)
+  config.eval.rerank_global_weight = 0.0
   config.eval.rerank = "sometimes"
   with pytest.raises(ValueError, match="eval.rerank="):
     config_lib.validate_config(config)
@@ -248,6 +322,7 @@ def test_config_validation_names_the_field():
   config.eval.rerank, config.eval.rerank_patch_sizes = "rss", (1, 2)
   fields = config_lib.stage_fields(config, "eval")
   assert fields["eval.rerank"] == "rss" and fields["eval.rerank_patch_sizes"] == [1, 2]
+  assert fields["eval.rerank_global_weight"] == 0.0
 
 
 # ------------------------------------------------- extraction and evaluation
@@ -383,3 +458,43 @@ def test_rerank_none_is_bitwise_the_global_evaluation(tiny, tmp_path):
   # the re-ranked list is a permutation of the global top-K
   assert sorted(plus["_predictions"][0].tolist()) == sorted(range(6))
   assert plus["_global_rank"].shape == plus["_predictions"].shape
+
+
+def test_rerank_checkpoint_variants_equal_one_call_each(tiny, tmp_path):
+  """One extraction re-ranked with several settings gives what a call per
+  setting gives; settings that need other features are refused by name."""
+  from configs import distill
+  from structvpr_jax import checkpoint
+  from structvpr_jax.stages import evaluate
+  _, _, variables = tiny
+  root = _tiny_layout(str(tmp_path / "data"))
+  ckpt = str(tmp_path / "ckpt")
+  checkpoint.save(checkpoint.manager(ckpt), 0, variables, {"spec": SPEC, "step": 0})
+  config = distill.get_config("smoke")
+  config.eval.batch_size = 4
+  config.eval.rerank, config.eval.rerank_layer = "rss", "stride8"
+  config.eval.rerank_patch_sizes, config.eval.rerank_patch_strides = (1, 2), (1, 1)
+  variants = [{"rerank_topk": 3}, {}, {"rerank_topk": 2, "rerank_global_weight": 1.0},
+              {"rerank": "ransac", "rerank_topk": 4, "rerank_global_weight": 0.5}]
+  many = evaluate.rerank_checkpoint_variants(config, ckpt, root, "test", variants)
+  assert len(many) == len(variants)
+  for v, got in zip(variants, many):
+    one = evaluate.rerank_checkpoint(evaluate.with_eval(config, v), ckpt, root, "test")
+    assert got["per_query"] == one["per_query"], v
+    assert got["paired"] == one["paired"], v
+    for key in ("R@1", "R@5", "per_condition", "num_queries"):
+      assert got["global"][key] == one["global"][key] and got["rerank"][key] == one["rerank"][key]
+    assert got["rerank"]["rerank"]["topk"] == v.get("rerank_topk", 100)
+    assert got["rerank"]["rerank"]["global_weight"] == v.get("rerank_global_weight", 0.0)
+    assert got["step"] == 0
+  # the paired record is recomputable from the per-query hits
+  hits = many[2]["per_query"]
+  d = 100 * (np.mean(hits["rerank"]["hits"]["R@1"]) - np.mean(hits["global"]["hits"]["R@1"]))
+  assert many[2]["paired"]["R@1"]["diff"] == pytest.approx(d)
+  with pytest.raises(ValueError, match="eval.rerank_layer"):
+    evaluate.rerank_checkpoint_variants(config, ckpt, root, "test",
+                                        [{}, {"rerank_layer": "final"}])
+  with pytest.raises(ValueError, match="eval.rerank\\*"):
+    evaluate.rerank_checkpoint_variants(config, ckpt, root, "test", [{"radius": 5.0}])
+  with pytest.raises(ValueError, match="eval.rerank_topx"):
+    evaluate.with_eval(config, {"rerank_topx": 3})

@@ -12,8 +12,9 @@
 
 from __future__ import annotations
 
+import copy
 import os
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 from absl import logging
@@ -22,8 +23,8 @@ from structvpr_jax import (checkpoint, config_lib, files, parallel, report, rera
                            stats)
 from structvpr_jax.data import layout, synthetic
 from structvpr_jax.evaluation import (RecallEvaluator, describe_split, extractor_from_config,
-                                      global_ranks, index_from_config, pca_from_config, public,
-                                      rerank_settings)
+                                      global_ranks, index_from_config, local_layout,
+                                      pca_from_config, public, rerank_report, rerank_settings)
 from structvpr_jax.workdir import Workdir
 
 
@@ -204,14 +205,14 @@ def run_checkpoint(config, wd: Workdir) -> dict:
                            extractor=extractor,
                            **descriptor_store(config, wd, split, spec["branch"]))
     depth = k if settings is None else max(k, settings.topk)
-    _, predictions = retrieval.search(descs["queries"], descs["database"], depth,
-                                      **index_from_config(config))
+    distances, predictions = retrieval.search(descs["queries"], descs["database"], depth,
+                                              **index_from_config(config))
     out = {"num_queries": vs.num_queries, "num_database": vs.num_database,
            "descriptor_dim": int(descs["queries"].shape[1]), "labels": False}
     print("no labels (eval.no_labels): predictions only", flush=True)
     if settings is not None:
       res = rerank.rerank(predictions, descs["local"]["queries"], descs["local"]["database"],
-                          extractor.layout, settings)
+                          extractor.layout, settings, global_distances=distances)
       global_rank = global_ranks(predictions, res["predictions"])
       predictions = res["predictions"]
       out["rerank"] = {"ms_per_query": 1000.0 * res["seconds"] / max(vs.num_queries, 1),
@@ -244,6 +245,14 @@ def run_checkpoint(config, wd: Workdir) -> dict:
                        np.asarray(descs[role], np.float32))
   return out
 
+
+# rerank.Settings fields that decide the extracted local features, and their
+# eval.* names: the settings of one `rerank_checkpoint_variants` call agree on them.
+EXTRACTION_FIELDS = {"features": "rerank_features", "layer": "rerank_layer",
+                     "patch_sizes": "rerank_patch_sizes", "strides": "rerank_patch_strides",
+                     "max_features": "rerank_max_features"}
+
+
 def rerank_checkpoint(config, checkpoint_dir: str, root: str, split: str = "test",
                       store: Optional[str] = None) -> dict:
   """Global retrieval and its re-ranking for one checkpoint on a layout split,
@@ -262,33 +271,99 @@ def rerank_checkpoint(config, checkpoint_dir: str, root: str, split: str = "test
 
   Returns:
     {"global": public recall report, "rerank": the re-ranked one (with
-     "rerank": settings, ms per query, local bytes per image),
-     "per_query": {"global": per_query(...), "rerank": ...},
+     "rerank": settings, ms per query (compilation left out), local bytes
+     per image), "per_query": {"global": per_query(...), "rerank": ...},
      "paired": {"R@n": stats.paired_bootstrap of rerank vs global hits}
      (overall and per condition under "per_condition"), "step": checkpoint step}.
   """
-  if rerank_settings(config) is None:
-    raise ValueError("eval.rerank: rerank_checkpoint needs a re-ranking method "
-                     f"(one of {rerank.METHODS[1:]}), got 'none'")
+  return rerank_checkpoint_variants(config, checkpoint_dir, root, split, [{}], store)[0]
+
+
+def with_eval(config, overrides: dict):
+  """A copy of `config` with config.eval[field] = value for each override; an
+  unknown field is an error naming it."""
+  c = copy.deepcopy(config)
+  for key, value in overrides.items():
+    if key not in c.eval:
+      raise ValueError(f"eval.{key}: no such field (override {key}={value!r})")
+    c.eval[key] = value
+  return c
+
+
+def rerank_checkpoint_variants(config, checkpoint_dir: str, root: str, split: str,
+                               variants: Sequence[dict], store: Optional[str] = None) -> list:
+  """`rerank_checkpoint` for several re-ranking settings of the same local
+  features: the checkpoint is restored and the split described (global
+  descriptors, local features) and searched once, then each variant re-ranks
+  that search (what a selection grid over methods, top-K and fusion needs).
+
+  Args:
+    config, checkpoint_dir, root, split, store: as `rerank_checkpoint`.
+    variants: one {eval field: value} per setting, applied over config.eval
+      (`with_eval`), e.g. {"rerank": "ransac", "rerank_topk": 10,
+      "rerank_global_weight": 1.0}; {} is the config's own setting. They may
+      differ in method, top-K, fusion, set weights and the RANSAC model, not
+      in what is extracted (`EXTRACTION_FIELDS`: an error naming the field).
+
+  Returns:
+    one `rerank_checkpoint` result per variant, in order; "global" and
+    per_query["global"] are the same in each (one search, as deep as the
+    largest top-K).
+  """
+  if not len(variants):
+    raise ValueError("variants: expected at least one re-ranking setting ({} = the config's)")
+  for v in variants:
+    if any(not str(key).startswith("rerank") for key in v):
+      raise ValueError(f"variants: {dict(v)} sets fields other than eval.rerank*; the "
+                       "variants of one call share the global evaluation")
+  configs = [with_eval(config, dict(v)) for v in variants]
+  settings = []
+  for v, c in zip(variants, configs):
+    s = rerank_settings(c)
+    if s is None:
+      raise ValueError("eval.rerank: rerank_checkpoint needs a re-ranking method "
+                       f"(one of {rerank.METHODS[1:]}), got 'none'"
+                       + (f" (variant {dict(v)})" if v else ""))
+    settings.append(s)
+  for v, s in zip(variants, settings):
+    for attr, field in EXTRACTION_FIELDS.items():
+      if getattr(s, attr) != getattr(settings[0], attr):
+        raise ValueError(f"eval.{field}: variant {dict(v)} extracts other local features "
+                         f"({getattr(s, attr)!r}, the first {getattr(settings[0], attr)!r}); "
+                         "evaluate it in a call of its own")
+  deepest = max(range(len(settings)), key=lambda i: (settings[i].topk, -i))
   spec, variables, step, _ = checkpoint.restore_variables(checkpoint_dir, config=config)
   mesh = parallel.make_mesh()
   kw = {} if store is None else {"store": store,
                                  "dtype": config.eval.get("descriptor_dtype", "float32")}
-  rep = _evaluate_checkpoint(config, spec, variables, root, mesh, split, kw)
-  plus = rep["_rerank"]
+  rep = _evaluate_checkpoint(configs[deepest], spec, variables, root, mesh, split, kw)
   vs = config_lib.read_split(config, root, split, spec["view"] == "seg")
-  notes = np.asarray(vs.query_notes())
-  paired = {}
-  for n, hits in rep["_hits"].items():
-    paired[f"R@{n}"] = stats.paired_bootstrap({0: hits}, {0: plus["_hits"][n]})
-  per_condition = {}
-  for note in sorted(set(notes.tolist())):
-    sel = notes == note
-    per_condition[note or "all"] = {
-        f"R@{n}": stats.paired_bootstrap({0: hits[sel]}, {0: plus["_hits"][n][sel]})
-        for n, hits in rep["_hits"].items()}
-  paired["per_condition"] = per_condition
-  return {"global": public(rep), "rerank": public(plus), "step": step,
-          "per_query": {"global": per_query(rep, root, split, vs),
-                        "rerank": per_query(plus, root, split, vs)},
-          "paired": paired}
+  windows = local_layout(spec, settings[0])
+  out = []
+  for i, (c, s) in enumerate(zip(configs, settings)):
+    if i == deepest:
+      plus = rep["_rerank"]
+    else:
+      plus = rerank_report(rep["_search"]["predictions"], rep["_local"], windows, s, vs,
+                           tuple(c.eval.ns), float(c.eval.radius), index_from_config(c),
+                           global_distances=rep["_search"]["distances"])
+    out.append({"global": public(rep), "rerank": public(plus), "step": step,
+                "per_query": {"global": per_query(rep, root, split, vs),
+                              "rerank": per_query(plus, root, split, vs)},
+                "paired": paired_hits(rep["_hits"], plus["_hits"], vs.query_notes())})
+  return out
+
+
+def paired_hits(base: dict, other: dict, notes: Sequence[str]) -> dict:
+  """{"R@n": stats.paired_bootstrap(base, other) over all queries, ...,
+  "per_condition": {note: {"R@n": ...}}} of two {n: hits [Q]} of the same
+  queries (one seed; `notes` the queries' conditions, "" read as "all")."""
+  notes = np.asarray(list(notes))
+  paired = {f"R@{n}": stats.paired_bootstrap({0: hits}, {0: other[n]})
+            for n, hits in base.items()}
+  paired["per_condition"] = {
+      note or "all": {f"R@{n}": stats.paired_bootstrap({0: np.asarray(hits)[notes == note]},
+                                                       {0: np.asarray(other[n])[notes == note]})
+                      for n, hits in base.items()}
+      for note in sorted(set(notes.tolist()))}
+  return paired
