@@ -274,3 +274,140 @@ def test_ab_forward_variant_kernels_are_the_ones_b_runs(tmp_path):
   broken.write_text("this is not C++\n")
   with pytest.raises(SystemExit, match="broken.cc"):
     ab_forward.load_variant_kernels(str(broken))
+
+
+def _fake_ablation_seed(runs, seed: int, variants=(), data_from=None):
+  """<runs>/seed<k>/base (the smoke city, a stage-1 RGB checkpoint) and each
+  variant's distill/checkpoints, as experiments/synthetic_structure.py leaves
+  them. The branches are untrained (fresh variables, one per method: what
+  rerank_synthetic.py reads is the layout, not the training), each stage
+  marked finished with a done.json."""
+  from configs import ablation
+  from structvpr_jax import checkpoint, files
+  from structvpr_jax.data import synthetic
+  from structvpr_jax.models import spec as model_spec
+  config = ablation.get_config("smoke")
+  root = os.path.join(runs, f"seed{seed}")
+  data = os.path.join(root, "base", "data")
+  if data_from:
+    os.makedirs(os.path.dirname(data), exist_ok=True)
+    os.symlink(data_from, data)
+  else:
+    synthetic.generate(data, seed=seed, image_size=tuple(config.data.image_size),
+                       num_places=dict(config.data.synthetic_places),
+                       queries_per_place=config.data.queries_per_place, progress=False)
+  spec = model_spec.branch_spec(config, "rgb")
+  for k, (wd, stage) in enumerate([("base", "rgb")] + [(v, "distill") for v in variants]):
+    ckpt = os.path.join(root, wd, stage, "checkpoints")
+    variables = model_spec.init_variables(spec, 10 * seed + k)
+    checkpoint.save(checkpoint.manager(ckpt), 0, variables, {"spec": spec, "step": 0})
+    files.write_json(os.path.join(root, wd, stage, "done.json"), {"stage": stage})
+  return data
+
+
+def _load_script(name: str):
+  import importlib.util
+  spec = importlib.util.spec_from_file_location(
+      name, os.path.join(REPO, "experiments", f"{name}.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_rerank_synthetic_smoke_selects_on_val_and_resumes_by_seed(tmp_path, capsys,
+                                                                     monkeypatch):
+  """experiments/rerank_synthetic.py end to end on a tiny ablation tree: the
+  selection on val of seed 0 (no test image read), test read once per
+  checkpoint, a seed finished later added by a rerun, the schema of the
+  results."""
+  from structvpr_jax import checkpoint, evaluation
+  script = _load_script("rerank_synthetic")
+  runs, out = str(tmp_path / "runs"), str(tmp_path / "result")
+  data = _fake_ablation_seed(runs, 0, variants=("triplet_only",))
+  _fake_ablation_seed(runs, 1, data_from=data)           # its variant not finished yet
+  # every checkpoint restored and every split described, in order
+  log = []
+  restore, describe = checkpoint.restore_variables, evaluation.describe_split
+
+  def logged_restore(checkpoint_dir, *a, **kw):
+    log.append(("restore", os.path.relpath(checkpoint_dir, runs)))
+    return restore(checkpoint_dir, *a, **kw)
+
+  def logged_describe(*a, **kw):
+    log.append(("describe", kw.get("label")))
+    return describe(*a, **kw)
+  monkeypatch.setattr(checkpoint, "restore_variables", logged_restore)
+  monkeypatch.setattr(evaluation, "describe_split", logged_describe)
+  argv = ["--config", "configs/ablation.py:smoke", "--workdir", runs, "--seeds", "0", "1",
+          "--variants", "triplet_only", "--grid", "quick", "--resamples", "200", "--out", out]
+  script.main(argv)
+  printed = capsys.readouterr().out
+  # the quick grid is one extraction of val; then each finished checkpoint's test, once
+  rgb0, rgb1 = os.path.join("seed0", "base", "rgb"), os.path.join("seed1", "base", "rgb")
+  kd0 = os.path.join("seed0", "triplet_only", "distill")
+  assert log == [("restore", os.path.join(rgb0, "checkpoints")), ("describe", "val"),
+                 ("restore", os.path.join(rgb0, "checkpoints")), ("describe", "test"),
+                 ("restore", os.path.join(kd0, "checkpoints")), ("describe", "test"),
+                 ("restore", os.path.join(rgb1, "checkpoints")), ("describe", "test")]
+  with open(out + ".json") as f:
+    res = json.load(f)
+  grid = [list(map(lambda x: list(x) if isinstance(x, tuple) else x, s))
+          for s in script.GRIDS["quick"]]
+  sel = res["selection"]
+  assert sel["seed"] == 0 and sel["split"] == "val" and res["grid"] == grid
+  assert [r["setting"] for r in sel["rows"]] == grid and sel["chosen"] in grid
+  best = max(sel["rows"], key=lambda r: (r["rerank"]["R@1"], r["rerank"]["R@5"],
+                                         -r["rerank"]["rerank"]["ms_per_query"]))
+  assert sel["chosen"] == best["setting"]
+  for r in sel["rows"]:               # the selection read val: 12 places, 1 query each
+    assert r["global"]["split"] == "val" and r["global"]["num_queries"] == 12
+    assert r["rerank"]["rerank"]["global_weight"] == r["setting"][4]
+  assert res["seeds"] == {"rgb": [0, 1], "triplet_only": [0]}
+  assert res["incomplete"] == {"1": ["triplet_only"]}
+  assert sorted(res["per_query"]) == ["rgb", "rgb+R", "triplet_only", "triplet_only+R"]
+  for m, seeds in res["seeds"].items():
+    rec = res["methods"][m]
+    for i, s in enumerate(seeds):
+      n = len(res["conditions"][str(s)])
+      assert n == 12 and set(res["conditions"][str(s)]) <= {"dusk", "fog", "night", "repaint"}
+      for kind, key in (("global", m), ("rerank", m + "+R")):
+        hits = res["per_query"][key][str(s)]
+        assert len(hits) == n and set(hits) <= {0, 1}
+        # the table is recomputable from the per-query hits
+        assert rec[kind]["R@1"][i] == pytest.approx(100 * np.mean(hits))
+    d = rec["paired"]["R@1"]
+    assert d["num_seeds"] == len(seeds) and d["ci_low"] <= d["diff"] <= d["ci_high"]
+    diff = np.mean([100 * (np.mean(res["per_query"][m + "+R"][str(s)])
+                           - np.mean(res["per_query"][m][str(s)])) for s in seeds])
+    assert d["diff"] == pytest.approx(diff)
+    assert set(rec["paired"]["per_condition"]) <= {"dusk", "fog", "night", "repaint"}
+  # experiments/paired.py reads the hits as it reads synthetic_structure.json's
+  paired = _load_script("paired")
+  loaded = paired.load(out + ".json:rgb+R", None, "")
+  assert {s: h.tolist() for s, h in loaded.items()} == res["per_query"]["rgb+R"]
+  md = open(out + ".md").read()
+  assert "## Test: + R vs global per method" in md and "## Selection on val" in md
+  assert "**(chosen)**" in md and "seed 1: triplet_only" in md
+  assert "24 train / 12 val / 12 test places, 1 queries per place" in md   # the config's
+  seed0 = json.load(open(out + "_seeds/seed0.json"))
+  assert seed0["setting"] == sel["chosen"] and seed0["missing"] == []
+  assert seed0["methods"]["rgb"]["global"]["split"] == "test"
+  assert all(".tmp" not in f for f in os.listdir(out + "_seeds"))     # written atomically
+  # a rerun: the selection and seed 0 are read; seed 1's variant, finished since, is added
+  _fake_ablation_seed(str(tmp_path / "later"), 1, variants=("triplet_only",), data_from=data)
+  os.rename(str(tmp_path / "later" / "seed1" / "triplet_only"),
+            os.path.join(runs, "seed1", "triplet_only"))
+  rgb1 = json.load(open(out + "_seeds/seed1.json"))["methods"]["rgb"]
+  del log[:]
+  script.main(argv)
+  printed = capsys.readouterr().out
+  # the selection is reused (no val read), only the new checkpoint's test is read
+  assert log == [("restore", os.path.join("seed1", "triplet_only", "distill", "checkpoints")),
+                 ("describe", "test")]
+  assert "[selection] read" in printed and "[seed 0] finished earlier" in printed
+  assert "[seed 1] rgb:" not in printed and "[seed 1] triplet_only:" in printed
+  res2 = json.load(open(out + ".json"))
+  assert res2["seeds"] == {"rgb": [0, 1], "triplet_only": [0, 1]} and res2["incomplete"] == {}
+  assert json.load(open(out + "_seeds/seed1.json"))["methods"]["rgb"] == rgb1
+  assert res2["per_query"]["rgb"] == res["per_query"]["rgb"]
+  assert res2["per_query"]["rgb+R"] == res["per_query"]["rgb+R"]
