@@ -43,7 +43,7 @@ setup(
         # TFLite runtime: offline segmentation (segment.py) and ImageNet
         # MobileNetV2 weights from .tflite (models/pretrained.py).
         "segment": ["ai-edge-litert"],
-        "test": ["pytest", "ai-edge-litert"],
+        "test": ["pytest", "pytest-xdist", "ai-edge-litert"],
         # experiments/performance/bench.py's PyTorch reference
         # (experiments/performance/torch_reference.py): the CPU wheel of torch 2.13.0.
         "bench": ["torch==2.13.0"],

@@ -102,8 +102,17 @@ def groups_of(item) -> set:
   return groups
 
 
+GROUPS_PROPERTY = "structvpr_groups"
+
+
+def _is_xdist_worker(config) -> bool:
+  return hasattr(config, "workerinput")
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
+  """Where the test runs (this process, or a pytest-xdist worker): a skip of
+  a required group becomes a failure, and the report carries its groups."""
   outcome = yield
   report = outcome.get_result()
   groups = groups_of(item)
@@ -115,10 +124,8 @@ def pytest_runtest_makereport(item, call):
       report.outcome = "failed"
       report.longrepr = (f"skipped, but ${REQUIRE_ENV} requires test group {missed[0]!r} "
                          f"({GROUPS[missed[0]]}) on this machine: {reason}")
-  if report.when == "call" or report.skipped or report.failed:
-    for g in groups:
-      _counts[g][report.outcome] += 1
-  item._structvpr_groups = groups
+  # user_properties travel with the report to the xdist controller
+  report.user_properties.append((GROUPS_PROPERTY, sorted(groups)))
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -135,11 +142,28 @@ def pytest_make_collect_report(collector):
       report.outcome = "failed"
       report.longrepr = (f"module skipped, but ${REQUIRE_ENV} requires test group "
                          f"{missed[0]!r}: {_skip_reason(report)}")
+
+
+def pytest_runtest_logreport(report):
+  """Counted where the session's reports meet: this process, or the xdist
+  controller (a worker's own counts are never read)."""
+  if report.when == "call" or report.skipped or report.failed:
+    for g in dict(report.user_properties).get(GROUPS_PROPERTY, ()):
+      _counts[g][report.outcome] += 1
+
+
+def pytest_collectreport(report):
+  if report.skipped or report.failed:
+    groups = _reason_groups(_skip_reason(report)) if report.longrepr else set()
+    if os.path.basename(report.nodeid.split("::")[0]) in NATIVE_MODULES:
+      groups.add("native")
     for g in groups:
-      _counts[g]["skipped" if not missed else "failed"] += 1
+      _counts[g]["skipped" if report.skipped else "failed"] += 1
 
 
 def pytest_terminal_summary(terminalreporter):
+  if _is_xdist_worker(terminalreporter.config):
+    return
   required = required_groups()
   if not required and not any(any(c.values()) for c in _counts.values()):
     return                                   # no group test in this session
@@ -156,6 +180,8 @@ def pytest_terminal_summary(terminalreporter):
 
 
 def pytest_sessionfinish(session, exitstatus):
+  if _is_xdist_worker(session.config):
+    return
   required = required_groups()
   if any(_counts[g]["passed"] == 0 for g in required) and session.testscollected:
     session.exitstatus = pytest.ExitCode.TESTS_FAILED

@@ -82,7 +82,8 @@ def test_quick_bench_prints_every_key(tmp_path):
       "native" if dispatch.native_measured_faster() else "shifted")
   for key in ("forward_224_img_s", "train_step_224_frozen_shifted_img_s"):
     low, high = printed["round_min_max"][key]
-    assert low * (1 - 1e-6) <= printed[key] <= high * (1 + 1e-6), key   # printed rounded
+    # printed rounded to 4 decimals (monotone, so the rounded bounds hold)
+    assert round(low, 4) <= printed[key] <= round(high, 4), key
   assert printed["pytorch_reference"] is HAVE_TORCH
   # The performance table (docs/performance.md) of this result: every figure filled in, PyTorch's marked
   # as not run where torch is not installed (a clean CI machine).

@@ -141,11 +141,11 @@ def test_no_tracker_numbers_in_user_facing_text(path):
 def test_readme_install_and_test_commands_are_the_ones_ci_runs():
   text = read(README)
   assert "pip install -e . && python -m structvpr_jax.main --config=configs/distill.py" in text
-  assert 'pip install -e ".[test]" && python -m pytest -q' in text
+  assert 'pip install -e ".[test]" && python -m pytest -q -n 2' in text
   # CI may call them through its own environment's pip and python
   ci = read(os.path.join(REPO, ".ci", "run"))
   assert re.search(r'pip["\']?\s+install -e "\.\[test\]"', ci), "CI installs otherwise"
-  assert re.search(r"-m pytest -q\b", ci), "CI tests otherwise"
+  assert re.search(r"-m pytest -q -n 2\b", ci), "CI tests otherwise"
 
 
 def test_experiments_readme_lists_every_script():
