@@ -59,8 +59,28 @@ def manager(directory: str, read_only: bool = False, keep_best: bool = True):
   options = ocp.CheckpointManagerOptions(
       preservation_policy=cm.AnyPreservationPolicy(policies),
       enable_async_checkpointing=False, read_only=read_only, create=not read_only)
-  return ocp.CheckpointManager(os.path.abspath(directory), options=options,
+  mngr = ocp.CheckpointManager(os.path.abspath(directory), options=options,
                                item_names=("variables", "opt", "meta", "mining"))
+  if keep_best and not read_only:
+    _reload_metrics(mngr)
+  return mngr
+
+
+def _reload_metrics(mngr) -> None:
+  """Gives the checkpoints already on disk their metrics (from each step's
+  meta item) in a reopened manager. Orbax reads metrics back only for its
+  `best_fn` option, not for a preservation policy's BestN: without this, a
+  resumed run's next save saw the earlier checkpoints as "without metrics"
+  and deleted them, the best one included (tests/test_checkpoint.py)."""
+  infos = getattr(mngr, "_checkpoints", None)
+  if infos is None:
+    raise RuntimeError("orbax CheckpointManager has no _checkpoints: this orbax version "
+                       "is not one structvpr_jax.checkpoint supports (see _reload_metrics)")
+  for info in infos:
+    if info.metrics is None:
+      metrics = read_meta(mngr, info.step).get("metrics") or {}
+      if metrics:
+        info.metrics = {**{k: float(v) for k, v in metrics.items()}, "step": float(info.step)}
 
 
 def save(mngr, step: int, variables, meta: dict, opt=None, mining: Optional[dict] = None,

@@ -295,6 +295,54 @@ def stage_fields(config, stage: str) -> dict:
   return {k: _plain(v) for k, v in out.items()}
 
 
+# The early-stopping rule's fields: a stage that stopped by them may go on
+# under a more patient rule (`stopping_extension`).
+STOPPING_FIELDS = ("patience", "max_epochs")
+
+
+def _effective(fields: dict, key: str):
+  """A training field's value in a stage's fields: the stage's override
+  ("rgb.patience") when recorded, else "train.<key>"."""
+  for name, value in fields.items():
+    if name.endswith("." + key) and not name.startswith("train."):
+      return value
+  return fields.get("train." + key)
+
+
+def stopping_extension(recorded: dict, current: dict, record: Optional[dict]) -> Optional[str]:
+  """Whether a training stage recorded with `recorded` fields may continue
+  from its latest checkpoint under `current` ones, giving the run the current
+  fields would have made from the start; None when not.
+
+  That holds when the two differ only in the early-stopping rule
+  (STOPPING_FIELDS), the current rule goes on at least as long (patience and
+  cap no smaller; patience 0 = never stop by patience), the learning rate
+  does not depend on the cap (train.lr_schedule "constant", or the cap
+  unchanged: the cosine schedule spans max_epochs), the stage trains in
+  epochs, and, when it finished (`record` = its done.json), it stopped by
+  that rule. Returns a one-line description of the change.
+  """
+  if not _effective(current, "epoch_queries"):
+    return None
+  strip = lambda f: {k: v for k, v in f.items()
+                     if k.rsplit(".", 1)[-1] not in STOPPING_FIELDS}
+  if field_differences(strip(recorded), strip(current)):
+    return None
+  old = {k: _effective(recorded, k) for k in STOPPING_FIELDS}
+  new = {k: _effective(current, k) for k in STOPPING_FIELDS}
+  if old == new or None in old.values() or None in new.values():
+    return None
+  longer = lambda a, b: (a == 0) if b == 0 else (a == 0 or a >= b)
+  if not (longer(int(new["patience"]), int(old["patience"]))
+          and int(new["max_epochs"]) >= int(old["max_epochs"])):
+    return None
+  if new["max_epochs"] != old["max_epochs"] and _effective(current, "lr_schedule") != "constant":
+    return None
+  if record is not None and record.get("stop_reason") not in ("patience", "max_epochs"):
+    return None
+  return ", ".join(f"{k} {old[k]} -> {new[k]}" for k in STOPPING_FIELDS if old[k] != new[k])
+
+
 def field_differences(recorded: dict, current: dict) -> list:
   """["field: recorded X, now Y", ...] for every field whose value differs.
 

@@ -183,6 +183,9 @@ class Workdir:
       if rec is None or "config" not in rec or _allows_rerun(rerun_from, stage):
         continue
       diffs = config_lib.field_differences(rec["config"], fields)
+      if diffs and stage in config_lib.TRAIN_STAGES and config_lib.stopping_extension(
+          rec["config"], fields, self.record(stage)):
+        continue                           # goes on from its latest checkpoint
       if diffs:
         first = first or stage
         where = self.record_path(stage) if self.record(stage) else self.stage_json(stage)
@@ -216,6 +219,12 @@ class Workdir:
         diffs.append(f"input {up}: read run {was}, now run {rid}")
     if not diffs:
       return "done" if record is not None else "resume"
+    extension = (config_lib.stopping_extension(rec["config"], fields, record)
+                 if stage in config_lib.TRAIN_STAGES and not any(
+                     d.startswith("input ") for d in diffs) else None)
+    if extension:
+      self._extend(stage, rec, fields, record, extension)
+      return "resume"
     if _allows_rerun(rerun_from, stage):
       self.remove_stage(stage)
       print(f"[{stage}] recorded results differ from this command ({'; '.join(diffs)}); "
@@ -225,6 +234,28 @@ class Workdir:
         f"{self.record_path(stage)}: stage {stage!r} was run with other settings: {'; '.join(diffs)}. "
         f"Use another --workdir, or --config.rerun_from={stage} to redo it and every later "
         f"stage")
+
+  def _extend(self, stage: str, rec: dict, fields: dict, record: Optional[dict],
+              extension: str) -> None:
+    """A training stage goes on under a more patient early-stopping rule
+    (`config_lib.stopping_extension`): its done.json is removed and stage.json
+    takes the new fields; its checkpoints and metrics stay, and training
+    resumes from the latest checkpoint (kept beside the best one), where the
+    stopper re-decides with the new rule. Later stages that read it are
+    stale then (their recorded input run changes)."""
+    if record is not None:
+      where = (f"stopped by {record.get('stop_reason')} after epoch {record.get('epochs')}"
+               f" (best epoch {record.get('best_epoch')})")
+    else:
+      where = "unfinished"
+    print(f"[{stage}] {where}; the early-stopping rule changed ({extension}): going on from "
+          f"its latest checkpoint, as a run with this rule from the start would", flush=True)
+    if parallel.is_main_process():
+      files.write_json(self.stage_json(stage), {"stage": stage, "config": fields,
+                                                "consumed": rec.get("consumed", {}),
+                                                "extended_from": rec["config"]})
+      if record is not None:
+        os.remove(self.done_json(stage))
 
   @contextlib.contextmanager
   def stage_lock(self, stage: str) -> Iterator[None]:

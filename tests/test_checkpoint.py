@@ -39,3 +39,28 @@ def test_selection_score_and_earliest_of_equal_scores(tmp_path):
   mngr.wait_until_finished()
   assert sorted(mngr.all_steps()) == [4, 16]
   assert checkpoint.best_step(mngr) == 4
+
+
+def test_a_reopened_manager_keeps_the_best_checkpoint(tmp_path):
+  """A resumed run reopens the manager: its next saves must still keep the
+  best earlier checkpoint (ties: the earliest), as an uninterrupted run does.
+  (Orbax does not read a BestN policy's metrics back: before the fix the
+  first save after reopening deleted every earlier checkpoint.)"""
+  def save(mngr, step, score):
+    checkpoint.save(mngr, step, {"params": {"w": np.ones(2, np.float32)}, "batch_stats": {}},
+                    {"step": step, "metrics": {"select_score": score}},
+                    metrics={"select_score": score})
+
+  for later, kept in ((80.0, [4, 8]), (83.0, [4, 8]), (90.0, [8])):
+    d = str(tmp_path / f"later{later}")
+    mngr = checkpoint.manager(d)
+    save(mngr, 4, 83.0)
+    save(mngr, 6, 75.0)
+    reopened = checkpoint.manager(d)
+    save(reopened, 8, later)
+    assert reopened.all_steps() == kept, (later, reopened.all_steps())
+    assert checkpoint.best_step(reopened) == kept[0]
+    # and again after a second reopening
+    again = checkpoint.manager(d)
+    save(again, 10, 70.0)
+    assert again.all_steps() == [kept[0], 10], (later, again.all_steps())

@@ -85,3 +85,36 @@ def test_selection_score_and_its_tie_break():
       early_stopping.selection_score({"val_R@1": 100.0, "val_R@5": 90.0})
   with pytest.raises(ValueError, match="train.select_metric"):
     early_stopping.selection_score(val, "R@10")
+
+
+def test_stopping_extension_only_for_a_more_patient_rule():
+  """config_lib.stopping_extension: which field changes let a stopped stage go
+  on from its latest checkpoint."""
+  from structvpr_jax.config_lib import stopping_extension
+  base = {"data.image_size": [64, 80], "train.epoch_queries": 100, "train.patience": 3,
+          "train.max_epochs": 30, "train.lr_schedule": "constant", "train.learning_rate": 1e-4}
+  stopped = {"stop_reason": "patience", "epochs": 18}
+  more = dict(base, **{"train.patience": 8})
+  assert stopping_extension(base, more, stopped) == "patience 3 -> 8"
+  assert stopping_extension(base, more, None) == "patience 3 -> 8"        # unfinished
+  # the stage's own override counts as the field ("rgb.patience" over "train.")
+  override = {k: v for k, v in base.items() if k != "train.patience"}
+  override["rgb.patience"] = 8
+  assert stopping_extension(base, override, stopped) == "patience 3 -> 8"
+  assert stopping_extension(base, dict(base, **{"train.patience": 0}), stopped) == "patience 3 -> 0"
+  assert stopping_extension(base, dict(more, **{"train.max_epochs": 60}), stopped) == (
+      "patience 3 -> 8, max_epochs 30 -> 60")
+  # not: a less patient rule, the same rule, another field, a cap under cosine,
+  # a step budget, a stage that stopped otherwise
+  assert stopping_extension(base, dict(base, **{"train.patience": 2}), stopped) is None
+  assert stopping_extension(base, dict(base, **{"train.max_epochs": 20}), stopped) is None
+  assert stopping_extension(base, base, stopped) is None
+  assert stopping_extension(base, dict(more, **{"train.learning_rate": 3e-4}), stopped) is None
+  cosine = dict(base, **{"train.lr_schedule": "cosine"})
+  assert stopping_extension(cosine, dict(cosine, **{"train.max_epochs": 60}), stopped) is None
+  assert stopping_extension(cosine, dict(cosine, **{"train.patience": 8}), stopped) == (
+      "patience 3 -> 8")
+  steps = dict(base, **{"train.epoch_queries": 0})
+  assert stopping_extension(steps, dict(steps, **{"train.patience": 8}), stopped) is None
+  assert stopping_extension(base, more, {"stop_reason": "num_steps"}) is None
+  assert stopping_extension({**base, "train.patience": 0}, more, stopped) is None

@@ -417,7 +417,7 @@ def test_non_finite_guard_names_step_and_checkpoint(dataset, tmp_path, cache):
 
 EPOCHS = ["--config.train.epoch_queries=4", "--config.train.patience=2",
           "--config.train.max_epochs=8", "--config.train.select_metric=R@1",
-          "--config.train.log_every=1"]
+          "--config.train.lr_schedule=constant", "--config.train.log_every=1"]
 
 
 def val_curve(workdir):
@@ -430,17 +430,25 @@ def val_curve(workdir):
   return curve
 
 
+@pytest.fixture(scope="module")
+def epochs_reference(dataset, tmp_path_factory, cache):
+  """An uninterrupted smoke seg run in epochs (EPOCHS: patience 2, at most 8):
+  (workdir, its done.json)."""
+  ref = str(tmp_path_factory.mktemp("epochs_ref"))
+  cli("configs/seg.py:smoke", ref, *folder(dataset), *EPOCHS, cache=cache, check=0)
+  with open(os.path.join(ref, "seg", "done.json")) as f:
+    return ref, json.load(f)
+
+
 @pytest.mark.slow
-def test_epochs_stop_by_patience_and_resume_mid_patience(dataset, tmp_path, cache):
+def test_epochs_stop_by_patience_and_resume_mid_patience(dataset, epochs_reference, tmp_path,
+                                                         cache):
   """Epoch mode: an uninterrupted run stops where the early-stopping rule
   replayed on its own val curve says, and records why; a run killed after
   epoch 2's checkpoint resumes mid-patience and makes the same decision at
   the same epoch, with the same best checkpoint."""
   from structvpr_jax.early_stopping import EarlyStopping
-  ref = str(tmp_path / "ref")
-  cli("configs/seg.py:smoke", ref, *folder(dataset), *EPOCHS, cache=cache, check=0)
-  with open(os.path.join(ref, "seg", "done.json")) as f:
-    done = json.load(f)
+  ref, done = epochs_reference
   assert done["stop_reason"] in ("patience", "max_epochs") and done["select_metric"] == "R@1"
   curve = val_curve(ref)
   assert sorted(curve) == list(range(1, done["epochs"] + 1))
@@ -473,3 +481,38 @@ def test_epochs_stop_by_patience_and_resume_mid_patience(dataset, tmp_path, cach
   assert val_curve(work) == curve
   assert f"stopped after epoch {done['epochs']}" in out.stdout or \
       f"cap of 8 epochs" in out.stdout
+
+
+@pytest.mark.slow
+def test_a_stopped_stage_goes_on_under_a_more_patient_rule(dataset, epochs_reference, tmp_path,
+                                                           cache):
+  """A stage stopped by an eager rule (patience 1, cap 3) and run again with
+  the reference's (patience 2, cap 8) goes on from its latest checkpoint and
+  ends as the reference did, epoch for epoch; a change the rule cannot
+  absorb (the cosine schedule spans the cap) is still refused, naming it."""
+  ref, done = epochs_reference
+  work = str(tmp_path / "work")
+  eager = [a for a in EPOCHS if "patience" not in a and "max_epochs" not in a] + [
+      "--config.train.patience=1", "--config.train.max_epochs=3"]
+  cli("configs/seg.py:smoke", work, *folder(dataset), *eager, cache=cache, check=0)
+  with open(os.path.join(work, "seg", "done.json")) as f:
+    short = json.load(f)
+  assert short["epochs"] <= 3 and short["stop_reason"] in ("patience", "max_epochs")
+  if short["epochs"] >= done["epochs"]:
+    pytest.skip(f"the reference stopped at epoch {done['epochs']}: nothing to go on to")
+  out = cli("configs/seg.py:smoke", work, *folder(dataset), *EPOCHS, cache=cache, check=0)
+  assert "the early-stopping rule changed (patience 1 -> 2, max_epochs 3 -> 8)" in out.stdout
+  assert f"resuming from step {2 * short['epochs']}" in out.stdout
+  with open(os.path.join(work, "seg", "done.json")) as f:
+    again = json.load(f)
+  for key in ("stop_reason", "epochs", "best_epoch", "best_step", "steps", "best_val"):
+    assert again[key] == done[key], (key, again[key], done[key])
+  assert val_curve(work) == val_curve(ref)
+  with open(os.path.join(work, "seg", "stage.json")) as f:
+    assert json.load(f)["extended_from"]["train.patience"] == 1
+  # the cosine schedule depends on the cap: a larger cap cannot go on
+  cosine = [a for a in EPOCHS if "lr_schedule" not in a and "max_epochs" not in a] + [
+      "--config.train.max_epochs=9"]
+  proc = cli("configs/seg.py:smoke", work, *folder(dataset), *cosine, cache=cache)
+  assert_clean_failure(proc, "train.lr_schedule: recorded 'constant', now 'cosine'",
+                       "train.max_epochs: recorded 8, now 9")
