@@ -11,7 +11,7 @@ choice and early stopping), 400 test places (800 queries), at the default
 96x128 where the label maps still show the facades, poles and trees. Every
 stage (stage-1 RGB and seg, stage 2 and its no-KD control) trains by the same
 rule, as VPR trains: epochs of 1,000 queries with a mining-cache refresh per
-epoch, validation after each, the best epoch kept, stop after 3 epochs
+epoch, validation after each, the best epoch kept, stop after 6 epochs
 without a better val score (at most 30 epochs), constant learning rate after
 warmup (the benchmark's Adam).
 
@@ -38,7 +38,14 @@ def get_config(arg=None):
 
   c.train.epoch_queries = 1000 if not smoke else 8
   c.train.refresh_every = 1000 if not smoke else 8
-  c.train.patience = 3 if not smoke else 1
+  # Patience 6 epochs = 6,000 queries = 3 passes over the training queries
+  # without a better val R@1. Patience 3 (the benchmark's count, but of its
+  # 5,000-query epochs: 15,000 queries) stopped stage 1 while val still rose:
+  # seed 0's no-KD control, continuing stage-1 RGB at the same LR, gained
+  # 88.0 -> 92.2 val R@1 over 13 more epochs, and test +6.9
+  # (experiments/results/synthetic_structure.findings.md). Stage-1 runs
+  # stopped by the old rule go on from their latest checkpoint.
+  c.train.patience = 6 if not smoke else 1
   c.train.max_epochs = 30 if not smoke else 3
   c.train.select_metric = "R@1"           # (base's too)
   c.train.lr_schedule = "constant"
