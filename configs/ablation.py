@@ -43,7 +43,7 @@ def get_config(arg=None):
   # 5,000-query epochs: 15,000 queries) stopped stage 1 while val still rose:
   # seed 0's no-KD control, continuing stage-1 RGB at the same LR, gained
   # 88.0 -> 92.2 val R@1 over 13 more epochs, and test +6.9
-  # (experiments/results/synthetic_structure.findings.md). Stage-1 runs
+  # (experiments/results/synthetic_structure_patience3.md). Stage-1 runs
   # stopped by the old rule go on from their latest checkpoint.
   c.train.patience = 6 if not smoke else 1
   # At most 60 epochs: at 30, seed 0's stage-1 RGB was still improving (val
