@@ -46,30 +46,33 @@ def run_session(tmp_path, skip: bool, require: str, workers: int):
   return proc, json.loads(report.read_text())
 
 
+# (the test skips, STRUCTVPR_REQUIRE, exit code, the shared_data group's
+# counts, a line the session must print)
+CASES_RUN = [
+    (True, "shared_data", 1, {"passed": 3, "failed": 1, "skipped": 0, "required": True},
+     "requires test group 'shared_data'"),
+    (True, "", 0, {"passed": 3, "failed": 0, "skipped": 1, "required": False},
+     "shared_data (not required): 3 passed, 0 failed, 1 skipped"),
+    (False, "shared_data", 0, {"passed": 4, "failed": 0, "skipped": 0, "required": True},
+     "shared_data (required): 4 passed, 0 failed, 0 skipped"),
+]
+
+
 @pytest.mark.parametrize("workers", [0, 2])
-def test_a_required_group_that_skips_fails_the_session(tmp_path, workers):
-  pytest.importorskip("xdist") if workers else None
-  proc, groups = run_session(tmp_path, skip=True, require="shared_data", workers=workers)
+@pytest.mark.parametrize("skip, require, returncode, counts, line", CASES_RUN,
+                         ids=["required-skip-fails", "skip-not-required", "required-runs"])
+def test_required_groups_alone_and_under_xdist(tmp_path, workers, skip, require, returncode,
+                                               counts, line):
+  """A skip in a required group fails the session naming the group and the
+  skip's reason; the same skip passes where the group is not required; the
+  counts reach the report from pytest-xdist's workers as from one process."""
+  if workers:
+    pytest.importorskip("xdist")
+  proc, groups = run_session(tmp_path, skip=skip, require=require, workers=workers)
   out = proc.stdout + proc.stderr
-  assert proc.returncode == 1, out
-  assert "requires test group 'shared_data'" in out, out
-  assert "../shared/data is absent" in out, out
-  assert groups["shared_data"] == {"passed": 3, "failed": 1, "skipped": 0, "required": True}
-
-
-@pytest.mark.parametrize("workers", [0, 2])
-def test_the_same_skip_passes_where_the_group_is_not_required(tmp_path, workers):
-  pytest.importorskip("xdist") if workers else None
-  proc, groups = run_session(tmp_path, skip=True, require="", workers=workers)
-  assert proc.returncode == 0, proc.stdout + proc.stderr
-  assert groups["shared_data"] == {"passed": 3, "failed": 0, "skipped": 1, "required": False}
-
-
-@pytest.mark.parametrize("workers", [0, 2])
-def test_a_required_group_that_runs_passes_and_is_counted(tmp_path, workers):
-  pytest.importorskip("xdist") if workers else None
-  proc, groups = run_session(tmp_path, skip=False, require="shared_data", workers=workers)
-  assert proc.returncode == 0, proc.stdout + proc.stderr
-  assert "shared_data (required): 4 passed, 0 failed, 0 skipped" in proc.stdout
-  assert groups["shared_data"] == {"passed": 4, "failed": 0, "skipped": 0, "required": True}
+  assert proc.returncode == returncode, out
+  assert line in out, out
+  if returncode:
+    assert "../shared/data is absent" in out, out
+  assert groups["shared_data"] == counts
   assert groups["native"]["passed"] == 0
