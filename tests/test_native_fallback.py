@@ -14,7 +14,9 @@ import sys
 import textwrap
 
 
-def _run(code, **env):
+def run_python(code, **env):
+  """Runs a code snippet in a fresh Python (its own environment variables:
+  the native kernels are chosen once per process); asserts it succeeded."""
   full = {**os.environ, **env}
   proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
                         text=True, env=full, timeout=300)
@@ -39,13 +41,13 @@ FALLBACK = """
 
 
 def test_disabled_native_falls_back_to_xla_silently():
-  proc = _run(FALLBACK, STRUCTVPR_NATIVE="0")
+  proc = run_python(FALLBACK, STRUCTVPR_NATIVE="0")
   assert "REASON disabled by STRUCTVPR_NATIVE=0" in proc.stdout
   assert "unavailable" not in proc.stderr
 
 
 def test_missing_compiler_falls_back_with_one_warning(tmp_path):
-  proc = _run(FALLBACK, CXX=str(tmp_path / "no-such-g++"), STRUCTVPR_NATIVE_CACHE=str(tmp_path),
+  proc = run_python(FALLBACK, CXX=str(tmp_path / "no-such-g++"), STRUCTVPR_NATIVE_CACHE=str(tmp_path),
               STRUCTVPR_NATIVE="1")       # also in .ci/run's STRUCTVPR_NATIVE=0 pass
   assert "no C++ compiler" in proc.stdout
   assert proc.stderr.count("native CPU kernels unavailable") == 1
@@ -63,7 +65,7 @@ def test_failed_build_falls_back_naming_the_compiler_error(tmp_path):
                     "echo 'kernels.cc:1:1: error: expected unqualified-id' >&2\nexit 1\n")
   broken.chmod(0o755)
   cache = tmp_path / "cache"
-  proc = _run(FALLBACK, CXX=str(broken), STRUCTVPR_NATIVE_CACHE=str(cache), STRUCTVPR_NATIVE="1")
+  proc = run_python(FALLBACK, CXX=str(broken), STRUCTVPR_NATIVE_CACHE=str(cache), STRUCTVPR_NATIVE="1")
   assert "expected unqualified-id" in proc.stdout, proc.stdout
   assert proc.stderr.count("native CPU kernels unavailable") == 1, proc.stderr
   # the partial library not kept; the compiler's messages in the build log beside it

@@ -5,10 +5,6 @@ hand cases; determinism; the build cache. (The fallbacks when no library
 can be had: tests/test_native_fallback.py, which runs where this module is
 skipped.)"""
 
-import os
-import subprocess
-import sys
-import textwrap
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +16,7 @@ from structvpr_jax.models import native
 from structvpr_jax.models.ops import conv as conv_ops
 from structvpr_jax.models.ops import depthwise as depthwise_ops
 from structvpr_jax.models.ops import dispatch, fused
+from test_native_fallback import run_python
 
 pytestmark = pytest.mark.skipif(not native.load(), reason="native kernels did not build")
 
@@ -305,14 +302,6 @@ def test_vmap_over_an_extra_axis_equals_a_loop():
     np.testing.assert_array_equal(out[n], depthwise_ops.native_depthwise_conv3x3(x[n], k, 1))
 
 
-def _run(code, **env):
-  full = {**os.environ, **env}
-  proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
-                        text=True, env=full, timeout=300)
-  assert proc.returncode == 0, proc.stderr
-  return proc
-
-
 SHARD_MAP = """
   import jax, jax.numpy as jnp, numpy as np
   from jax import lax
@@ -383,7 +372,7 @@ SHARD_MAP = """
 def test_inside_shard_map_with_replicated_weights():
   """A replicated kernel on a per-device batch (evaluation; or a gradient
   taken w.r.t. replicated weights, summed over devices by the transpose)."""
-  proc = _run(SHARD_MAP, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+  proc = run_python(SHARD_MAP, XLA_FLAGS="--xla_force_host_platform_device_count=4")
   assert "OK" in proc.stdout
 
 
@@ -443,7 +432,7 @@ def test_plain_jit_with_a_batch_sharded_input_runs_per_shard():
   over the shards (`native._per_shard`): descriptors and gradients equal
   the unsharded call's, no all-gather of the batch; with Explicit mesh axes
   too (the kernel gradients' types are replicated)."""
-  proc = _run(SHARDED_JIT, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  proc = run_python(SHARDED_JIT, XLA_FLAGS="--xla_force_host_platform_device_count=8")
   assert "OK" in proc.stdout
 
 
