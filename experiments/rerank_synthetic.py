@@ -20,14 +20,16 @@ re-ranking settings) or `rerank_checkpoint`.
    top-K, `rerank.fuse_global`); the chosen one has the best val R@1, ties
    broken by val R@5, then by the lower re-ranking time. No test image is
    read in this step. Written to <out>_seeds/selection.json and reused by
-   later runs made with the same grid, --config, checkpoint folder and
-   checkpoint step (selected again otherwise).
+   later runs made with the same grid, --config, checkpoint folder, step
+   and training run (done.json's run id; selected again otherwise).
 2. Test, read once per checkpoint: per seed, the stage-1 RGB ("rgb") and
    each finished variant's distilled branch, global retrieval and the
    chosen + R from one extraction of the test split; recalls, per-query hits
    (every R@n) and conditions go to <out>_seeds/seed<k>.json, rewritten
    (atomically) after each checkpoint. A method already in the file is not
-   evaluated again; a seed whose file holds every requested method is
+   evaluated again while its training stage is the same run (done.json's run
+   id; retrained or unfinished since: dropped and evaluated again when
+   finished); a seed whose file holds every requested method is
    skipped; methods not finished at the time are added by a later run (the
    file says which were missing). A file made with another chosen setting
    or --config is an error (move it away to evaluate again).
@@ -164,9 +166,9 @@ def selection(args, config, grid) -> dict:
   ckpt = wd.checkpoints("rgb")
   if os.path.exists(path):
     rec = files.read_json(path)
-    made = {k: rec.get(k) for k in ("grid", "config", "checkpoint", "step")}
+    made = {k: rec.get(k) for k in ("grid", "config", "checkpoint", "step", "run_id")}
     now = {"grid": [plain(s) for s in grid], "config": args.config, "checkpoint": ckpt,
-           "step": checkpoint_step(ckpt)}
+           "step": checkpoint_step(ckpt), "run_id": wd.run_id("rgb")}
     if made == now:
       print(f"[selection] read {path} (chosen {rec['chosen']})", flush=True)
       return rec
@@ -177,7 +179,7 @@ def selection(args, config, grid) -> dict:
   rows = select(config, wd, grid)
   best = choose(rows)
   rec = {"seed": args.selection_seed, "split": "val", "config": args.config,
-         "checkpoint": ckpt, "step": best["step"], "grid": [plain(s) for s in grid], "rows": rows,
+         "checkpoint": ckpt, "run_id": wd.run_id("rgb"), "step": best["step"], "grid": [plain(s) for s in grid], "rows": rows,
          "chosen": best["setting"], "seconds": time.time() - t0}
   files.write_json(path, rec)
   print(f"[selection] chosen on val: {best['setting']} ({rec['seconds']:.0f} s)", flush=True)
@@ -185,20 +187,17 @@ def selection(args, config, grid) -> dict:
 
 
 def checkpoints_of_seed(args, seed: int) -> tuple:
-  """({method: checkpoint dir} of the finished branches, [methods not finished])."""
+  """({method: (checkpoint dir, run id of its training stage)} of the finished
+  branches, [methods not finished])."""
   root = os.path.join(args.workdir, f"seed{seed}")
+  stages = [("rgb", Workdir(os.path.join(root, "base")), "rgb")] + [
+      (v, Workdir(os.path.join(root, v)), "distill") for v in args.variants]
   found, missing = {}, []
-  base = Workdir(os.path.join(root, "base"))
-  if base.done("rgb") is not None:
-    found["rgb"] = base.checkpoints("rgb")
-  else:
-    missing.append("rgb")
-  for v in args.variants:
-    wd = Workdir(os.path.join(root, v))
-    if wd.done("distill") is not None:
-      found[v] = wd.checkpoints("distill")
+  for method, wd, stage in stages:
+    if wd.done(stage) is not None:
+      found[method] = (wd.checkpoints(stage), wd.run_id(stage))
     else:
-      missing.append(v)
+      missing.append(method)
   return found, missing
 
 
@@ -211,11 +210,21 @@ def test_seed(args, config, chosen, seed: int) -> dict:
                      f"{rec.get('config')}, now {chosen} and {args.config}; move it away to "
                      "evaluate this seed again")
   wanted = wanted_methods(args)
+  found, missing = checkpoints_of_seed(args, seed)
+  if rec is not None:
+    # a method whose training stage ran again since (another run id; or now
+    # unfinished) is evaluated again, never reported from the old weights
+    for m in list(rec["methods"]):
+      now = found.get(m, (None, None))[1]
+      if rec["methods"][m].get("run_id") != now:
+        print(f"[seed {seed}] {m}: its checkpoint changed since {path} was written "
+              f"(run {rec['methods'][m].get('run_id')} -> {now}); evaluating it again",
+              flush=True)
+        del rec["methods"][m]
   if rec is not None and all(m in rec["methods"] for m in wanted):
     print(f"[seed {seed}] finished earlier ({path})", flush=True)
     rec["missing"] = []
     return rec
-  found, missing = checkpoints_of_seed(args, seed)
   rec = rec or {"seed": seed, "setting": chosen, "config": args.config, "split": "test",
                 "methods": {}}
   todo = [m for m in wanted if m in found and m not in rec["methods"]]
@@ -227,13 +236,14 @@ def test_seed(args, config, chosen, seed: int) -> dict:
   cfg = evaluate.with_eval(config, overrides(chosen))
   for m in todo:
     t0 = time.time()
-    r = evaluate.rerank_checkpoint(cfg, found[m], data, "test")
+    ckpt, run_id = found[m]
+    r = evaluate.rerank_checkpoint(cfg, ckpt, data, "test")
     pq = r["per_query"]
     if "queries" in rec and rec["queries"] != pq["global"]["queries"]:
       raise SystemExit(f"{path}: {m}'s test queries differ from the seed's others")
     rec["queries"], rec["conditions"] = pq["global"]["queries"], pq["global"]["conditions"]
     rec["methods"][m] = {
-        "checkpoint": found[m], "step": r["step"], "global": r["global"],
+        "checkpoint": ckpt, "run_id": run_id, "step": r["step"], "global": r["global"],
         "rerank": r["rerank"], "paired": r["paired"],
         "hits": {"global": pq["global"]["hits"], "rerank": pq["rerank"]["hits"]},
         "seconds": time.time() - t0}

@@ -414,3 +414,17 @@ def test_rerank_synthetic_smoke_selects_on_val_and_resumes_by_seed(tmp_path, cap
   assert json.load(open(out + "_seeds/seed1.json"))["methods"]["rgb"] == rgb1
   assert res2["per_query"]["rgb"] == res["per_query"]["rgb"]
   assert res2["per_query"]["rgb+R"] == res["per_query"]["rgb+R"]
+  # seed 0's variant trained again since (another run id in its done.json):
+  # its test is read again, nothing else; the old figures are not kept
+  done0 = os.path.join(runs, "seed0", "triplet_only", "distill", "done.json")
+  with open(done0) as f:
+    rec0 = json.load(f)
+  with open(done0, "w") as f:
+    json.dump(dict(rec0, run_id="retrained"), f)
+  del log[:]
+  script.main(argv)
+  printed = capsys.readouterr().out
+  assert log == [("restore", os.path.join(kd0, "checkpoints")), ("describe", "test")]
+  assert "[seed 0] triplet_only: its checkpoint changed" in printed
+  assert json.load(open(out + "_seeds/seed0.json"))["methods"]["triplet_only"]["run_id"] == (
+      "retrained")
