@@ -40,7 +40,9 @@ Writes <out>.json:
    "stages": {seed: {method: {stop_reason, epochs, best_epoch, steps, best_val, seconds}}},
    "teacher_vs_student": {seed: val R@1 per condition},
    "selection": {"<kd> lambda <l>": val R@1, R@5}, "seeds", "kd", "lambda_kd",
-   "overrides", "wall_s"}
+   "overrides", "wall_s",
+   "targets": [{"target", "measured", "met"}]: each target of the ablation,
+     the best weighting (sigmoid or gate) chosen on val}
 and <out>.md: the table (mean +- std over seeds), the teacher and student per
 condition and regime, paired differences with bootstrap 95 % CIs (queries
 resampled within seed, `structvpr_jax.stats`), how each stage stopped, and
@@ -333,6 +335,79 @@ def method_labels() -> tuple:
 RERANK_COMPARISONS = tuple((f"{m}+R", m) for m, _ in METHODS)
 
 
+# The ablation's targets: (name, what is compared).
+WEIGHTINGS = ("sigmoid", "gate")
+
+
+def _ci(res: dict) -> str:
+  return f"{res['diff']:+.1f} [{res['ci_low']:+.1f}, {res['ci_high']:+.1f}]"
+
+
+def target_checks(records: dict, resamples: int, robustness: dict | None = None) -> list:
+  """Each target of the ablation, measured on the seed records {seed: record}.
+
+  The best StructVPR weighting is chosen on val (mean over seeds of each
+  weighting's best val R@1), never on test. Returns a list of
+  {"target", "measured", "met"}; "met" is None where the records cannot
+  measure it (a method or the robustness rerun is missing, one seed only).
+  """
+  seeds = sorted(records)
+  def hits(m, cond=None):
+    out = {}
+    for s in seeds:
+      h = np.asarray(records[s]["per_query"][m])
+      out[s] = h if cond is None else h[np.asarray(records[s]["conditions"]) == cond]
+    return out
+  have = lambda *ms: all(m in records[s]["per_query"] for m in ms for s in seeds)
+  checks = []
+  def add(target, measured, met):
+    checks.append({"target": target, "measured": measured,
+                   "met": None if met is None else bool(met)})
+  if have("rgb", "triplet_only"):
+    res = stats.paired_bootstrap(hits("rgb"), hits("triplet_only"), resamples)
+    add("converged: no-KD control within 2 points of stage-1 RGB",
+        f"control − RGB {_ci(res)}", abs(res["diff"]) <= 2.0)
+  if have("seg"):
+    teacher = [rate(records[s]["per_query"]["seg"]) for s in seeds]
+    add("stable: seed-to-seed std of the teacher's test R@1 ≤ 5",
+        f"std {np.std(teacher):.1f} over {len(seeds)} seed{'s' * (len(seeds) > 1)} ("
+        + ", ".join(f"{t:.1f}" for t in teacher) + ")",
+        None if len(seeds) < 2 else np.std(teacher) <= 5.0)
+  if robustness:
+    worst = max((abs(robustness[m]["other"][k] - robustness[m]["this"][k]), m, k)
+                for m in robustness for k in robustness[m]["this"])
+    add("stable: STRUCTVPR_NATIVE=0 rerun within 3 points for every branch",
+        f"largest gap {worst[0]:.1f} ({worst[1]}, seed {worst[2]})", worst[0] <= 3.0)
+  else:
+    add("stable: STRUCTVPR_NATIVE=0 rerun within 3 points for every branch",
+        "not run (--compare-to)", None)
+  if have("rgb", "seg"):
+    per_seed = {s: stats.paired_bootstrap({s: hits("rgb", "night")[s]},
+                                          {s: hits("seg", "night")[s]}, resamples)
+                for s in seeds}
+    add("teacher beats the stage-1 student at night, CI > 0 in every seed",
+        "; ".join(f"seed {s} {_ci(r)}" for s, r in per_seed.items()),
+        all(r["ci_low"] > 0 for r in per_seed.values()))
+  weightings = [w for w in WEIGHTINGS if have(w)]
+  if weightings and have("triplet_only"):
+    val = {w: float(np.mean([(records[s]["stages"][w].get("best_val") or {}).get("val_R@1",
+                                                                                 np.nan)
+                             for s in seeds])) for w in weightings}
+    best = max(weightings, key=lambda w: (not np.isnan(val[w]), val[w]))
+    chosen = f"{best} (val R@1 " + ", ".join(f"{w} {v:.1f}" for w, v in val.items()) + ")"
+    res = stats.paired_bootstrap(hits("triplet_only"), hits(best), resamples)
+    add("the best weighting (chosen on val) beats the no-KD control by ≥ +3, CI > 0",
+        f"{chosen}: {_ci(res)}", res["diff"] >= 3.0 and res["ci_low"] > 0)
+    if have("uniform"):
+      res = stats.paired_bootstrap(hits("uniform"), hits(best), resamples)
+      add("the best weighting beats uniform KD, CI > 0", f"{best} − uniform {_ci(res)}",
+          res["ci_low"] > 0)
+    res = stats.paired_bootstrap(hits("triplet_only", "night"), hits(best, "night"), resamples)
+    add("distilled night R@1 above the control's, CI > 0", f"{best} − control at night "
+        f"{_ci(res)}", res["ci_low"] > 0)
+  return checks
+
+
 def seed_path(args, seed: int) -> str:
   return os.path.join(args.out + "_seeds", f"seed{seed}.json")
 
@@ -479,6 +554,12 @@ def aggregate(args, records: dict) -> None:
         cells = [f"{rate(mine[s_]):.1f} / {rate(theirs[s_]):.1f}" for s_ in other]
         lines.append(f"| {labels[m]} | " + " | ".join(cells)
                      + f" | {res['diff']:+.1f} [{res['ci_low']:+.1f}, {res['ci_high']:+.1f}] |")
+  checks = target_checks(records, args.resamples, robustness)
+  lines += ["", "## Targets (test R@1; paired 95 % CIs; the weighting chosen on val)", "",
+            "| target | measured | met |", "|---|---|---|"]
+  for c in checks:
+    met = "not measurable yet" if c["met"] is None else ("yes" if c["met"] else "no")
+    lines.append(f"| {c['target']} | {c['measured']} | {met} |")
   if os.path.exists(args.out + ".findings.md"):
     with open(args.out + ".findings.md") as f:
       lines += ["", f.read().rstrip()]
@@ -494,7 +575,7 @@ def aggregate(args, records: dict) -> None:
       "partition": {str(s): p for s, p in partitions.items()},
       "stages": {str(s): records[s]["stages"] for s in seeds},
       "teacher_vs_student": {str(s): v for s, v in tvs.items()},
-      "robustness": robustness}, sort_keys=False)
+      "robustness": robustness, "targets": checks}, sort_keys=False)
   print("\n".join(lines))
 
 
