@@ -304,17 +304,28 @@ class Workdir:
   def remove_stage(self, stage: str) -> None:
     """Deletes a stage's results and its lines in metrics.jsonl."""
     if stage == EVAL:
-      shutil.rmtree(self.eval_dir, ignore_errors=True)
+      _remove_dir(self.eval_dir)
       for p in (self.report_md,):
         if os.path.exists(p):
           os.remove(p)
       return
-    shutil.rmtree(self.path(stage), ignore_errors=True)
+    _remove_dir(self.path(stage))
     records = files.read_jsonl(self.metrics)
     kept = [r for r in records if r.get("stage") != stage]
     if len(kept) != len(records):
       files.write_text(self.metrics, "".join(json.dumps(r, sort_keys=True) + "\n"
                                              for r in kept))
+
+
+def _remove_dir(path: str) -> None:
+  """Removes a stage's folder; a folder linked from another workdir (an
+  experiment's shared stage) loses only the link, never the other's files.
+  Anything that cannot be removed raises, so a stage is never rerun on top
+  of stale checkpoints."""
+  if os.path.islink(path):
+    os.unlink(path)
+  elif os.path.exists(path):
+    shutil.rmtree(path)
 
 
 def _allows_rerun(rerun_from: str, stage: str) -> bool:

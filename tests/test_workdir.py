@@ -153,3 +153,24 @@ def test_stage_lock_makes_a_second_process_wait(tmp_path, capsys):
   # entered after the holder's 2 s (a lower bound: an ordering, not a speed check)
   assert "[rgb] waiting: another process is running stage rgb" in out and waited > 1.0
   holder.wait()
+
+
+def test_rerun_of_a_linked_stage_drops_the_link_and_keeps_the_others_files(tmp_path):
+  """An experiment links one workdir's stage into another (a shared stage 2).
+  When the linking workdir reruns that stage with other settings, it must
+  start empty (not resume the other's checkpoints through the link), and the
+  other workdir keeps its results."""
+  c = distill.get_config("smoke")
+  owner, user = Workdir(str(tmp_path / "owner")), Workdir(str(tmp_path / "user"))
+  fields = config_lib.stage_fields(c, "distill")
+  finished(owner, "distill", fields)
+  ckpt = os.path.join(owner.stage_dir("distill"), "checkpoints", "625")
+  os.makedirs(ckpt)
+  os.makedirs(user.root, exist_ok=True)
+  os.symlink(owner.stage_dir("distill"), user.stage_dir("distill"))
+  assert user.check_stage("distill", fields, {}) == "done"     # read through the link
+  c.distill.lambda_kd = 0.0
+  changed = config_lib.stage_fields(c, "distill")
+  assert user.check_stage("distill", changed, {}, rerun_from="partition") == "new"
+  assert not os.path.lexists(user.stage_dir("distill"))
+  assert os.path.isdir(ckpt) and owner.check_stage("distill", fields, {}) == "done"
