@@ -139,6 +139,9 @@ def get_config(arg=None):
   c.distill.max_epochs = 0                 # 0: train.max_epochs
   c.distill.patience = 0                   # 0: train.patience
   c.distill.init_from_rgb = True             # student starts from the stage-1 RGB branch
+  # True: the starting weights (stage-1 RGB) are validated as epoch 0 and
+  # compete for the best checkpoint (False: train.eval_at_start)
+  c.distill.eval_at_start = False
   # KD form (ours; the paper names none): "feature" = ||s - t||^2 on normalised
   # descriptors; "adaptor" = the same after a trainable linear head on s (loss
   # only, not exported); "relational" = KL of softmax(-distance / temperature)

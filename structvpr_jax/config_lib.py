@@ -43,13 +43,13 @@ TRAIN_RESULT_FIELDS = ("batch_size", "num_negatives", "mining", "num_candidates"
 # train.lr_schedule: warmup, then cosine decay over the budget, or constant
 LR_SCHEDULES = ("cosine", "constant")
 STAGE_OVERRIDES = ("num_steps", "learning_rate", "batchnorm", "mining", "max_epochs",
-                   "patience")
+                   "patience", "eval_at_start")
 
 
 def stage_train_config(config, stage: str) -> dict:
   """config.train with per-stage overrides: config.{rgb,seg,distill}.{num_steps,
-  learning_rate, batchnorm, mining, max_epochs, patience} when set (non-zero /
-  non-empty)."""
+  learning_rate, batchnorm, mining, max_epochs, patience, eval_at_start} when
+  set (non-zero / non-empty / True)."""
   tc = config.train.to_dict() if hasattr(config.train, "to_dict") else dict(config.train)
   for key in STAGE_OVERRIDES:
     if config[stage].get(key):

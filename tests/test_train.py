@@ -89,6 +89,14 @@ def test_stage_overrides_and_auto_init(monkeypatch, tmp_path):
   assert tc["mining"] == "random" and tc["learning_rate"] == 3e-4
   assert config_lib.stage_train_config(c, "rgb")["mining"] == "hard"
   assert config_lib.stage_train_config(c, "distill")["learning_rate"] == c.train.learning_rate
+  # stage 2 alone validates its start (the stage-1 RGB weights) as epoch 0:
+  # recorded in the distill stage's fields only, so stage 1 is not retrained
+  assert config_lib.stage_train_config(c, "distill")["eval_at_start"] is False
+  c.distill.eval_at_start = True
+  assert config_lib.stage_train_config(c, "distill")["eval_at_start"] is True
+  assert config_lib.stage_train_config(c, "rgb")["eval_at_start"] is False
+  assert config_lib.stage_fields(c, "distill")["distill.eval_at_start"] is True
+  assert config_lib.stage_fields(c, "rgb")["train.eval_at_start"] is False
   # model.* reaches the spec and the built model (evaluation's fused blocks).
   assert model_spec.branch_spec(c, "rgb")["fused_blocks"] is True
   c.model.fused_blocks = False
