@@ -218,10 +218,35 @@ def fmt(values) -> str:
   return f"{np.mean(values):.1f} ± {np.std(values):.1f}" if len(values) else "-"
 
 
+def val_curve(wd: Workdir, stage: str) -> list:
+  """[[epoch, val R@1], ...] of a training stage, from its metrics.jsonl (an
+  epoch validated again after a resume counts once, its last reading)."""
+  if not os.path.exists(wd.metrics):
+    return []
+  curve = {int(r["epoch"]): float(r["val_R@1"]) for r in files.read_jsonl(wd.metrics)
+           if r.get("event") == "val" and r.get("stage") == stage and "val_R@1" in r}
+  return [[e, curve[e]] for e in sorted(curve)]
+
+
+def recorded_curve(stage: dict, wd: Workdir) -> list:
+  """A stage-2 record's val curve; for records written before curves were
+  recorded, the workdir's, if it is the same run (its last epoch and its best
+  epoch's val R@1 are the record's), else []."""
+  if stage.get("val_curve"):
+    return stage["val_curve"]
+  curve = dict((int(e), v) for e, v in val_curve(wd, "distill"))
+  best = (stage.get("best_val") or {}).get("val_R@1")
+  if (curve and max(curve) == stage.get("epochs") and best is not None
+      and curve.get(stage.get("best_epoch")) == best):
+    return [[e, v] for e, v in sorted(curve.items())]
+  return []
+
+
 def stage_record(wd: Workdir, stage: str) -> dict:
-  """How a finished training stage ran: its done.json's stopping fields."""
+  """How a finished training stage ran: its done.json's stopping fields and
+  its val curve."""
   done = wd.done(stage) or {}
-  return {k: done.get(k) for k in STAGE_FIELDS}
+  return {**{k: done.get(k) for k in STAGE_FIELDS}, "val_curve": val_curve(wd, stage)}
 
 
 def host() -> str:
@@ -497,6 +522,27 @@ def aggregate(args, records: dict) -> None:
                    f"(best {st.get('best_epoch', '-')})" if st.get("epochs") is not None
                    else (st.get("stop_reason") or "-"))
     lines.append(f"| {s} | " + " | ".join(cells) + " |")
+  curves = {s: {m: recorded_curve(records[s]["stages"].get(m, {}),
+                                  Workdir(os.path.join(args.workdir, f"seed{s}", m)))
+                 for m in trained if m not in ("rgb", "seg")} for s in seeds}
+  stage2 = [m for m in trained if m not in ("rgb", "seg")]
+  if any(c for by_m in curves.values() for c in by_m.values()):
+    lines += ["", "## Stage 2 on val (R@1: the start, epoch 0 = stage-1 RGB / mean / best of "
+              "the trained epochs)", "",
+              "Every stage-2 variant starts from the same weights and data order; the mean "
+              "over its trained epochs shows a KD effect on val that the selection (which "
+              "keeps the start unless an epoch beats it) may hide.", "",
+              "| seed | " + " | ".join(stage2) + " |", "|---|" + "---|" * len(stage2)]
+    for s in seeds:
+      cells = []
+      for m in stage2:
+        c = dict((int(e), v) for e, v in curves[s].get(m) or [])
+        trained_epochs = [v for e, v in c.items() if e >= 1]
+        cells.append(f"{c[0]:.1f} / {np.mean(trained_epochs):.1f} / {max(trained_epochs):.1f} "
+                     f"({len(trained_epochs)} ep)" if 0 in c and trained_epochs
+                     else (f"- / {np.mean(trained_epochs):.1f} / {max(trained_epochs):.1f}"
+                           if trained_epochs else "-"))
+      lines.append(f"| {s} | " + " | ".join(cells) + " |")
   tvs = {s: records[s].get("teacher_vs_student") for s in seeds
          if records[s].get("teacher_vs_student")}
   if tvs:

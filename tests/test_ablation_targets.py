@@ -88,3 +88,22 @@ def test_robustness_target_reads_the_largest_gap():
   native = next(c for c in ablation.target_checks(records, 200, robustness)
                 if "NATIVE=0" in c["target"])
   assert native["met"] is True
+
+
+def test_val_curve_reads_each_epoch_once_and_only_the_recorded_run(tmp_path):
+  from structvpr_jax import files
+  from structvpr_jax.workdir import Workdir
+  ablation = load_ablation()
+  wd = Workdir(str(tmp_path))
+  writer = files.MetricsWriter(wd.metrics)
+  for epoch, r1 in ((0, 92.2), (1, 90.0), (2, 88.0), (2, 89.0), (3, 91.0)):   # 2 again: a resume
+    writer.write({"event": "val", "stage": "distill", "epoch": epoch, "val_R@1": r1})
+  writer.write({"event": "val", "stage": "rgb", "epoch": 1, "val_R@1": 50.0})
+  writer.write({"stage": "distill", "epoch": 1, "loss": 0.1})
+  curve = [[0, 92.2], [1, 90.0], [2, 89.0], [3, 91.0]]
+  assert ablation.val_curve(wd, "distill") == curve
+  same_run = {"epochs": 3, "best_epoch": 0, "best_val": {"val_R@1": 92.2}}
+  assert ablation.recorded_curve(same_run, wd) == curve
+  # a record of another run in that workdir (another stopping epoch) gets none
+  assert ablation.recorded_curve({**same_run, "epochs": 16}, wd) == []
+  assert ablation.recorded_curve({**same_run, "val_curve": [[0, 1.0]]}, wd) == [[0, 1.0]]
