@@ -53,7 +53,7 @@ def test_targets_measure_each_claim_and_choose_the_weighting_on_val():
   assert night["met"] is True and night["measured"].count("seed") == 2
   # sigmoid is chosen on val (90 vs 86.5) although gate is better on test
   best = next(c for c in checks if c["target"].startswith("the best weighting (chosen"))
-  assert best["measured"].startswith("sigmoid (val R@1 sigmoid 90.0, gate 86.5): +20.0")
+  assert best["measured"].startswith("sigmoid (best val R@1 sigmoid 90.0, gate 86.5): +20.0")
   assert best["met"] is True
   vs_uniform = next(c for c in checks if "uniform KD" in c["target"])
   assert vs_uniform["met"] is True and "+20.0" in vs_uniform["measured"]
@@ -107,3 +107,21 @@ def test_val_curve_reads_each_epoch_once_and_only_the_recorded_run(tmp_path):
   # a record of another run in that workdir (another stopping epoch) gets none
   assert ablation.recorded_curve({**same_run, "epochs": 16}, wd) == []
   assert ablation.recorded_curve({**same_run, "val_curve": [[0, 1.0]]}, wd) == [[0, 1.0]]
+
+
+def test_a_val_tie_is_broken_by_the_trained_epochs_mean_on_val():
+  """Every variant kept its start (the same best val): the weighting whose
+  trained epochs read higher on val is the one tested, never test's."""
+  ablation = load_ablation()
+  records = {0: record(seg_day=40, gate_val=90.0)}          # sigmoid 90.0 = gate 90.0
+  curves = {0: {"sigmoid": [[0, 90.0], [1, 88.0], [2, 86.0]],
+                "gate": [[0, 90.0], [1, 89.0], [2, 88.0]]}}
+  best = next(c for c in ablation.target_checks(records, 200, curves=curves)
+              if c["target"].startswith("the best weighting (chosen"))
+  assert best["measured"].startswith(
+      "gate (best val R@1 sigmoid 90.0, gate 90.0; mean over trained epochs sigmoid 87.0, "
+      "gate 88.5): +29.0")
+  curves[0]["sigmoid"] = [[0, 90.0], [1, 89.5], [2, 89.0]]
+  best = next(c for c in ablation.target_checks(records, 200, curves=curves)
+              if c["target"].startswith("the best weighting (chosen"))
+  assert best["measured"].startswith("sigmoid")
