@@ -37,7 +37,8 @@ Writes <out>.json:
    "table": {method: {"<condition> R@1": [mean, std, per-seed]}},
    "paired": {"<a> vs <b>": paired_bootstrap result},
    "partition": {seed: {"stage1" | "crossfit": D1-D4 counts}},
-   "stages": {seed: {method: {stop_reason, epochs, best_epoch, steps, best_val, seconds}}},
+   "stages": {seed: {method: {stop_reason, epochs, best_epoch, steps, best_val, seconds,
+                              val_curve: [[epoch, val R@1], ...]}}},
    "teacher_vs_student": {seed: val R@1 per condition},
    "selection": {"<kd> lambda <l>": val R@1, R@5}, "seeds", "kd", "lambda_kd",
    "overrides", "wall_s",
@@ -220,7 +221,12 @@ def fmt(values) -> str:
 
 def val_curve(wd: Workdir, stage: str) -> list:
   """[[epoch, val R@1], ...] of a training stage, from its metrics.jsonl (an
-  epoch validated again after a resume counts once, its last reading)."""
+  epoch validated again after a resume counts once, its last reading). A
+  stage linked from another workdir (the chosen KD selection run) is read
+  from that workdir's metrics."""
+  real = os.path.realpath(wd.stage_dir(stage))
+  if real != os.path.abspath(wd.stage_dir(stage)):
+    wd = Workdir(os.path.dirname(real))
   if not os.path.exists(wd.metrics):
     return []
   curve = {int(r["epoch"]): float(r["val_R@1"]) for r in files.read_jsonl(wd.metrics)

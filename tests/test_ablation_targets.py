@@ -125,3 +125,16 @@ def test_a_val_tie_is_broken_by_the_trained_epochs_mean_on_val():
   best = next(c for c in ablation.target_checks(records, 200, curves=curves)
               if c["target"].startswith("the best weighting (chosen"))
   assert best["measured"].startswith("sigmoid")
+
+
+def test_val_curve_of_a_linked_stage_reads_the_workdir_it_belongs_to(tmp_path):
+  from structvpr_jax import files
+  from structvpr_jax.workdir import Workdir
+  ablation = load_ablation()
+  owner, user = Workdir(str(tmp_path / "select")), Workdir(str(tmp_path / "sigmoid"))
+  os.makedirs(owner.stage_dir("distill"))
+  os.makedirs(user.root)
+  os.symlink(owner.stage_dir("distill"), user.stage_dir("distill"))
+  files.MetricsWriter(owner.metrics).write({"event": "val", "stage": "distill", "epoch": 0,
+                                            "val_R@1": 50.0})
+  assert ablation.val_curve(user, "distill") == [[0, 50.0]]
