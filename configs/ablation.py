@@ -13,7 +13,8 @@ stage (stage-1 RGB and seg, stage 2 and its no-KD control) trains by the same
 rule, as VPR trains: epochs of 1,000 queries with a mining-cache refresh per
 epoch, validation after each, the best epoch kept, stop after 6 epochs
 without a better val score (at most 60 epochs), constant learning rate after
-warmup (the benchmark's Adam).
+warmup (the benchmark's Adam). Stage 2 validates its start, the stage-1 RGB
+checkpoint, as epoch 0 and keeps it unless a trained epoch beats it on val.
 
 Selection (checkpoint and early stopping) on val R@1, ties by R@5: R@1 is
 the figure the ablation compares, and on the small default world val R@5
