@@ -248,6 +248,11 @@ def recorded_curve(stage: dict, wd: Workdir) -> list:
   return []
 
 
+def trained_epochs(curve: list) -> list:
+  """The val R@1 of a curve's trained epochs (epoch >= 1; epoch 0 is the start)."""
+  return [v for e, v in curve or [] if e >= 1]
+
+
 def stage_record(wd: Workdir, stage: str) -> dict:
   """How a finished training stage ran: its done.json's stopping fields and
   its val curve."""
@@ -366,7 +371,7 @@ def method_labels() -> tuple:
 RERANK_COMPARISONS = tuple((f"{m}+R", m) for m, _ in METHODS)
 
 
-# The ablation's targets: (name, what is compared).
+# The StructVPR weightings; the ablation's targets test the one val prefers.
 WEIGHTINGS = ("sigmoid", "gate")
 
 
@@ -417,8 +422,8 @@ def target_checks(records: dict, resamples: int, robustness: dict | None = None,
     add("stable: STRUCTVPR_NATIVE=0 rerun within 3 points for every branch",
         "not run (--compare-to)", None)
   if have("rgb", "seg"):
-    per_seed = {s: stats.paired_bootstrap({s: hits("rgb", "night")[s]},
-                                          {s: hits("seg", "night")[s]}, resamples)
+    student, teacher = hits("rgb", "night"), hits("seg", "night")
+    per_seed = {s: stats.paired_bootstrap({s: student[s]}, {s: teacher[s]}, resamples)
                 for s in seeds}
     add("teacher beats the stage-1 student at night, CI > 0 in every seed",
         "; ".join(f"seed {s} {_ci(r)}" for s, r in per_seed.items()),
@@ -428,11 +433,9 @@ def target_checks(records: dict, resamples: int, robustness: dict | None = None,
     val = {w: float(np.mean([(records[s]["stages"][w].get("best_val") or {}).get("val_R@1",
                                                                                  np.nan)
                              for s in seeds])) for w in weightings}
-    def plateau(w):
-      means = [np.mean([v for e, v in (curves or {}).get(s, {}).get(w) or [] if e >= 1] or [np.nan])
-               for s in seeds]
-      return float(np.mean(means))
-    trained = {w: plateau(w) for w in weightings}
+    trained = {w: float(np.mean([np.mean(trained_epochs((curves or {}).get(s, {}).get(w))
+                                         or [np.nan]) for s in seeds]))
+               for w in weightings}
     best = max(weightings, key=lambda w: (not np.isnan(val[w]), val[w],
                                           not np.isnan(trained[w]), trained[w]))
     chosen = (f"{best} (best val R@1 " + ", ".join(f"{w} {v:.1f}" for w, v in val.items())
@@ -555,12 +558,12 @@ def aggregate(args, records: dict) -> None:
     for s in seeds:
       cells = []
       for m in stage2:
-        c = dict((int(e), v) for e, v in curves[s].get(m) or [])
-        trained_epochs = [v for e, v in c.items() if e >= 1]
-        cells.append(f"{c[0]:.1f} / {np.mean(trained_epochs):.1f} / {max(trained_epochs):.1f} "
-                     f"({len(trained_epochs)} ep)" if 0 in c and trained_epochs
-                     else (f"- / {np.mean(trained_epochs):.1f} / {max(trained_epochs):.1f}"
-                           if trained_epochs else "-"))
+        curve = curves[s].get(m) or []
+        start = dict(curve).get(0)
+        trained_vals = trained_epochs(curve)
+        cells.append("-" if not trained_vals else
+                     f"{'-' if start is None else f'{start:.1f}'} / {np.mean(trained_vals):.1f}"
+                     f" / {max(trained_vals):.1f} ({len(trained_vals)} ep)")
       lines.append(f"| {s} | " + " | ".join(cells) + " |")
   tvs = {s: records[s].get("teacher_vs_student") for s in seeds
          if records[s].get("teacher_vs_student")}
